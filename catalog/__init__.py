@@ -1,0 +1,1 @@
+"""The data model: catalog directory, manifest, Parquet I/O and (later) the graph stores."""

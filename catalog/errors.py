@@ -1,0 +1,24 @@
+"""Errors a user can cause, one type per kind.
+
+The CLI catches `UserError` once and prints it as one line; anything else is a bug and raises.
+"""
+
+
+class UserError(Exception):
+    """Base class: a problem with the user's input, printed as one line."""
+
+
+class ModelError(UserError):
+    """The model cannot be resolved or loaded."""
+
+
+class TranscoderError(UserError):
+    """A transcoder file is missing, malformed or does not fit the model."""
+
+
+class DatasetError(UserError):
+    """A dataset cannot be found or read."""
+
+
+class CatalogDirError(UserError):
+    """A catalog directory is missing, incomplete, or was built with other settings."""

@@ -1,0 +1,1 @@
+"""Compute: load model and transcoders, train, and write the catalog's Parquet parts."""

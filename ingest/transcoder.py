@@ -1,0 +1,156 @@
+"""The one in-memory representation of a per-layer transcoder, whatever format it came from.
+
+Shapes follow TransformerLens/SAELens: `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_out]`,
+`b_dec [d_out]`, optional `W_skip [d_in, d_out]` (files store it transposed; converted on load),
+optional JumpReLU `threshold [d_sae]`. Config is kept apart from the weights, as in SAELens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from catalog.errors import TranscoderError
+
+ACTIVATIONS = ("relu", "jumprelu", "topk")
+
+
+@dataclass
+class TranscoderConfig:
+    """What a transcoder reads and writes, and how it activates."""
+
+    layer: int
+    d_in: int
+    d_sae: int
+    d_out: int
+    hook_in: str  # e.g. blocks.8.ln2.hook_normalized
+    hook_out: str  # e.g. blocks.8.hook_mlp_out
+    activation: str = "relu"
+    k: int | None = None  # TopK only
+    model_name: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TranscoderConfig:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class Transcoder:
+    """Weights plus config; `source` names the file it was read from (for error messages)."""
+
+    cfg: TranscoderConfig
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    W_skip: torch.Tensor | None = None
+    threshold: torch.Tensor | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Shapes agree with the config and every value is finite; one-line error otherwise."""
+        c, where = self.cfg, self.source or f"transcoder for layer {self.cfg.layer}"
+        if c.activation not in ACTIVATIONS:
+            raise TranscoderError(f"{where}: unknown activation {c.activation!r} (expected one of {ACTIVATIONS})")
+        expected = {
+            "W_enc": (c.d_in, c.d_sae),
+            "b_enc": (c.d_sae,),
+            "W_dec": (c.d_sae, c.d_out),
+            "b_dec": (c.d_out,),
+            "W_skip": (c.d_in, c.d_out),
+            "threshold": (c.d_sae,),
+        }
+        for name, shape in expected.items():
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if tuple(t.shape) != shape:
+                raise TranscoderError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
+            if not torch.isfinite(t).all():
+                raise TranscoderError(f"{where}: {name} contains NaN or infinite values")
+        if c.activation == "jumprelu" and self.threshold is None:
+            raise TranscoderError(f"{where}: JumpReLU transcoder without a threshold")
+        if c.activation == "topk" and not c.k:
+            raise TranscoderError(f"{where}: TopK transcoder without k")
+
+    @property
+    def layer(self) -> int:
+        return self.cfg.layer
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] -> [..., d_sae] encoder pre-activations."""
+        return x @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.cfg.activation == "relu":
+            return torch.relu(pre)
+        if self.cfg.activation == "jumprelu":
+            return pre * (pre > self.threshold)
+        top = torch.topk(pre, self.cfg.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction; the skip path needs the input `x`."""
+        out = z @ self.W_dec + self.b_dec
+        if self.W_skip is not None:
+            if x is None:
+                raise ValueError("a skip transcoder needs its input to decode")
+            out = out + x @ self.W_skip
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x), x)
+
+
+@dataclass
+class TranscoderSet:
+    """Per-layer transcoders keyed by layer, with the files they came from (hashed in the manifest)."""
+
+    by_layer: dict[int, Transcoder]
+    files: list[Path] = field(default_factory=list)
+    format: str = ""
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.by_layer)
+
+    def __getitem__(self, layer: int) -> Transcoder:
+        return self.by_layer[layer]
+
+    def __iter__(self):
+        return (self.by_layer[layer] for layer in self.layers)
+
+    def select(self, layers: list[int] | None) -> TranscoderSet:
+        """The subset for `layers` (None: all); unknown layers are a user error."""
+        if layers is None:
+            return self
+        missing = sorted(set(layers) - set(self.by_layer))
+        if missing:
+            raise TranscoderError(f"no transcoder for layer(s) {missing}; available: {self.layers}")
+        return TranscoderSet({layer: self.by_layer[layer] for layer in layers}, self.files, self.format)
+
+    def validate_against(self, model) -> None:
+        """Layer range, widths and hook names must fit the model."""
+        n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
+        for tc in self:
+            c, where = tc.cfg, tc.source or f"layer {tc.layer}"
+            if not 0 <= c.layer < n_layers:
+                raise TranscoderError(f"{where}: layer {c.layer} is outside the model's 0..{n_layers - 1}")
+            if c.d_in != d_model or c.d_out != d_model:
+                raise TranscoderError(
+                    f"{where}: transcoder maps d_in={c.d_in} -> d_out={c.d_out}, the model's d_model is {d_model}"
+                )
+            for hook in (c.hook_in, c.hook_out):
+                if hook not in model.hook_dict:
+                    raise TranscoderError(f"{where}: hook {hook!r} does not exist in the model")

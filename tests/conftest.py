@@ -1,0 +1,126 @@
+"""Tiny real models and transcoders, built and saved by the tests in the formats users bring.
+
+The models are genuine Hugging Face GPT-2 and Llama checkpoints (random weights, `save_pretrained`
+layout with a real tokenizer), loaded through the same code path as any local model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+WORDS = (
+    "the a of and to in is was he she it that for on with as his her they at by this from had not "
+    "are but have one all were we when there can an which their said if do will each about how up out "
+    "them then many some so these would other into has more two like him see time could no make than "
+    "first been its who now people my made over did down only way find use may water long little very "
+    "after words called just where most know paris france capital city river jury county court report "
+    "election money tax state house year old new good man day"
+).split()
+
+TEXT = (
+    "the jury said the city election was good . the capital of france is paris . "
+    "he said the county court had made a report about the tax money . "
+    "she was in the house by the river for a long time . "
+    "they find the water very cold in the first year . "
+) * 3
+
+
+def build_tokenizer(path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<bos>", "<eos>", "<pad>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS + ["."])))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    tok.save_pretrained(path)
+    return tok
+
+
+def build_hf_model(path: Path, arch: str, n_layers: int = 3) -> Path:
+    """Save a random tiny GPT-2 or Llama in HF layout (config.json, safetensors, tokenizer)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed({"gpt2": 1, "llama": 2}[arch])
+    tok = build_tokenizer(path)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_ctx=64, n_embd=32, n_layer=n_layers, n_head=4,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger-than-default weights so layers do something visible
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(path)
+    return path
+
+
+def random_transcoders(model, d_sae: int = 40, seed: int = 0, layers=None, **kw):
+    """A TranscoderSet of random ReLU transcoders reading ln2.hook_normalized, one per layer."""
+    from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
+
+    g = torch.Generator().manual_seed(seed)
+    d = model.cfg.d_model
+    out = {}
+    for layer in layers if layers is not None else range(model.cfg.n_layers):
+        cfg = TranscoderConfig(layer, d, d_sae, d, f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out", **kw)
+        out[layer] = Transcoder(
+            cfg,
+            torch.randn(d, d_sae, generator=g) / d**0.5,
+            torch.randn(d_sae, generator=g) * 0.1,
+            torch.randn(d_sae, d, generator=g) / d**0.5,
+            torch.randn(d, generator=g) * 0.1,
+        )
+    return TranscoderSet(out)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    return build_hf_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return build_hf_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_dir):
+    from ingest.models import load_model
+
+    return load_model(str(gpt2_dir))
+
+
+@pytest.fixture(scope="session")
+def llama(llama_dir):
+    from ingest.models import load_model
+
+    return load_model(str(llama_dir))
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def tiny(request, gpt2, llama):
+    """Each tiny model in turn: LayerNorm + learned positions, and RMSNorm + rotary + GQA."""
+    return {"gpt2": gpt2, "llama": llama}[request.param]
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "corpus.txt"
+    p.write_text("\n\n".join([TEXT] * 20))
+    return p
