@@ -1,0 +1,41 @@
+"""Where each part of a catalog directory lives, and the column schemas of its Parquet files.
+
+Names and columns follow the graph schema in DESIGN.md: feature ids are `L{layer}/{index}`,
+edges have `src`, `dst`, `weight` (float32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+MANIFEST = "manifest.json"
+FEATURES = "features.parquet"
+TOKENS = "tokens.parquet"
+PULLBACKS = "pullbacks"
+DEEMBED = "deembed"
+LOGITS = "logits"
+
+PULLBACK_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32())])
+DEEMBED_SCHEMA = pa.schema(
+    [("src", pa.int64()), ("dst", pa.string()), ("weight", pa.float32()), ("variant", pa.string())]
+)
+LOGIT_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.int64()), ("weight", pa.float32())])
+TOKEN_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
+
+
+def pullback_part(root: Path, src_layer: int, dst_layer: int) -> Path:
+    return root / PULLBACKS / f"L{src_layer:03d}_to_L{dst_layer:03d}.parquet"
+
+
+def deembed_part(root: Path, layer: int) -> Path:
+    return root / DEEMBED / f"L{layer:03d}.parquet"
+
+
+def logit_part(root: Path, layer: int) -> Path:
+    return root / LOGITS / f"L{layer:03d}.parquet"
+
+
+def feature_id(layer: int, index: int) -> str:
+    return f"L{layer}/{index}"

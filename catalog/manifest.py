@@ -1,0 +1,58 @@
+"""The catalog's manifest: what was ingested, from which weights, with which settings.
+
+A rerun compares the settings that decide the content (`identity`) with the existing manifest:
+equal means resume and skip finished parts; different means refuse, so a directory never mixes
+parts computed from two models, transcoder sets or thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from catalog.errors import CatalogDirError
+from catalog.layout import MANIFEST
+from catalog.parquet_io import write_text_atomic
+
+
+@dataclass
+class Manifest:
+    model: str
+    model_weights_sha256: str
+    transcoders: str
+    transcoder_format: str
+    transcoder_files: dict[str, str]  # file name -> sha256
+    layers: list[int]
+    d_sae: dict[str, int]  # layer (as str, JSON keys) -> width
+    top_k: int | None
+    min_weight: float | None
+    token_top_k: int
+    versions: dict[str, str]
+    status: str = "in-progress"
+    created: str = ""
+    completed: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """The fields that decide the catalog's content."""
+        keys = ("model_weights_sha256", "transcoder_files", "layers", "top_k", "min_weight", "token_top_k")
+        return {k: getattr(self, k) for k in keys}
+
+    def write(self, root: Path) -> None:
+        write_text_atomic(json.dumps(asdict(self), indent=2) + "\n", root / MANIFEST)
+
+    @classmethod
+    def read(cls, root: Path) -> Manifest:
+        path = root / MANIFEST
+        if not path.is_file():
+            raise CatalogDirError(f"{root}: not a catalog directory (no {MANIFEST}); run `circuit-catalog ingest` first")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise CatalogDirError(f"{path}: unreadable manifest ({exc})") from None
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

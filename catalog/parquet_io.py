@@ -1,0 +1,37 @@
+"""Parquet parts that are complete or absent: written to a temporary name, then renamed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` so a reader (or a resumed job) never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def feature_ids(layer: int, indices: pa.Array) -> pa.Array:
+    """Vectorised `L{layer}/{index}` ids (a Python loop over millions of edges would dominate ingest)."""
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(f"L{layer}", pc.cast(indices, pa.string()), "/")

@@ -1,0 +1,63 @@
+"""Pullback edges between the features of two layers, as blocked matrix products with a streaming top-k.
+
+For a later feature f (layer L) and an earlier transcoder l < L the pullback is
+`p = W_dec^(l) @ W_enc^(L)[:, f]`: p[i] is the change in f's pre-activation per unit of feature i
+along the direct residual path, with the later norm's scale left out (see `ingest.residual`).
+Memory stays bounded by one block of `[block, d_sae_src]` scores whatever the sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EdgeBlock:
+    """Selected edges of one block of destination features: parallel 1-D tensors."""
+
+    src: torch.Tensor  # int64 source feature indices
+    dst: torch.Tensor  # int64 destination feature indices
+    weight: torch.Tensor  # float32
+
+
+def block_size_for(n_src: int, budget_bytes: int = 256 << 20) -> int:
+    """Destination features per block so one score block fits in `budget_bytes`."""
+    return max(1, min(8192, budget_bytes // (4 * max(n_src, 1))))
+
+
+def select_edges(
+    W_dec_src: torch.Tensor,
+    W_enc_dst: torch.Tensor,
+    top_k: int | None,
+    min_weight: float | None,
+    block: int | None = None,
+) -> Iterator[EdgeBlock]:
+    """Yield, block by block, the edges src->dst kept by top-k over |weight| and/or |weight| >= min_weight.
+
+    W_dec_src: [n_src, d]; W_enc_dst: [d, n_dst]. With top_k, each destination keeps its K sources
+    of largest |weight| (ties broken by torch.topk); with min_weight, weaker ones are then dropped.
+    """
+    if top_k is None and min_weight is None:
+        raise ValueError("give top_k and/or min_weight: keeping every edge is rarely what you want")
+    n_src, n_dst = W_dec_src.shape[0], W_enc_dst.shape[1]
+    block = block or block_size_for(n_src)
+    enc_t = W_enc_dst.T.contiguous()  # [n_dst, d]; rows of a block are then contiguous
+    dec_t = W_dec_src.T.contiguous()  # [d, n_src]
+    for start in range(0, n_dst, block):
+        scores = enc_t[start : start + block] @ dec_t  # [b, n_src]; row f holds p for destination f
+        if top_k is not None:
+            k = min(top_k, n_src)
+            idx = scores.abs().topk(k, dim=1, sorted=False).indices  # [b, k]
+            weight = scores.gather(1, idx)
+            dst = torch.arange(start, start + scores.shape[0]).unsqueeze(1).expand_as(idx)
+            src, dst, weight = idx.reshape(-1), dst.reshape(-1), weight.reshape(-1)
+            if min_weight is not None:
+                keep = weight.abs() >= min_weight
+                src, dst, weight = src[keep], dst[keep], weight[keep]
+        else:
+            rows, cols = (scores.abs() >= min_weight).nonzero(as_tuple=True)
+            src, dst, weight = cols, rows + start, scores[rows, cols]
+        yield EdgeBlock(src.to(torch.int64), dst.to(torch.int64), weight.float())

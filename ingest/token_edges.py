@@ -1,0 +1,65 @@
+"""Token -> feature (de-embedding) and feature -> token (logit lens) edges, top-K per feature.
+
+- raw de-embedding: `W_E @ W_enc[:, f]` (seed 002);
+- extended de-embedding: the embedding plus MLP0's output on it, `W_E + MLP0(ln2(W_E))`, then
+  normalised as the reading transcoder's norm would (the token's "effective embedding");
+- logit lens: `W_dec[f] @ W_U` through the final norm's (folded) weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ingest.residual import as_read_by, normalise_as_read_by
+from ingest.transcoder import Transcoder
+
+
+@dataclass
+class TopTokens:
+    """For each feature of a layer, its K strongest tokens: [d_sae, K] tensors, strongest first."""
+
+    token: torch.Tensor  # int64
+    weight: torch.Tensor  # float32
+
+
+@torch.no_grad()
+def extended_embedding(model, chunk: int = 8192) -> torch.Tensor:
+    """[d_vocab, d_model]: W_E + MLP0(ln2(W_E)), each token as if alone at its position (no attention)."""
+    W_E = model.W_E
+    out = torch.empty_like(W_E)
+    block0 = model.blocks[0]
+    for start in range(0, W_E.shape[0], chunk):
+        e = W_E[start : start + chunk].unsqueeze(1)  # [chunk, 1, d]: a batch of one-token sequences
+        out[start : start + chunk] = (e + block0.mlp(block0.ln2(e))).squeeze(1)
+    return out
+
+
+@torch.no_grad()
+def top_tokens_into(
+    model, tc: Transcoder, embedding: torch.Tensor, k: int, normalise: bool, block: int = 1024
+) -> TopTokens:
+    """The K tokens whose embedding rows most increase each feature's pre-activation."""
+    rows = normalise_as_read_by(model, tc, embedding) if normalise else embedding
+    rows_t = rows.T.contiguous()  # [d, vocab]
+    return _top_per_feature(tc.W_enc.T, rows_t, k, block)
+
+
+@torch.no_grad()
+def top_logit_tokens(model, tc: Transcoder, k: int, block: int = 1024) -> TopTokens:
+    """The K tokens whose logits each feature's decoder direction raises most."""
+    return _top_per_feature(as_read_by(model, None, tc.W_dec), model.W_U, k, block)
+
+
+def _top_per_feature(left: torch.Tensor, right: torch.Tensor, k: int, block: int) -> TopTokens:
+    """Row-wise top-K of `left @ right` ([n_features, vocab]), computed `block` features at a time."""
+    n, vocab = left.shape[0], right.shape[1]
+    k = min(k, vocab)
+    tokens = torch.empty(n, k, dtype=torch.int64)
+    weights = torch.empty(n, k, dtype=torch.float32)
+    for start in range(0, n, block):
+        top = (left[start : start + block] @ right).topk(k, dim=1)
+        tokens[start : start + block] = top.indices
+        weights[start : start + block] = top.values
+    return TopTokens(tokens, weights)

@@ -1,0 +1,1 @@
+"""The query layer: lookups over a catalog (Parquet today; named Cypher over the graph stores)."""

@@ -1,0 +1,142 @@
+"""The ingest job end to end on tiny models: parts, token edges against brute force, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from catalog import layout
+from catalog.errors import CatalogDirError
+from ingest.job import IngestSettings, build_manifest, run_ingest
+from ingest.transcoder_formats import save_saelens
+from queries.parquet_lookup import ParquetCatalog, UnknownFeature
+from tests.conftest import random_transcoders
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ingest(model, tset, root, **kw):
+    settings = IngestSettings(**{"top_k": 4, "token_top_k": 5, **kw})
+    return run_ingest(model, tset, root, build_manifest(model, "tiny", tset, "mem", settings), progress=False)
+
+
+def test_catalog_parts_and_counts(tiny, tmp_path):
+    tset = random_transcoders(tiny, d_sae=16)
+    manifest = ingest(tiny, tset, tmp_path)
+    assert manifest.status == "complete"
+    n_layers = tiny.cfg.n_layers
+    assert manifest.counts == {
+        "features": 16 * n_layers,
+        "tokens": tiny.cfg.d_vocab,
+        "pullback_edges": 4 * 16 * n_layers * (n_layers - 1) // 2,
+        "deembed_edges": 2 * 5 * 16 * n_layers,
+        "logit_edges": 5 * 16 * n_layers,
+    }
+    features = pq.read_table(tmp_path / layout.FEATURES).to_pylist()
+    assert [f["id"] for f in features[:2]] == ["L0/0", "L0/1"]
+    on_disk = json.loads((tmp_path / layout.MANIFEST).read_text())
+    assert on_disk["layers"] == list(range(n_layers)) and on_disk["top_k"] == 4
+
+
+def test_token_edges_match_brute_force(tiny, tmp_path):
+    tset = random_transcoders(tiny, d_sae=10)
+    ingest(tiny, tset, tmp_path)
+    layer, feature = tiny.cfg.n_layers - 1, 6
+    fid = f"L{layer}/{feature}"
+    deembed = pq.read_table(layout.deembed_part(tmp_path, layer)).to_pylist()
+    raw = {r["src"]: r["weight"] for r in deembed if r["dst"] == fid and r["variant"] == "raw"}
+    expected = (tiny.W_E @ tset[layer].W_enc[:, feature]).topk(5)
+    assert set(raw) == set(expected.indices.tolist())
+    torch.testing.assert_close(torch.tensor(sorted(raw.values(), reverse=True)), expected.values, rtol=1e-5, atol=1e-6)
+    # extended: run each token alone through embedding + MLP0 by hand, then the reader's norm
+    with torch.no_grad():
+        block0 = tiny.blocks[0]
+        e = tiny.W_E[:, None, :]
+        ext = (e + block0.mlp(block0.ln2(e)))[:, 0]
+        normed = ext - ext.mean(-1, keepdim=True) if tiny.cfg.normalization_type == "LNPre" else ext
+        normed = normed / normed.pow(2).mean(-1, keepdim=True).add(tiny.cfg.eps).sqrt()
+        expected_ext = (normed @ tset[layer].W_enc[:, feature]).topk(5)
+    got_ext = {r["src"]: r["weight"] for r in deembed if r["dst"] == fid and r["variant"] == "extended"}
+    assert set(got_ext) == set(expected_ext.indices.tolist())
+    logits = {r["dst"]: r["weight"] for r in pq.read_table(layout.logit_part(tmp_path, layer)).to_pylist() if r["src"] == fid}
+    W_dec = tset[layer].W_dec[feature]
+    if tiny.cfg.normalization_type == "LNPre":
+        W_dec = W_dec - W_dec.mean()
+    expected_logits = (W_dec @ tiny.W_U).topk(5)
+    assert set(logits) == set(expected_logits.indices.tolist())
+
+
+def test_lookups_over_parquet(gpt2, tmp_path):
+    tset = random_transcoders(gpt2, d_sae=12)
+    ingest(gpt2, tset, tmp_path)
+    cat = ParquetCatalog(tmp_path)
+    up = cat.upstream("L2/5", k=6)
+    full = torch.cat([(tset[lo].W_dec - tset[lo].W_dec.mean(-1, keepdim=True)) @ tset[2].W_enc[:, 5] for lo in (0, 1)])
+    names = [f"L{lo}/{i}" for lo in (0, 1) for i in range(12)]
+    # the catalog keeps 4 per (feature, earlier layer); the 6 strongest of those 8, strongest first
+    kept = sorted(
+        [n for lo in (0, 1) for n in sorted(names[lo * 12:(lo + 1) * 12], key=lambda n: -abs(full[names.index(n)]))[:4]],
+        key=lambda n: -abs(full[names.index(n)]),
+    )[:6]
+    assert [e.feature for e in up] == kept
+    from_l1 = sorted(names[12:], key=lambda n: -abs(full[names.index(n)]))[:4]
+    assert [e.feature for e in cat.upstream("L2/5", k=6, layer=1)] == from_l1
+    down = cat.downstream("L0/3", k=100)
+    assert all(e.feature.startswith(("L1/", "L2/")) for e in down) and len(down) > 0
+    card = cat.card("L2/5")
+    assert len(card.deembed) == 5 and len(card.logits) == 5
+    with pytest.raises(UnknownFeature, match="malformed"):
+        cat.card("L2-5")
+    with pytest.raises(UnknownFeature, match="has 12 features"):
+        cat.upstream("L2/12")
+
+
+def test_rerun_with_other_settings_is_refused(gpt2, tmp_path):
+    tset = random_transcoders(gpt2, d_sae=8)
+    ingest(gpt2, tset, tmp_path)
+    with pytest.raises(CatalogDirError, match="top_k"):
+        ingest(gpt2, tset, tmp_path, top_k=5)
+
+
+def _tables(root: Path) -> dict[str, object]:
+    return {str(p.relative_to(root)): pq.read_table(p) for p in sorted(root.rglob("*.parquet"))}
+
+
+def test_killed_ingest_resumes_to_the_same_content(gpt2_dir, gpt2, tmp_path):
+    """SIGKILL the CLI after its first pullback part lands; a rerun completes to identical Parquet."""
+    tset = random_transcoders(gpt2, d_sae=6000, seed=3)  # big enough that each part takes a moment
+    tc_dir = tmp_path / "transcoders"
+    for tc in tset:
+        save_saelens(tc, tc_dir / f"layer_{tc.layer}")
+    cmd = [sys.executable, "-m", "circuit_catalog.cli", "ingest", "--model", str(gpt2_dir), "--transcoders",
+           str(tc_dir), "-k", "8"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([*cmd, "--catalog", str(interrupted)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((interrupted / layout.PULLBACKS).glob("*.parquet")):
+        assert proc.poll() is None, "ingest finished before it could be interrupted"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    parts = list((interrupted / layout.PULLBACKS).glob("*.parquet"))
+    assert 1 <= len(parts) < 3, "the kill should land mid-run"
+    assert json.loads((interrupted / layout.MANIFEST).read_text())["status"] == "in-progress"
+    assert not (interrupted / layout.FEATURES).exists()
+
+    for root in (interrupted, tmp_path / "clean"):
+        subprocess.run([*cmd, "--catalog", str(root)], env=env, check=True, capture_output=True)
+    resumed, clean = _tables(interrupted), _tables(tmp_path / "clean")
+    assert resumed.keys() == clean.keys() and len(resumed) == 1 + 1 + 3 + 3 + 3
+    for name in clean:
+        assert resumed[name].equals(clean[name]), name
+    assert not [p for p in interrupted.rglob(".*tmp*")]
