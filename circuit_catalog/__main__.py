@@ -1,0 +1,3 @@
+from circuit_catalog.cli import main
+
+main()

@@ -1,0 +1,183 @@
+"""The `circuit-catalog` command: a thin click shell over the Python API.
+
+Each command parses its options, calls one API function and prints. User errors (`UserError`)
+are caught once, here, and printed as one line with exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from catalog.errors import UserError
+
+out = Console()
+err = Console(stderr=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """'all' -> None; '0-3,8' -> [0, 1, 2, 3, 8]; '0-28:4' -> every 4th layer from 0 to 28."""
+    if text is None or text == "all":
+        return None
+    layers: list[int] = []
+    try:
+        for item in text.split(","):
+            span, _, step = item.partition(":")
+            lo, _, hi = span.partition("-")
+            layers.extend(range(int(lo), int(hi or lo) + 1, int(step or 1)))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected e.g. 'all', '0-11', '0,4,8' or '0-28:4'") from None
+    return sorted(set(layers))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="circuit-catalog")
+def main() -> None:
+    """Precompute transcoder circuits (pullbacks, de-embeddings, logit lens) once, then query them.
+
+    Typical flow: `train` (or bring SAELens / circuit-tracer transcoders), `ingest` into a catalog
+    directory, then `show` a feature.
+    """
+
+
+MODEL_HELP = "TransformerLens name, local Hugging Face directory, .gguf file, or alias smollm2-135m."
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--dataset", default="brown", show_default=True, help="'brown', a .txt/.jsonl file or folder, or a HF dataset name.")
+@click.option("--layers", default="all", show_default=True, help="Layers to train: 'all', '0-11', '0,4,8', '0-28:2'.")
+@click.option("--d-sae", type=click.IntRange(1), default=2304, show_default=True, help="Features per transcoder.")
+@click.option("--tokens", "n_tokens", type=click.IntRange(1), default=40_000, show_default=True, help="Training tokens (collected once, reused each epoch).")
+@click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--lr", type=float, default=4e-4, show_default=True, help="Adam learning rate (the seed's 4e-4).")
+@click.option("--l1", "l1_coefficient", type=float, default=0.02, show_default=True, help="L1 coefficient, in units where each layer's target has unit variance.")
+@click.option("--minibatch", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--ctx-len", type=click.IntRange(2), default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Directory for the SAELens-format transcoders.")
+@click.option("--force", is_flag=True, help="Retrain even if OUT already holds a run with the same settings.")
+def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, minibatch, ctx_len, seed, out_dir, force):
+    """Train one ReLU transcoder per layer (ln2.hook_normalized -> hook_mlp_out), saved in SAELens format."""
+    from ingest.models import load_model, resolve_model
+    from ingest.train import TrainConfig, reusable, train_transcoders
+
+    spec = resolve_model(model)
+    lm = load_model(spec)
+    cfg = TrainConfig(
+        model=spec.name, dataset=dataset, layers=parse_layers(layers) or list(range(lm.cfg.n_layers)),
+        d_sae=d_sae, n_tokens=n_tokens, epochs=epochs, lr=lr, l1_coefficient=l1_coefficient,
+        minibatch=minibatch, ctx_len=ctx_len, seed=seed,
+    )
+    result = None if force else reusable(out_dir, cfg)
+    if result is not None:
+        err.print(f"reusing transcoders in {out_dir} (same settings; --force retrains)")
+    else:
+        result = train_transcoders(lm, cfg, out_dir)
+    table = Table("layer", "FVU", "L0", "dead", title=f"transcoders in {out_dir}")
+    for m in result.metrics:
+        table.add_row(str(m.layer), f"{m.fvu:.3f}", f"{m.l0:.1f}", f"{m.dead_fraction:.1%}")
+    out.print(table)
+    out.print(f"mean FVU {result.mean_fvu:.3f} over {len(result.metrics)} layers (held-out tokens)")
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--transcoders", required=True, type=click.Path(path_type=Path), help="SAELens dir(s), circuit-tracer dir, or original GPT-2 .pt files.")
+@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory to write (resumable).")
+@click.option("--layers", default="all", show_default=True, help="Transcoder layers to ingest.")
+@click.option("-k", "--top-k", type=click.IntRange(1), default=16, show_default=True, help="Pullback sources kept per (feature, earlier layer).")
+@click.option("--min-weight", type=click.FloatRange(0), default=None, help="Drop pullback edges with |weight| below this.")
+@click.option("--token-top-k", type=click.IntRange(1), default=20, show_default=True, help="Tokens kept per feature for de-embedding and logit lens.")
+@click.option("--trust-pickle", is_flag=True, help="Allow the pickled original GPT-2 transcoder files (pickle can run code).")
+def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle):
+    """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory."""
+    from ingest.job import IngestSettings, build_manifest, run_ingest
+    from ingest.models import load_model, resolve_model
+    from ingest.transcoder_formats import load_transcoders
+
+    spec = resolve_model(model)
+    tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
+    lm = load_model(spec)
+    tset.validate_against(lm)
+    manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k))
+    done = run_ingest(lm, tset, catalog_dir, manifest)
+    table = Table("part", "rows", title=f"catalog {catalog_dir}")
+    for name, n in done.counts.items():
+        table.add_row(name, f"{n:,}")
+    out.print(table)
+
+
+@main.command()
+@click.argument("feature")
+@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Edges and tokens to show.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def show(feature, catalog_dir, k, fmt):
+    """A feature's de-embedding and logit-lens tokens and its strongest pullback edges (e.g. L27/113)."""
+    from queries.parquet_lookup import ParquetCatalog
+
+    cat = ParquetCatalog(catalog_dir)
+    card, up, down = cat.card(feature), cat.upstream(feature, k), cat.downstream(feature, k)
+    if fmt == "json":
+        out.print_json(json.dumps({"card": asdict(card), "upstream": [asdict(e) for e in up], "downstream": [asdict(e) for e in down]}))
+        return
+    tokens = Table("de-embedding", "", "extended", "", "logit lens", "", title=f"feature {feature}")
+    for i in range(k):
+        row = []
+        for pairs in (card.deembed, card.deembed_extended, card.logits):
+            row += [repr(pairs[i][0]), f"{pairs[i][1]:+.3f}"] if i < len(pairs) else ["", ""]
+        tokens.add_row(*row)
+    out.print(tokens)
+    for title, edges in (("upstream: what feeds it", up), ("downstream: what it feeds", down)):
+        table = Table("feature", "weight", "its top de-embedding tokens", title=title)
+        for e in edges:
+            table.add_row(e.feature, f"{e.weight:+.4f}", " ".join(repr(t) for t in e.tokens))
+        out.print(table)
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--transcoders", required=True, type=click.Path(path_type=Path))
+@click.option("--prompt", required=True)
+@click.option("--layers", default="all", show_default=True)
+@click.option("--pos", type=int, default=-1, show_default=True, help="Token position (negative counts from the end).")
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "ids"]), default="table", show_default=True)
+@click.option("--trust-pickle", is_flag=True)
+def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle):
+    """The most active transcoder features at one position of a prompt (a real forward pass)."""
+    from ingest.activations import top_active_features
+    from ingest.models import load_model
+    from ingest.transcoder_formats import load_transcoders
+
+    tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
+    lm = load_model(model)
+    tset.validate_against(lm)
+    found = top_active_features(lm, tset, prompt, pos, k)
+    if fmt == "ids":
+        out.print("\n".join(f.feature for f in found))
+        return
+    table = Table("feature", "activation", title=f"most active features at position {pos} of {prompt!r}")
+    for f in found:
+        table.add_row(f.feature, f"{f.activation:.3f}")
+    out.print(table)
+
+
+if __name__ == "__main__":
+    main()

