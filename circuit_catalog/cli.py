@@ -145,7 +145,10 @@ def show(feature, catalog_dir, k, fmt):
         tokens.add_row(*row)
     out.print(tokens)
     for title, edges in (("upstream: what feeds it", up), ("downstream: what it feeds", down)):
-        table = Table("feature", "weight", "its top de-embedding tokens", title=title)
+        if not edges:
+            out.print(f"{title}: none in this catalog (no transcoder layers on that side)")
+            continue
+        table = Table("feature", "weight", "its top extended de-embedding tokens", title=title)
         for e in edges:
             table.add_row(e.feature, f"{e.weight:+.4f}", " ".join(repr(t) for t in e.tokens))
         out.print(table)

@@ -27,7 +27,7 @@ class UnknownFeature(UserError):
 class Edge:
     feature: str
     weight: float
-    tokens: list[str]  # the other feature's top raw de-embedding tokens, for orientation
+    tokens: list[str]  # the other feature's top extended de-embedding tokens, for orientation
 
 
 @dataclass
@@ -98,7 +98,7 @@ class ParquetCatalog:
             return []
         rows = self.con.execute(
             f"""
-            SELECT e.{other}, e.weight, f.deembed_tokens
+            SELECT e.{other}, e.weight, f.deembed_ext_tokens
             FROM read_parquet($parts) e LEFT JOIN read_parquet($features) f ON f.id = e.{other}
             WHERE e.{this} = $id
             ORDER BY abs(e.weight) DESC, e.{other}

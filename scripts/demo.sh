@@ -11,7 +11,7 @@ prompt="The capital of France is"
 
 echo "== 1. transcoders: one per layer, 1536 features, 40k Brown tokens x 3 epochs"
 # lr 1e-3 rather than the seed's 4e-4: this budget allows ~900 steps, where 1e-3 reaches a lower FVU
-$cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epochs 3 --lr 1e-3 \
+$cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epochs 3 --lr 1e-3 --l1 0.01 \
     --out "$out/transcoders"
 
 echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens"
