@@ -22,3 +22,7 @@ class DatasetError(UserError):
 
 class CatalogDirError(UserError):
     """A catalog directory is missing, incomplete, or was built with other settings."""
+
+
+class UnknownFeature(UserError):
+    """A feature id that is malformed or not in the catalog."""

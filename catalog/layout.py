@@ -6,9 +6,12 @@ edges have `src`, `dst`, `weight` (float32).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
+
+from catalog.errors import UnknownFeature
 
 MANIFEST = "manifest.json"
 FEATURES = "features.parquet"
@@ -37,5 +40,16 @@ def logit_part(root: Path, layer: int) -> Path:
     return root / LOGITS / f"L{layer:03d}.parquet"
 
 
+FEATURE_ID = re.compile(r"^L(\d+)/(\d+)$")
+
+
 def feature_id(layer: int, index: int) -> str:
     return f"L{layer}/{index}"
+
+
+def parse_feature_id(fid: str) -> tuple[int, int]:
+    """'L8/355' -> (8, 355); anything else is a user error."""
+    m = FEATURE_ID.match(fid)
+    if not m:
+        raise UnknownFeature(f"malformed feature id {fid!r}: expected L<layer>/<index>, e.g. L8/355")
+    return int(m.group(1)), int(m.group(2))

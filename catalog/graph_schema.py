@@ -1,0 +1,53 @@
+"""What a catalog directory becomes in a graph store: node and relationship sets and their Parquet sources.
+
+Both backends read this one description, so they cannot drift apart. Property names follow the
+Parquet columns (`index` is a reserved word in LadybugDB's Cypher: write it as `f.\\`index\\``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from catalog import layout
+from catalog.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class NodeSet:
+    label: str
+    columns: tuple[tuple[str, str], ...]  # (name, type) in load order; the first is the key
+    files: str  # glob relative to the catalog directory
+
+
+@dataclass(frozen=True)
+class RelSet:
+    type: str
+    source: str  # label of the start node, keyed by the Parquet column `src`
+    target: str  # label of the end node, keyed by `dst`
+    properties: tuple[tuple[str, str], ...]  # columns after src, dst
+    files: str
+
+
+NODES = (
+    NodeSet("Feature", (("id", "STRING"), ("layer", "INT64"), ("index", "INT64"), ("transcoder", "STRING")), layout.FEATURES),
+    NodeSet("Token", (("id", "INT64"), ("text", "STRING")), layout.TOKENS),
+)
+RELS = (
+    RelSet("PULLBACK", "Feature", "Feature", (("weight", "FLOAT"),), f"{layout.PULLBACKS}/*.parquet"),
+    RelSet("DEEMBED", "Token", "Feature", (("weight", "FLOAT"), ("variant", "STRING")), f"{layout.DEEMBED}/*.parquet"),
+    RelSet("LOGIT", "Feature", "Token", (("weight", "FLOAT"),), f"{layout.LOGITS}/*.parquet"),
+)
+
+
+def part_files(catalog_dir: Path, pattern: str) -> list[Path]:
+    return sorted(Path(catalog_dir).glob(pattern))
+
+
+def catalog_signature(catalog_dir: Path) -> str:
+    """Changes whenever the catalog's content could have: compared by stores to decide on a reload."""
+    m = Manifest.read(Path(catalog_dir))
+    blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -1,0 +1,164 @@
+"""The Python query API over a graph store: named Cypher queries, always parameterised.
+
+`Lookups(store)` answers what the CLI and reports ask: what feeds a feature, what it feeds, its
+tokens, which features mention a token, and the strongest token -> feature -> ... -> logit paths.
+Every method runs `.cypher` files from `queries/cypher/` (a `<name>.<dialect>.cypher` variant wins
+where the engines' dialects differ) and never interpolates user text into a statement.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from catalog.errors import UnknownFeature
+from catalog.layout import parse_feature_id
+from catalog.store import GraphStore, Row
+
+CYPHER_DIR = Path(__file__).with_name("cypher")
+
+
+@cache
+def named_query(name: str, dialect: str) -> str:
+    """The text of a named query for one dialect."""
+    for candidate in (CYPHER_DIR / f"{name}.{dialect}.cypher", CYPHER_DIR / f"{name}.cypher"):
+        if candidate.is_file():
+            return candidate.read_text()
+    raise KeyError(f"no named query {name!r}")
+
+
+def query_names() -> list[str]:
+    return sorted({p.name.split(".")[0] for p in CYPHER_DIR.glob("*.cypher")})
+
+
+@dataclass
+class Edge:
+    feature: str
+    weight: float
+    tokens: list[str] = field(default_factory=list)  # the other feature's top extended de-embedding tokens
+
+
+@dataclass
+class FeatureTokens:
+    id: str
+    deembed: list[tuple[str, float]]
+    deembed_extended: list[tuple[str, float]]
+    logits: list[tuple[str, float]]
+
+
+@dataclass
+class Hit:
+    feature: str
+    via: str  # deembed_raw | deembed_extended | logit
+    token: str
+    weight: float
+
+
+@dataclass
+class Path_:
+    nodes: list[str]  # token text, feature ids..., logit token text
+    weights: list[float]  # one per edge
+
+    @property
+    def strength(self) -> float:
+        product = 1.0
+        for w in self.weights:
+            product *= w
+        return product
+
+
+def _filters(layer: int | None, sign: int | None) -> dict[str, int]:
+    """Optional filters as the named queries take them: -1 / 0 for "any"."""
+    return {"layer": -1 if layer is None else layer, "sign": 0 if sign is None else sign}
+
+
+def token_texts(text: str) -> list[str]:
+    """A token text as typed and with the leading space most vocabularies put before words."""
+    return [text] if text.startswith(" ") else [text, " " + text]
+
+
+class Lookups:
+    def __init__(self, store: GraphStore):
+        self.store = store
+
+    def __enter__(self) -> Lookups:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
+
+    def _q(self, name: str, **params) -> list[Row]:
+        return self.store.run(named_query(name, self.store.dialect), params)
+
+    def check_feature(self, fid: str) -> None:
+        parse_feature_id(fid)
+        if not self._q("feature", id=fid):
+            raise UnknownFeature(f"unknown feature {fid}: not in this catalog")
+
+    def upstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> list[Edge]:
+        """The k strongest incoming pullback edges by |weight|, strongest first."""
+        self.check_feature(fid)
+        return self._with_tokens([Edge(r["feature"], float(r["weight"])) for r in self._q("upstream", id=fid, k=k, **_filters(layer, sign))])
+
+    def downstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> list[Edge]:
+        """The k strongest outgoing pullback edges by |weight|, strongest first."""
+        self.check_feature(fid)
+        return self._with_tokens([Edge(r["feature"], float(r["weight"])) for r in self._q("downstream", id=fid, k=k, **_filters(layer, sign))])
+
+    def _with_tokens(self, edges: list[Edge], n: int = 5) -> list[Edge]:
+        if not edges:
+            return edges
+        top: dict[str, list[str]] = defaultdict(list)
+        for r in self._q("deembed_tokens", ids=sorted({e.feature for e in edges})):
+            if r["variant"] == "extended" and len(top[r["feature"]]) < n:
+                top[r["feature"]].append(r["token"])
+        for e in edges:
+            e.tokens = top[e.feature]
+        return edges
+
+    def tokens(self, fid: str, k: int = 10) -> FeatureTokens:
+        """De-embedding (raw, extended) and logit-lens tokens with weights, strongest first."""
+        self.check_feature(fid)
+        by_variant: dict[str, list[tuple[str, float]]] = defaultdict(list)
+        for r in self._q("deembed_tokens", ids=[fid]):
+            by_variant[r["variant"]].append((r["token"], float(r["weight"])))
+        logits = [(r["token"], float(r["weight"])) for r in self._q("logit_tokens", ids=[fid])]
+        return FeatureTokens(fid, by_variant["raw"][:k], by_variant["extended"][:k], logits[:k])
+
+    def search(self, token: str, k: int = 20) -> list[Hit]:
+        """Features whose top de-embedding or logit-lens tokens include `token`, strongest first."""
+        texts = token_texts(token)
+        hits = [Hit(r["feature"], f"deembed_{r['variant']}", r["token"], float(r["weight"])) for r in self._q("search_deembed", texts=texts, k=k)]
+        hits += [Hit(r["feature"], "logit", r["token"], float(r["weight"])) for r in self._q("search_logit", texts=texts, k=k)]
+        return sorted(hits, key=lambda h: (-h.weight, h.feature, h.via))[:k]
+
+    def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256, variant: str = "extended") -> list[Path_]:
+        """The k strongest token -> feature (-> feature ...) -> logit paths by |product of weights|.
+
+        A beam search over the layered graph: at most `max_hops` pullback edges, keeping the `beam`
+        strongest partial paths after each expansion, so the work stays bounded however dense the
+        catalog. With a beam wider than the number of partial paths it is exact.
+        """
+        starts = self._q("path_starts", texts=token_texts(from_token), variant=variant)
+        ends: dict[str, tuple[str, float]] = {r["feature"]: (r["token"], float(r["weight"])) for r in self._q("path_ends", texts=token_texts(to_logit))}
+        if not starts or not ends:
+            return []
+        max_layer = max(parse_feature_id(f)[0] for f in ends)
+        frontier = [Path_([r["token"], r["feature"]], [float(r["weight"])]) for r in starts if r["layer"] <= max_layer]
+        complete: list[Path_] = []
+        for hop in range(max_hops + 1):
+            for p in frontier:
+                if p.nodes[-1] in ends:
+                    token, w = ends[p.nodes[-1]]
+                    complete.append(Path_([*p.nodes, token], [*p.weights, w]))
+            if hop == max_hops or not frontier:
+                break
+            frontier = sorted(frontier, key=lambda p: -abs(p.strength))[:beam]
+            steps: dict[str, list[Row]] = defaultdict(list)
+            for r in self._q("path_steps", ids=sorted({p.nodes[-1] for p in frontier}), max_layer=max_layer):
+                steps[r["src"]].append(r)
+            frontier = [Path_([*p.nodes, r["dst"]], [*p.weights, float(r["weight"])]) for p in frontier for r in steps[p.nodes[-1]]]
+            frontier = sorted(frontier, key=lambda p: -abs(p.strength))[:beam]
+        return sorted(complete, key=lambda p: (-abs(p.strength), p.nodes))[:k]

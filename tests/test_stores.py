@@ -1,0 +1,290 @@
+"""Both graph stores pass one suite: Parquet -> store -> every named query equals a direct pyarrow
+computation over the same Parquet. LadybugDB always; the Neo4j backend over a real Bolt server
+(ArcadeDB, started on 127.0.0.1 by the session fixture)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from catalog import layout
+from catalog.errors import UnknownFeature
+from catalog.ladybug_store import LadybugStore
+from catalog.store import CypherError, StoreError, write_clause
+from ingest.job import IngestSettings, build_manifest, run_ingest
+from queries.api import Lookups, named_query, query_names, token_texts
+from tests.conftest import random_transcoders
+
+PASSWORD = "test-root-password"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def catalog_dir(tmp_path_factory, gpt2) -> Path:
+    """A real catalog of a tiny GPT-2: 3 layers x 200 features, ~4,800 pullback edges."""
+    root = tmp_path_factory.mktemp("catalog")
+    tset = random_transcoders(gpt2, d_sae=200, seed=7)
+    settings = IngestSettings(top_k=4, token_top_k=5)
+    run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", settings), progress=False)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def bolt_server(tmp_path_factory):
+    """ArcadeDB with its Bolt plugin on 127.0.0.1: a real server speaking the Neo4j protocol."""
+    server_mod = pytest.importorskip("arcadedb_embedded.server", reason="arcadedb-embedded is installed by the set-up")
+    root = tmp_path_factory.mktemp("arcadedb")
+    bolt = _free_port()
+    server = server_mod.ArcadeDBServer(
+        root_path=str(root / "databases"), root_password=PASSWORD,
+        config={"host": "127.0.0.1", "http_port": _free_port(), "bolt_port": bolt, "bolt_host": "127.0.0.1",
+                "server_plugins": "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"},
+        jvm_kwargs={"heap_size": "512m"},
+    )
+    cwd = os.getcwd()
+    os.chdir(root)  # the server writes ./log relative to the working directory
+    try:
+        server.start()
+    finally:
+        os.chdir(cwd)
+    names = itertools.count()
+
+    def new_database() -> str:
+        name = f"catalog{next(names)}"
+        server.create_database(name)
+        return name
+
+    yield f"bolt://127.0.0.1:{bolt}", new_database
+    server.stop()
+
+
+def _bolt_store(bolt_server):
+    from catalog.neo4j_store import Neo4jStore
+
+    uri, new_database = bolt_server
+    return Neo4jStore(uri, database=new_database(), auth=("root", PASSWORD))
+
+
+@pytest.fixture(scope="session", params=["ladybug", "bolt"])
+def store(request, catalog_dir, tmp_path_factory):
+    if request.param == "ladybug":
+        s = LadybugStore(tmp_path_factory.mktemp("embedded") / "graph")
+    else:
+        s = _bolt_store(request.getfixturevalue("bolt_server"))
+    assert s.load(catalog_dir, progress=False) is True
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def ref(catalog_dir):
+    """The catalog's Parquet, read directly with pyarrow: the reference every query is held to."""
+    tokens = {r["id"]: r["text"] for r in pq.read_table(catalog_dir / layout.TOKENS).to_pylist()}
+
+    def rows(pattern):
+        return [r for f in sorted(catalog_dir.glob(pattern)) for r in pq.read_table(f).to_pylist()]
+
+    return {
+        "tokens": tokens,
+        "pullbacks": rows("pullbacks/*.parquet"),
+        "deembed": rows("deembed/*.parquet"),
+        "logits": rows("logits/*.parquet"),
+        "features": {r["id"]: r for r in pq.read_table(catalog_dir / layout.FEATURES).to_pylist()},
+    }
+
+
+def layer_of(fid: str) -> int:
+    return int(fid[1:].split("/")[0])
+
+
+# ---------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("fid", ["L2/0", "L2/77", "L1/199"])
+@pytest.mark.parametrize("layer, sign", [(None, None), (0, None), (None, -1)])
+def test_upstream_and_downstream(store, ref, fid, layer, sign):
+    lookups = Lookups(store)
+    for direction, this, other in (("upstream", "dst", "src"), ("downstream", "src", "dst")):
+        expected = [
+            (r[other], r["weight"]) for r in ref["pullbacks"]
+            if r[this] == fid and (layer is None or layer_of(r[other]) == layer) and (sign is None or r["weight"] * sign > 0)
+        ]
+        expected = sorted(expected, key=lambda e: (-abs(e[1]), e[0]))[:7]
+        got = getattr(lookups, direction)(fid, k=7, layer=layer, sign=sign)
+        assert [e.feature for e in got] == [e[0] for e in expected], direction
+        assert [e.weight for e in got] == pytest.approx([e[1] for e in expected], rel=1e-6)
+        for e in got:  # orientation tokens: the other feature's top extended de-embedding tokens
+            assert e.tokens == ref["features"][e.feature]["deembed_ext_tokens"][:5]
+
+
+def test_tokens(store, ref):
+    fid = "L1/42"
+    card = Lookups(store).tokens(fid, k=5)
+    for variant, got in (("raw", card.deembed), ("extended", card.deembed_extended)):
+        expected = sorted(((ref["tokens"][r["src"]], r["weight"], r["src"]) for r in ref["deembed"] if r["dst"] == fid and r["variant"] == variant),
+                          key=lambda t: (-t[1], t[2]))
+        assert [t for t, _ in got] == [t for t, _, _ in expected]
+    expected = sorted(((ref["tokens"][r["dst"]], r["weight"]) for r in ref["logits"] if r["src"] == fid), key=lambda t: -t[1])
+    assert [t for t, _ in card.logits] == [t for t, _ in expected]
+    assert [w for _, w in card.logits] == pytest.approx([w for _, w in expected], rel=1e-6)
+
+
+def test_search(store, ref):
+    word = "paris"
+    texts = set(token_texts(word))
+    expected = [(r["dst"], f"deembed_{r['variant']}", r["weight"]) for r in ref["deembed"] if ref["tokens"][r["src"]] in texts]
+    expected += [(r["src"], "logit", r["weight"]) for r in ref["logits"] if ref["tokens"][r["dst"]] in texts]
+    expected = sorted(expected, key=lambda h: (-h[2], h[0], h[1]))[:15]
+    got = Lookups(store).search(word, k=15)
+    assert [(h.feature, h.via) for h in got] == [(f, v) for f, v, _ in expected]
+
+
+def _brute_force_paths(ref, start_texts, end_texts, max_hops):
+    """Enumerate every token -> feature ... -> logit path in the catalog, no pruning."""
+    out = defaultdict(list)
+    for r in ref["pullbacks"]:
+        out[r["src"]].append((r["dst"], r["weight"]))
+    ends = {r["src"]: (ref["tokens"][r["dst"]], r["weight"]) for r in ref["logits"] if ref["tokens"][r["dst"]] in end_texts}
+    paths = []
+
+    def walk(nodes, weights, hops):
+        if nodes[-1] in ends:
+            token, w = ends[nodes[-1]]
+            paths.append((nodes + [token], weights + [w]))
+        if hops < max_hops:
+            for dst, w in out[nodes[-1]]:
+                walk(nodes + [dst], weights + [w], hops + 1)
+
+    for r in ref["deembed"]:
+        if r["variant"] == "extended" and ref["tokens"][r["src"]] in start_texts:
+            walk([ref["tokens"][r["src"]], r["dst"]], [r["weight"]], 0)
+    strength = lambda p: abs(__import__("math").prod(p[1]))  # noqa: E731
+    return sorted(paths, key=lambda p: (-strength(p), p[0]))
+
+
+def test_paths_exact_with_a_wide_beam(store, ref):
+    expected = _brute_force_paths(ref, set(token_texts("the")), set(token_texts("city")), max_hops=2)
+    assert expected, "the fixture catalog should connect these tokens"
+    got = Lookups(store).paths("the", "city", k=10, max_hops=2, beam=10**6)
+    assert [p.nodes for p in got] == [p[0] for p in expected[:10]]
+    assert [p.strength for p in got] == pytest.approx([__import__("math").prod(p[1]) for p in expected[:10]], rel=1e-5)
+    assert all(len(p.nodes) - 3 <= 2 for p in got)  # at most 2 pullback hops
+
+
+def test_unknown_and_malformed_features(store):
+    lookups = Lookups(store)
+    with pytest.raises(UnknownFeature, match="unknown feature L7/1"):
+        lookups.upstream("L7/1")
+    with pytest.raises(UnknownFeature, match="malformed"):
+        lookups.tokens("L1-1")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _counts(store) -> tuple:
+    n = store.run("MATCH (f:Feature) RETURN count(f) AS n")[0]["n"]
+    t = store.run("MATCH (t:Token) RETURN count(t) AS n")[0]["n"]
+    e = [store.run(f"MATCH ()-[e:{rel}]->() RETURN count(e) AS n")[0]["n"] for rel in ("PULLBACK", "DEEMBED", "LOGIT")]
+    return (n, t, *e)
+
+
+def test_load_is_complete_and_idempotent(store, catalog_dir, ref):
+    expected = (len(ref["features"]), len(ref["tokens"]), len(ref["pullbacks"]), len(ref["deembed"]), len(ref["logits"]))
+    assert _counts(store) == expected
+    assert store.load(catalog_dir, progress=False) is False  # already current
+    assert _counts(store) == expected
+
+
+def test_embedded_partial_load_is_redone(catalog_dir, tmp_path):
+    s = LadybugStore(tmp_path / "graph")
+    (tmp_path / ".graph.loading-12345").write_bytes(b"half a database")  # debris of a killed load
+    assert s.load(catalog_dir, progress=False)
+    s.marker.unlink()  # a load that died after the rename but before its marker
+    assert not s.is_current(catalog_dir)
+    assert s.load(catalog_dir, progress=False)
+    assert _counts(s)[0] == 600
+    s.close()
+
+
+def test_bolt_interrupted_load_resumes_without_duplicates(bolt_server, catalog_dir, ref):
+    s = _bolt_store(bolt_server)
+    s.load(catalog_dir, progress=False, batch_rows=1000)  # batches of a thousand rows
+    # forget that the last parts finished, as if the load had died inside them; the rerun merges them again
+    s.run("MATCH (c:CatalogState) RETURN c.parts AS p")
+    s.execute("MATCH (c:CatalogState {id: 'catalog'}) SET c.parts = c.parts[0..3]", None, write=True)
+    assert s.load(catalog_dir, progress=False, batch_rows=2000)
+    assert _counts(s) == (len(ref["features"]), len(ref["tokens"]), len(ref["pullbacks"]), len(ref["deembed"]), len(ref["logits"]))
+    s.close()
+
+
+# ---------------------------------------------------------------- Cypher and safety
+
+
+def test_cypher_is_read_only_unless_asked(store):
+    rows = store.cypher("MATCH (f:Feature {id: $id}) RETURN f.layer AS layer", {"id": "L2/3"})
+    assert rows == [{"layer": 2}]
+    with pytest.raises(CypherError, match="DETACH changes the graph"):
+        store.cypher("MATCH (f:Feature) DETACH DELETE f")
+    with pytest.raises(CypherError, match="CREATE"):
+        store.cypher("create (:Feature {id: 'x'})")
+
+
+def test_write_clause_detection_ignores_literals():
+    assert write_clause("MATCH (f) WHERE f.id = 'CREATE' RETURN f.`SET`") is None
+    assert write_clause("MATCH (f) RETURN f // DELETE later") is None
+    assert write_clause("MATCH (f) SET f.x = 1") == "SET"
+
+
+def test_syntax_error_is_one_clean_line(store):
+    with pytest.raises(CypherError) as info:
+        store.cypher("MATCH (f:Feature RETURN f")
+    assert "\n" not in str(info.value) and str(info.value)
+
+
+@pytest.mark.parametrize("hostile", ["x' }) MATCH (n) DETACH DELETE n //", "`Feature`", '") RETURN 1 //', "L1/1' OR '1'='1"])
+def test_hostile_text_is_data(store, ref, hostile):
+    lookups = Lookups(store)
+    before = _counts(store)
+    assert lookups.search(hostile) == []
+    assert lookups.paths(hostile, hostile) == []
+    with pytest.raises(UnknownFeature):
+        lookups.upstream(hostile)
+    assert store.cypher("MATCH (t:Token) WHERE t.text = $t RETURN count(t) AS n", {"t": hostile}) == [{"n": 0}]
+    assert _counts(store) == before
+
+
+def test_bolt_auth_failure(bolt_server):
+    from catalog.neo4j_store import Neo4jStore
+
+    uri, _ = bolt_server
+    with pytest.raises(StoreError, match="authentication failed") as info:
+        Neo4jStore(uri, auth=("root", "wrong-password"))
+    assert "wrong-password" not in str(info.value)
+
+
+def test_unreachable_server():
+    from catalog.neo4j_store import Neo4jStore
+
+    with pytest.raises(StoreError, match="cannot reach"):
+        Neo4jStore(f"bolt://127.0.0.1:{_free_port()}", auth=("neo4j", "x"))
+
+
+def test_named_queries_exist_for_both_dialects():
+    for name in query_names():
+        for dialect in ("ladybug", "neo4j"):
+            assert "$" in named_query(name, dialect), f"{name} must be parameterised"
