@@ -123,35 +123,196 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     out.print(table)
 
 
+def store_options(f):
+    """--catalog, --store, --database: where the graph lives."""
+    f = click.option("--database", default=None, help="Neo4j database name (server default if omitted).")(f)
+    f = click.option("--store", "store_uri", default="embedded", show_default=True,
+                     help="'embedded' (LadybugDB at CATALOG/graph) or a bolt:// / neo4j:// URI; credentials from NEO4J_USER / NEO4J_PASSWORD.")(f)
+    return click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory (from `ingest`).")(f)
+
+
+def format_option(f):
+    return click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)(f)
+
+
+def _lookups(catalog_dir: Path, store_uri: str, database: str | None):
+    from catalog.store import open_loaded_store
+    from queries.api import Lookups
+
+    return Lookups(open_loaded_store(catalog_dir, store_uri, database))
+
+
+def _print_json(value) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _edges_table(title: str, edges) -> Table:
+    table = Table("feature", "weight", "its top extended de-embedding tokens", title=title)
+    for e in edges:
+        table.add_row(e.feature, f"{e.weight:+.4f}", " ".join(repr(t) for t in e.tokens))
+    return table
+
+
+@main.command()
+@store_options
+def load(catalog_dir, store_uri, database):
+    """Load (or bring up to date) a graph store from a catalog directory; idempotent."""
+    from catalog.store import open_store
+
+    with open_store(catalog_dir, store_uri, database) as store:
+        changed = store.load(catalog_dir)
+    out.print(f"store {store_uri} {'loaded from' if changed else 'already up to date with'} {catalog_dir}")
+
+
+def _edge_command(direction: str):
+    @click.argument("feature")
+    @store_options
+    @click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+    @click.option("--layer", type=int, default=None, help="Only edges from/to this layer.")
+    @click.option("--sign", type=click.Choice(["+", "-"]), default=None, help="Only positive or negative weights.")
+    @format_option
+    def command(feature, catalog_dir, store_uri, database, k, layer, sign, fmt):
+        with _lookups(catalog_dir, store_uri, database) as lookups:
+            edges = getattr(lookups, direction)(feature, k, layer, None if sign is None else (1 if sign == "+" else -1))
+        if fmt == "json":
+            _print_json([{"feature": e.feature, "weight": e.weight} for e in edges])
+        else:
+            out.print(_edges_table(f"{direction} of {feature}", edges))
+
+    command.__doc__ = {
+        "upstream": "What feeds FEATURE: its strongest incoming pullback edges (e.g. L27/113).",
+        "downstream": "What FEATURE feeds: its strongest outgoing pullback edges.",
+    }[direction]
+    return main.command(name=direction)(command)
+
+
+_edge_command("upstream")
+_edge_command("downstream")
+
+
 @main.command()
 @click.argument("feature")
-@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
-@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Edges and tokens to show.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def show(feature, catalog_dir, k, fmt):
-    """A feature's de-embedding and logit-lens tokens and its strongest pullback edges (e.g. L27/113)."""
-    from queries.parquet_lookup import ParquetCatalog
-
-    cat = ParquetCatalog(catalog_dir)
-    card, up, down = cat.card(feature), cat.upstream(feature, k), cat.downstream(feature, k)
+@store_options
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@format_option
+def tokens(feature, catalog_dir, store_uri, database, k, fmt):
+    """FEATURE's de-embedding (raw and extended) and logit-lens tokens."""
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        card = lookups.tokens(feature, k)
     if fmt == "json":
-        out.print_json(json.dumps({"card": asdict(card), "upstream": [asdict(e) for e in up], "downstream": [asdict(e) for e in down]}))
-        return
-    tokens = Table("de-embedding", "", "extended", "", "logit lens", "", title=f"feature {feature}")
+        _print_json(asdict(card))
+    else:
+        out.print(_tokens_table(card, k))
+
+
+def _tokens_table(card, k: int) -> Table:
+    table = Table("de-embedding", "", "extended", "", "logit lens", "", title=f"feature {card.id}")
     for i in range(k):
         row = []
         for pairs in (card.deembed, card.deembed_extended, card.logits):
             row += [repr(pairs[i][0]), f"{pairs[i][1]:+.3f}"] if i < len(pairs) else ["", ""]
-        tokens.add_row(*row)
-    out.print(tokens)
+        table.add_row(*row)
+    return table
+
+
+@main.command()
+@click.argument("token")
+@store_options
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True)
+@format_option
+def search(token, catalog_dir, store_uri, database, k, fmt):
+    """Features whose top de-embedding or logit-lens tokens include TOKEN (with or without a leading space)."""
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        hits = lookups.search(token, k)
+    if fmt == "json":
+        _print_json([asdict(h) for h in hits])
+        return
+    table = Table("feature", "via", "token", "weight", title=f"features mentioning {token!r}")
+    for h in hits:
+        table.add_row(h.feature, h.via, repr(h.token), f"{h.weight:+.3f}")
+    out.print(table)
+
+
+@main.command()
+@store_options
+@click.option("--from-token", required=True, help="Input token text.")
+@click.option("--to-logit", required=True, help="Output token text.")
+@click.option("--max-hops", type=click.IntRange(0), default=2, show_default=True, help="Pullback edges between first and last feature.")
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--beam", type=click.IntRange(1), default=256, show_default=True, help="Partial paths kept per hop.")
+@format_option
+def paths(catalog_dir, store_uri, database, from_token, to_logit, max_hops, k, beam, fmt):
+    """Strongest token -> feature (-> feature ...) -> logit paths in the weights graph."""
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        found = lookups.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam)
+    if fmt == "json":
+        _print_json([{"nodes": p.nodes, "weights": p.weights, "strength": p.strength} for p in found])
+        return
+    table = Table("strength", "path", title=f"paths {from_token!r} -> {to_logit!r}")
+    for p in found:
+        table.add_row(f"{p.strength:+.4g}", " -> ".join([repr(p.nodes[0]), *p.nodes[1:-1], repr(p.nodes[-1])]))
+    out.print(table)
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    name, sep, raw = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise click.BadParameter(f"{text!r}: expected name=value")
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        return name, raw
+
+
+@main.command()
+@click.argument("query")
+@store_options
+@click.option("--param", "params", multiple=True, help="name=value (JSON values, else a string); use $name in QUERY.")
+@click.option("--write", is_flag=True, help="Allow clauses that change the graph.")
+@format_option
+def cypher(query, catalog_dir, store_uri, database, params, write, fmt):
+    """Run a Cypher QUERY with parameters; read-only unless --write."""
+    from catalog.store import open_loaded_store
+
+    with open_loaded_store(catalog_dir, store_uri, database) as store:
+        rows = store.cypher(query, dict(_parse_param(p) for p in params), write=write)
+    if fmt == "json":
+        _print_json(rows)
+        return
+    table = Table(*(rows[0].keys() if rows else ["(no rows)"]))
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    out.print(table)
+
+
+@main.command()
+@click.argument("feature")
+@store_options
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Edges and tokens to show.")
+@format_option
+def show(feature, catalog_dir, store_uri, database, k, fmt):
+    """A feature card: tokens, then what feeds it and what it feeds."""
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        card, up, down = lookups.tokens(feature, k), lookups.upstream(feature, k), lookups.downstream(feature, k)
+    if fmt == "json":
+        _print_json({"tokens": asdict(card), "upstream": [asdict(e) for e in up], "downstream": [asdict(e) for e in down]})
+        return
+    out.print(_tokens_table(card, k))
     for title, edges in (("upstream: what feeds it", up), ("downstream: what it feeds", down)):
-        if not edges:
-            out.print(f"{title}: none in this catalog (no transcoder layers on that side)")
-            continue
-        table = Table("feature", "weight", "its top extended de-embedding tokens", title=title)
-        for e in edges:
-            table.add_row(e.feature, f"{e.weight:+.4f}", " ".join(repr(t) for t in e.tokens))
-        out.print(table)
+        out.print(_edges_table(title, edges) if edges else f"{title}: none in this catalog (no transcoder layers on that side)")
+
+
+@main.command(name="export-neo4j-import")
+@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+def export_neo4j_import(catalog_dir, out_dir):
+    """Write CSVs and headers for `neo4j-admin database import` (the route for very large catalogs)."""
+    from catalog.manifest import Manifest
+    from catalog.neo4j_store import write_admin_import
+
+    Manifest.read(catalog_dir)
+    command = write_admin_import(catalog_dir, out_dir, progress=lambda m: err.print(m))
+    out.print(f"copy {out_dir} into the server's import directory, stop the database, then run:\n  {command}")
 
 
 @main.command()

@@ -17,9 +17,16 @@ $cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epo
 echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens"
 $cc ingest --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --top-k 16
 
-echo "== 3. which late-layer features fire on the last token of: $prompt"
+echo "== 3. load the catalog into the embedded graph store (LadybugDB, at $out/catalog/graph)"
+$cc load --catalog "$out/catalog"
+
+echo "== 4. which late-layer features fire on the last token of: $prompt"
 $cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --layers 26-29 -k 5
 feature=$($cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --layers 26-29 -k 1 --format ids)
 
-echo "== 4. what feeds $feature, what it reads and writes"
+echo "== 5. what $feature reads and writes, what feeds it (Cypher over the store)"
 $cc show "$feature" --catalog "$out/catalog" -k 8
+
+echo "== 6. which features write ' Paris', and the strongest weight paths from 'France' to ' Paris'"
+$cc search Paris --catalog "$out/catalog" -k 8
+$cc paths --catalog "$out/catalog" --from-token France --to-logit Paris --max-hops 1 -k 5

@@ -23,8 +23,15 @@ def saelens_dir(tmp_path, gpt2):
 
 
 def run(*args):
+    """(exit code, everything printed); progress bars and errors go to stderr, which this includes."""
     result = CliRunner().invoke(main, [str(a) for a in args])
     return result.exit_code, result.output
+
+
+def run_json(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
 
 
 def assert_one_line_error(code, output, fragment):
@@ -81,18 +88,29 @@ def test_model_transcoder_mismatch(tmp_path, saelens_dir, llama_dir, gpt2):
     assert_one_line_error(*run("ingest", "--model", llama_dir, "--transcoders", far, "--catalog", tmp_path / "c"), "outside the model")
 
 
-def test_ingest_then_show(tmp_path, saelens_dir, gpt2_dir):
-    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", tmp_path / "c", "-k", "3")
+def test_ingest_load_and_lookups(tmp_path, saelens_dir, gpt2_dir):
+    catalog = tmp_path / "c"
+    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "-k", "3")
     assert code == 0, output
     assert "pullback_edges" in output
-    code, output = run("show", "L2/1", "--catalog", tmp_path / "c", "--format", "json")
-    assert code == 0, output
-    shown = json.loads(output)
-    assert shown["card"]["id"] == "L2/1" and len(shown["upstream"]) == 6
-    weights = [abs(e["weight"]) for e in shown["upstream"]]
+    edges = run_json("upstream", "L2/1", "--catalog", catalog)  # loads the embedded store on first use
+    assert len(edges) == 6 and set(edges[0]) == {"feature", "weight"}
+    weights = [abs(e["weight"]) for e in edges]
     assert weights == sorted(weights, reverse=True)
-    assert_one_line_error(*run("show", "L9/1", "--catalog", tmp_path / "c"), "unknown feature")
+    assert (catalog / "graph").exists()
+    code, output = run("load", "--catalog", catalog)
+    assert code == 0 and "already up to date" in output
+    assert run_json("show", "L2/1", "--catalog", catalog)["tokens"]["id"] == "L2/1"
+    assert run_json("cypher", "MATCH (f:Feature {id: $id}) RETURN f.layer AS layer", "--catalog", catalog, "--param", "id=L2/1") == [{"layer": 2}]
+    for args, fragment in [
+        (("show", "L9/1"), "unknown feature"),
+        (("upstream", "L2-1"), "malformed feature id"),
+        (("cypher", "MATCH (f:Feature RETURN f"), "Parser exception"),
+        (("cypher", "MATCH (f) DETACH DELETE f"), "read-only"),
+    ]:
+        assert_one_line_error(*run(*args, "--catalog", catalog), fragment)
     assert_one_line_error(*run("show", "L1/1", "--catalog", tmp_path / "nowhere"), "not a catalog directory")
+    assert_one_line_error(*run("upstream", "L1/1", "--catalog", catalog, "--store", "bolt://127.0.0.1:1"), "cannot reach")
 
 
 def test_active_features_on_a_prompt(saelens_dir, gpt2_dir):
