@@ -32,7 +32,10 @@ class RelSet:
 
 
 NODES = (
-    NodeSet("Feature", (("id", "STRING"), ("layer", "INT64"), ("index", "INT64"), ("transcoder", "STRING")), layout.FEATURES),
+    # the top-token summaries ride on the node, so a lookup needs no second traversal to orient the reader
+    NodeSet("Feature", (("id", "STRING"), ("layer", "INT64"), ("index", "INT64"), ("transcoder", "STRING"),
+                        ("deembed_tokens", "STRING[]"), ("deembed_ext_tokens", "STRING[]"), ("logit_tokens", "STRING[]")),
+            layout.FEATURES),
     NodeSet("Token", (("id", "INT64"), ("text", "STRING")), layout.TOKENS),
 )
 RELS = (

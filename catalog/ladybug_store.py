@@ -20,8 +20,6 @@ from tqdm.auto import tqdm
 from catalog.graph_schema import NODES, RELS, catalog_signature, part_files
 from catalog.store import CypherError, GraphStore, Row, StoreError
 
-COPY_FILES_PER_STATEMENT = 16  # files per COPY: few statements, yet a progress bar that moves
-
 
 class LadybugStore(GraphStore):
     dialect = "ladybug"
@@ -54,12 +52,13 @@ class LadybugStore(GraphStore):
             conn = ladybug.Connection(db)
             for statement in _ddl():
                 conn.execute(statement)
-            steps = [(n.label, [f]) for n in NODES for f in part_files(catalog_dir, n.files)]
-            for rel in RELS:
-                files = part_files(catalog_dir, rel.files)
-                steps += [(rel.type, files[i : i + COPY_FILES_PER_STATEMENT]) for i in range(0, len(files), COPY_FILES_PER_STATEMENT)]
-            for table, files in tqdm(steps, desc=f"loading {self.path}", unit="copy", disable=not progress):
-                conn.execute(_copy_statement(table, files))
+            # one COPY per table over all its files: each COPY into a relationship table rebuilds its
+            # adjacency lists, so 16-file chunks took 19 s for 10M edges where one statement takes 11 s
+            steps = [(n.label, part_files(catalog_dir, n.files)) for n in NODES]
+            steps += [(r.type, part_files(catalog_dir, r.files)) for r in RELS]
+            for table, files in tqdm(steps, desc=f"loading {self.path}", unit="table", disable=not progress):
+                if files:
+                    conn.execute(_copy_statement(table, files))
             conn.close()
             db.close()
             self.marker.unlink(missing_ok=True)

@@ -184,7 +184,7 @@ def write_admin_import(catalog_dir: Path, out_dir: Path, progress: Callable[[str
         key, *rest = n.columns
         header = [f"{key[0]}:ID({n.label})"] + [f"{c}:{_csv_type(t)}" for c, t in rest]
         (out_dir / f"{n.label}.header.csv").write_text(",".join(header) + "\n")
-        cols = ", ".join(f'"{c}"' for c, _ in n.columns)
+        cols = ", ".join(f"array_to_string(\"{c}\", chr(31))" if t.endswith("[]") else f'"{c}"' for c, t in n.columns)
         con.sql(f"COPY (SELECT {cols} FROM read_parquet($src)) TO '{out_dir / (n.label + '.csv')}' (HEADER false)",
                 params={"src": [str(f) for f in part_files(catalog_dir, n.files)]})
         args.append(f"--nodes={n.label}={n.label}.header.csv,{n.label}.csv")
@@ -198,8 +198,8 @@ def write_admin_import(catalog_dir: Path, out_dir: Path, progress: Callable[[str
         args.append(f"--relationships={r.type}={r.type}.header.csv,{r.type}.csv")
         progress(f"wrote {r.type}.csv")
     con.close()
-    return "neo4j-admin database import full " + " ".join(args) + " neo4j"
+    return "neo4j-admin database import full --array-delimiter=U+001F " + " ".join(args) + " neo4j"
 
 
 def _csv_type(t: str) -> str:
-    return {"INT64": "long", "FLOAT": "float", "STRING": "string"}[t]
+    return {"INT64": "long", "FLOAT": "float", "STRING": "string", "STRING[]": "string[]"}[t]

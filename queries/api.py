@@ -69,11 +69,6 @@ class Path_:
         return product
 
 
-def _filters(layer: int | None, sign: int | None) -> dict[str, int]:
-    """Optional filters as the named queries take them: -1 / 0 for "any"."""
-    return {"layer": -1 if layer is None else layer, "sign": 0 if sign is None else sign}
-
-
 def token_texts(text: str) -> list[str]:
     """A token text as typed and with the leading space most vocabularies put before words."""
     return [text] if text.startswith(" ") else [text, " " + text]
@@ -99,32 +94,26 @@ class Lookups:
 
     def upstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> list[Edge]:
         """The k strongest incoming pullback edges by |weight|, strongest first."""
-        self.check_feature(fid)
-        return self._with_tokens([Edge(r["feature"], float(r["weight"])) for r in self._q("upstream", id=fid, k=k, **_filters(layer, sign))])
+        return self._edges("upstream", fid, k, layer, sign)
 
     def downstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> list[Edge]:
         """The k strongest outgoing pullback edges by |weight|, strongest first."""
-        self.check_feature(fid)
-        return self._with_tokens([Edge(r["feature"], float(r["weight"])) for r in self._q("downstream", id=fid, k=k, **_filters(layer, sign))])
+        return self._edges("downstream", fid, k, layer, sign)
 
-    def _with_tokens(self, edges: list[Edge], n: int = 5) -> list[Edge]:
-        if not edges:
-            return edges
-        top: dict[str, list[str]] = defaultdict(list)
-        for r in self._q("deembed_tokens", ids=sorted({e.feature for e in edges})):
-            if r["variant"] == "extended" and len(top[r["feature"]]) < n:
-                top[r["feature"]].append(r["token"])
-        for e in edges:
-            e.tokens = top[e.feature]
-        return edges
+    def _edges(self, name: str, fid: str, k: int, layer: int | None, sign: int | None, n_tokens: int = 5) -> list[Edge]:
+        parse_feature_id(fid)
+        rows = self._q(name, id=fid, k=k, layer=-1 if layer is None else layer, sign=0 if sign is None else sign)
+        if not rows:
+            self.check_feature(fid)  # no edges: tell an unknown feature from one without edges
+        return [Edge(r["feature"], float(r["weight"]), list(r["tokens"] or [])[:n_tokens]) for r in rows]
 
     def tokens(self, fid: str, k: int = 10) -> FeatureTokens:
         """De-embedding (raw, extended) and logit-lens tokens with weights, strongest first."""
         self.check_feature(fid)
         by_variant: dict[str, list[tuple[str, float]]] = defaultdict(list)
-        for r in self._q("deembed_tokens", ids=[fid]):
+        for r in self._q("deembed_tokens", id=fid):
             by_variant[r["variant"]].append((r["token"], float(r["weight"])))
-        logits = [(r["token"], float(r["weight"])) for r in self._q("logit_tokens", ids=[fid])]
+        logits = [(r["token"], float(r["weight"])) for r in self._q("logit_tokens", id=fid)]
         return FeatureTokens(fid, by_variant["raw"][:k], by_variant["extended"][:k], logits[:k])
 
     def search(self, token: str, k: int = 20) -> list[Hit]:

@@ -288,3 +288,22 @@ def test_named_queries_exist_for_both_dialects():
     for name in query_names():
         for dialect in ("ladybug", "neo4j"):
             assert "$" in named_query(name, dialect), f"{name} must be parameterised"
+
+
+def test_admin_import_files(catalog_dir, ref, tmp_path):
+    """The neo4j-admin route: headers name ids, types and label groups; every Parquet row becomes a CSV line."""
+    import csv
+
+    from catalog.neo4j_store import write_admin_import
+
+    command = write_admin_import(catalog_dir, tmp_path, progress=lambda _: None)
+    assert "--nodes=Feature=Feature.header.csv,Feature.csv" in command and "--array-delimiter=U+001F" in command
+    assert (tmp_path / "Feature.header.csv").read_text().startswith("id:ID(Feature),layer:long,index:long")
+    assert (tmp_path / "PULLBACK.header.csv").read_text().strip() == ":START_ID(Feature),:END_ID(Feature),weight:float"
+    with open(tmp_path / "PULLBACK.csv", newline="") as f:
+        lines = list(csv.reader(f))
+    assert len(lines) == len(ref["pullbacks"])
+    assert {(a, b) for a, b, _ in lines} == {(r["src"], r["dst"]) for r in ref["pullbacks"]}
+    with open(tmp_path / "Feature.csv", newline="") as f:
+        row = next(r for r in csv.reader(f) if r[0] == "L1/42")
+    assert row[5].split("\x1f") == ref["features"]["L1/42"]["deembed_ext_tokens"]

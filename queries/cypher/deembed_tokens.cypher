@@ -1,5 +1,4 @@
-// De-embedding tokens (raw and extended) of a set of features, strongest first.
-MATCH (t:Token)-[e:DEEMBED]->(f:Feature)
-WHERE f.id IN $ids
-RETURN f.id AS feature, e.variant AS variant, t.id AS token_id, t.text AS token, e.weight AS weight
-ORDER BY feature, variant, weight DESC, token_id
+// A feature's de-embedding tokens (raw and extended), strongest first.
+MATCH (t:Token)-[e:DEEMBED]->(f:Feature {id: $id})
+RETURN e.variant AS variant, t.id AS token_id, t.text AS token, e.weight AS weight
+ORDER BY variant, weight DESC, token_id

@@ -1,5 +1,4 @@
-// Logit-lens tokens of a set of features, strongest first.
-MATCH (f:Feature)-[e:LOGIT]->(t:Token)
-WHERE f.id IN $ids
-RETURN f.id AS feature, t.id AS token_id, t.text AS token, e.weight AS weight
-ORDER BY feature, weight DESC, token_id
+// A feature's logit-lens tokens, strongest first.
+MATCH (f:Feature {id: $id})-[e:LOGIT]->(t:Token)
+RETURN t.id AS token_id, t.text AS token, e.weight AS weight
+ORDER BY weight DESC, token_id

@@ -1,7 +1,8 @@
-// What feeds a feature: its strongest incoming pullback edges by |weight|.
+// What feeds a feature: its strongest incoming pullback edges by |weight|,
+// with the other feature's top extended de-embedding tokens for orientation.
 // $layer = -1 and $sign = 0 mean "any": LadybugDB types a NULL parameter as BOOL, so no IS NULL tests.
-MATCH (s:Feature)-[e:PULLBACK]->(d:Feature {id: $id})
-WHERE ($layer < 0 OR s.layer = $layer) AND ($sign = 0 OR e.weight * $sign > 0)
-RETURN s.id AS feature, e.weight AS weight
+MATCH (n:Feature)-[e:PULLBACK]->(f:Feature {id: $id})
+WHERE ($layer < 0 OR n.layer = $layer) AND ($sign = 0 OR e.weight * $sign > 0)
+RETURN n.id AS feature, e.weight AS weight, n.deembed_ext_tokens AS tokens
 ORDER BY abs(e.weight) DESC, feature
 LIMIT $k
