@@ -12,7 +12,6 @@ against ArcadeDB (the Neo4j backend's stand-in here), whose size is printed.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import statistics
@@ -126,7 +125,10 @@ def bench_embedded(root: Path, n_features: int, n_edges: int) -> None:
 
 
 def bench_bolt(root: Path, n_features: int, n_edges: int) -> None:
-    from arcadedb_embedded.server import ArcadeDBServer
+    """The Neo4j backend against ArcadeDB, run in its own process by the tests' launcher."""
+    import subprocess
+    import urllib.request
+    from base64 import b64encode
 
     from catalog.neo4j_store import Neo4jStore
 
@@ -136,26 +138,28 @@ def bench_bolt(root: Path, n_features: int, n_edges: int) -> None:
             return s.getsockname()[1]
 
     sample = synthetic_catalog(root, n_features, n_edges)
-    bolt, cwd = free_port(), os.getcwd()
-    server = ArcadeDBServer(root_path=str(root / "arcadedb"), root_password="bench-password-1",
-                            config={"host": "127.0.0.1", "http_port": free_port(), "bolt_port": bolt, "bolt_host": "127.0.0.1",
-                                    "server_plugins": "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"},
-                            jvm_kwargs={"heap_size": "2g"})
-    os.chdir(root)
+    bolt, http, password = free_port(), free_port(), "bench-password-1"
+    launcher = Path(__file__).resolve().parents[1] / "tests" / "tools" / "arcadedb_server.py"
+    (root / "arcadedb").mkdir()
+    proc = subprocess.Popen([sys.executable, str(launcher), str(root / "arcadedb"), password, str(bolt), str(http)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        server.start()
+        assert proc.stdout.readline().strip() == "ready", "ArcadeDB did not start"
+        auth = b64encode(f"root:{password}".encode()).decode()
+        urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{http}/api/v1/server", method="POST", data=b'{"command": "create database bench"}',
+            headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})).read()
+        store = Neo4jStore(f"bolt://127.0.0.1:{bolt}", database="bench", auth=("root", password))
+        t = time.perf_counter()
+        store.load(root, progress=False)
+        load_s = time.perf_counter() - t
+        print(f"bolt (ArcadeDB stand-in): catalog of {n_features:,} features")
+        raw, full = latencies(store, sample[:200])
+        report("bolt", root, load_s, raw, full)
+        store.close()
     finally:
-        os.chdir(cwd)
-    server.create_database("bench")
-    store = Neo4jStore(f"bolt://127.0.0.1:{bolt}", database="bench", auth=("root", "bench-password-1"))
-    t = time.perf_counter()
-    store.load(root, progress=False)
-    load_s = time.perf_counter() - t
-    print(f"bolt (ArcadeDB stand-in): catalog {n_features:,} features, {n_edges:,} edges")
-    raw, full = latencies(store, sample[:200])
-    report("bolt", root, load_s, raw, full)
-    store.close()
-    server.stop()
+        proc.stdin.close()
+        proc.wait(timeout=60)
 
 
 def main() -> None:

@@ -4,9 +4,13 @@ computation over the same Parquet. LadybugDB always; the Neo4j backend over a re
 
 from __future__ import annotations
 
+import base64
 import itertools
-import os
+import json
 import socket
+import subprocess
+import sys
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -45,31 +49,38 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def bolt_server(tmp_path_factory):
-    """ArcadeDB with its Bolt plugin on 127.0.0.1: a real server speaking the Neo4j protocol."""
-    server_mod = pytest.importorskip("arcadedb_embedded.server", reason="arcadedb-embedded is installed by the set-up")
+    """ArcadeDB with its Bolt plugin on 127.0.0.1, in a child process: a real server speaking Neo4j's protocol."""
+    pytest.importorskip("arcadedb_embedded", reason="arcadedb-embedded is installed by the set-up")
     root = tmp_path_factory.mktemp("arcadedb")
-    bolt = _free_port()
-    server = server_mod.ArcadeDBServer(
-        root_path=str(root / "databases"), root_password=PASSWORD,
-        config={"host": "127.0.0.1", "http_port": _free_port(), "bolt_port": bolt, "bolt_host": "127.0.0.1",
-                "server_plugins": "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"},
-        jvm_kwargs={"heap_size": "512m"},
+    bolt, http = _free_port(), _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "tools" / "arcadedb_server.py"), str(root), PASSWORD, str(bolt), str(http)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
     )
-    cwd = os.getcwd()
-    os.chdir(root)  # the server writes ./log relative to the working directory
-    try:
-        server.start()
-    finally:
-        os.chdir(cwd)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        pytest.fail(f"ArcadeDB did not start; see {root / 'server.log'}")
     names = itertools.count()
+    auth = base64.b64encode(f"root:{PASSWORD}".encode()).decode()
 
     def new_database() -> str:
         name = f"catalog{next(names)}"
-        server.create_database(name)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http}/api/v1/server", method="POST",
+            data=json.dumps({"command": f"create database {name}"}).encode(),
+            headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(request, timeout=30).read()
         return name
 
     yield f"bolt://127.0.0.1:{bolt}", new_database
-    server.stop()
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
 
 
 def _bolt_store(bolt_server):
