@@ -117,11 +117,16 @@ class Lookups:
         return FeatureTokens(fid, by_variant["raw"][:k], by_variant["extended"][:k], logits[:k])
 
     def search(self, token: str, k: int = 20) -> list[Hit]:
-        """Features whose top de-embedding or logit-lens tokens include `token`, strongest first."""
+        """Features whose top logit-lens or de-embedding tokens include `token`: up to k of each kind.
+
+        Kinds are kept apart (logit lens first) because their weights are on different scales.
+        """
         texts = token_texts(token)
-        hits = [Hit(r["feature"], f"deembed_{r['variant']}", r["token"], float(r["weight"])) for r in self._q("search_deembed", texts=texts, k=k)]
-        hits += [Hit(r["feature"], "logit", r["token"], float(r["weight"])) for r in self._q("search_logit", texts=texts, k=k)]
-        return sorted(hits, key=lambda h: (-h.weight, h.feature, h.via))[:k]
+        hits = [Hit(r["feature"], "logit", r["token"], float(r["weight"])) for r in self._q("search_logit", texts=texts, k=k)]
+        for variant in ("extended", "raw"):
+            rows = self._q("search_deembed", texts=texts, variant=variant, k=k)
+            hits += [Hit(r["feature"], f"deembed_{variant}", r["token"], float(r["weight"])) for r in rows]
+        return hits
 
     def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256, variant: str = "extended") -> list[Path_]:
         """The k strongest token -> feature (-> feature ...) -> logit paths by |product of weights|.

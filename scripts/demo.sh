@@ -28,5 +28,5 @@ echo "== 5. what $feature reads and writes, what feeds it (Cypher over the store
 $cc show "$feature" --catalog "$out/catalog" -k 8
 
 echo "== 6. which features write ' Paris', and the strongest weight paths from 'France' to ' Paris'"
-$cc search Paris --catalog "$out/catalog" -k 8
+$cc search Paris --catalog "$out/catalog" -k 5
 $cc paths --catalog "$out/catalog" --from-token France --to-logit Paris --max-hops 1 -k 5

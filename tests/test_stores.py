@@ -157,11 +157,16 @@ def test_tokens(store, ref):
 def test_search(store, ref):
     word = "paris"
     texts = set(token_texts(word))
-    expected = [(r["dst"], f"deembed_{r['variant']}", r["weight"]) for r in ref["deembed"] if ref["tokens"][r["src"]] in texts]
-    expected += [(r["src"], "logit", r["weight"]) for r in ref["logits"] if ref["tokens"][r["dst"]] in texts]
-    expected = sorted(expected, key=lambda h: (-h[2], h[0], h[1]))[:15]
-    got = Lookups(store).search(word, k=15)
-    assert [(h.feature, h.via) for h in got] == [(f, v) for f, v, _ in expected]
+
+    def top(rows):
+        return [f for f, _ in sorted(rows, key=lambda h: (-h[1], h[0]))[:6]]
+
+    expected = top([(r["src"], r["weight"]) for r in ref["logits"] if ref["tokens"][r["dst"]] in texts])
+    for variant in ("extended", "raw"):
+        expected += top([(r["dst"], r["weight"]) for r in ref["deembed"] if r["variant"] == variant and ref["tokens"][r["src"]] in texts])
+    got = Lookups(store).search(word, k=6)
+    assert [h.feature for h in got] == expected
+    assert [h.via for h in got] == sorted((h.via for h in got), key=["logit", "deembed_extended", "deembed_raw"].index)
 
 
 def _brute_force_paths(ref, start_texts, end_texts, max_hops):
