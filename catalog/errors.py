@@ -4,6 +4,12 @@ The CLI catches `UserError` once and prints it as one line; anything else is a b
 """
 
 
+def first_line(exc: BaseException | str) -> str:
+    """The first line of an exception's text (or its type name): user errors print on one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UserError(Exception):
     """Base class: a problem with the user's input, printed as one line."""
 

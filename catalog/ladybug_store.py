@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from catalog.errors import first_line
 from catalog.graph_schema import NODES, RELS, catalog_signature, part_files
 from catalog.store import CypherError, GraphStore, Row, StoreError
 
@@ -82,7 +83,7 @@ class LadybugStore(GraphStore):
         try:
             self._db = ladybug.Database(str(self.path), read_only=not writable)
         except RuntimeError as exc:
-            raise StoreError(f"cannot open {self.path}: {_first_line(exc)}") from None
+            raise StoreError(f"cannot open {self.path}: {first_line(exc)}") from None
         self._conn = ladybug.Connection(self._db)
         self._writable = writable
         return self._conn
@@ -92,7 +93,7 @@ class LadybugStore(GraphStore):
         try:
             result = conn.execute(query, params or {})
         except RuntimeError as exc:
-            raise CypherError(_first_line(exc)) from None
+            raise CypherError(first_line(exc)) from None
         if isinstance(result, list):  # several statements: the last one's rows
             result = result[-1]
         names = result.get_column_names()
@@ -134,8 +135,3 @@ def _remove_db(path: Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from catalog.errors import first_line
 from catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, part_files
 from catalog.store import CypherError, GraphStore, Row, StoreError
 
@@ -99,7 +100,7 @@ class Neo4jStore(GraphStore):
             raise StoreError(f"authentication failed at {uri} (set NEO4J_USER and NEO4J_PASSWORD)") from None
         except (neo4j.exceptions.ServiceUnavailable, OSError) as exc:
             self.driver.close()
-            raise StoreError(f"cannot reach {uri}: {_first_line(exc)}") from None
+            raise StoreError(f"cannot reach {uri}: {first_line(exc)}") from None
 
     # ------------------------------------------------------------ queries
 
@@ -111,9 +112,9 @@ class Neo4jStore(GraphStore):
             with self.driver.session(database=self.database) as session:
                 return session.execute_write(work) if write else session.execute_read(work)
         except self._neo4j.exceptions.Neo4jError as exc:
-            raise CypherError(f"{exc.code}: {_first_line(exc.message or exc)}") from None
+            raise CypherError(f"{exc.code}: {first_line(exc.message or exc)}") from None
         except self._neo4j.exceptions.DriverError as exc:
-            raise StoreError(f"{self.uri}: {_first_line(exc)}") from None
+            raise StoreError(f"{self.uri}: {first_line(exc)}") from None
 
     def close(self) -> None:
         self.driver.close()
@@ -156,7 +157,7 @@ class Neo4jStore(GraphStore):
             with self.driver.session(database=self.database) as session:
                 session.execute_write(work)
         except self._neo4j.exceptions.Neo4jError as exc:
-            raise StoreError(f"load failed at {self.uri}: {exc.code}: {_first_line(exc.message or exc)}") from None
+            raise StoreError(f"load failed at {self.uri}: {exc.code}: {first_line(exc.message or exc)}") from None
 
 
 def _batches(path: Path, size: int) -> Iterator[list[dict]]:
@@ -166,11 +167,6 @@ def _batches(path: Path, size: int) -> Iterator[list[dict]]:
 
 def _part_name(catalog_dir: Path, f: Path) -> str:
     return str(Path(f).relative_to(catalog_dir))
-
-
-def _first_line(exc: BaseException | str) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def write_admin_import(catalog_dir: Path, out_dir: Path, progress: Callable[[str], None] = print) -> str:

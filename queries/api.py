@@ -57,7 +57,7 @@ class Hit:
 
 
 @dataclass
-class Path_:
+class WeightPath:
     nodes: list[str]  # token text, feature ids..., logit token text
     weights: list[float]  # one per edge
 
@@ -128,7 +128,7 @@ class Lookups:
             hits += [Hit(r["feature"], f"deembed_{variant}", r["token"], float(r["weight"])) for r in rows]
         return hits
 
-    def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256, variant: str = "extended") -> list[Path_]:
+    def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256, variant: str = "extended") -> list[WeightPath]:
         """The k strongest token -> feature (-> feature ...) -> logit paths by |product of weights|.
 
         A beam search over the layered graph: at most `max_hops` pullback edges, keeping the `beam`
@@ -140,19 +140,19 @@ class Lookups:
         if not starts or not ends:
             return []
         max_layer = max(parse_feature_id(f)[0] for f in ends)
-        frontier = [Path_([r["token"], r["feature"]], [float(r["weight"])]) for r in starts if r["layer"] <= max_layer]
-        complete: list[Path_] = []
+        frontier = [WeightPath([r["token"], r["feature"]], [float(r["weight"])]) for r in starts if r["layer"] <= max_layer]
+        complete: list[WeightPath] = []
         for hop in range(max_hops + 1):
             for p in frontier:
                 if p.nodes[-1] in ends:
                     token, w = ends[p.nodes[-1]]
-                    complete.append(Path_([*p.nodes, token], [*p.weights, w]))
+                    complete.append(WeightPath([*p.nodes, token], [*p.weights, w]))
             if hop == max_hops or not frontier:
                 break
             frontier = sorted(frontier, key=lambda p: -abs(p.strength))[:beam]
             steps: dict[str, list[Row]] = defaultdict(list)
             for r in self._q("path_steps", ids=sorted({p.nodes[-1] for p in frontier}), max_layer=max_layer):
                 steps[r["src"]].append(r)
-            frontier = [Path_([*p.nodes, r["dst"]], [*p.weights, float(r["weight"])]) for p in frontier for r in steps[p.nodes[-1]]]
+            frontier = [WeightPath([*p.nodes, r["dst"]], [*p.weights, float(r["weight"])]) for p in frontier for r in steps[p.nodes[-1]]]
             frontier = sorted(frontier, key=lambda p: -abs(p.strength))[:beam]
         return sorted(complete, key=lambda p: (-abs(p.strength), p.nodes))[:k]

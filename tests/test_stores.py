@@ -241,7 +241,6 @@ def test_bolt_interrupted_load_resumes_without_duplicates(bolt_server, catalog_d
     s = _bolt_store(bolt_server)
     s.load(catalog_dir, progress=False, batch_rows=1000)  # batches of a thousand rows
     # forget that the last parts finished, as if the load had died inside them; the rerun merges them again
-    s.run("MATCH (c:CatalogState) RETURN c.parts AS p")
     s.execute("MATCH (c:CatalogState {id: 'catalog'}) SET c.parts = c.parts[0..3]", None, write=True)
     assert s.load(catalog_dir, progress=False, batch_rows=2000)
     assert _counts(s) == (len(ref["features"]), len(ref["tokens"]), len(ref["pullbacks"]), len(ref["deembed"]), len(ref["logits"]))

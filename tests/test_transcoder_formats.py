@@ -4,7 +4,6 @@ transcoders whose outputs equal that format's own forward formula, computed here
 from __future__ import annotations
 
 import json
-import pickle
 import sys
 import types
 
