@@ -7,15 +7,14 @@ a `CatalogState` node records the catalog's signature and the parts already load
 load resumes (its last part is simply merged again) and a changed catalog is reloaded from empty.
 For very large catalogs, `write_admin_import` prepares `neo4j-admin database import` files instead.
 
-Servers that speak Bolt but are not Neo4j differ in small ways; each difference is a named field of
-`Capabilities`, decided from the server's agent string.
+User Cypher runs in read transactions, which Neo4j refuses to write in; the clause check in
+`catalog.store` comes first either way, since some Bolt servers (ArcadeDB) do not enforce it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,6 @@ from catalog.store import CypherError, GraphStore, Row, StoreError
 
 BATCH_ROWS = 5_000
 STATE_ID = "catalog"
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """Where a Bolt server differs from Neo4j 5."""
-
-    enforces_read_transactions: bool = True  # Neo4j refuses writes inside a read transaction; ArcadeDB does not
-
-
-def capabilities_for(agent: str) -> Capabilities:
-    if "ArcadeDB" in agent:
-        return Capabilities(enforces_read_transactions=False)
-    return Capabilities()
 
 
 def constraint_statements() -> list[str]:
@@ -94,7 +80,6 @@ class Neo4jStore(GraphStore):
         self.driver = neo4j.GraphDatabase.driver(uri, auth=auth or (user, password))
         try:
             self.driver.verify_connectivity()
-            self.capabilities = capabilities_for(self.driver.get_server_info().agent)
         except neo4j.exceptions.AuthError:
             self.driver.close()
             raise StoreError(f"authentication failed at {uri} (set NEO4J_USER and NEO4J_PASSWORD)") from None
