@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog import layout
+from catalog.errors import CatalogDirError
 from catalog.manifest import Manifest
 
 
@@ -52,5 +53,7 @@ def part_files(catalog_dir: Path, pattern: str) -> list[Path]:
 def catalog_signature(catalog_dir: Path) -> str:
     """Changes whenever the catalog's content could have: compared by stores to decide on a reload."""
     m = Manifest.read(Path(catalog_dir))
+    if m.status != "complete":
+        raise CatalogDirError(f"{catalog_dir}: the ingest has not finished; rerun the same ingest command to complete it")
     blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -237,6 +237,21 @@ def test_embedded_partial_load_is_redone(catalog_dir, tmp_path):
     s.close()
 
 
+def test_unfinished_catalog_is_not_loaded(catalog_dir, tmp_path):
+    import shutil
+
+    from catalog.errors import CatalogDirError
+    from catalog.manifest import Manifest
+
+    partial = tmp_path / "partial"
+    shutil.copytree(catalog_dir, partial, ignore=shutil.ignore_patterns("graph*"))
+    manifest = Manifest.read(partial)
+    manifest.status = "in-progress"
+    manifest.write(partial)
+    with pytest.raises(CatalogDirError, match="has not finished"):
+        LadybugStore(tmp_path / "graph").load(partial, progress=False)
+
+
 def test_bolt_interrupted_load_resumes_without_duplicates(bolt_server, catalog_dir, ref):
     s = _bolt_store(bolt_server)
     s.load(catalog_dir, progress=False, batch_rows=1000)  # batches of a thousand rows
