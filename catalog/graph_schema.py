@@ -35,7 +35,8 @@ class RelSet:
 NODES = (
     # the top-token summaries ride on the node, so a lookup needs no second traversal to orient the reader
     NodeSet("Feature", (("id", "STRING"), ("layer", "INT64"), ("index", "INT64"), ("transcoder", "STRING"),
-                        ("deembed_tokens", "STRING[]"), ("deembed_ext_tokens", "STRING[]"), ("logit_tokens", "STRING[]")),
+                        ("deembed_tokens", "STRING[]"), ("deembed_ext_tokens", "STRING[]"), ("logit_tokens", "STRING[]"),
+                        ("frequency", "DOUBLE"), ("mean_act", "FLOAT"), ("max_act", "FLOAT")),  # null until stats exist
             layout.FEATURES),
     NodeSet("Token", (("id", "INT64"), ("text", "STRING")), layout.TOKENS),
 )
@@ -55,5 +56,7 @@ def catalog_signature(catalog_dir: Path) -> str:
     m = Manifest.read(Path(catalog_dir))
     if m.status != "complete":
         raise CatalogDirError(f"{catalog_dir}: the ingest has not finished; rerun the same ingest command to complete it")
-    blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts}, sort_keys=True)
+    stats_info = Path(catalog_dir) / layout.STATS / "info.json"
+    stats = stats_info.read_text() if stats_info.is_file() else None
+    blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts, "stats": stats}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

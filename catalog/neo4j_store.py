@@ -183,4 +183,4 @@ def write_admin_import(catalog_dir: Path, out_dir: Path, progress: Callable[[str
 
 
 def _csv_type(t: str) -> str:
-    return {"INT64": "long", "FLOAT": "float", "STRING": "string", "STRING[]": "string[]"}[t]
+    return {"INT64": "long", "FLOAT": "float", "DOUBLE": "double", "STRING": "string", "STRING[]": "string[]"}[t]

@@ -105,9 +105,13 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--min-weight", type=click.FloatRange(0), default=None, help="Drop pullback edges with |weight| below this.")
 @click.option("--token-top-k", type=click.IntRange(1), default=20, show_default=True, help="Tokens kept per feature for de-embedding and logit lens.")
 @click.option("--trust-pickle", is_flag=True, help="Allow the pickled original GPT-2 transcoder files (pickle can run code).")
-def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle):
-    """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory."""
-    from ingest.job import IngestSettings, build_manifest, run_ingest
+@click.option("--dataset", default=None, help="Also collect activation statistics over this dataset ('brown', files, HF name).")
+@click.option("--tokens", "n_tokens", type=click.IntRange(1), default=100_000, show_default=True, help="Tokens of --dataset for statistics.")
+@click.option("--ctx-len", type=click.IntRange(2), default=128, show_default=True, help="Context length for statistics.")
+def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len):
+    """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory,
+    and with --dataset, activation statistics (DIR/stats/)."""
+    from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
     from ingest.models import load_model, resolve_model
     from ingest.transcoder_formats import load_transcoders
 
@@ -117,6 +121,8 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     tset.validate_against(lm)
     manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k))
     done = run_ingest(lm, tset, catalog_dir, manifest)
+    if dataset is not None:
+        run_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len)
     table = Table("part", "rows", title=f"catalog {catalog_dir}")
     for name, n in done.counts.items():
         table.add_row(name, f"{n:,}")
@@ -300,6 +306,46 @@ def show(feature, catalog_dir, store_uri, database, k, fmt):
     out.print(_tokens_table(card, k))
     for title, edges in (("upstream: what feeds it", up), ("downstream: what it feeds", down)):
         out.print(_edges_table(title, edges) if edges else f"{title}: none in this catalog (no transcoder layers on that side)")
+
+
+@main.command()
+@click.argument("feature")
+@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Top examples to show.")
+@format_option
+def stats(feature, catalog_dir, k, fmt):
+    """FEATURE's activation statistics and top activating examples (DuckDB over DIR/stats/)."""
+    from queries.stats import feature_stats
+
+    card = feature_stats(catalog_dir, feature, k)
+    if fmt == "json":
+        _print_json(asdict(card))
+        return
+    out.print(f"{feature}: fires on {card.frequency:.4%} of tokens ({'live' if card.live else 'dead'}), "
+              f"mean {card.mean_act:.3f} when firing, max {card.max_act:.3f}, quantiles 50/90/99% <= {card.q50:.3g}/{card.q90:.3g}/{card.q99:.3g}")
+    table = Table("activation", "context", title="top activating examples (firing token in brackets)")
+    for e in card.examples:
+        table.add_row(f"{e.activation:.3f}", e.text)
+    out.print(table)
+
+
+@main.command()
+@click.argument("query")
+@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
+@format_option
+def sql(query, catalog_dir, fmt):
+    """Run a read-only SQL QUERY (DuckDB) over the catalog's Parquet: views features, tokens, pullbacks,
+    deembed, logits, stats, top_examples, dataset_tokens."""
+    from queries.sql import run_sql
+
+    columns, rows = run_sql(catalog_dir, query)
+    if fmt == "json":
+        _print_json([dict(zip(columns, (v if isinstance(v, (int, float, str, list, type(None))) else str(v) for v in row))) for row in rows])
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    out.print(table)
 
 
 @main.command(name="export-neo4j-import")

@@ -8,6 +8,10 @@ loaded from this directory later and never written here.
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +183,9 @@ def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10) -> None
     con = duckdb.connect()
     con.register("base", rows)
     d_glob, l_glob, t_path = (str(root / layout.DEEMBED / "*.parquet"), str(root / layout.LOGITS / "*.parquet"), str(root / layout.TOKENS))
+    stats_path = root / layout.STATS / "features.parquet"
+    stats = (f"(SELECT id, frequency, mean_act, max_act FROM read_parquet('{_sql_literal(stats_path)}'))" if stats_path.is_file()
+             else "(SELECT NULL::VARCHAR AS id, NULL::DOUBLE AS frequency, NULL::FLOAT AS mean_act, NULL::FLOAT AS max_act)")
     table = con.sql(
         f"""
         WITH tok AS (SELECT id, text FROM read_parquet($t)),
@@ -195,17 +202,23 @@ def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10) -> None
         SELECT base.id, base.layer, base."index", base.transcoder,
                raw.tokens AS deembed_tokens, raw.weights AS deembed_weights,
                ext.tokens AS deembed_ext_tokens, ext.weights AS deembed_ext_weights,
-               lo.tokens AS logit_tokens, lo.weights AS logit_weights
+               lo.tokens AS logit_tokens, lo.weights AS logit_weights,
+               st.frequency, st.mean_act, st.max_act
         FROM base
         LEFT JOIN de raw ON raw.id = base.id AND raw.variant = 'raw'
         LEFT JOIN de ext ON ext.id = base.id AND ext.variant = 'extended'
         LEFT JOIN lo ON lo.id = base.id
+        LEFT JOIN {stats} st ON st.id = base.id
         ORDER BY base.layer, base."index"
         """,
         params={"t": t_path, "d": d_glob, "l": l_glob},
     ).to_arrow_table()
     con.close()
     write_atomic(table, root / layout.FEATURES)
+
+
+def _sql_literal(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 def count_rows(root: Path) -> dict[str, int]:
@@ -219,3 +232,30 @@ def count_rows(root: Path) -> dict[str, int]:
         "deembed_edges": rows(sorted((root / layout.DEEMBED).glob("*.parquet"))),
         "logit_edges": rows(sorted((root / layout.LOGITS).glob("*.parquet"))),
     }
+
+
+def run_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: int, ctx_len: int = 128, top_k: int = 20,
+              progress: bool = True) -> bool:
+    """Collect activation statistics into `DIR/stats/` (all files appear together); False if already there."""
+    from ingest.datasets import token_contexts
+    from ingest.stats import collect_stats, stats_tables
+
+    info = {"dataset": dataset, "tokens": n_tokens, "ctx_len": ctx_len, "top_k": top_k, "layers": tset.layers}
+    target = root / layout.STATS
+    if (target / "info.json").is_file():
+        if json.loads((target / "info.json").read_text()) == info:
+            return False
+        raise CatalogDirError(f"{target} holds statistics collected with other settings; remove it to collect anew")
+    tokens = token_contexts(model.tokenizer, dataset, n_tokens, ctx_len)
+    features, examples, dataset_tokens = stats_tables(tset, collect_stats(model, tset, tokens, top_k, progress=progress), tokens)
+    tmp = Path(tempfile.mkdtemp(prefix=".stats.tmp-", dir=root))
+    try:
+        for name, table in (("features", features), ("top_examples", examples), ("tokens", dataset_tokens)):
+            write_atomic(table, tmp / f"{name}.parquet")
+        (tmp / "info.json").write_text(json.dumps(info, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_features(root, tset)  # feature rows (and so the stores' Feature nodes) gain frequency, mean_act, max_act
+    return True

@@ -1,0 +1,165 @@
+"""Activation statistics over a dataset, collected in one streaming pass with bounded memory.
+
+Per feature: firing count and frequency, mean and max activation, a histogram of log10(activation)
+over fixed bins (so quantiles can be read off it), and the top-k activating examples kept by a
+streaming top-k. Memory is O(features x (bins + k)) whatever the number of tokens. BOS positions are
+left out, as in training: their activations are attention-sink outliers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ingest.transcoder import TranscoderSet
+
+LOG10_MIN, LOG10_MAX, N_BINS = -4.0, 4.0, 64  # histogram of log10(activation) for activations > 0
+LIVE_FREQUENCY = 1e-4  # the seed's threshold: live = fires more often than once in 10,000 tokens
+
+
+@dataclass
+class LayerStats:
+    """Accumulators for one layer's features."""
+
+    fired: torch.Tensor  # [d_sae] int64: tokens with activation > 0
+    total: torch.Tensor  # [d_sae] float64: sum of activations
+    maximum: torch.Tensor  # [d_sae] float32
+    histogram: torch.Tensor  # [d_sae, N_BINS] int64 over log10(activation)
+    top_values: torch.Tensor  # [d_sae, k] float32, descending
+    top_index: torch.Tensor  # [d_sae, k] int64: flat token index (context * ctx_len + pos), -1 if unused
+
+    @classmethod
+    def empty(cls, d_sae: int, k: int) -> LayerStats:
+        return cls(
+            torch.zeros(d_sae, dtype=torch.int64), torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae),
+            torch.zeros(d_sae, N_BINS, dtype=torch.int64), torch.zeros(d_sae, k), torch.full((d_sae, k), -1, dtype=torch.int64),
+        )
+
+    def update(self, acts: torch.Tensor, flat_index: torch.Tensor) -> None:
+        """acts [n_tokens, d_sae] (>= 0); flat_index [n_tokens] global token positions.
+
+        One dense pass finds the firing entries; everything after works on those few (features are
+        sparse), and the top-k merge touches only features whose new values beat their k-th best.
+        """
+        rows, cols = (acts > 0).nonzero(as_tuple=True)
+        if not rows.numel():
+            return
+        values = acts[rows, cols]
+        d_sae, k = self.top_values.shape
+        self.fired += torch.bincount(cols, minlength=d_sae)
+        self.total.index_add_(0, cols, values.double())
+        self.maximum = torch.maximum(self.maximum, torch.zeros(d_sae).scatter_reduce_(0, cols, values, "amax"))
+        self.histogram.view(-1).index_add_(0, cols * N_BINS + bin_of(values), torch.ones_like(cols))
+        better = values > self.top_values[cols, -1]
+        if not better.any():
+            return
+        new_c, new_v, new_i = cols[better], values[better], flat_index[rows[better]]
+        touched = new_c.unique()
+        all_c = torch.cat([touched.repeat_interleave(k), new_c])
+        all_v = torch.cat([self.top_values[touched].reshape(-1), new_v])
+        all_i = torch.cat([self.top_index[touched].reshape(-1), new_i])
+        by_value = torch.argsort(all_v, descending=True, stable=True)
+        order = by_value[torch.argsort(all_c[by_value], stable=True)]  # by feature, then value descending
+        sorted_c = all_c[order]
+        _, counts = torch.unique_consecutive(sorted_c, return_counts=True)
+        rank = torch.arange(len(order)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        keep = rank < k
+        self.top_values[sorted_c[keep], rank[keep]] = all_v[order][keep]
+        self.top_index[sorted_c[keep], rank[keep]] = all_i[order][keep]
+
+
+def bin_of(acts: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of positive activations (clamped into the fixed log10 range)."""
+    position = (acts.log10() - LOG10_MIN) / (LOG10_MAX - LOG10_MIN) * N_BINS
+    return position.floor().clamp(0, N_BINS - 1).to(torch.int64)
+
+
+def bin_edges() -> np.ndarray:
+    """The N_BINS + 1 activation values bounding the histogram bins."""
+    return 10 ** np.linspace(LOG10_MIN, LOG10_MAX, N_BINS + 1)
+
+
+@torch.no_grad()
+def collect_stats(model, tset: TranscoderSet, tokens: torch.Tensor, k: int = 20, batch_contexts: int = 8,
+                  progress: bool = True) -> dict[int, LayerStats]:
+    """One pass over `tokens` [n_contexts, ctx_len]: every layer's statistics from one forward pass per batch."""
+    stats = {tc.layer: LayerStats.empty(tc.cfg.d_sae, k) for tc in tset}
+    hooks = [tc.cfg.hook_in for tc in tset]
+    ctx_len = tokens.shape[1]
+    bar = tqdm(total=tokens.numel(), desc="activation statistics", unit="tok", disable=not progress)
+    for start in range(0, len(tokens), batch_contexts):
+        batch = tokens[start : start + batch_contexts]
+        _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=max(tset.layers) + 1)
+        flat = torch.arange(start * ctx_len, (start + len(batch)) * ctx_len)
+        for tc in tset:
+            acts = tc.encode(cache[tc.cfg.hook_in])  # [batch, ctx_len, d_sae]
+            acts[:, 0] = 0  # BOS left out (zeroing is cheaper than slicing the inputs into a copy)
+            stats[tc.layer].update(acts.view(-1, tc.cfg.d_sae), flat)
+        bar.update(batch.numel())
+    bar.close()
+    return stats
+
+
+def quantiles_from_histogram(histogram: np.ndarray, fired: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """[d_sae, len(qs)] approximate quantiles of the positive activations (upper edge of the bin reached)."""
+    edges = bin_edges()
+    cumulative = histogram.cumsum(1)
+    out = np.zeros((histogram.shape[0], len(qs)), dtype=np.float32)
+    for j, q in enumerate(qs):
+        target = np.ceil(q * fired)[:, None]
+        first = (cumulative >= np.maximum(target, 1)).argmax(1)
+        out[:, j] = np.where(fired > 0, edges[first + 1], 0.0)
+    return out
+
+
+WINDOW_BEFORE, WINDOW_AFTER = 8, 4  # context tokens kept around each top example
+
+
+def stats_tables(tset: TranscoderSet, stats: dict[int, LayerStats], tokens: torch.Tensor):
+    """(features, top_examples, dataset_tokens) as Arrow tables for `DIR/stats/`."""
+    import pyarrow as pa
+
+    from catalog.parquet_io import feature_ids
+
+    n_contexts, ctx_len = tokens.shape
+    n_counted = n_contexts * (ctx_len - 1)
+    feature_tables, example_tables = [], []
+    flat_tokens = tokens.reshape(-1)
+    for tc in tset:
+        s = stats[tc.layer]
+        fired = s.fired.numpy()
+        hist = s.histogram.numpy()
+        q = quantiles_from_histogram(hist, fired, (0.5, 0.9, 0.99))
+        d_sae = tc.cfg.d_sae
+        ids = feature_ids(tc.layer, pa.array(np.arange(d_sae)))
+        frequency = fired / n_counted
+        feature_tables.append(pa.table({
+            "id": ids, "layer": pa.array(np.full(d_sae, tc.layer), pa.int32()), "index": pa.array(np.arange(d_sae), pa.int32()),
+            "fired": pa.array(fired), "frequency": pa.array(frequency),
+            "mean_act": pa.array(np.where(fired > 0, s.total.numpy() / np.maximum(fired, 1), 0.0).astype(np.float32)),
+            "max_act": pa.array(s.maximum.numpy()), "live": pa.array(frequency > LIVE_FREQUENCY),
+            "q50": pa.array(q[:, 0]), "q90": pa.array(q[:, 1]), "q99": pa.array(q[:, 2]),
+            "log10_histogram": pa.array(list(hist), pa.list_(pa.int64())),
+        }))
+        keep = (s.top_values > 0).numpy()
+        feature, rank = np.nonzero(keep)
+        flat = s.top_index.numpy()[feature, rank]
+        context, pos = flat // ctx_len, flat % ctx_len
+        windows = [flat_tokens[c * ctx_len + max(0, p - WINDOW_BEFORE): c * ctx_len + min(ctx_len, p + WINDOW_AFTER + 1)].tolist()
+                   for c, p in zip(context, pos)]
+        example_tables.append(pa.table({
+            "feature": feature_ids(tc.layer, pa.array(feature)), "rank": pa.array(rank, pa.int32()),
+            "context": pa.array(context), "pos": pa.array(pos, pa.int32()),
+            "activation": pa.array(s.top_values.numpy()[feature, rank]),
+            "token_id": pa.array(flat_tokens[flat].numpy()),
+            "window_start": pa.array(np.maximum(0, pos - WINDOW_BEFORE), pa.int32()),
+            "window_tokens": pa.array(windows, pa.list_(pa.int64())),
+        }))
+    dataset_tokens = pa.table({
+        "context": pa.array(np.repeat(np.arange(n_contexts), ctx_len)), "pos": pa.array(np.tile(np.arange(ctx_len), n_contexts), pa.int32()),
+        "token_id": pa.array(flat_tokens.numpy()),
+    })
+    return pa.concat_tables(feature_tables), pa.concat_tables(example_tables), dataset_tokens

@@ -1,0 +1,120 @@
+"""Activation statistics equal a brute-force computation on a small dataset; SQL is read-only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from catalog import layout
+from catalog.errors import CatalogDirError
+from circuit_catalog.cli import main
+from ingest.datasets import token_contexts
+from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
+from ingest.stats import bin_edges
+from queries.sql import SqlError, run_sql
+from queries.stats import feature_stats
+from tests.conftest import random_transcoders
+
+N_TOKENS, CTX = 600, 16
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory, gpt2, text_file):
+    root = tmp_path_factory.mktemp("stats-catalog")
+    tset = random_transcoders(gpt2, d_sae=24, seed=11)
+    run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", IngestSettings(top_k=3, token_top_k=3)), progress=False)
+    assert run_stats(gpt2, tset, root, str(text_file), N_TOKENS, ctx_len=CTX, top_k=5, progress=False)
+    return root, tset
+
+
+def brute_force(gpt2, tset, text_file, layer):
+    tokens = token_contexts(gpt2.tokenizer, str(text_file), N_TOKENS, CTX)
+    _, cache = gpt2.run_with_cache(tokens)
+    acts = tset[layer].encode(cache[f"blocks.{layer}.ln2.hook_normalized"])  # [n_ctx, CTX, d_sae]
+    acts[:, 0] = -1  # BOS positions are not counted
+    return tokens, acts
+
+
+def test_statistics_equal_brute_force(catalog, gpt2, text_file):
+    root, tset = catalog
+    layer = 1
+    tokens, acts = brute_force(gpt2, tset, text_file, layer)
+    counted = acts[:, 1:].reshape(-1, 24)
+    rows = {r["id"]: r for r in pq.read_table(root / layout.STATS / "features.parquet").to_pylist()}
+    for f in range(24):
+        r = rows[f"L{layer}/{f}"]
+        fired = (counted[:, f] > 0).sum().item()
+        assert r["fired"] == fired
+        assert r["frequency"] == pytest.approx(fired / counted.shape[0])
+        assert r["max_act"] == pytest.approx(max(counted[:, f].max().item(), 0.0), rel=1e-5)
+        if fired:
+            assert r["mean_act"] == pytest.approx(counted[:, f][counted[:, f] > 0].mean().item(), rel=1e-4)
+            positive = counted[:, f][counted[:, f] > 0].numpy()
+            edges = bin_edges()
+            expected_hist = np.histogram(np.clip(positive, edges[0], edges[-1] * 0.999999), bins=edges)[0]
+            assert r["log10_histogram"] == expected_hist.tolist()
+            true_median = np.quantile(positive, 0.5, method="inverted_cdf")
+            assert true_median <= r["q50"] <= true_median * 10 ** (8 / 64) * 1.0001  # upper edge of its bin
+    examples = [e for e in pq.read_table(root / layout.STATS / "top_examples.parquet").to_pylist() if e["feature"] == f"L{layer}/3"]
+    flat = acts.reshape(-1, 24)[:, 3]
+    top = flat.topk(5).values
+    # the corpus repeats itself, so equal activations tie: hold the values exactly, and each example to its place
+    ranked = sorted(examples, key=lambda e: e["rank"])
+    assert [e["activation"] for e in ranked] == pytest.approx([v for v in top.tolist() if v > 0], rel=1e-6)
+    assert len({(e["context"], e["pos"]) for e in ranked}) == len(ranked)
+    for e in examples:
+        assert e["token_id"] == tokens[e["context"], e["pos"]].item()
+        assert e["activation"] == pytest.approx(acts[e["context"], e["pos"], 3].item(), rel=1e-5)
+
+
+def test_rerun_skips_and_other_settings_refused(catalog, gpt2, text_file):
+    root, tset = catalog
+    assert run_stats(gpt2, tset, root, str(text_file), N_TOKENS, ctx_len=CTX, top_k=5, progress=False) is False
+    with pytest.raises(CatalogDirError, match="other settings"):
+        run_stats(gpt2, tset, root, str(text_file), N_TOKENS * 2, ctx_len=CTX, top_k=5, progress=False)
+
+
+def test_feature_stats_card_and_sql(catalog):
+    root, _ = catalog
+    card = feature_stats(root, "L2/4", k=3)
+    assert 0 <= card.frequency <= 1 and len(card.examples) <= 3
+    assert all("[" in e.text for e in card.examples)
+    columns, rows = run_sql(root, "SELECT count(*) AS n FROM stats WHERE layer = 2")
+    assert columns == ["n"] and rows == [(24,)]
+    columns, rows = run_sql(root, "SELECT count(*) FROM dataset_tokens")
+    assert rows[0][0] == torch.Size([38, CTX]).numel()
+    with pytest.raises(SqlError, match="only one SELECT"):
+        run_sql(root, "DELETE FROM stats")
+    with pytest.raises(SqlError, match="only one SELECT"):
+        run_sql(root, "SELECT 1; COPY stats TO '/tmp/x.csv'")
+    with pytest.raises(SqlError):
+        run_sql(root, "SELEC nonsense")
+
+
+def test_cli_stats_and_sql(catalog):
+    root, _ = catalog
+    result = CliRunner().invoke(main, ["stats", "L0/2", "--catalog", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "fires on" in result.output
+    result = CliRunner().invoke(main, ["sql", "SELECT id, frequency FROM stats ORDER BY frequency DESC LIMIT 2", "--catalog", str(root), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["sql", "DROP VIEW stats", "--catalog", str(root)])
+    assert result.exit_code == 1 and "error:" in result.output
+
+
+def test_store_feature_nodes_carry_statistics(catalog, tmp_path):
+    from catalog.ladybug_store import LadybugStore
+
+    root, _ = catalog
+    expected = {r["id"]: r for r in pq.read_table(root / layout.STATS / "features.parquet").to_pylist()}
+    store = LadybugStore(tmp_path / "graph")
+    store.load(root, progress=False)
+    rows = store.run("MATCH (f:Feature) WHERE f.layer = 2 RETURN f.id AS id, f.frequency AS frequency, f.max_act AS max_act")
+    assert len(rows) == 24
+    for r in rows:
+        assert r["frequency"] == pytest.approx(expected[r["id"]]["frequency"])
+        assert r["max_act"] == pytest.approx(expected[r["id"]]["max_act"], rel=1e-6)
+    store.close()
