@@ -14,8 +14,9 @@ echo "== 1. transcoders: one per layer, 1536 features, 40k Brown tokens x 3 epoc
 $cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epochs 3 --lr 1e-3 --l1 0.01 \
     --out "$out/transcoders"
 
-echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens"
-$cc ingest --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --top-k 16
+echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens, activation statistics"
+$cc ingest --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --top-k 16 \
+    --dataset brown --tokens 8192
 
 echo "== 3. load the catalog into the embedded graph store (LadybugDB, at $out/catalog/graph)"
 $cc load --catalog "$out/catalog"
@@ -27,6 +28,10 @@ feature=$($cc active --model smollm2-135m --transcoders "$out/transcoders" --pro
 echo "== 5. what $feature reads and writes, what feeds it (Cypher over the store)"
 $cc show "$feature" --catalog "$out/catalog" -k 8
 
-echo "== 6. which features write ' Paris', and the strongest weight paths from 'France' to ' Paris'"
+echo "== 6. how often $feature fires, and on what (DuckDB over the statistics' Parquet)"
+$cc stats "$feature" --catalog "$out/catalog" -k 5
+$cc sql "SELECT layer, round(avg(frequency), 4) AS mean_frequency, sum(CASE WHEN live THEN 1 ELSE 0 END) AS live FROM stats GROUP BY layer ORDER BY layer DESC LIMIT 5" --catalog "$out/catalog"
+
+echo "== 7. which features write ' Paris', and the strongest weight paths from 'France' to ' Paris'"
 $cc search Paris --catalog "$out/catalog" -k 5
 $cc paths --catalog "$out/catalog" --from-token France --to-logit Paris --max-hops 1 -k 5
