@@ -71,8 +71,9 @@ MODEL_HELP = "TransformerLens name, local Hugging Face directory, .gguf file, or
 @click.option("--ctx-len", type=click.IntRange(2), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Directory for the SAELens-format transcoders.")
+@click.option("--skip", is_flag=True, help="Skip transcoders: add an affine skip connection (SAELens skip_transcoder).")
 @click.option("--force", is_flag=True, help="Retrain even if OUT already holds a run with the same settings.")
-def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, minibatch, ctx_len, seed, out_dir, force):
+def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, minibatch, ctx_len, seed, skip, out_dir, force):
     """Train one ReLU transcoder per layer (ln2.hook_normalized -> hook_mlp_out), saved in SAELens format."""
     from ingest.models import load_model, resolve_model
     from ingest.train import TrainConfig, reusable, train_transcoders
@@ -82,7 +83,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
     cfg = TrainConfig(
         model=spec.name, dataset=dataset, layers=parse_layers(layers) or list(range(lm.cfg.n_layers)),
         d_sae=d_sae, n_tokens=n_tokens, epochs=epochs, lr=lr, l1_coefficient=l1_coefficient,
-        minibatch=minibatch, ctx_len=ctx_len, seed=seed,
+        minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip,
     )
     result = None if force else reusable(out_dir, cfg)
     if result is not None:
@@ -306,6 +307,42 @@ def show(feature, catalog_dir, store_uri, database, k, fmt):
     out.print(_tokens_table(card, k))
     for title, edges in (("upstream: what feeds it", up), ("downstream: what it feeds", down)):
         out.print(_edges_table(title, edges) if edges else f"{title}: none in this catalog (no transcoder layers on that side)")
+
+
+@main.command(name="eval")
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--transcoders", required=True, type=click.Path(path_type=Path))
+@click.option("--dataset", default="brown", show_default=True)
+@click.option("--tokens", "n_tokens", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--ctx-len", type=click.IntRange(3), default=128, show_default=True)
+@click.option("--layers", default="all", show_default=True)
+@click.option("--skip-contexts", type=click.IntRange(0), default=0, help="Start this many contexts into the dataset (e.g. past the training tokens).")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON.")
+@click.option("--trust-pickle", is_flag=True)
+def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contexts, out_file, trust_pickle):
+    """Transcoder fidelity: FVU, L0, dead features, and next-token CE with MLPs replaced / zeroed / mean-ablated."""
+    from ingest.datasets import token_contexts
+    from ingest.evaluate import evaluate_transcoders
+    from ingest.models import load_model
+    from ingest.transcoder_formats import load_transcoders
+
+    tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
+    lm = load_model(model)
+    tset.validate_against(lm)
+    tokens = token_contexts(lm.tokenizer, dataset, n_tokens, ctx_len, skip_contexts=skip_contexts)
+    result = evaluate_transcoders(lm, tset, tokens)
+    table = Table("layer", "FVU", "L0", "dead", "CE replaced", "CE zero", "CE mean", "recovered", "KL",
+                  title=f"{result.n_tokens:,} tokens; original CE {result.ce_original:.4f} nats")
+    rows = [(str(m.layer), m, m.ablations, m.ce_recovered) for m in result.layers]
+    rows.append(("all", None, result.all_layers, result.ce_recovered_all))
+    for name, m, ab, rec in rows:
+        table.add_row(name, f"{m.fvu:.3f}" if m else "", f"{m.l0:.1f}" if m else "", str(m.dead) if m else "",
+                      f"{ab.ce_replaced:.4f}", f"{ab.ce_zero:.4f}", f"{ab.ce_mean:.4f}", f"{rec:.3f}", f"{ab.kl_replaced:.4f}")
+    out.print(table)
+    if out_file is not None:
+        from catalog.parquet_io import write_text_atomic
+
+        write_text_atomic(json.dumps(asdict(result), indent=2), out_file)
 
 
 @main.command()

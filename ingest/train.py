@@ -44,6 +44,7 @@ class TrainConfig:
     lr: float = 4e-4
     l1_coefficient: float = 0.02
     eval_tokens: int = 4096
+    skip: bool = False  # add an affine skip connection W_skip (a skip transcoder)
     seed: int = 0
     hook_in: str = "ln2.hook_normalized"
     hook_out: str = "hook_mlp_out"
@@ -88,7 +89,7 @@ def collect(model, tokens: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor
 class _StackedTranscoders(torch.nn.Module):
     """Weights for all layers stacked on dim 0, trained in normalised units."""
 
-    def __init__(self, n_layers: int, d: int, d_sae: int, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, n_layers: int, d: int, d_sae: int, x: torch.Tensor, y: torch.Tensor, skip: bool = False):
         super().__init__()
         # per-layer scales from the first batch: inputs to unit mean squared norm, targets to unit
         # variance. With unit-norm decoder rows and W_enc = W_dec^T, parameters are then O(1/sqrt(d)),
@@ -102,11 +103,16 @@ class _StackedTranscoders(torch.nn.Module):
         self.W_enc = torch.nn.Parameter(W_dec.transpose(1, 2).clone())
         self.b_enc = torch.nn.Parameter(torch.zeros(n_layers, 1, d_sae))
         self.b_dec = torch.nn.Parameter((y / self.s_out[:, None, None]).mean(1, keepdim=True))
+        # skip transcoders (seed 004): an affine path x @ W_skip beside the features, starting at zero
+        self.W_skip = torch.nn.Parameter(torch.zeros(n_layers, d, d)) if skip else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n_layers, B, d] raw -> (reconstruction in normalised units, feature activations)."""
         z = torch.relu(torch.bmm(x / self.s_in[:, None, None], self.W_enc) + self.b_enc)
-        return torch.bmm(z, self.W_dec) + self.b_dec, z
+        out = torch.bmm(z, self.W_dec) + self.b_dec
+        if self.W_skip is not None:
+            out = out + torch.bmm(x / self.s_in[:, None, None], self.W_skip)
+        return out, z
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
@@ -126,6 +132,7 @@ class _StackedTranscoders(torch.nn.Module):
                 (self.b_enc[i, 0] * s_out).detach().clone(),
                 self.W_dec[i].detach().clone(),
                 (self.b_dec[i, 0] * s_out).detach().clone(),
+                W_skip=None if self.W_skip is None else (self.W_skip[i] * (s_out / s_in)).detach().clone(),
             ))
         return out
 
@@ -144,7 +151,7 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
     x_buf, y_buf = _activation_buffer(model, train_tokens, cfg, progress)
     d, n_layers, n = model.cfg.d_model, len(cfg.layers), x_buf.shape[1]
     first = torch.randperm(n)[: min(n, 8192)]
-    net = _StackedTranscoders(n_layers, d, cfg.d_sae, x_buf[:, first].float(), y_buf[:, first].float())
+    net = _StackedTranscoders(n_layers, d, cfg.d_sae, x_buf[:, first].float(), y_buf[:, first].float(), skip=cfg.skip)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=True)
     steps_per_epoch = -(-n // cfg.minibatch)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="training", unit="step", disable=not progress)

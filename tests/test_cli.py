@@ -123,3 +123,11 @@ def test_parse_layers():
     assert parse_layers("all") is None
     assert parse_layers("0-3,8") == [0, 1, 2, 3, 8]
     assert parse_layers("0-28:14") == [0, 14, 28]
+
+
+def test_eval_command(saelens_dir, gpt2_dir, text_file, tmp_path):
+    code, output = run("eval", "--model", gpt2_dir, "--transcoders", saelens_dir, "--dataset", text_file,
+                       "--tokens", "128", "--ctx-len", "16", "--out", tmp_path / "eval.json")
+    assert code == 0, output
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    assert [m["layer"] for m in figures["layers"]] == [0, 1, 2] and figures["ce_original"] > 0

@@ -42,3 +42,17 @@ def test_training_is_deterministic_for_a_seed(gpt2, text_file, tmp_path):
     b = train_transcoders(gpt2, cfg, tmp_path / "b", progress=False)
     assert a.metrics == b.metrics
     torch.testing.assert_close(load_transcoders(tmp_path / "a")[1].W_enc, load_transcoders(tmp_path / "b")[1].W_enc)
+
+
+def test_skip_transcoders_train_save_and_beat_plain_ones(gpt2, text_file, tmp_path):
+    """Same budget with and without the skip path: the skip one saves as skip_transcoder and fits better."""
+    import json
+
+    base = dict(model="tiny", dataset=str(text_file), layers=[1], d_sae=16, n_tokens=2000, ctx_len=32, batch_contexts=8,
+                minibatch=64, epochs=3, lr=2e-3, l1_coefficient=0.01, eval_tokens=256)
+    plain = train_transcoders(gpt2, TrainConfig(**base), tmp_path / "plain", progress=False)
+    skip = train_transcoders(gpt2, TrainConfig(**base, skip=True), tmp_path / "skip", progress=False)
+    assert json.loads((tmp_path / "skip" / "layer_1" / "cfg.json").read_text())["architecture"] == "skip_transcoder"
+    loaded = load_transcoders(tmp_path / "skip")[1]
+    assert loaded.W_skip is not None and loaded.W_skip.abs().sum() > 0
+    assert skip.metrics[0].fvu < plain.metrics[0].fvu

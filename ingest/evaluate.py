@@ -1,0 +1,147 @@
+"""How faithful transcoders are: reconstruction (MSE, FVU, L0, dead) and next-token cross-entropy with
+MLPs replaced by transcoders, zero-ablated or mean-ablated, one at a time and all together.
+
+CE loss recovered = (CE_mean_ablated - CE_replaced) / (CE_mean_ablated - CE_original): 1 when the
+transcoder is as good as the MLP, 0 when it is no better than the MLP's mean output. KL is
+KL(original || replaced) of the next-token distributions, per token. BOS positions are neither
+reconstructed nor predicted from (as in training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ingest.transcoder import TranscoderSet
+
+Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (mlp input, mlp output) -> new output
+
+
+@dataclass
+class Ablations:
+    """Mean next-token CE (nats) and KL to the original with some MLPs replaced, zeroed, or mean-ablated."""
+
+    ce_replaced: float
+    ce_zero: float
+    ce_mean: float
+    kl_replaced: float
+
+    def recovered(self, ce_original: float) -> float:
+        return (self.ce_mean - self.ce_replaced) / (self.ce_mean - ce_original)
+
+
+@dataclass
+class LayerEval:
+    layer: int
+    mse: float
+    fvu: float
+    l0: float
+    dead: int  # features that never fired on the evaluation tokens
+    live: int
+    ablations: Ablations = None
+    ce_recovered: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    n_tokens: int
+    ce_original: float
+    layers: list[LayerEval] = field(default_factory=list)
+    all_layers: Ablations = None
+    ce_recovered_all: float = 0.0
+
+
+def _ce_and_kl(logits: torch.Tensor, tokens: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE of predicting tokens[:, 2:] from positions 1.. (not from BOS), and summed KL(reference || logits)."""
+    logp = logits[:, 1:-1].log_softmax(-1)
+    ce = -logp.gather(-1, tokens[:, 2:, None]).sum()
+    if reference is None:
+        return ce, torch.tensor(0.0)
+    ref = reference[:, 1:-1].log_softmax(-1)
+    return ce, (ref.exp() * (ref - logp)).sum()
+
+
+@torch.no_grad()
+def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch_contexts: int = 8,
+                         replacements: dict[int, Replacement] | None = None, progress: bool = True) -> EvalResult:
+    """Evaluate on `tokens` [n_contexts, ctx_len]. `replacements` overrides how a layer's MLP output is
+    replaced (default: its transcoder); the tests use it to plug in exact stand-ins."""
+    replace = {tc.layer: (lambda x, y, tc=tc: tc.forward(x)) for tc in tset}
+    replace.update(replacements or {})
+    layers = tset.layers
+    hook_in = {layer: tset[layer].cfg.hook_in for layer in layers}
+    hook_out = {layer: tset[layer].cfg.hook_out for layer in layers}
+
+    # pass 1: the original model; reconstruction statistics and each MLP's mean output
+    sq_err = {layer: 0.0 for layer in layers}
+    y_sum = {layer: torch.zeros(model.cfg.d_model, dtype=torch.float64) for layer in layers}
+    y_sq = {layer: 0.0 for layer in layers}
+    l0 = {layer: 0.0 for layer in layers}
+    fired = {layer: torch.zeros(tset[layer].cfg.d_sae, dtype=torch.bool) for layer in layers}
+    n_recon, ce_original, n_pred = 0, 0.0, 0
+    batches = [tokens[i : i + batch_contexts] for i in range(0, len(tokens), batch_contexts)]
+    originals = []
+    for batch in tqdm(batches, desc="evaluating (original)", disable=not progress):
+        names = [*hook_in.values(), *hook_out.values()]
+        logits, cache = model.run_with_cache(batch, names_filter=names)
+        originals.append(logits)
+        ce, _ = _ce_and_kl(logits, batch, None)
+        ce_original += ce.item()
+        n_pred += batch[:, 2:].numel()
+        n_recon += batch[:, 1:].numel()
+        for layer in layers:
+            x, y = cache[hook_in[layer]][:, 1:], cache[hook_out[layer]][:, 1:]
+            z = tset[layer].encode(x)
+            sq_err[layer] += (replace[layer](x, y) - y).pow(2).sum().item()
+            y_sum[layer] += y.sum((0, 1), dtype=torch.float64)
+            y_sq[layer] += y.pow(2).sum().item()
+            l0[layer] += (z > 0).sum().item()
+            fired[layer] |= (z > 0).reshape(-1, z.shape[-1]).any(0)
+    means = {layer: (y_sum[layer] / n_recon).float() for layer in layers}
+
+    def run(batch: torch.Tensor, original: torch.Tensor, targets: list[int], how: str) -> tuple[float, float]:
+        """One forward pass with `targets`' MLP outputs replaced (BOS position kept original)."""
+        captured: dict[int, torch.Tensor] = {}
+
+        def new_output(act: torch.Tensor, layer: int) -> torch.Tensor:
+            if how == "zero":
+                out = torch.zeros_like(act)
+            elif how == "mean":
+                out = means[layer].expand_as(act).clone()
+            else:
+                out = replace[layer](captured[layer], act)
+            out[:, 0] = act[:, 0]
+            return out
+
+        hooks = []
+        for layer in targets:
+            hooks.append((hook_in[layer], lambda act, hook, layer=layer: captured.__setitem__(layer, act)))
+            hooks.append((hook_out[layer], lambda act, hook, layer=layer: new_output(act, layer)))
+        ce, kl = _ce_and_kl(model.run_with_hooks(batch, fwd_hooks=hooks), batch, original)
+        return ce.item(), kl.item()
+
+    def ablations(targets: list[int]) -> Ablations:
+        totals = {how: [0.0, 0.0] for how in ("replace", "zero", "mean")}
+        for batch, original in zip(batches, originals):
+            for how in totals:
+                ce, kl = run(batch, original, targets, how)
+                totals[how][0] += ce
+                totals[how][1] += kl
+        return Ablations(totals["replace"][0] / n_pred, totals["zero"][0] / n_pred, totals["mean"][0] / n_pred,
+                         totals["replace"][1] / n_pred)
+
+    result = EvalResult(n_recon, ce_original / n_pred)
+    for layer in tqdm(layers, desc="evaluating (per layer)", disable=not progress):
+        variance = y_sq[layer] - (y_sum[layer].pow(2).sum().item() / n_recon)
+        ab = ablations([layer])
+        live = int(fired[layer].sum())
+        result.layers.append(LayerEval(
+            layer, sq_err[layer] / n_recon, sq_err[layer] / max(variance, 1e-12), l0[layer] / n_recon,
+            tset[layer].cfg.d_sae - live, live, ab, ab.recovered(result.ce_original),
+        ))
+    result.all_layers = ablations(layers)
+    result.ce_recovered_all = result.all_layers.recovered(result.ce_original)
+    return result
