@@ -95,7 +95,8 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
         for layer in layers:
             x, y = cache[hook_in[layer]][:, 1:], cache[hook_out[layer]][:, 1:]
             z = tset[layer].encode(x)
-            sq_err[layer] += (replace[layer](x, y) - y).pow(2).sum().item()
+            recon = replace[layer](x, y) if layer in (replacements or {}) else tset[layer].decode(z, x)  # encode once
+            sq_err[layer] += (recon - y).pow(2).sum().item()
             y_sum[layer] += y.sum((0, 1), dtype=torch.float64)
             y_sq[layer] += y.pow(2).sum().item()
             l0[layer] += (z > 0).sum().item()
