@@ -1,0 +1,388 @@
+"""Per-prompt attribution graphs of the local replacement model (DESIGN.md, "Per-prompt attribution graph").
+
+The local replacement model freezes every norm scale and attention pattern at their values on the
+prompt and replaces each MLP output by its transcoder's reconstruction plus a fixed error term (the
+whole MLP output is the error term where a layer has no transcoder). The forward pass is unchanged and
+the model is linear in its node activations, so the direct effect of a source on a target is the dot
+product of what the source writes into the residual stream with the target's gradient there.
+
+Gradients are not taken with autograd through the model. Under the freezes one layer's backward pass
+is the attention's frozen OV path, the norms' centring and the skip path: a few small matrix products.
+A batch of targets (each row its own target) is swept down the residual stream once, and every edge
+is read off as the sweep passes the layer its source writes at. The tests hold the result to
+TransformerLens forward passes with the freezes applied as hooks, and to the unmodified model.
+
+Node order, as circuit-tracer's `Graph`: selected features | errors (layer-major) | tokens | logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from catalog.errors import ModelError, TranscoderError, UserError
+from ingest.residual import centres, reads_normalised
+from ingest.transcoder import TranscoderSet
+
+
+class AttributionError(UserError):
+    """A prompt or target the attribution cannot use (empty prompt, multi-token target, ...)."""
+
+
+@dataclass
+class AttributionGraph:
+    """One prompt's graph: a fixed node order and one adjacency matrix every later step reads.
+
+    `adjacency[t, s]` is the direct effect of source s on target t (a feature's pre-activation, or a
+    logit); only feature and logit rows are non-zero. For every target,
+    `adjacency[t].sum() + bias[t] + dropped[t] == value[t]`: `bias` gathers the constant terms
+    (encoder/unembedding bias, decoder and attention output biases on every path), `dropped` the
+    effect of active features left out by `max_feature_nodes`.
+    """
+
+    prompt: str
+    tokens: torch.Tensor  # [n_pos] token ids the model saw, BOS included
+    n_layers: int
+    features: torch.Tensor  # [n_feat, 3] (layer, pos, index) of the feature nodes
+    activations: torch.Tensor  # [n_feat]
+    logit_tokens: torch.Tensor  # [n_logits]
+    logit_probabilities: torch.Tensor  # [n_logits]
+    adjacency: torch.Tensor  # [n_nodes, n_nodes], rows = targets, columns = sources
+    value: torch.Tensor  # [n_nodes] target pre-activation / logit in the unmodified model (NaN for sources)
+    bias: torch.Tensor  # [n_nodes]
+    dropped: torch.Tensor  # [n_nodes]
+    n_active_features: int  # before the cap
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_layers * self.n_pos
+
+    @property
+    def n_nodes(self) -> int:
+        return self.adjacency.shape[0]
+
+    def error_index(self, layer: int, pos: int) -> int:
+        return self.n_features + layer * self.n_pos + pos
+
+    def token_index(self, pos: int) -> int:
+        return self.n_features + self.n_errors + pos
+
+    def logit_index(self, i: int) -> int:
+        return self.n_features + self.n_errors + self.n_pos + i
+
+    @property
+    def capped(self) -> bool:
+        return self.n_features < self.n_active_features
+
+
+@dataclass
+class PromptTrace:
+    """What the sweep needs from one real forward pass of the model on the prompt."""
+
+    tokens: torch.Tensor  # [n_pos]
+    resid0: torch.Tensor  # [n_pos, d] embedding (+ position embedding): the token nodes' vectors
+    ln1_scale: torch.Tensor  # [n_layers, n_pos]
+    ln2_scale: torch.Tensor  # [n_layers, n_pos]
+    final_scale: torch.Tensor  # [n_pos]
+    patterns: list[torch.Tensor]  # per layer [n_heads, n_pos(q), n_pos(k)]
+    errors: torch.Tensor  # [n_layers, n_pos, d] MLP output minus reconstruction (whole output without a transcoder)
+    active: torch.Tensor  # [n_active, 3] (layer, pos, index), sorted
+    activations: torch.Tensor  # [n_active]
+    pre_acts: torch.Tensor  # [n_active] encoder pre-activations
+    logits: torch.Tensor  # [d_vocab] at the last position
+
+
+def check_supported(model, tset: TranscoderSet) -> None:
+    """The sweep's algebra assumes pre-norm blocks with folded norms and MLP-replacing transcoders."""
+    cfg = model.cfg
+    if cfg.normalization_type not in ("LNPre", "RMSPre"):
+        raise ModelError(f"attribution needs folded norms (LNPre/RMSPre), the model has {cfg.normalization_type!r}; "
+                         "load it through circuit-catalog's loader")
+    if getattr(cfg, "parallel_attn_mlp", False) or getattr(cfg, "use_normalization_before_and_after", False):
+        raise ModelError("attribution supports sequential pre-norm blocks only (no parallel attention/MLP, no post-norms)")
+    for tc in tset:
+        layer = tc.layer
+        if tc.cfg.hook_out != f"blocks.{layer}.hook_mlp_out":
+            raise TranscoderError(f"{tc.source or layer}: attribution needs transcoders writing blocks.{layer}.hook_mlp_out")
+        if tc.cfg.hook_in not in (f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_resid_mid"):
+            raise TranscoderError(f"{tc.source or layer}: attribution needs transcoders reading ln2.hook_normalized or hook_resid_mid")
+
+
+@torch.no_grad()
+def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor) -> PromptTrace:
+    """One forward pass with the cache the sweep needs; feature activations from each layer's real input."""
+    n_layers = model.cfg.n_layers
+    names = {"blocks.0.hook_resid_pre", "ln_final.hook_scale"}
+    for layer in range(n_layers):
+        names |= {f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale",
+                  f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.hook_mlp_out"}
+    names |= {tc.cfg.hook_in for tc in tset}
+    logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
+    errors = torch.stack([cache[f"blocks.{layer}.hook_mlp_out"][0] for layer in range(n_layers)])
+    active, activations, pre_acts = [], [], []
+    for tc in tset:
+        x = cache[tc.cfg.hook_in][0]
+        pre = tc.pre_acts(x)
+        z = tc.activate(pre)
+        errors[tc.layer] -= tc.decode(z, x)
+        pos, index = z.nonzero(as_tuple=True)
+        active.append(torch.stack([torch.full_like(pos, tc.layer), pos, index], 1))
+        activations.append(z[pos, index])
+        pre_acts.append(pre[pos, index])
+    return PromptTrace(
+        tokens=tokens,
+        resid0=cache["blocks.0.hook_resid_pre"][0],
+        ln1_scale=torch.stack([cache[f"blocks.{layer}.ln1.hook_scale"][0, :, 0] for layer in range(n_layers)]),
+        ln2_scale=torch.stack([cache[f"blocks.{layer}.ln2.hook_scale"][0, :, 0] for layer in range(n_layers)]),
+        final_scale=cache["ln_final.hook_scale"][0, :, 0],
+        patterns=[cache[f"blocks.{layer}.attn.hook_pattern"][0] for layer in range(n_layers)],
+        errors=errors,
+        active=torch.cat(active) if active else torch.zeros(0, 3, dtype=torch.long),
+        activations=torch.cat(activations) if activations else torch.zeros(0),
+        pre_acts=torch.cat(pre_acts) if pre_acts else torch.zeros(0),
+        logits=logits[0, -1],
+    )
+
+
+@dataclass
+class Targets:
+    """A batch of targets: where each one's gradient enters and with what vector."""
+
+    layer: torch.Tensor  # [B] transcoder layer (reads resid_mid of that layer), or n_layers for a logit
+    pos: torch.Tensor  # [B]
+    vector: torch.Tensor  # [B, d] encoder column or unembedding column
+    own_bias: torch.Tensor  # [B] b_enc or b_U
+
+
+class Sweep:
+    """The transposed pass of the local replacement model: target gradients in, edge rows out.
+
+    Columns of a row: every active feature | errors (layer-major) | tokens.
+    """
+
+    def __init__(self, model, tset: TranscoderSet, trace: PromptTrace):
+        self.model, self.tset, self.trace = model, tset, trace
+        self.n_layers, self.n_pos = model.cfg.n_layers, len(trace.tokens)
+        self.centre = centres(model)
+        self.n_active = len(trace.active)
+        self.n_cols = self.n_active + self.n_layers * self.n_pos + self.n_pos
+        # per layer: positions of its active features, decoder rows scaled by activation, column offsets
+        self.writes: dict[int, list[tuple[int, torch.Tensor, slice]]] = {}
+        layers, pos = trace.active[:, 0], trace.active[:, 1]
+        for tc in tset:
+            per_pos = []
+            for p in range(self.n_pos):
+                idx = ((layers == tc.layer) & (pos == p)).nonzero().flatten()
+                if len(idx):  # active rows are sorted by (layer, pos, index): contiguous
+                    cols = slice(int(idx[0]), int(idx[-1]) + 1)
+                    per_pos.append((p, trace.activations[cols, None] * tc.W_dec[trace.active[cols, 2]], cols))
+            self.writes[tc.layer] = per_pos
+        self.attn_bias = []
+        for block in model.blocks:
+            attn = block.attn
+            # b_V passes the frozen pattern unchanged (rows sum to 1), so it is a constant like b_O
+            self.attn_bias.append(attn.b_O + torch.einsum("he,hed->d", attn.b_V, attn.W_O))
+
+    def _centre(self, v: torch.Tensor) -> torch.Tensor:
+        return v - v.mean(-1, keepdim=True) if self.centre else v
+
+    def _through_ln2(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        """Gradient at a transcoder's input -> gradient at resid_mid (frozen scale, linear centring)."""
+        if not reads_normalised(self.tset[layer]):
+            return g
+        return self._centre(g) / self.trace.ln2_scale[layer][None, :, None]
+
+    def _through_attention(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        """Gradient at resid_mid -> its part at resid_pre through the frozen-pattern OV path."""
+        attn = self.model.blocks[layer].attn
+        u = torch.einsum("bqd,hed->bhqe", g, attn.W_O)
+        v = torch.einsum("hqk,bhqe->bhke", self.trace.patterns[layer], u)
+        back = torch.einsum("bhke,hde->bkd", v, attn.W_V)
+        return self._centre(back) / self.trace.ln1_scale[layer][None, :, None]
+
+    @torch.no_grad()
+    def rows(self, targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edge rows [B, n_cols] and constant terms [B] for a batch of targets."""
+        t = self.trace
+        B, d = targets.vector.shape
+        rows = torch.zeros(B, self.n_cols)
+        bias = targets.own_bias.clone()
+        g = torch.zeros(B, self.n_pos, d)
+        batch = torch.arange(B)
+        logit = targets.layer == self.n_layers
+        if logit.any():
+            g[batch[logit], targets.pos[logit]] += self._centre(targets.vector[logit]) / t.final_scale[targets.pos[logit], None]
+        err0 = self.n_active
+        for layer in range(min(int(targets.layer.max()), self.n_layers - 1), -1, -1):
+            # g: gradient at resid_post[layer]; sources writing here are this layer's features and error
+            for p, vectors, cols in self.writes.get(layer, []):
+                rows[:, cols] = g[:, p] @ vectors.T
+            rows[:, err0 + layer * self.n_pos: err0 + (layer + 1) * self.n_pos] = (g * t.errors[layer]).sum(-1)
+            if layer in self.tset.by_layer:
+                tc = self.tset[layer]
+                bias += g.sum(1) @ tc.b_dec
+                if tc.W_skip is not None:
+                    g = g + self._through_ln2(layer, g @ tc.W_skip.T)
+                here = targets.layer == layer
+                if here.any():
+                    inject = torch.zeros(int(here.sum()), self.n_pos, d)
+                    inject[torch.arange(len(inject)), targets.pos[here]] = targets.vector[here]
+                    g[batch[here]] += self._through_ln2(layer, inject)
+            bias += g.sum(1) @ self.attn_bias[layer]
+            g = g + self._through_attention(layer, g)
+        rows[:, err0 + self.n_layers * self.n_pos:] = (g * t.resid0).sum(-1)
+        return rows, bias
+
+
+def logit_targets(model, logits: torch.Tensor, max_n_logits: int, desired_prob: float, extra: list[int]) -> torch.Tensor:
+    """The most probable next tokens up to `desired_prob` cumulative probability (at most `max_n_logits`), plus `extra`."""
+    probs = logits.softmax(-1)
+    top = probs.topk(min(max_n_logits, len(probs)))
+    n = int(torch.searchsorted(top.values.cumsum(0), torch.tensor(desired_prob))) + 1
+    chosen = top.indices[:n].tolist()
+    return torch.tensor(chosen + [t for t in dict.fromkeys(extra) if t not in chosen], dtype=torch.long)
+
+
+def target_token(model, text: str) -> int:
+    """A named logit target: its text must be exactly one token."""
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise AttributionError(f"target {text!r} is {len(ids)} tokens; name a single token (mind the leading space)")
+    return int(ids[0])
+
+
+def partial_influence(rows: torch.Tensor, row_cols: torch.Tensor, weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
+    """Influence on the logits of every column, from the rows computed so far.
+
+    rows [R, n_cols]; row_cols [R]: the column of each row's node (-1 for logits); weights [R]: the
+    logit probabilities (0 for feature rows). Influence flows back along |normalised| rows until it
+    reaches nodes without a row, as circuit-tracer estimates it to choose which features to expand.
+    """
+    norm = rows.abs()
+    norm = norm / norm.sum(1, keepdim=True).clamp(min=1e-10)
+    has_row = row_cols >= 0
+    total = torch.zeros(rows.shape[1])
+    current = weights.clone()
+    for _ in range(max_iter):
+        spread = current @ norm
+        total += spread
+        current = torch.zeros_like(current)
+        current[has_row] = spread[row_cols[has_row]]
+        if not current.any():
+            return total
+    raise RuntimeError("influence did not converge (is the graph acyclic?)")
+
+
+def attribute(
+    model,
+    tset: TranscoderSet,
+    prompt: str,
+    *,
+    extra_targets: list[int] | None = None,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 256,
+    update_interval: int = 4,
+    progress: bool = False,
+) -> AttributionGraph:
+    """The attribution graph of `prompt` (BOS prepended as the model does) with the transcoders in `tset`.
+
+    With more active features than `max_feature_nodes`, features are expanded in order of their
+    estimated influence on the logits, refreshed every `update_interval` batches (circuit-tracer's
+    scheme); the rest are left out and their effect is recorded per target in `dropped`.
+    """
+    check_supported(model, tset)
+    if not prompt.strip():
+        raise AttributionError("empty prompt")
+    tokens = model.to_tokens(prompt)[0]
+    if len(tokens) > model.cfg.n_ctx:
+        raise AttributionError(f"prompt is {len(tokens)} tokens; the model's context is {model.cfg.n_ctx}")
+    trace = trace_prompt(model, tset, tokens)
+    sweep = Sweep(model, tset, trace)
+    n_layers, n_pos, n_active = model.cfg.n_layers, len(tokens), len(trace.active)
+
+    logit_ids = logit_targets(model, trace.logits, max_n_logits, desired_logit_prob, extra_targets or [])
+    W_U, b_U = model.W_U.detach(), model.b_U.detach()
+    logit_rows, logit_bias = sweep.rows(Targets(
+        torch.full((len(logit_ids),), n_layers), torch.full((len(logit_ids),), n_pos - 1), W_U[:, logit_ids].T, b_U[logit_ids]))
+    probabilities = trace.logits.softmax(-1)[logit_ids]
+
+    budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+    feature_rows = torch.zeros(budget, sweep.n_cols)
+    feature_bias = torch.zeros(budget)
+    order = torch.empty(budget, dtype=torch.long)  # active-feature index of each computed row
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    done = 0
+
+    def expand(batch: torch.Tensor) -> None:
+        nonlocal done
+        layer, pos, index = trace.active[batch].T
+        vectors = torch.stack([tset[int(lay)].W_enc[:, int(i)] for lay, i in zip(layer, index)]) if len(batch) else torch.zeros(0, model.cfg.d_model)
+        own = torch.stack([tset[int(lay)].b_enc[int(i)] for lay, i in zip(layer, index)]) if len(batch) else torch.zeros(0)
+        rows, bias = sweep.rows(Targets(layer, pos, vectors, own))
+        feature_rows[done:done + len(batch)], feature_bias[done:done + len(batch)] = rows, bias
+        order[done:done + len(batch)] = batch
+        visited[batch] = True
+        done += len(batch)
+
+    bar = tqdm(total=budget, desc="attribution", unit="feature", disable=not progress)
+    while done < budget:
+        if budget == n_active:  # everything is expanded: batch by layer so each sweep stops early
+            pending = torch.argsort(trace.active[:, 0], stable=True)
+        else:
+            rows = torch.cat([logit_rows, feature_rows[:done]])
+            row_cols = torch.cat([torch.full((len(logit_ids),), -1), order[:done]])
+            weights = torch.cat([probabilities, torch.zeros(done)])
+            influence = partial_influence(rows, row_cols, weights)[:n_active]
+            ranked = torch.argsort(influence, descending=True)
+            pending = ranked[~visited[ranked]][: min(update_interval * batch_size, budget - done)]
+        for start in range(0, len(pending), batch_size):
+            expand(pending[start:start + batch_size])
+            bar.update(len(pending[start:start + batch_size]))
+    bar.close()
+    return _assemble(prompt, trace, n_layers, logit_ids, probabilities, logit_rows, logit_bias,
+                     feature_rows, feature_bias, order,
+                     {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob, "max_feature_nodes": max_feature_nodes})
+
+
+def _assemble(prompt, trace: PromptTrace, n_layers, logit_ids, probabilities, logit_rows, logit_bias,
+              feature_rows, feature_bias, order, settings) -> AttributionGraph:
+    """Lay the computed rows out in the fixed node order; columns of features left out go to `dropped`."""
+    n_active, n_pos = len(trace.active), len(trace.tokens)
+    selected = order.sort().values  # keep the features' (layer, pos, index) order
+    rank = torch.empty(n_active, dtype=torch.long)
+    rank[order] = torch.arange(len(order))
+    n_feat, n_logits = len(selected), len(logit_ids)
+    keep_cols = torch.cat([selected, torch.arange(n_active, logit_rows.shape[1])])
+    left_out = torch.ones(n_active, dtype=torch.bool)
+    left_out[selected] = False
+    n_nodes = n_feat + n_layers * n_pos + n_pos + n_logits
+    adjacency = torch.zeros(n_nodes, n_nodes)
+    value = torch.full((n_nodes,), float("nan"))
+    bias, dropped = torch.zeros(n_nodes), torch.zeros(n_nodes)
+    sources = slice(0, n_nodes - n_logits)
+    f_rows = feature_rows[rank[selected]]
+    adjacency[:n_feat, sources] = f_rows[:, keep_cols]
+    adjacency[n_nodes - n_logits:, sources] = logit_rows[:, keep_cols]
+    bias[:n_feat], bias[n_nodes - n_logits:] = feature_bias[rank[selected]], logit_bias
+    dropped[:n_feat] = f_rows[:, :n_active][:, left_out].sum(1)
+    dropped[n_nodes - n_logits:] = logit_rows[:, :n_active][:, left_out].sum(1)
+    value[:n_feat] = trace.pre_acts[selected]
+    value[n_nodes - n_logits:] = trace.logits[logit_ids]
+    return AttributionGraph(
+        prompt=prompt, tokens=trace.tokens, n_layers=n_layers, features=trace.active[selected],
+        activations=trace.activations[selected], logit_tokens=logit_ids, logit_probabilities=probabilities,
+        adjacency=adjacency, value=value, bias=bias, dropped=dropped, n_active_features=n_active, settings=settings,
+    )

@@ -1,0 +1,242 @@
+"""Attribution graphs held to the model itself: completeness, interventions, and the pullback.
+
+The checks run real TransformerLens forward passes. The intervention check freezes the model with
+hooks (patterns, norm scales, MLP outputs) and measures the change in each target when one source is
+scaled: it shares no code with the attribution's transposed sweep.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import random_transcoders
+from ingest.attribution import AttributionError, AttributionGraph, attribute, target_token
+from ingest.job import IngestSettings, pullback_table
+
+PROMPT = "the capital of france is"
+
+
+def with_skip(tset, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    for tc in tset:
+        tc.W_skip = torch.randn(tc.cfg.d_in, tc.cfg.d_out, generator=g) * 0.05
+    return tset
+
+
+@pytest.fixture(scope="module", params=["plain", "skip", "subset"])
+def case(request, tiny):
+    """A model with transcoders on every layer, skip transcoders, or transcoders on some layers only."""
+    layers = [0, 2] if request.param == "subset" else None
+    tset = random_transcoders(tiny, d_sae=40, seed=3, layers=layers)
+    if request.param == "skip":
+        with_skip(tset)
+    return tiny, tset, attribute(tiny, tset, PROMPT)
+
+
+def targets(graph: AttributionGraph) -> torch.Tensor:
+    return (~torch.isnan(graph.value)).nonzero().flatten()
+
+
+def test_completeness_against_the_unmodified_model(case):
+    model, tset, graph = case
+    tokens = model.to_tokens(PROMPT)
+    logits, cache = model.run_with_cache(tokens)
+    for i, (layer, pos, index) in enumerate(graph.features.tolist()):
+        pre = cache[tset[layer].cfg.hook_in][0, pos] @ tset[layer].W_enc[:, index] + tset[layer].b_enc[index]
+        assert graph.value[i] == pytest.approx(float(pre), rel=1e-5, abs=1e-5)
+    for i, token in enumerate(graph.logit_tokens.tolist()):
+        assert graph.value[graph.logit_index(i)] == pytest.approx(float(logits[0, -1, token]), rel=1e-5, abs=1e-5)
+    t = targets(graph)
+    assert len(t) == graph.n_features + len(graph.logit_tokens)
+    assert graph.n_features == graph.n_active_features and not graph.capped
+    total = graph.adjacency[t].sum(1) + graph.bias[t] + graph.dropped[t]
+    torch.testing.assert_close(total, graph.value[t], rtol=1e-4, atol=1e-4 * float(graph.value[t].abs().max()))
+    assert not graph.dropped.any()
+    # sources only: error, token and logit nodes have no incoming edges
+    assert not graph.adjacency[graph.n_features:graph.logit_index(0)].any()
+
+
+def frozen_run(model, tset, tokens, scale_source):
+    """Targets of the local replacement model, run forward with hooks, one source scaled by `scale_source`.
+
+    Returns (feature pre-activations per layer [n_pos, d_sae], last-position logits).
+    """
+    n_layers = model.cfg.n_layers
+    _, cache = model.run_with_cache(tokens)
+    const = {}
+    for layer in range(n_layers):
+        out = cache[f"blocks.{layer}.hook_mlp_out"].clone()
+        if layer in tset.by_layer:  # everything but the skip path is frozen; the skip path stays live
+            tc = tset[layer]
+            x = cache[tc.cfg.hook_in]
+            if tc.W_skip is not None:
+                out = out - x @ tc.W_skip
+        const[layer] = out
+    hooks = []
+
+    def freeze(name):
+        hooks.append((name, lambda value, hook: cache[hook.name]))
+
+    for layer in range(n_layers):
+        for name in (f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale", f"blocks.{layer}.attn.hook_pattern"):
+            freeze(name)
+    freeze("ln_final.hook_scale")
+    seen = {}
+
+    def keep_input(value, hook):
+        seen[hook.name] = value
+        return value
+
+    for tc in tset:
+        hooks.append((tc.cfg.hook_in, keep_input))
+
+    def mlp_out(layer):
+        def hook(value, hook):
+            out = const[layer].clone()
+            if layer in tset.by_layer and tset[layer].W_skip is not None:
+                out = out + seen[tset[layer].cfg.hook_in] @ tset[layer].W_skip
+            return scale_source("mlp", layer, out)
+        return hook
+
+    for layer in range(n_layers):
+        hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out(layer)))
+    hooks.append(("blocks.0.hook_resid_pre", lambda value, hook: scale_source("embed", None, value)))
+    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    pre = {tc.layer: tc.pre_acts(seen[tc.cfg.hook_in][0]) for tc in tset}
+    return pre, logits[0, -1]
+
+
+def add_at(layer: int, pos: int, delta: torch.Tensor):
+    """Scale a feature or error node: add (alpha - 1) times its output to that layer's MLP output."""
+    def scale(where, at_layer, value):
+        if where == "mlp" and at_layer == layer:
+            value = value.clone()
+            value[0, pos] += delta
+        return value
+    return scale
+
+
+def scale_embedding(pos: int, alpha: float):
+    def scale(where, at_layer, value):
+        if where == "embed":
+            value = value.clone()
+            value[0, pos] *= alpha
+        return value
+    return scale
+
+
+def error_vector(model, tset, tokens, layer: int, pos: int) -> torch.Tensor:
+    _, cache = model.run_with_cache(tokens)
+    err = cache[f"blocks.{layer}.hook_mlp_out"][0, pos]
+    if layer in tset.by_layer:
+        tc = tset[layer]
+        x = cache[tc.cfg.hook_in][0, pos]
+        err = err - tc.decode(tc.encode(x), x)
+    return err
+
+
+def test_edges_equal_interventions(case):
+    model, tset, graph = case
+    tokens = model.to_tokens(PROMPT)
+    base_pre, base_logits = frozen_run(model, tset, tokens, lambda where, layer, value: value)
+    t = targets(graph)
+    feats = graph.features
+    n_checked = 0
+    # sources: the strongest features by outgoing weight, a few error nodes, every token
+    strength = graph.adjacency[:, :graph.n_features].abs().sum(0)
+    sources = [("feature", int(i)) for i in strength.argsort(descending=True)[:4]]
+    sources += [("error", (1, graph.n_pos - 1)), ("error", (0, 1)), ("token", 1), ("token", graph.n_pos - 1), ("token", 0)]
+    alpha = 3.0
+    for kind, which in sources:
+        if kind == "feature":
+            layer, pos, index = feats[which].tolist()
+            column = which
+            scale_source = add_at(layer, pos, (alpha - 1) * graph.activations[which] * tset[layer].W_dec[index])
+        elif kind == "error":
+            layer, pos = which
+            column = graph.error_index(layer, pos)
+            scale_source = add_at(layer, pos, (alpha - 1) * error_vector(model, tset, tokens, layer, pos))
+        else:
+            pos, column = which, graph.token_index(which)
+            scale_source = scale_embedding(pos, alpha)
+        pre, logits = frozen_run(model, tset, tokens, scale_source)
+        for row in t.tolist():
+            if row < graph.n_features:
+                tl, tp, ti = feats[row].tolist()
+                change = pre[tl][tp, ti] - base_pre[tl][tp, ti]
+            else:
+                token = int(graph.logit_tokens[row - graph.logit_index(0)])
+                change = logits[token] - base_logits[token]
+            expected = (alpha - 1) * graph.adjacency[row, column]
+            assert float(change) == pytest.approx(float(expected), abs=2e-4 + 1e-3 * abs(float(expected))), (kind, which, row)
+            n_checked += abs(float(expected)) > 1e-3
+    assert n_checked > 20  # the check saw real, non-zero edges
+
+
+def test_same_position_edge_is_activation_times_pullback_over_scale(tiny):
+    """With attention writing nothing (W_O = 0), features interact only along their own position."""
+    model = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.W_O.zero_()
+    tset = random_transcoders(model, d_sae=40, seed=4)
+    graph = attribute(model, tset, PROMPT)
+    _, cache = model.run_with_cache(model.to_tokens(PROMPT))
+    n_feat = graph.n_features
+    pullback = {}
+    for lo in tset.layers:
+        for hi in tset.layers:
+            if lo < hi:
+                table = pullback_table(model, tset, lo, hi, IngestSettings(top_k=tset[lo].cfg.d_sae)).to_pydict()
+                pullback.update({(s, d): w for s, d, w in zip(table["src"], table["dst"], table["weight"])})
+    compared = 0
+    for t in range(n_feat):
+        tl, tp, ti = graph.features[t].tolist()
+        scale = float(cache[f"blocks.{tl}.ln2.hook_scale"][0, tp, 0])
+        for s in range(n_feat):
+            sl, sp, si = graph.features[s].tolist()
+            weight = float(graph.adjacency[t, s])
+            if sp != tp or sl >= tl:
+                assert weight == 0.0
+                continue
+            expected = float(graph.activations[s]) * pullback[(f"L{sl}/{si}", f"L{tl}/{ti}")] / scale
+            assert weight == pytest.approx(expected, rel=1e-4, abs=1e-5)
+            compared += 1
+    assert compared > 50
+
+
+def test_feature_cap_keeps_the_most_influential_and_accounts_for_the_rest(tiny):
+    tset = random_transcoders(tiny, d_sae=40, seed=3)
+    full = attribute(tiny, tset, PROMPT)
+    capped = attribute(tiny, tset, PROMPT, max_feature_nodes=12, batch_size=4, update_interval=1)
+    assert capped.n_features == 12 and capped.capped and capped.n_active_features == full.n_features
+    t = targets(capped)
+    total = capped.adjacency[t].sum(1) + capped.bias[t] + capped.dropped[t]
+    torch.testing.assert_close(total, capped.value[t], rtol=1e-4, atol=1e-4 * float(capped.value[t].abs().max()))
+    assert capped.dropped.abs().sum() > 0
+    # the kept features' rows are the full graph's rows (restricted to kept columns)
+    index = {tuple(f): i for i, f in enumerate(full.features.tolist())}
+    rows = torch.tensor([index[tuple(f)] for f in capped.features.tolist()])
+    cols = torch.cat([rows, torch.arange(full.n_features, full.n_nodes - len(full.logit_tokens))])
+    torch.testing.assert_close(capped.adjacency[:12, :-len(capped.logit_tokens)], full.adjacency[rows][:, cols])
+    # the first features chosen are those with the largest direct effect on the logits
+    logit_rows = full.adjacency[-len(full.logit_tokens):, :full.n_features]
+    top = (logit_rows.abs() / full.adjacency[-len(full.logit_tokens):].abs().sum(1, keepdim=True)).T @ full.logit_probabilities
+    assert int(top.argmax()) in rows.tolist()
+
+
+def test_logit_targets_and_named_targets(tiny):
+    tset = random_transcoders(tiny, d_sae=40, seed=3, layers=[1])
+    graph = attribute(tiny, tset, PROMPT, max_n_logits=3, desired_logit_prob=0.99)
+    probs = tiny(tiny.to_tokens(PROMPT))[0, -1].softmax(-1)
+    assert graph.logit_tokens.tolist() == probs.topk(3).indices.tolist()
+    paris = target_token(tiny, "paris")
+    named = attribute(tiny, tset, PROMPT, max_n_logits=1, extra_targets=[paris])
+    assert named.logit_tokens.tolist()[-1] == paris
+    with pytest.raises(AttributionError, match="2 tokens"):
+        target_token(tiny, "paris france")
+    with pytest.raises(AttributionError, match="empty prompt"):
+        attribute(tiny, tset, "   ")
