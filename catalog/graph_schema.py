@@ -39,11 +39,21 @@ NODES = (
                         ("frequency", "DOUBLE"), ("mean_act", "FLOAT"), ("max_act", "FLOAT")),  # null until stats exist
             layout.FEATURES),
     NodeSet("Token", (("id", "INT64"), ("text", "STRING")), layout.TOKENS),
+    NodeSet("Prompt", (("id", "STRING"), ("text", "STRING"), ("target", "STRING"), ("n_tokens", "INT64"),
+                       ("replacement_score", "FLOAT"), ("completeness_score", "FLOAT")), layout.PROMPT_INDEX),
+    # every node of every prompt's graph; `kept` marks the pruned graph, which is what ATTR edges hold
+    NodeSet("PNode", (("id", "STRING"), ("prompt_id", "STRING"), ("kind", "STRING"), ("layer", "INT64"), ("pos", "INT64"),
+                      ("feature", "INT64"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
+                      ("value", "FLOAT"), ("bias", "FLOAT"), ("influence", "FLOAT"), ("probability", "FLOAT"),
+                      ("kept", "BOOLEAN")), f"{layout.PROMPTS}/*/nodes.parquet"),
 )
 RELS = (
     RelSet("PULLBACK", "Feature", "Feature", (("weight", "FLOAT"),), f"{layout.PULLBACKS}/*.parquet"),
     RelSet("DEEMBED", "Token", "Feature", (("weight", "FLOAT"), ("variant", "STRING")), f"{layout.DEEMBED}/*.parquet"),
     RelSet("LOGIT", "Feature", "Token", (("weight", "FLOAT"),), f"{layout.LOGITS}/*.parquet"),
+    RelSet("ATTR", "PNode", "PNode", (("weight", "FLOAT"),), f"{layout.PROMPTS}/*/edges.parquet"),
+    RelSet("INSTANCE_OF", "PNode", "Feature", (), f"{layout.PROMPTS}/*/links_feature.parquet"),
+    RelSet("INSTANCE_OF", "PNode", "Token", (), f"{layout.PROMPTS}/*/links_token.parquet"),
 )
 
 
@@ -58,5 +68,8 @@ def catalog_signature(catalog_dir: Path) -> str:
         raise CatalogDirError(f"{catalog_dir}: the ingest has not finished; rerun the same ingest command to complete it")
     stats_info = Path(catalog_dir) / layout.STATS / "info.json"
     stats = stats_info.read_text() if stats_info.is_file() else None
-    blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts, "stats": stats}, sort_keys=True)
+    index = Path(catalog_dir) / layout.PROMPT_INDEX
+    prompts = hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None
+    blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts, "stats": stats,
+                       "prompts": prompts}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

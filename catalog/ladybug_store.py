@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from catalog.errors import first_line
-from catalog.graph_schema import NODES, RELS, catalog_signature, part_files
+from catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, part_files
 from catalog.store import CypherError, GraphStore, Row, StoreError
 
 
@@ -55,11 +56,11 @@ class LadybugStore(GraphStore):
                 conn.execute(statement)
             # one COPY per table over all its files: each COPY into a relationship table rebuilds its
             # adjacency lists, so 16-file chunks took 19 s for 10M edges where one statement takes 11 s
-            steps = [(n.label, part_files(catalog_dir, n.files)) for n in NODES]
-            steps += [(r.type, part_files(catalog_dir, r.files)) for r in RELS]
-            for table, files in tqdm(steps, desc=f"loading {self.path}", unit="table", disable=not progress):
+            steps = [(_node_copy(n), part_files(catalog_dir, n.files)) for n in NODES]
+            steps += [(_rel_copy(r), part_files(catalog_dir, r.files)) for r in RELS]
+            for copy, files in tqdm(steps, desc=f"loading {self.path}", unit="table", disable=not progress):
                 if files:
-                    conn.execute(_copy_statement(table, files))
+                    conn.execute(copy(files))
             conn.close()
             db.close()
             self.marker.unlink(missing_ok=True)
@@ -111,16 +112,26 @@ def _ddl() -> list[str]:
     for n in NODES:
         cols = ", ".join(f"`{name}` {typ}" for name, typ in n.columns)
         statements.append(f"CREATE NODE TABLE {n.label}({cols}, PRIMARY KEY(`{n.columns[0][0]}`))")
-    for r in RELS:
-        props = "".join(f", `{name}` {typ}" for name, typ in r.properties)
-        statements.append(f"CREATE REL TABLE {r.type}(FROM {r.source} TO {r.target}{props})")
+    for rel_type in dict.fromkeys(r.type for r in RELS):  # one table per type, with every (source, target) pair
+        group = [r for r in RELS if r.type == rel_type]
+        pairs = ", ".join(f"FROM {r.source} TO {r.target}" for r in group)
+        props = "".join(f", `{name}` {typ}" for name, typ in group[0].properties)
+        statements.append(f"CREATE REL TABLE {rel_type}({pairs}{props})")
     return statements
 
 
-def _copy_statement(table: str, files: list[Path]) -> str:
+def _node_copy(n: NodeSet) -> Callable[[list[Path]], str]:
+    return lambda files: _copy(n.label, [c for c, _ in n.columns], files)
+
+
+def _rel_copy(r: RelSet) -> Callable[[list[Path]], str]:
+    grouped = sum(other.type == r.type for other in RELS) > 1  # a table of several pairs is told which one
+    options = f" (from='{r.source}', to='{r.target}')" if grouped else ""
+    return lambda files: _copy(r.type, ["src", "dst", *(c for c, _ in r.properties)], files) + options
+
+
+def _copy(table: str, columns: list[str], files: list[Path]) -> str:
     """COPY matches columns by position, so project exactly the schema's columns in order."""
-    node = next((n for n in NODES if n.label == table), None)
-    columns = [c for c, _ in node.columns] if node else ["src", "dst", *(c for c, _ in next(r for r in RELS if r.type == table).properties)]
     paths = "[" + ", ".join(_quote(str(f)) for f in files) + "]"
     return f"COPY {table} FROM (LOAD FROM {paths} RETURN {', '.join(f'`{c}`' for c in columns)})"
 

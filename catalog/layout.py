@@ -20,6 +20,8 @@ PULLBACKS = "pullbacks"
 DEEMBED = "deembed"
 LOGITS = "logits"
 STATS = "stats"  # stats/features.parquet, stats/top_examples.parquet, stats/tokens.parquet, stats/info.json
+PROMPTS = "prompts"  # prompts/<prompt_id>/{prompt.json, nodes.parquet, edges.parquet, edges_full.parquet, links_*.parquet}
+PROMPT_INDEX = "prompts.parquet"
 
 PULLBACK_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32())])
 DEEMBED_SCHEMA = pa.schema(
@@ -27,6 +29,26 @@ DEEMBED_SCHEMA = pa.schema(
 )
 LOGIT_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.int64()), ("weight", pa.float32())])
 TOKEN_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
+
+# One prompt's attribution graph. Node ids are `<prompt_id>:<local>`, local being `tok@3`,
+# `L8/355@3`, `err:L8@3` or `logit:1234`; layer is -1 for tokens and n_layers for logits.
+PNODE_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt_id", pa.string()), ("kind", pa.string()), ("layer", pa.int32()),
+    ("pos", pa.int32()), ("feature", pa.int32()), ("feature_id", pa.string()), ("token_id", pa.int64()),
+    ("token", pa.string()), ("activation", pa.float32()), ("value", pa.float32()), ("bias", pa.float32()),
+    ("dropped", pa.float32()), ("probability", pa.float32()), ("influence", pa.float32()), ("kept", pa.bool_()),
+])
+ATTR_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32())])
+PROMPT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("text", pa.string()), ("target", pa.string()), ("n_tokens", pa.int32()),
+    ("replacement_score", pa.float32()), ("completeness_score", pa.float32()), ("n_active_features", pa.int32()),
+    ("n_feature_nodes", pa.int32()), ("capped", pa.bool_()), ("n_kept_nodes", pa.int32()), ("n_kept_edges", pa.int32()),
+    ("settings", pa.string()),
+])
+
+
+def prompt_dir(root: Path, prompt_id: str) -> Path:
+    return root / PROMPTS / prompt_id
 
 
 def pullback_part(root: Path, src_layer: int, dst_layer: int) -> Path:

@@ -51,14 +51,15 @@ def rel_merge_statement(r: RelSet) -> str:
     sets = ", ".join(f"e.{c} = r.{c}" for c, _ in r.properties if c not in keyed)
     return (
         f"UNWIND $rows AS r MATCH (a:{r.source} {{{src_key}: r.src}}) MATCH (b:{r.target} {{{dst_key}: r.dst}}) "
-        f"MERGE (a)-[e:{r.type} {pattern}]->(b) SET {sets}"
+        f"MERGE (a)-[e:{r.type} {pattern}]->(b)" + (f" SET {sets}" if sets else "")
     )
 
 
 STATE_READ = "MATCH (s:CatalogState {id: $id}) RETURN s.signature AS signature, s.parts AS parts"
 STATE_START = "MERGE (s:CatalogState {id: $id}) SET s.signature = $signature, s.parts = []"
 STATE_PART_DONE = "MATCH (s:CatalogState {id: $id}) SET s.parts = s.parts + $part"
-CLEAR_BATCH = "MATCH (n) WHERE n:Feature OR n:Token WITH n LIMIT $batch DETACH DELETE n RETURN count(*) AS deleted"
+CLEAR_BATCH = ("MATCH (n) WHERE " + " OR ".join(f"n:{n.label}" for n in NODES)
+               + " WITH n LIMIT $batch DETACH DELETE n RETURN count(*) AS deleted")
 
 
 def statements() -> list[str]:
@@ -162,25 +163,33 @@ def write_admin_import(catalog_dir: Path, out_dir: Path, progress: Callable[[str
     con = duckdb.connect()
     args = []
     for n in NODES:
+        files = part_files(catalog_dir, n.files)
+        if not files:
+            continue
         key, *rest = n.columns
         header = [f"{key[0]}:ID({n.label})"] + [f"{c}:{_csv_type(t)}" for c, t in rest]
         (out_dir / f"{n.label}.header.csv").write_text(",".join(header) + "\n")
         cols = ", ".join(f"array_to_string(\"{c}\", chr(31))" if t.endswith("[]") else f'"{c}"' for c, t in n.columns)
         con.sql(f"COPY (SELECT {cols} FROM read_parquet($src)) TO '{out_dir / (n.label + '.csv')}' (HEADER false)",
-                params={"src": [str(f) for f in part_files(catalog_dir, n.files)]})
+                params={"src": [str(f) for f in files]})
         args.append(f"--nodes={n.label}={n.label}.header.csv,{n.label}.csv")
         progress(f"wrote {n.label}.csv")
     for r in RELS:
+        files = part_files(catalog_dir, r.files)
+        if not files:
+            continue
+        grouped = sum(other.type == r.type for other in RELS) > 1  # a type can join several label pairs (INSTANCE_OF)
+        name = f"{r.type}-{r.target}" if grouped else r.type
         header = [f":START_ID({r.source})", f":END_ID({r.target})"] + [f"{c}:{_csv_type(t)}" for c, t in r.properties]
-        (out_dir / f"{r.type}.header.csv").write_text(",".join(header) + "\n")
+        (out_dir / f"{name}.header.csv").write_text(",".join(header) + "\n")
         cols = ", ".join(["src", "dst", *(f'"{c}"' for c, _ in r.properties)])
-        con.sql(f"COPY (SELECT {cols} FROM read_parquet($src)) TO '{out_dir / (r.type + '.csv')}' (HEADER false)",
-                params={"src": [str(f) for f in part_files(catalog_dir, r.files)]})
-        args.append(f"--relationships={r.type}={r.type}.header.csv,{r.type}.csv")
-        progress(f"wrote {r.type}.csv")
+        con.sql(f"COPY (SELECT {cols} FROM read_parquet($src)) TO '{out_dir / (name + '.csv')}' (HEADER false)",
+                params={"src": [str(f) for f in files]})
+        args.append(f"--relationships={r.type}={name}.header.csv,{name}.csv")
+        progress(f"wrote {name}.csv")
     con.close()
     return "neo4j-admin database import full --array-delimiter=U+001F " + " ".join(args) + " neo4j"
 
 
 def _csv_type(t: str) -> str:
-    return {"INT64": "long", "FLOAT": "float", "DOUBLE": "double", "STRING": "string", "STRING[]": "string[]"}[t]
+    return {"INT64": "long", "FLOAT": "float", "DOUBLE": "double", "STRING": "string", "STRING[]": "string[]", "BOOLEAN": "boolean"}[t]

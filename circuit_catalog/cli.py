@@ -109,12 +109,25 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--dataset", default=None, help="Also collect activation statistics over this dataset ('brown', files, HF name).")
 @click.option("--tokens", "n_tokens", type=click.IntRange(1), default=100_000, show_default=True, help="Tokens of --dataset for statistics.")
 @click.option("--ctx-len", type=click.IntRange(2), default=128, show_default=True, help="Context length for statistics.")
-def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len):
-    """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory,
-    and with --dataset, activation statistics (DIR/stats/)."""
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="Also compute attribution graphs: one prompt per line (.txt) or JSON lines with 'prompt' and optional 'target'.")
+@click.option("--max-feature-nodes", type=click.IntRange(1), default=1024, show_default=True, help="Feature nodes per graph, chosen by estimated influence.")
+@click.option("--all-features", is_flag=True, help="No cap on feature nodes (every active feature).")
+@click.option("--max-n-logits", type=click.IntRange(1), default=10, show_default=True, help="Logit targets at most.")
+@click.option("--desired-logit-prob", type=click.FloatRange(0, 1), default=0.95, show_default=True, help="Logit targets up to this cumulative probability.")
+@click.option("--node-threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True, help="Pruning: keep nodes carrying this share of influence.")
+@click.option("--edge-threshold", type=click.FloatRange(0, 1), default=0.98, show_default=True, help="Pruning: keep edges carrying this share of influence.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Attribution targets per backward sweep.")
+def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len,
+           prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size):
+    """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
+    with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
     from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
     from ingest.models import load_model, resolve_model
+    from ingest.prompts import AttributionSettings, read_prompts, run_prompts
     from ingest.transcoder_formats import load_transcoders
+
+    specs = read_prompts(prompts_file) if prompts_file is not None else []
 
     spec = resolve_model(model)
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
@@ -127,6 +140,30 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     table = Table("part", "rows", title=f"catalog {catalog_dir}")
     for name, n in done.counts.items():
         table.add_row(name, f"{n:,}")
+    out.print(table)
+    if specs:
+        settings = AttributionSettings(None if all_features else max_feature_nodes, max_n_logits, desired_logit_prob,
+                                       node_threshold, edge_threshold, batch_size)
+        run_prompts(lm, tset, catalog_dir, specs, settings)
+        _print_prompts(_prompt_rows(catalog_dir))
+
+
+def _prompt_rows(catalog_dir: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from catalog.layout import PROMPT_INDEX
+
+    path = Path(catalog_dir) / PROMPT_INDEX
+    return pq.read_table(path).to_pylist() if path.is_file() else []
+
+
+def _print_prompts(rows: list[dict]) -> None:
+    """Prompt rows from prompts.parquet (with node counts) or from a store (without)."""
+    counts = bool(rows) and "n_feature_nodes" in rows[0]
+    table = Table("prompt", "tokens", "replacement", "completeness", *(["feature nodes"] if counts else []), "text", title="attribution graphs")
+    for r in rows:
+        nodes = [f"{r['n_feature_nodes']}" + (f" of {r['n_active_features']}" if r["capped"] else "")] if counts else []
+        table.add_row(r["id"], str(r["n_tokens"]), f"{r['replacement_score']:.3f}", f"{r['completeness_score']:.3f}", *nodes, r["text"][:60])
     out.print(table)
 
 
@@ -242,14 +279,26 @@ def search(token, catalog_dir, store_uri, database, k, fmt):
 
 @main.command()
 @store_options
-@click.option("--from-token", required=True, help="Input token text.")
+@click.option("--prompt", "prompt_id", default=None, help="Search this prompt's attribution graph instead of the weights graph.")
+@click.option("--from-token", default=None, help="Input token text (with --prompt: also a position; omit for every token).")
 @click.option("--to-logit", required=True, help="Output token text.")
-@click.option("--max-hops", type=click.IntRange(0), default=2, show_default=True, help="Pullback edges between first and last feature.")
+@click.option("--max-hops", type=click.IntRange(0), default=2, show_default=True, help="Weights graph: pullback edges between first and last feature.")
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--beam", type=click.IntRange(1), default=256, show_default=True, help="Partial paths kept per hop.")
+@click.option("--beam", type=click.IntRange(1), default=256, show_default=True, help="Weights graph: partial paths kept per hop.")
+@click.option("--greedy", is_flag=True, help="With --prompt: the seed's greedy search back from the logit (see --iters, --branches).")
+@click.option("--iters", type=click.IntRange(1), default=3, show_default=True, help="Greedy search: path length in edges.")
+@click.option("--branches", type=click.IntRange(1), default=5, show_default=True, help="Greedy search: paths kept per iteration.")
 @format_option
-def paths(catalog_dir, store_uri, database, from_token, to_logit, max_hops, k, beam, fmt):
-    """Strongest token -> feature (-> feature ...) -> logit paths in the weights graph."""
+def paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, max_hops, k, beam, greedy, iters, branches, fmt):
+    """Strongest token -> feature (-> feature ...) -> logit paths, in the weights graph or (--prompt) a prompt's graph.
+
+    In a prompt's graph a path's strength is the product of its edges' weights per unit of each
+    source's activation: the effect of the token on the logit through exactly that path.
+    """
+    if prompt_id is not None:
+        return _prompt_paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, k, greedy, iters, branches, fmt)
+    if from_token is None:
+        raise click.UsageError("--from-token is required for the weights graph (without --prompt)")
     with _lookups(catalog_dir, store_uri, database) as lookups:
         found = lookups.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam)
     if fmt == "json":
@@ -259,6 +308,116 @@ def paths(catalog_dir, store_uri, database, from_token, to_logit, max_hops, k, b
     for p in found:
         table.add_row(f"{p.strength:+.4g}", " -> ".join([repr(p.nodes[0]), *p.nodes[1:-1], repr(p.nodes[-1])]))
     out.print(table)
+
+
+def _prompt_paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, k, greedy, iters, branches, fmt):
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        graph = lookups.prompt_graph(prompt_id)
+        if greedy:
+            found = lookups.prompt_greedy_paths(prompt_id, to_logit, iters, branches)
+        else:
+            found = lookups.prompt_paths(prompt_id, to_logit, from_token, k)
+    labels = {i: n.label for i, n in graph.nodes.items()}
+    if fmt == "json":
+        _print_json([{"nodes": [graph.nodes[i].local for i in p.nodes], "labels": [labels[i] for i in p.nodes], "strength": p.strength}
+                     for p in found])
+        return
+    table = Table("strength", "path", title=f"prompt {prompt_id}: {'greedy paths' if greedy else 'strongest paths'} to {to_logit!r}")
+    for p in found:
+        table.add_row(f"{p.strength:+.4g}", " -> ".join(labels[i] for i in p.nodes))
+    out.print(table)
+
+
+@main.command(name="prompts")
+@store_options
+@format_option
+def list_prompts(catalog_dir, store_uri, database, fmt):
+    """The prompts with attribution graphs in the catalog, with their replacement and completeness scores."""
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        rows = [asdict(p) for p in lookups.prompts()]
+    if fmt == "json":
+        _print_json(rows)
+        return
+    _print_prompts(rows)
+
+
+@main.command(name="prompts-using")
+@click.argument("feature")
+@store_options
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True)
+@format_option
+def prompts_using(feature, catalog_dir, store_uri, database, k, fmt):
+    """Prompts whose pruned attribution graph contains FEATURE, by its influence on their logits."""
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        found = lookups.prompts_using(feature, k)
+    if fmt == "json":
+        _print_json([asdict(u) for u in found])
+        return
+    table = Table("prompt", "influence", "activation", "positions", "text", title=f"prompts using {feature}")
+    for u in found:
+        table.add_row(u.prompt, f"{u.influence:.4f}", f"{u.activation:.3f}", ",".join(map(str, u.positions)), u.text[:60])
+    out.print(table if found else f"{feature} is in no prompt's pruned graph")
+
+
+@main.command()
+@store_options
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True)
+@format_option
+def recurring(catalog_dir, store_uri, database, k, fmt):
+    """Features that appear in the most prompts' pruned attribution graphs."""
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        found = lookups.recurring(k)
+    if fmt == "json":
+        _print_json([asdict(r) for r in found])
+        return
+    table = Table("feature", "prompts", "influence", "extended de-embedding", "logit lens", title="recurring features")
+    for r in found:
+        table.add_row(r.feature, str(r.prompts), f"{r.influence:.4f}", " ".join(map(repr, r.tokens)), " ".join(map(repr, r.logit_tokens)))
+    out.print(table)
+
+
+@main.command()
+@store_options
+@click.option("--prompt", "prompt_id", required=True)
+@click.option("-k", type=click.IntRange(1), default=15, show_default=True, help="Nodes to list by influence.")
+@format_option
+def graph(catalog_dir, store_uri, database, prompt_id, k, fmt):
+    """A prompt's pruned attribution graph: scores, node and edge counts, the most influential nodes."""
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        info, g = lookups.prompt(prompt_id), lookups.prompt_graph(prompt_id)
+    kinds = {kind: len(g.of_kind(kind)) for kind in ("token", "feature", "error", "logit")}
+    n_edges = sum(len(v) for v in g.edges.values())
+    top = sorted((n for n in g.nodes.values() if n.kind in ("feature", "error")), key=lambda n: -(n.influence or 0))[:k]
+    if fmt == "json":
+        _print_json({"prompt": asdict(info), "nodes": kinds, "edges": n_edges,
+                     "logits": [{"token": n.token, "probability": n.probability} for n in g.of_kind("logit")],
+                     "top": [{"node": n.local, "influence": n.influence, "activation": n.activation} for n in top]})
+        return
+    out.print(f"prompt {info.id}: {info.text!r} ({info.n_tokens} tokens)\n"
+              f"replacement score {info.replacement_score:.3f}, completeness score {info.completeness_score:.3f}\n"
+              f"pruned graph: {', '.join(f'{v} {k_}' for k_, v in kinds.items())} nodes, {n_edges} edges")
+    logits = Table("logit", "probability", title="logit targets")
+    for n in sorted(g.of_kind("logit"), key=lambda n: -(n.probability or 0)):
+        logits.add_row(repr(n.token), f"{n.probability:.3f}")
+    out.print(logits)
+    table = Table("node", "influence", "activation", title="most influential nodes")
+    for n in top:
+        table.add_row(n.label, f"{n.influence:.4f}", "" if n.activation is None else f"{n.activation:.3f}")
+    out.print(table)
+
+
+@main.command()
+@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--prompt", "prompt_id", required=True)
+@click.option("--neuronpedia", "out_file", required=True, type=click.Path(path_type=Path),
+              help="Graph JSON to write (Neuronpedia / circuit-tracer viewer format); graph-metadata.json beside it lists it.")
+def export(catalog_dir, prompt_id, out_file):
+    """Export a prompt's pruned attribution graph for circuit-tracer's local viewer or Neuronpedia."""
+    from queries.neuronpedia import export_neuronpedia
+
+    graph = export_neuronpedia(catalog_dir, prompt_id, out_file)
+    out.print(f"wrote {out_file}: {len(graph['nodes'])} nodes, {len(graph['links'])} links "
+              f"(serve {out_file.parent} with circuit-tracer's local viewer)")
 
 
 def _parse_param(text: str) -> tuple[str, object]:

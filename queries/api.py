@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from catalog.errors import UnknownFeature
+from catalog.errors import UnknownFeature, UserError
 from catalog.layout import parse_feature_id
 from catalog.store import GraphStore, Row
+from queries.prompt_graph import NodePath, PromptGraph, greedy_paths, strongest_paths
 
 CYPHER_DIR = Path(__file__).with_name("cypher")
 
@@ -67,6 +68,38 @@ class WeightPath:
         for w in self.weights:
             product *= w
         return product
+
+
+@dataclass
+class PromptInfo:
+    id: str
+    text: str
+    target: str | None
+    n_tokens: int
+    replacement_score: float
+    completeness_score: float
+
+
+@dataclass
+class PromptUse:
+    prompt: str
+    text: str
+    positions: list[int]
+    influence: float
+    activation: float
+
+
+@dataclass
+class Recurring:
+    feature: str
+    prompts: int
+    influence: float
+    tokens: list[str]
+    logit_tokens: list[str]
+
+
+class UnknownPrompt(UserError):
+    """A prompt id, token or logit that is not in the catalog's graphs."""
 
 
 def token_texts(text: str) -> list[str]:
@@ -156,3 +189,57 @@ class Lookups:
             frontier = [WeightPath([*p.nodes, r["dst"]], [*p.weights, float(r["weight"])]) for p in frontier for r in steps[p.nodes[-1]]]
             frontier = sorted(frontier, key=lambda p: -abs(p.strength))[:beam]
         return sorted(complete, key=lambda p: (-abs(p.strength), p.nodes))[:k]
+
+    # ------------------------------------------------------------ per-prompt attribution graphs
+
+    def prompts(self, k: int = 100_000) -> list[PromptInfo]:
+        return [PromptInfo(**r) for r in self._q("prompts", k=k)]
+
+    def prompt(self, pid: str) -> PromptInfo:
+        rows = self._q("prompt", id=pid)
+        if not rows:
+            raise UnknownPrompt(f"unknown prompt {pid!r}: not in this catalog (see `circuit-catalog prompts`)")
+        return PromptInfo(**rows[0])
+
+    def prompt_graph(self, pid: str) -> PromptGraph:
+        """The pruned attribution graph of one prompt."""
+        self.prompt(pid)
+        return PromptGraph.from_rows(self._q("prompt_nodes", id=pid), self._q("prompt_edges", id=pid))
+
+    def prompt_paths(self, pid: str, to_logit: str, from_token: str | int | None = None, k: int = 10) -> list[NodePath]:
+        """The k strongest paths from the token(s) at a position or with a text (all tokens if None) to a logit."""
+        graph = self.prompt_graph(pid)
+        sinks = {n.id for n in graph.of_kind("logit") if n.token in token_texts(to_logit)}
+        if not sinks:
+            logits = ", ".join(repr(n.token) for n in graph.of_kind("logit"))
+            raise UnknownPrompt(f"{to_logit!r} is not a logit target of prompt {pid} (targets: {logits})")
+        tokens = graph.of_kind("token")
+        if from_token is None:
+            sources = {n.id for n in tokens}
+        elif isinstance(from_token, int) or str(from_token).lstrip("-").isdigit():
+            pos = int(from_token) % len(tokens) if tokens else 0
+            sources = {n.id for n in tokens if n.pos == pos}
+        else:
+            sources = {n.id for n in tokens if n.token in token_texts(str(from_token))}
+        if not sources:
+            texts = " ".join(f"{n.pos}:{n.token!r}" for n in sorted(tokens, key=lambda n: n.pos))
+            raise UnknownPrompt(f"no token {from_token!r} in prompt {pid} (tokens: {texts})")
+        return strongest_paths(graph, sources, sinks, k)
+
+    def prompt_greedy_paths(self, pid: str, to_logit: str, num_iters: int = 3, num_branches: int = 5) -> list[NodePath]:
+        graph = self.prompt_graph(pid)
+        sinks = [n.id for n in graph.of_kind("logit") if n.token in token_texts(to_logit)]
+        if not sinks:
+            raise UnknownPrompt(f"{to_logit!r} is not a logit target of prompt {pid}")
+        return greedy_paths(graph, sinks[0], num_iters, num_branches)
+
+    def prompts_using(self, fid: str, k: int = 20) -> list[PromptUse]:
+        """Prompts whose pruned graph contains the feature (at any position), most influential first."""
+        self.check_feature(fid)
+        return [PromptUse(r["prompt"], r["text"], sorted(r["positions"]), float(r["influence"]), float(r["activation"]))
+                for r in self._q("prompts_using", id=fid, k=k)]
+
+    def recurring(self, k: int = 20) -> list[Recurring]:
+        """Features found in the most prompts' pruned graphs."""
+        return [Recurring(r["feature"], int(r["prompts"]), float(r["influence"]), list(r["tokens"] or [])[:5],
+                          list(r["logit_tokens"] or [])[:5]) for r in self._q("recurring", k=k)]

@@ -22,7 +22,9 @@ from catalog.errors import UnknownFeature
 from catalog.ladybug_store import LadybugStore
 from catalog.store import CypherError, StoreError, write_clause
 from ingest.job import IngestSettings, build_manifest, run_ingest
-from queries.api import Lookups, named_query, query_names, token_texts
+from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from queries.api import Lookups, UnknownPrompt, named_query, query_names, token_texts
+from queries.prompt_graph import PromptGraph
 from tests.conftest import random_transcoders
 
 PASSWORD = "test-root-password"
@@ -33,12 +35,17 @@ PASSWORD = "test-root-password"
 
 @pytest.fixture(scope="session")
 def catalog_dir(tmp_path_factory, gpt2) -> Path:
-    """A real catalog of a tiny GPT-2: 3 layers x 200 features, ~4,800 pullback edges."""
+    """A real catalog of a tiny GPT-2: 3 layers x 200 features, ~4,800 pullback edges, three prompts' graphs."""
     root = tmp_path_factory.mktemp("catalog")
     tset = random_transcoders(gpt2, d_sae=200, seed=7)
     settings = IngestSettings(top_k=4, token_top_k=5)
     run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", settings), progress=False)
+    run_prompts(gpt2, tset, root, PROMPTS, AttributionSettings(max_feature_nodes=250, node_threshold=0.6), progress=False)
     return root
+
+
+PROMPTS = [PromptSpec("the capital of france is"), PromptSpec("the jury said the city", target="election"),
+           PromptSpec("she was in the house by the river")]
 
 
 def _free_port() -> int:
@@ -115,6 +122,9 @@ def ref(catalog_dir):
         "deembed": rows("deembed/*.parquet"),
         "logits": rows("logits/*.parquet"),
         "features": {r["id"]: r for r in pq.read_table(catalog_dir / layout.FEATURES).to_pylist()},
+        "pnodes": rows("prompts/*/nodes.parquet"),
+        "attr": rows("prompts/*/edges.parquet"),
+        "prompts": pq.read_table(catalog_dir / layout.PROMPT_INDEX).to_pylist(),
     }
 
 
@@ -207,6 +217,88 @@ def test_unknown_and_malformed_features(store):
         lookups.upstream("L7/1")
     with pytest.raises(UnknownFeature, match="malformed"):
         lookups.tokens("L1-1")
+
+
+# ---------------------------------------------------------------- prompts' attribution graphs
+
+
+def test_prompt_graphs_round_trip(store, ref):
+    lookups = Lookups(store)
+    assert sorted(p.id for p in lookups.prompts()) == sorted(r["id"] for r in ref["prompts"])
+    for row in ref["prompts"]:
+        info = lookups.prompt(row["id"])
+        assert (info.text, info.n_tokens) == (row["text"], row["n_tokens"])
+        assert info.replacement_score == pytest.approx(row["replacement_score"], rel=1e-6)
+        graph = lookups.prompt_graph(row["id"])
+        kept = {n["id"]: n for n in ref["pnodes"] if n["prompt_id"] == row["id"] and n["kept"]}
+        assert set(graph.nodes) == set(kept)
+        for nid, node in graph.nodes.items():
+            assert (node.kind, node.layer, node.pos, node.feature, node.token_id, node.token) == tuple(
+                kept[nid][c] for c in ("kind", "layer", "pos", "feature", "token_id", "token"))
+            assert node.influence == pytest.approx(kept[nid]["influence"], rel=1e-6)
+        expected = {(e["src"], e["dst"]): e["weight"] for e in ref["attr"] if e["dst"] in kept}
+        got = {(src, dst): w for dst, ins in graph.edges.items() for src, w in ins}
+        assert got.keys() == expected.keys() and len(got) > 10
+        assert [got[key] for key in sorted(got)] == pytest.approx([expected[key] for key in sorted(got)], rel=1e-6)
+
+
+def test_prompts_using_and_recurring(store, ref):
+    lookups = Lookups(store)
+    uses: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for n in ref["pnodes"]:
+        if n["kept"] and n["kind"] == "feature":
+            uses[n["feature_id"]][n["prompt_id"]].append(n)
+    shared = sorted(uses, key=lambda f: (-len(uses[f]), f))[:3]
+    for fid in shared:
+        got = lookups.prompts_using(fid, k=10)
+        expected = sorted(((pid, sorted(n["pos"] for n in ns), sum(n["influence"] for n in ns)) for pid, ns in uses[fid].items()),
+                          key=lambda t: (-t[2], t[0]))
+        assert [(u.prompt, u.positions) for u in got] == [(p, pos) for p, pos, _ in expected]
+        assert [u.influence for u in got] == pytest.approx([i for _, _, i in expected], rel=1e-5)
+    got = lookups.recurring(k=8)
+    counts = {f: (len(p), sum(n["influence"] for ns in p.values() for n in ns)) for f, p in uses.items()}
+    expected = sorted(counts, key=lambda f: (-counts[f][0], -counts[f][1], f))[:8]
+    assert [r.feature for r in got] == expected
+    assert [r.prompts for r in got] == [counts[f][0] for f in expected]
+    unused = next(f for f in ref["features"] if f not in uses)
+    assert lookups.prompts_using(unused) == []
+
+
+def _all_paths(graph: PromptGraph, sources: set[str], sinks: set[str]) -> list[tuple[list[str], float]]:
+    """Every source -> sink path of the pruned graph, enumerated, with its product of per-unit factors."""
+    out = defaultdict(list)
+    for dst, ins in graph.edges.items():
+        for src, w in ins:
+            out[src].append((dst, graph.factor(src, w)))
+    found = []
+
+    def walk(path, strength):
+        if path[-1] in sinks and len(path) > 1:
+            found.append((path, strength))
+        for dst, f in out[path[-1]]:
+            walk(path + [dst], strength * f)
+
+    for s in sources:
+        walk([s], 1.0)
+    return sorted(found, key=lambda p: (-abs(p[1]), p[0]))
+
+
+def test_prompt_paths_equal_enumeration(store, ref):
+    lookups = Lookups(store)
+    pid = ref["prompts"][0]["id"]
+    graph = lookups.prompt_graph(pid)
+    logit = max(graph.of_kind("logit"), key=lambda n: n.probability)
+    expected = _all_paths(graph, {n.id for n in graph.of_kind("token")}, {logit.id})
+    assert len(expected) > 10
+    got = lookups.prompt_paths(pid, logit.token, k=10)
+    assert [p.nodes for p in got] == [p for p, _ in expected[:10]]
+    assert [p.strength for p in got] == pytest.approx([s for _, s in expected[:10]], rel=1e-5)
+    at_pos = lookups.prompt_paths(pid, logit.token, from_token=1, k=5)
+    assert all(graph.nodes[p.nodes[0]].pos == 1 for p in at_pos)
+    with pytest.raises(UnknownPrompt, match="not a logit target"):
+        lookups.prompt_paths(pid, "zebra")
+    with pytest.raises(UnknownPrompt, match="unknown prompt"):
+        lookups.prompt_graph("0123456789abcdef")
 
 
 # ---------------------------------------------------------------- loading

@@ -1,0 +1,180 @@
+"""Prompt sets in, attribution graphs out: `DIR/prompts/<id>/` per prompt and the index `DIR/prompts.parquet`.
+
+Each prompt's directory is written under a temporary name and renamed, so it is complete or absent;
+a rerun skips prompts already done with the same settings. Ids are stable: a hash of the model's
+weights, the transcoder files and the prompt (text, and target when one is named).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from catalog import layout
+from catalog.errors import CatalogDirError, DatasetError
+from catalog.manifest import Manifest, now
+from catalog.parquet_io import write_atomic
+from ingest.attribution import AttributionGraph, attribute, target_token
+from ingest.pruning import Pruned, graph_scores, prune
+from ingest.transcoder import TranscoderSet
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    text: str
+    target: str | None = None  # a token the graph must include as a logit target
+
+
+@dataclass
+class AttributionSettings:
+    max_feature_nodes: int | None = 1024
+    max_n_logits: int = 10
+    desired_logit_prob: float = 0.95
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+    batch_size: int = 256
+
+
+def read_prompts(path: Path) -> list[PromptSpec]:
+    """One prompt per line (.txt), or JSON lines with `prompt` and an optional `target` (.jsonl)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"prompt file not found: {path}")
+    specs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+                specs.append(PromptSpec(str(row["prompt"]), None if row.get("target") is None else str(row["target"])))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DatasetError(f"{path}:{number}: expected a JSON object with a 'prompt' (and optional 'target')") from None
+        else:
+            specs.append(PromptSpec(line))
+    if not specs:
+        raise DatasetError(f"{path}: no prompts")
+    return specs
+
+
+def prompt_id(manifest: Manifest, spec: PromptSpec) -> str:
+    key = {"model": manifest.model_weights_sha256, "transcoders": manifest.transcoder_files, "text": spec.text}
+    if spec.target is not None:
+        key["target"] = spec.target
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def local_ids(graph: AttributionGraph) -> list[str]:
+    """Readable node ids in the graph's fixed order."""
+    ids = [f"L{layer}/{index}@{pos}" for layer, pos, index in graph.features.tolist()]
+    ids += [f"err:L{layer}@{pos}" for layer in range(graph.n_layers) for pos in range(graph.n_pos)]
+    ids += [f"tok@{pos}" for pos in range(graph.n_pos)]
+    ids += [f"logit:{t}" for t in graph.logit_tokens.tolist()]
+    return ids
+
+
+def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> dict[str, pa.Table]:
+    """nodes, pruned edges, full edges, and INSTANCE_OF links, as the store loads them."""
+    n_feat, n_err, n_pos, n_logit = graph.n_features, graph.n_errors, graph.n_pos, len(graph.logit_tokens)
+    ids = [f"{pid}:{local}" for local in local_ids(graph)]
+    kind = ["feature"] * n_feat + ["error"] * n_err + ["token"] * n_pos + ["logit"] * n_logit
+    layer = graph.features[:, 0].tolist() + [lay for lay in range(graph.n_layers) for _ in range(n_pos)] + [-1] * n_pos + [graph.n_layers] * n_logit
+    pos = graph.features[:, 1].tolist() + list(range(n_pos)) * graph.n_layers + list(range(n_pos)) + [n_pos - 1] * n_logit
+    feature = graph.features[:, 2].tolist() + [None] * (n_err + n_pos + n_logit)
+    token_ids = [None] * (n_feat + n_err) + graph.tokens.tolist() + graph.logit_tokens.tolist()
+    targets = ~torch.isnan(graph.value)
+
+    def where(mask: torch.Tensor, values: torch.Tensor) -> list:
+        return [float(v) if m else None for v, m in zip(values.tolist(), mask.tolist())]
+
+    probability = [None] * (graph.n_nodes - n_logit) + graph.logit_probabilities.tolist()
+    nodes = pa.table({
+        "id": ids, "prompt_id": [pid] * graph.n_nodes, "kind": kind, "layer": layer, "pos": pos, "feature": feature,
+        "feature_id": [f"L{a}/{b}" for a, _, b in graph.features.tolist()] + [None] * (n_err + n_pos + n_logit),
+        "token_id": token_ids, "token": [None if t is None else decode([t]) for t in token_ids],
+        "activation": graph.activations.tolist() + [None] * (n_err + n_pos + n_logit),
+        "value": where(targets, graph.value), "bias": where(targets, graph.bias), "dropped": where(targets, graph.dropped),
+        "probability": probability, "influence": pruned.influence.tolist(), "kept": pruned.node_mask.tolist(),
+    }, schema=layout.PNODE_SCHEMA)
+
+    def edges(mask: torch.Tensor) -> pa.Table:
+        dst, src = mask.nonzero(as_tuple=True)
+        id_array = pa.array(ids)
+        return pa.table([id_array.take(pa.array(src.numpy())), id_array.take(pa.array(dst.numpy())),
+                         pa.array(graph.adjacency[dst, src].numpy(), pa.float32())], schema=layout.ATTR_SCHEMA)
+
+    return {
+        "nodes": nodes,
+        "edges": edges(pruned.edge_mask),
+        "edges_full": edges(graph.adjacency != 0),
+        "links_feature": pa.table({"src": ids[:n_feat], "dst": nodes["feature_id"].to_pylist()[:n_feat]}),
+        "links_token": pa.table({"src": ids[n_feat + n_err:], "dst": pa.array(token_ids[n_feat + n_err:], pa.int64())}),
+    }
+
+
+def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec], settings: AttributionSettings,
+                progress: bool = True) -> list[str]:
+    """Compute and write every prompt's graph not already in `root` with these settings; returns the ids."""
+    manifest = Manifest.read(root)
+    if manifest.status != "complete":
+        raise CatalogDirError(f"{root}: the ingest has not finished; rerun it before adding prompts")
+    wanted = json.dumps(asdict(settings), sort_keys=True)
+    ids = []
+    manifest.status = "in-progress"  # stores refuse to load a half-added prompt set
+    manifest.write(root)
+    for spec in tqdm(specs, desc="prompts", unit="prompt", disable=not progress):
+        pid = prompt_id(manifest, spec)
+        ids.append(pid)
+        info_path = layout.prompt_dir(root, pid) / "prompt.json"
+        if info_path.is_file() and json.loads(info_path.read_text())["settings"] == wanted:
+            continue
+        write_prompt(model, tset, root, pid, spec, settings)
+    write_prompt_index(root)
+    manifest.status, manifest.completed = "complete", now()
+    manifest.write(root)
+    return ids
+
+
+def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptSpec, settings: AttributionSettings) -> None:
+    extra = [target_token(model, spec.target)] if spec.target is not None else []
+    graph = attribute(model, tset, spec.text, extra_targets=extra, max_n_logits=settings.max_n_logits,
+                      desired_logit_prob=settings.desired_logit_prob, max_feature_nodes=settings.max_feature_nodes,
+                      batch_size=settings.batch_size)
+    pruned = prune(graph, settings.node_threshold, settings.edge_threshold)
+    replacement, completeness = graph_scores(graph)
+    tables = graph_tables(graph, pruned, pid, model.tokenizer.decode)
+    info = {
+        "id": pid, "text": spec.text, "target": spec.target, "n_tokens": graph.n_pos, "tokens": graph.tokens.tolist(),
+        "replacement_score": replacement, "completeness_score": completeness,
+        "n_active_features": graph.n_active_features, "n_feature_nodes": graph.n_features, "capped": graph.capped,
+        "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": tables["edges"].num_rows,
+        "n_layers": graph.n_layers, "settings": json.dumps(asdict(settings), sort_keys=True),
+    }
+    target = layout.prompt_dir(root, pid)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{pid}.tmp-", dir=target.parent))
+    try:
+        for name, table in tables.items():
+            pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
+        (tmp / "prompt.json").write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_prompt_index(root: Path) -> None:
+    """prompts.parquet: one row per prompt directory present (prompts accumulate over runs)."""
+    rows = [json.loads(p.read_text()) for p in sorted((root / layout.PROMPTS).glob("*/prompt.json"))]
+    columns = {name: [row.get(name) for row in rows] for name in layout.PROMPT_SCHEMA.names}
+    write_atomic(pa.table(columns, schema=layout.PROMPT_SCHEMA), root / layout.PROMPT_INDEX)

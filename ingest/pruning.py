@@ -1,0 +1,107 @@
+"""Influence on the logits, pruning, and the replacement / completeness scores of an attribution graph.
+
+Definitions follow circuit-tracer (`circuit_tracer.graph`): the adjacency is made non-negative and
+row-normalised (each target's incoming |weights| sum to 1), a node's influence is the logit-probability
+weighted sum over all paths to the logits (`w A + w A^2 + ...`, finite since the graph is a DAG).
+Pruning keeps the features and errors carrying `node_threshold` of the total influence (tokens and
+logits always stay), then the edges carrying `edge_threshold` of the edge influence of what is left,
+then drops nodes left without outgoing (features, errors) or incoming (features) edges, until stable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ingest.attribution import AttributionGraph
+
+
+def normalise(adjacency: torch.Tensor) -> torch.Tensor:
+    a = adjacency.abs()
+    return a / a.sum(1, keepdim=True).clamp(min=1e-10)
+
+
+def influence(normalised: torch.Tensor, weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
+    """Sum over path lengths >= 1 of `weights @ normalised^n`."""
+    current = weights @ normalised
+    total = current.clone()
+    for _ in range(max_iter):
+        if not current.any():
+            return total
+        current = current @ normalised
+        total += current
+    raise RuntimeError("influence did not converge (is the graph acyclic?)")
+
+
+def logit_weights(graph: AttributionGraph) -> torch.Tensor:
+    w = torch.zeros(graph.n_nodes)
+    w[graph.logit_index(0):] = graph.logit_probabilities
+    return w
+
+
+def node_influence(graph: AttributionGraph) -> torch.Tensor:
+    return influence(normalise(graph.adjacency), logit_weights(graph))
+
+
+def cutoff(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The smallest score among the top scores that together carry `fraction` of the total."""
+    ordered = scores.sort(descending=True).values
+    if not ordered.numel() or ordered[0] <= 0:
+        return torch.tensor(float("inf"))
+    cumulative = ordered.cumsum(0) / ordered.sum()
+    index = int(torch.searchsorted(cumulative, torch.tensor(fraction)))
+    return ordered[min(index, int((ordered > 0).sum()) - 1)]
+
+
+@dataclass
+class Pruned:
+    node_mask: torch.Tensor  # [n_nodes] bool
+    edge_mask: torch.Tensor  # [n_nodes, n_nodes] bool, same layout as the adjacency
+    influence: torch.Tensor  # [n_nodes] node influence in the unpruned graph (logits: their probability)
+
+
+def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    weights = logit_weights(graph)
+    scores = node_influence(graph)
+    always = graph.token_index(0)  # tokens and logits are never pruned
+    node_mask = scores >= cutoff(scores[:always], node_threshold)
+    node_mask[always:] = True
+
+    kept = graph.adjacency * node_mask[:, None] * node_mask[None, :]
+    norm = normalise(kept)
+    edge_scores = norm * (influence(norm, weights) + weights)[:, None]
+    edge_mask = (edge_scores >= cutoff(edge_scores.flatten(), edge_threshold)) & (kept != 0)
+
+    n_feat = graph.n_features
+    while True:
+        before = node_mask.clone()
+        edge_mask &= node_mask[:, None] & node_mask[None, :]
+        node_mask[:always] &= edge_mask[:, :always].any(0)  # features and errors need an outgoing edge
+        node_mask[:n_feat] &= edge_mask[:n_feat].any(1)  # features need an incoming edge
+        if torch.equal(node_mask, before):
+            break
+    return Pruned(node_mask, edge_mask, scores + weights)
+
+
+def graph_scores(graph: AttributionGraph) -> tuple[float, float]:
+    """(replacement score, completeness score), both in [0, 1].
+
+    Replacement: of the influence the tokens and errors have on the logits, the tokens' share.
+    Completeness: the influence-weighted mean, over targets, of the share of incoming |weight| that
+    does not come from error nodes.
+    """
+    norm = normalise(graph.adjacency)
+    weights = logit_weights(graph)
+    scores = influence(norm, weights)
+    errors = slice(graph.error_index(0, 0), graph.token_index(0))
+    tokens = slice(graph.token_index(0), graph.logit_index(0))
+    token_influence, error_influence = scores[tokens].sum(), scores[errors].sum()
+    replacement = token_influence / (token_influence + error_influence).clamp(min=1e-10)
+    non_error = 1 - norm[:, errors].sum(1)
+    output = scores + weights
+    completeness = (non_error * output).sum() / output.sum()
+    return float(replacement), float(completeness)

@@ -1,0 +1,4 @@
+// One prompt of the catalog, with its graph's scores.
+MATCH (p:Prompt {id: $id})
+RETURN p.id AS id, p.text AS text, p.target AS target, p.n_tokens AS n_tokens,
+       p.replacement_score AS replacement_score, p.completeness_score AS completeness_score

@@ -1,0 +1,92 @@
+"""Export one prompt's pruned graph as Neuronpedia / circuit-tracer graph JSON (metadata, nodes, links).
+
+The file opens in circuit-tracer's local viewer (`circuit_tracer.frontend.local_server.serve` on its
+directory): `graph-metadata.json` beside it is updated to list the graph. Node fields follow
+circuit-tracer's `frontend.graph_models.Node`; `influence` is the cumulative influence fraction, as
+circuit-tracer writes it. Error nodes are `err_{layer}_{pos}` (circuit-tracer's `0_{layer}_{pos}`
+collides with feature ids of layer 0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from catalog import layout
+from catalog.errors import CatalogDirError
+from catalog.manifest import Manifest
+from catalog.parquet_io import write_text_atomic
+
+
+def cantor(x: int, y: int) -> int:
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
+    catalog_dir = Path(catalog_dir)
+    manifest = Manifest.read(catalog_dir)
+    folder = layout.prompt_dir(catalog_dir, pid)
+    if not (folder / "prompt.json").is_file():
+        raise CatalogDirError(f"unknown prompt {pid!r}: no {folder}/prompt.json (see `circuit-catalog prompts`)")
+    info = json.loads((folder / "prompt.json").read_text())
+    settings = json.loads(info["settings"])
+    nodes = pq.read_table(folder / "nodes.parquet").to_pylist()
+    n_layers = info["n_layers"]
+    ordered = sorted(nodes, key=lambda n: -(n["influence"] or 0.0))
+    total = sum(n["influence"] or 0.0 for n in nodes) or 1.0
+    cumulative, running = {}, 0.0
+    for n in ordered:
+        running += n["influence"] or 0.0
+        cumulative[n["id"]] = running / total
+    tokens_by_pos = {n["pos"]: n["token"] for n in nodes if n["kind"] == "token"}
+    out_nodes, js_id = [], {}
+    first_logit = True
+    for n in nodes:
+        if not n["kept"]:
+            continue
+        kind, layer, pos = n["kind"], n["layer"], n["pos"]
+        node = {"ctx_idx": pos, "run_idx": 0, "reverse_ctx_idx": 0, "influence": cumulative[n["id"]], "activation": n["activation"],
+                "token_prob": 0.0, "is_target_logit": False, "clerp": ""}
+        if kind == "feature":
+            node |= {"node_id": f"{layer}_{n['feature']}_{pos}", "feature": cantor(layer, n["feature"]), "layer": str(layer),
+                     "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{n['feature']}-0"}
+        elif kind == "error":
+            node |= {"node_id": f"err_{layer}_{pos}", "feature": -1, "layer": str(layer),
+                     "feature_type": "mlp reconstruction error", "jsNodeId": f"{layer}_{pos}-0"}
+        elif kind == "token":
+            node |= {"node_id": f"E_{n['token_id']}_{pos}", "feature": pos, "layer": "E", "feature_type": "embedding",
+                     "jsNodeId": f"E_{n['token_id']}-{pos}"}
+        else:
+            node |= {"node_id": f"{n_layers + 1}_{n['token_id']}_{pos}", "feature": n["token_id"], "layer": str(n_layers + 1),
+                     "feature_type": "logit", "jsNodeId": f"L_{n['token_id']}-{pos}", "token_prob": n["probability"],
+                     "is_target_logit": first_logit, "clerp": f'Output "{n["token"]}" (p={n["probability"]:.3f})', "influence": None,
+                     "activation": None}
+            first_logit = False
+        js_id[n["id"]] = node["node_id"]
+        out_nodes.append(node)
+    links = [{"source": js_id[e["src"]], "target": js_id[e["dst"]], "weight": e["weight"]}
+             for e in pq.read_table(folder / "edges.parquet").to_pylist() if e["src"] in js_id and e["dst"] in js_id]
+    metadata = {
+        "slug": slug, "scan": Path(manifest.transcoders).name or manifest.transcoders, "transcoder_list": [],
+        "prompt_tokens": [tokens_by_pos[p] for p in sorted(tokens_by_pos)], "prompt": info["text"],
+        "node_threshold": settings["node_threshold"], "schema_version": 1,
+    }
+    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    return {"metadata": metadata, "qParams": qparams, "nodes": out_nodes, "links": links}
+
+
+def export_neuronpedia(catalog_dir: Path, pid: str, out_file: Path) -> dict:
+    """Write the graph JSON and list it in `graph-metadata.json` next to it; returns the graph.
+
+    The viewer finds a graph as `<slug>.json`, so the slug is the file's stem.
+    """
+    out_file = Path(out_file)
+    graph = neuronpedia_graph(catalog_dir, pid, out_file.stem)
+    write_text_atomic(json.dumps(graph, indent=2, ensure_ascii=False), out_file)
+    index_path = out_file.parent / "graph-metadata.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {"graphs": []}
+    index["graphs"] = [g for g in index.get("graphs", []) if g.get("slug") != graph["metadata"]["slug"]] + [graph["metadata"]]
+    write_text_atomic(json.dumps(index, indent=2, ensure_ascii=False), index_path)
+    return graph

@@ -1,0 +1,120 @@
+"""Path searches over one prompt's (pruned) attribution graph, as read back from a store.
+
+An edge s -> t holds s's direct effect on t. Per unit of a feature's activation that is
+`weight / activation`; tokens and errors enter at unit scale. A path's strength is the product of
+these per-unit factors along it: the effect of its first node on its last through exactly that path
+(features respond with slope 1 where active), so strengths of paths are comparable and add up.
+
+- `strongest_paths`: the k paths of largest |strength| between two node sets, exactly, by a dynamic
+  programme over the DAG (nodes ordered by layer) keeping the k best partial paths per node.
+- `greedy_paths`: the seed's computational-path search backwards from one target, expanding each path
+  by its `num_branches` strongest inputs and keeping the `num_branches` strongest paths per iteration.
+  Ranked by |attribution| (the reference code kept only the largest signed values), and paths that
+  reach a token or error node are kept as finished rather than dropped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PNode:
+    id: str
+    kind: str  # token | feature | error | logit
+    layer: int
+    pos: int
+    feature: int | None = None
+    token_id: int | None = None
+    token: str | None = None
+    activation: float | None = None
+    value: float | None = None
+    influence: float | None = None
+    probability: float | None = None
+
+    @property
+    def local(self) -> str:
+        """The id without its prompt prefix (`L8/355@3`, `tok@0`, `err:L2@3`, `logit:42`)."""
+        return self.id.split(":", 1)[1]
+
+    @property
+    def label(self) -> str:
+        if self.kind == "token":
+            return f"{self.token!r}@{self.pos}"
+        if self.kind == "logit":
+            return f"logit {self.token!r}"
+        return self.local
+
+    @property
+    def unit(self) -> float:
+        """What one unit of this node is, in the units of its outgoing edge weights."""
+        return self.activation if self.kind == "feature" and self.activation else 1.0
+
+
+@dataclass
+class PromptGraph:
+    nodes: dict[str, PNode]
+    edges: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # dst -> [(src, weight)]
+
+    @classmethod
+    def from_rows(cls, nodes: list[dict], edges: list[dict]) -> PromptGraph:
+        graph = cls({n["id"]: PNode(**{k: n.get(k) for k in PNode.__dataclass_fields__}) for n in nodes}, defaultdict(list))
+        for e in edges:
+            graph.edges[e["dst"]].append((e["src"], float(e["weight"])))
+        return graph
+
+    def factor(self, src: str, weight: float) -> float:
+        return weight / self.nodes[src].unit
+
+    def of_kind(self, kind: str) -> list[PNode]:
+        return [n for n in self.nodes.values() if n.kind == kind]
+
+
+@dataclass
+class NodePath:
+    nodes: list[str]  # node ids, source first
+    strength: float  # product of per-unit factors (for a greedy path: the first node's attribution)
+
+
+def strongest_paths(graph: PromptGraph, sources: set[str], sinks: set[str], k: int = 10) -> list[NodePath]:
+    """The k source -> sink paths of largest |strength|, exactly (DAG dynamic programme)."""
+    order = sorted(graph.nodes.values(), key=lambda n: (n.layer, n.pos, n.id))
+    best: dict[str, list[tuple[float, float, tuple[str, ...]]]] = {}  # node -> [(log|s|, sign, path)]
+    for node in order:
+        found = [(0.0, 1.0, (node.id,))] if node.id in sources else []
+        for src, weight in graph.edges.get(node.id, []):
+            f = graph.factor(src, weight)
+            if f == 0 or src not in best:
+                continue
+            found += [(log + math.log(abs(f)), sign * math.copysign(1.0, f), (*path, node.id)) for log, sign, path in best[src]]
+        if found:
+            best[node.id] = heapq.nlargest(k, found, key=lambda t: (t[0], t[2]))
+    paths = [entry for sink in sinks for entry in best.get(sink, []) if len(entry[2]) > 1]
+    return [NodePath(list(p), s * math.exp(log)) for log, s, p in heapq.nlargest(k, paths, key=lambda t: (t[0], t[2]))]
+
+
+def greedy_paths(graph: PromptGraph, target: str, num_iters: int = 3, num_branches: int = 5) -> list[NodePath]:
+    """The seed's greedy search backwards from `target`; each path's strength is its first node's attribution."""
+    frontier = [NodePath([target], 1.0)]
+    finished: list[NodePath] = []
+    for _ in range(num_iters):
+        candidates = []
+        for path in frontier:
+            head = path.nodes[0]
+            inputs = graph.edges.get(head, [])
+            if not inputs:
+                finished.append(path)
+                continue
+            # attribution of an input through this path: its direct effect on the head, times the
+            # head's attribution per unit of the head's own activation
+            scale = path.strength / (1.0 if head == target else graph.nodes[head].unit)
+            scored = [NodePath([src, *path.nodes], weight * scale) for src, weight in inputs]
+            candidates += heapq.nlargest(num_branches, scored, key=lambda p: abs(p.strength))
+        frontier = heapq.nlargest(num_branches, candidates, key=lambda p: abs(p.strength))
+        if not frontier:
+            break
+    done = [p for p in finished if len(p.nodes) > 1] + frontier
+    return sorted(done, key=lambda p: (-abs(p.strength), p.nodes))
