@@ -245,6 +245,16 @@ class Sweep:
         return rows, bias
 
 
+def prompt_tokens(model, prompt: str) -> torch.Tensor:
+    """The token ids the model sees (BOS prepended as it does); empty or over-long prompts are refused."""
+    if not prompt.strip():
+        raise AttributionError("empty prompt")
+    tokens = model.to_tokens(prompt)[0]
+    if len(tokens) > model.cfg.n_ctx:
+        raise AttributionError(f"prompt {prompt[:40]!r} is {len(tokens)} tokens; the model's context is {model.cfg.n_ctx}")
+    return tokens
+
+
 def logit_targets(model, logits: torch.Tensor, max_n_logits: int, desired_prob: float, extra: list[int]) -> torch.Tensor:
     """The most probable next tokens up to `desired_prob` cumulative probability (at most `max_n_logits`), plus `extra`."""
     probs = logits.softmax(-1)
@@ -304,11 +314,7 @@ def attribute(
     scheme); the rest are left out and their effect is recorded per target in `dropped`.
     """
     check_supported(model, tset)
-    if not prompt.strip():
-        raise AttributionError("empty prompt")
-    tokens = model.to_tokens(prompt)[0]
-    if len(tokens) > model.cfg.n_ctx:
-        raise AttributionError(f"prompt is {len(tokens)} tokens; the model's context is {model.cfg.n_ctx}")
+    tokens = prompt_tokens(model, prompt)
     trace = trace_prompt(model, tset, tokens)
     sweep = Sweep(model, tset, trace)
     n_layers, n_pos, n_active = model.cfg.n_layers, len(tokens), len(trace.active)

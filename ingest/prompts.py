@@ -24,7 +24,7 @@ from catalog import layout
 from catalog.errors import CatalogDirError, DatasetError
 from catalog.manifest import Manifest, now
 from catalog.parquet_io import write_atomic
-from ingest.attribution import AttributionGraph, attribute, target_token
+from ingest.attribution import AttributionGraph, attribute, prompt_tokens, target_token
 from ingest.pruning import Pruned, graph_scores, prune
 from ingest.transcoder import TranscoderSet
 
@@ -130,6 +130,8 @@ def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec],
         raise CatalogDirError(f"{root}: the ingest has not finished; rerun it before adding prompts")
     wanted = json.dumps(asdict(settings), sort_keys=True)
     ids = []
+    for spec in specs:  # refuse bad prompts before anything is written
+        check_prompt(model, spec)
     manifest.status = "in-progress"  # stores refuse to load a half-added prompt set
     manifest.write(root)
     for spec in tqdm(specs, desc="prompts", unit="prompt", disable=not progress):
@@ -143,6 +145,12 @@ def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec],
     manifest.status, manifest.completed = "complete", now()
     manifest.write(root)
     return ids
+
+
+def check_prompt(model, spec: PromptSpec) -> None:
+    prompt_tokens(model, spec.text)
+    if spec.target is not None:
+        target_token(model, spec.target)
 
 
 def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptSpec, settings: AttributionSettings) -> None:

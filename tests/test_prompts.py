@@ -1,0 +1,217 @@
+"""Prompt sets through the ingest job and the CLI: Parquet parts, stable ids, resumption, the
+Neuronpedia export, the greedy path search, and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from catalog import layout
+from ingest.job import IngestSettings, build_manifest, run_ingest
+from ingest.prompts import AttributionSettings, PromptSpec, prompt_id, read_prompts, run_prompts
+from ingest.transcoder_formats import save_saelens
+from queries.neuronpedia import export_neuronpedia
+from queries.prompt_graph import PromptGraph, greedy_paths
+from tests.conftest import random_transcoders
+from tests.test_cli import assert_one_line_error, run, run_json
+
+SPECS = [PromptSpec("the capital of france is"), PromptSpec("he said the county court", target="report")]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def prompt_catalog(request, tmp_path_factory):
+    model = request.getfixturevalue(request.param)
+    root = tmp_path_factory.mktemp(f"prompts-{request.param}")
+    tset = random_transcoders(model, d_sae=60, seed=11)
+    manifest = build_manifest(model, request.param, tset, "mem", IngestSettings(top_k=4, token_top_k=5))
+    run_ingest(model, tset, root, manifest, progress=False)
+    ids = run_prompts(model, tset, root, SPECS, AttributionSettings(max_feature_nodes=None), progress=False)
+    return model, tset, root, ids
+
+
+def read(root, pid, name):
+    return pq.read_table(layout.prompt_dir(root, pid) / f"{name}.parquet").to_pylist()
+
+
+def test_parts_are_complete_graphs(prompt_catalog):
+    model, _, root, ids = prompt_catalog
+    index = pq.read_table(root / layout.PROMPT_INDEX).to_pylist()
+    assert [r["id"] for r in index] == sorted(ids) and len(set(ids)) == 2
+    for spec, pid in zip(SPECS, ids):
+        nodes = {n["id"]: n for n in read(root, pid, "nodes")}
+        full = read(root, pid, "edges_full")
+        # token nodes carry exactly the ids the model saw, BOS included
+        tokens = sorted((n for n in nodes.values() if n["kind"] == "token"), key=lambda n: n["pos"])
+        assert [n["token_id"] for n in tokens] == model.to_tokens(spec.text)[0].tolist()
+        # completeness from the files alone: incoming edges + bias + dropped = value, for every target
+        incoming: dict[str, float] = {}
+        for e in full:
+            incoming[e["dst"]] = incoming.get(e["dst"], 0.0) + e["weight"]
+        targets = [n for n in nodes.values() if n["value"] is not None]
+        assert {n["kind"] for n in targets} == {"feature", "logit"}
+        scale = max(abs(n["value"]) for n in targets)
+        for n in targets:
+            assert incoming.get(n["id"], 0.0) + n["bias"] + n["dropped"] == pytest.approx(n["value"], abs=2e-4 * scale)
+        # pruned edges are a subset of the full graph, between kept nodes
+        full_set = {(e["src"], e["dst"]): e["weight"] for e in full}
+        pruned = read(root, pid, "edges")
+        assert pruned and all(full_set[(e["src"], e["dst"])] == e["weight"] for e in pruned)
+        assert all(nodes[e["src"]]["kept"] and nodes[e["dst"]]["kept"] for e in pruned)
+        # tokens and logits always stay; a named target is among the logits
+        assert all(n["kept"] for n in nodes.values() if n["kind"] in ("token", "logit"))
+        if spec.target:
+            assert spec.target in [n["token"] for n in nodes.values() if n["kind"] == "logit"]
+        row = next(r for r in index if r["id"] == pid)
+        assert 0 <= row["replacement_score"] <= 1 and 0 <= row["completeness_score"] <= 1
+        assert row["n_kept_edges"] == len(pruned) and not row["capped"]
+
+
+def test_ids_are_stable_and_finished_prompts_are_skipped(prompt_catalog):
+    model, tset, root, ids = prompt_catalog
+    stamp = {pid: (layout.prompt_dir(root, pid) / "prompt.json").stat().st_mtime_ns for pid in ids}
+    again = run_prompts(model, tset, root, SPECS, AttributionSettings(max_feature_nodes=None), progress=False)
+    assert again == ids
+    assert {pid: (layout.prompt_dir(root, pid) / "prompt.json").stat().st_mtime_ns for pid in ids} == stamp
+    from catalog.manifest import Manifest
+
+    manifest = Manifest.read(root)
+    assert prompt_id(manifest, PromptSpec("the capital of france is ")) != ids[0]
+    assert prompt_id(manifest, PromptSpec("he said the county court")) != ids[1]  # the target is part of the id
+
+
+def test_neuronpedia_export(prompt_catalog, tmp_path):
+    _, _, root, ids = prompt_catalog
+    out = tmp_path / "viewer" / "france.json"
+    graph = export_neuronpedia(root, ids[0], out)
+    written = json.loads(out.read_text())
+    assert written == graph
+    nodes = read(root, ids[0], "nodes")
+    kept = [n for n in nodes if n["kept"]]
+    assert len(written["nodes"]) == len(kept)
+    node_ids = [n["node_id"] for n in written["nodes"]]
+    assert len(set(node_ids)) == len(node_ids)
+    assert len(written["links"]) == len(read(root, ids[0], "edges"))
+    assert {link["source"] for link in written["links"]} <= set(node_ids)
+    assert written["metadata"]["slug"] == "france" and written["metadata"]["prompt"] == SPECS[0].text
+    assert sum(n["is_target_logit"] for n in written["nodes"]) == 1
+    kinds = {n["feature_type"] for n in written["nodes"]}
+    assert {"embedding", "logit", "cross layer transcoder"} <= kinds
+    index = json.loads((out.parent / "graph-metadata.json").read_text())
+    assert [g["slug"] for g in index["graphs"]] == ["france"]
+
+
+def test_greedy_paths_on_a_known_graph():
+    """t0 -> f1 -> logit and t0 -> f2 -> logit, with f2's path stronger only after dividing by activation."""
+    nodes = [
+        {"id": "p:tok@0", "kind": "token", "layer": -1, "pos": 0},
+        {"id": "p:tok@1", "kind": "token", "layer": -1, "pos": 1},
+        {"id": "p:L0/1@1", "kind": "feature", "layer": 0, "pos": 1, "feature": 1, "activation": 10.0},
+        {"id": "p:L0/2@1", "kind": "feature", "layer": 0, "pos": 1, "feature": 2, "activation": 0.5},
+        {"id": "p:err:L0@1", "kind": "error", "layer": 0, "pos": 1},
+        {"id": "p:logit:7", "kind": "logit", "layer": 1, "pos": 1},
+    ]
+    edges = [
+        {"src": "p:L0/1@1", "dst": "p:logit:7", "weight": 4.0},
+        {"src": "p:L0/2@1", "dst": "p:logit:7", "weight": -1.0},
+        {"src": "p:err:L0@1", "dst": "p:logit:7", "weight": 0.1},
+        {"src": "p:tok@0", "dst": "p:L0/1@1", "weight": 10.0},
+        {"src": "p:tok@1", "dst": "p:L0/2@1", "weight": 0.5},
+        {"src": "p:tok@0", "dst": "p:L0/2@1", "weight": 0.2},
+    ]
+    graph = PromptGraph.from_rows(nodes, edges)
+    found = greedy_paths(graph, "p:logit:7", num_iters=2, num_branches=2)
+    # iteration 1 keeps f1 (4.0) and f2 (-1.0); iteration 2: tok0 via f1 = 10 * 4/10 = 4, tok1 via f2 = 0.5 * -1/0.5 = -1,
+    # tok0 via f2 = 0.2 * -1/0.5 = -0.4: the two strongest by |attribution|, signs kept
+    assert [(p.nodes, round(p.strength, 6)) for p in found] == [
+        (["p:tok@0", "p:L0/1@1", "p:logit:7"], 4.0),
+        (["p:tok@1", "p:L0/2@1", "p:logit:7"], -1.0),
+    ]
+    # a path that reaches an error node early is finished, not dropped
+    found = greedy_paths(graph, "p:logit:7", num_iters=3, num_branches=3)
+    assert (["p:err:L0@1", "p:logit:7"], 0.1) in [(p.nodes, round(p.strength, 6)) for p in found]
+
+
+def test_prompt_file_formats(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("first prompt\n\nsecond prompt\n")
+    assert read_prompts(txt) == [PromptSpec("first prompt"), PromptSpec("second prompt")]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a b", "target": " c"}\n{"prompt": "d"}\n')
+    assert read_prompts(jsonl) == [PromptSpec("a b", " c"), PromptSpec("d")]
+
+
+# ---------------------------------------------------------------- the CLI, end to end
+
+
+@pytest.fixture(scope="module")
+def cli_catalog(tmp_path_factory, gpt2_dir, gpt2):
+    root = tmp_path_factory.mktemp("cli-prompts")
+    tc_dir = root / "tc"
+    for tc in random_transcoders(gpt2, d_sae=30, seed=2):
+        save_saelens(tc, tc_dir / f"layer_{tc.layer}")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the capital of france is", "target": "paris"}\n{"prompt": "the jury said the city"}\n')
+    catalog = root / "catalog"
+    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", tc_dir, "--catalog", catalog, "-k", 4,
+                       "--prompts", prompts, "--max-feature-nodes", 40)
+    assert code == 0, output
+    assert "attribution graphs" in output
+    return root, catalog, tc_dir
+
+
+def test_cli_prompt_queries(cli_catalog, gpt2_dir):
+    root, catalog, _ = cli_catalog
+    prompts = run_json("prompts", "--catalog", catalog)
+    assert len(prompts) == 2
+    france = next(p for p in prompts if p["text"].startswith("the capital"))
+    summary = run_json("graph", "--catalog", catalog, "--prompt", france["id"])
+    assert "paris" in [logit["token"] for logit in summary["logits"]]
+    assert summary["nodes"]["token"] == 6  # BOS + five words
+    paths = run_json("paths", "--catalog", catalog, "--prompt", france["id"], "--to-logit", "paris", "-k", 3)
+    assert paths and all(p["nodes"][0].startswith("tok@") and p["nodes"][-1].startswith("logit:") for p in paths)
+    assert abs(paths[0]["strength"]) >= abs(paths[-1]["strength"])
+    from_france = run_json("paths", "--catalog", catalog, "--prompt", france["id"], "--from-token", "france", "--to-logit", "paris")
+    assert all(p["nodes"][0] == "tok@4" for p in from_france)
+    greedy = run_json("paths", "--catalog", catalog, "--prompt", france["id"], "--to-logit", "paris", "--greedy", "--iters", 2)
+    assert greedy and all(p["nodes"][-1].startswith("logit:") for p in greedy)
+    top = run_json("recurring", "--catalog", catalog, "-k", 3)
+    assert top and top[0]["prompts"] >= top[-1]["prompts"]
+    users = run_json("prompts-using", top[0]["feature"], "--catalog", catalog)
+    assert len(users) == top[0]["prompts"]
+    code, output = run("graph", "--catalog", catalog, "--prompt", france["id"])
+    assert code == 0 and "replacement score" in output and "most influential nodes" in output
+    code, output = run("export", "--catalog", catalog, "--prompt", france["id"], "--neuronpedia", root / "view" / "g.json")
+    assert code == 0 and (root / "view" / "g.json").is_file()
+
+
+def test_cli_prompt_errors(cli_catalog, gpt2_dir, tmp_path):
+    root, catalog, tc_dir = cli_catalog
+    assert_one_line_error(*run("graph", "--catalog", catalog, "--prompt", "feedfacefeedface"), "unknown prompt")
+    pid = run_json("prompts", "--catalog", catalog)[0]["id"]
+    assert_one_line_error(*run("paths", "--catalog", catalog, "--prompt", pid, "--to-logit", "zebra"), "not a logit target")
+    assert_one_line_error(*run("paths", "--catalog", catalog, "--prompt", pid, "--from-token", "zebra", "--to-logit",
+                               run_json("graph", "--catalog", catalog, "--prompt", pid)["logits"][0]["token"]), "no token")
+    assert_one_line_error(*run("export", "--catalog", catalog, "--prompt", "nope", "--neuronpedia", tmp_path / "x.json"), "unknown prompt")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt key"}\n')
+    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", tc_dir, "--catalog", catalog, "-k", 4, "--prompts", bad),
+                          "bad.jsonl:2")
+    two = tmp_path / "two.jsonl"
+    two.write_text('{"prompt": "the city", "target": "paris france"}\n')
+    before = sorted(p.name for p in (catalog / layout.PROMPTS).iterdir())
+    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", tc_dir, "--catalog", catalog, "-k", 4, "--prompts", two),
+                          "2 tokens")
+    assert sorted(p.name for p in (catalog / layout.PROMPTS).iterdir()) == before  # nothing half-written
+
+
+def test_attribution_options_change_the_graph(prompt_catalog):
+    """A capped rerun replaces the graph (settings are part of what is skipped on)."""
+    model, tset, root, ids = prompt_catalog
+    run_prompts(model, tset, root, SPECS[:1], AttributionSettings(max_feature_nodes=5), progress=False)
+    info = json.loads((layout.prompt_dir(root, ids[0]) / "prompt.json").read_text())
+    assert info["capped"] and info["n_feature_nodes"] == 5
+    nodes = read(root, ids[0], "nodes")
+    assert sum(n["kind"] == "feature" for n in nodes) == 5
+    assert any(abs(n["dropped"] or 0) > 0 for n in nodes)
