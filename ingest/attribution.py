@@ -188,11 +188,14 @@ class Sweep:
                     cols = slice(int(idx[0]), int(idx[-1]) + 1)
                     per_pos.append((p, trace.activations[cols, None] * tc.W_dec[trace.active[cols, 2]], cols))
             self.writes[tc.layer] = per_pos
-        self.attn_bias = []
+        self.attn_bias, self.attn_out, self.attn_in = [], [], []
         for block in model.blocks:
             attn = block.attn
+            W_O, W_V = attn.W_O.detach(), attn.W_V.detach()  # [h, e, d], [h, d, e] (GQA heads expanded)
             # b_V passes the frozen pattern unchanged (rows sum to 1), so it is a constant like b_O
-            self.attn_bias.append(attn.b_O + torch.einsum("he,hed->d", attn.b_V, attn.W_O))
+            self.attn_bias.append(attn.b_O.detach() + torch.einsum("he,hed->d", attn.b_V.detach(), W_O))
+            self.attn_out.append(W_O.reshape(-1, W_O.shape[-1]).T.contiguous())  # [d, h*e]
+            self.attn_in.append(W_V.transpose(1, 2).reshape(-1, W_V.shape[1]).contiguous())  # [h*e, d]
 
     def _centre(self, v: torch.Tensor) -> torch.Tensor:
         return v - v.mean(-1, keepdim=True) if self.centre else v
@@ -204,12 +207,14 @@ class Sweep:
         return self._centre(g) / self.trace.ln2_scale[layer][None, :, None]
 
     def _through_attention(self, layer: int, g: torch.Tensor) -> torch.Tensor:
-        """Gradient at resid_mid -> its part at resid_pre through the frozen-pattern OV path."""
-        attn = self.model.blocks[layer].attn
-        u = torch.einsum("bqd,hed->bhqe", g, attn.W_O)
-        v = torch.einsum("hqk,bhqe->bhke", self.trace.patterns[layer], u)
-        back = torch.einsum("bhke,hde->bkd", v, attn.W_V)
-        return self._centre(back) / self.trace.ln1_scale[layer][None, :, None]
+        """Gradient at resid_mid -> its part at resid_pre through the frozen-pattern OV path (as matmuls)."""
+        B, n_pos, d = g.shape
+        pattern = self.trace.patterns[layer]  # [h, q, k]
+        n_heads = pattern.shape[0]
+        u = (g.reshape(B * n_pos, d) @ self.attn_out[layer]).reshape(B, n_pos, n_heads, -1).permute(2, 0, 1, 3)  # [h, B, q, e]
+        v = pattern.transpose(1, 2)[:, None] @ u  # [h, B, k, e]
+        back = v.permute(1, 2, 0, 3).reshape(B * n_pos, -1) @ self.attn_in[layer]
+        return self._centre(back.reshape(B, n_pos, d)) / self.trace.ln1_scale[layer][None, :, None]
 
     @torch.no_grad()
     def rows(self, targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
