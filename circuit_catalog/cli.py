@@ -118,8 +118,10 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--node-threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True, help="Pruning: keep nodes carrying this share of influence.")
 @click.option("--edge-threshold", type=click.FloatRange(0, 1), default=0.98, show_default=True, help="Pruning: keep edges carrying this share of influence.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Attribution targets per backward sweep.")
+@click.option("--bos-features", is_flag=True, help="Give the BOS position feature nodes too (by default its MLP output is an error node).")
 def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len,
-           prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size):
+           prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size,
+           bos_features):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
     from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
@@ -143,7 +145,7 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     out.print(table)
     if specs:
         settings = AttributionSettings(None if all_features else max_feature_nodes, max_n_logits, desired_logit_prob,
-                                       node_threshold, edge_threshold, batch_size)
+                                       node_threshold, edge_threshold, batch_size, not bos_features)
         run_prompts(lm, tset, catalog_dir, specs, settings)
         _print_prompts(_prompt_rows(catalog_dir))
 

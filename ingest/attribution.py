@@ -120,8 +120,14 @@ def check_supported(model, tset: TranscoderSet) -> None:
 
 
 @torch.no_grad()
-def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor) -> PromptTrace:
-    """One forward pass with the cache the sweep needs; feature activations from each layer's real input."""
+def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: bool = True) -> PromptTrace:
+    """One forward pass with the cache the sweep needs; feature activations from each layer's real input.
+
+    With `zero_bos`, a leading BOS position gets no feature nodes (its activations are attention-sink
+    outliers the transcoders were not trained on, as in circuit-tracer); its error nodes then carry
+    that position's whole MLP output beyond the decoder bias and skip path, so nothing is lost.
+    """
+    bos = zero_bos and model.tokenizer.bos_token_id is not None and int(tokens[0]) == model.tokenizer.bos_token_id
     n_layers = model.cfg.n_layers
     names = {"blocks.0.hook_resid_pre", "ln_final.hook_scale"}
     for layer in range(n_layers):
@@ -135,6 +141,8 @@ def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor) -> PromptTrac
         x = cache[tc.cfg.hook_in][0]
         pre = tc.pre_acts(x)
         z = tc.activate(pre)
+        if bos:
+            z[0] = 0
         errors[tc.layer] -= tc.decode(z, x)
         pos, index = z.nonzero(as_tuple=True)
         active.append(torch.stack([torch.full_like(pos, tc.layer), pos, index], 1))
@@ -310,6 +318,7 @@ def attribute(
     max_feature_nodes: int | None = None,
     batch_size: int = 256,
     update_interval: int = 4,
+    zero_bos: bool = True,
     progress: bool = False,
 ) -> AttributionGraph:
     """The attribution graph of `prompt` (BOS prepended as the model does) with the transcoders in `tset`.
@@ -320,7 +329,7 @@ def attribute(
     """
     check_supported(model, tset)
     tokens = prompt_tokens(model, prompt)
-    trace = trace_prompt(model, tset, tokens)
+    trace = trace_prompt(model, tset, tokens, zero_bos)
     sweep = Sweep(model, tset, trace)
     n_layers, n_pos, n_active = model.cfg.n_layers, len(tokens), len(trace.active)
 
@@ -365,7 +374,8 @@ def attribute(
     bar.close()
     return _assemble(prompt, trace, n_layers, logit_ids, probabilities, logit_rows, logit_bias,
                      feature_rows, feature_bias, order,
-                     {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob, "max_feature_nodes": max_feature_nodes})
+                     {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob, "max_feature_nodes": max_feature_nodes,
+                      "zero_bos": zero_bos})
 
 
 def _assemble(prompt, trace: PromptTrace, n_layers, logit_ids, probabilities, logit_rows, logit_bias,

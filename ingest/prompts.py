@@ -43,6 +43,7 @@ class AttributionSettings:
     node_threshold: float = 0.8
     edge_threshold: float = 0.98
     batch_size: int = 256
+    zero_bos: bool = True  # no feature nodes at a leading BOS (attention-sink outliers), as circuit-tracer
 
 
 def read_prompts(path: Path) -> list[PromptSpec]:
@@ -157,7 +158,7 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
     extra = [target_token(model, spec.target)] if spec.target is not None else []
     graph = attribute(model, tset, spec.text, extra_targets=extra, max_n_logits=settings.max_n_logits,
                       desired_logit_prob=settings.desired_logit_prob, max_feature_nodes=settings.max_feature_nodes,
-                      batch_size=settings.batch_size)
+                      batch_size=settings.batch_size, zero_bos=settings.zero_bos)
     pruned = prune(graph, settings.node_threshold, settings.edge_threshold)
     replacement, completeness = graph_scores(graph)
     tables = graph_tables(graph, pruned, pid, model.tokenizer.decode)

@@ -51,6 +51,7 @@ def test_completeness_against_the_unmodified_model(case):
         assert graph.value[graph.logit_index(i)] == pytest.approx(float(logits[0, -1, token]), rel=1e-5, abs=1e-5)
     t = targets(graph)
     assert len(t) == graph.n_features + len(graph.logit_tokens)
+    assert graph.features[:, 1].min() >= 1  # BOS (position 0) has no feature nodes
     assert graph.n_features == graph.n_active_features and not graph.capped
     total = graph.adjacency[t].sum(1) + graph.bias[t] + graph.dropped[t]
     torch.testing.assert_close(total, graph.value[t], rtol=1e-4, atol=1e-4 * float(graph.value[t].abs().max()))
@@ -134,7 +135,8 @@ def error_vector(model, tset, tokens, layer: int, pos: int) -> torch.Tensor:
     if layer in tset.by_layer:
         tc = tset[layer]
         x = cache[tc.cfg.hook_in][0, pos]
-        err = err - tc.decode(tc.encode(x), x)
+        z = tc.encode(x) if pos > 0 else torch.zeros(tc.cfg.d_sae)  # no feature nodes at BOS
+        err = err - tc.decode(z, x)
     return err
 
 
@@ -148,7 +150,7 @@ def test_edges_equal_interventions(case):
     # sources: the strongest features by outgoing weight, a few error nodes, every token
     strength = graph.adjacency[:, :graph.n_features].abs().sum(0)
     sources = [("feature", int(i)) for i in strength.argsort(descending=True)[:4]]
-    sources += [("error", (1, graph.n_pos - 1)), ("error", (0, 1)), ("token", 1), ("token", graph.n_pos - 1), ("token", 0)]
+    sources += [("error", (1, graph.n_pos - 1)), ("error", (0, 1)), ("error", (2, 0)), ("token", 1), ("token", graph.n_pos - 1), ("token", 0)]
     alpha = 3.0
     for kind, which in sources:
         if kind == "feature":
@@ -240,3 +242,17 @@ def test_logit_targets_and_named_targets(tiny):
         target_token(tiny, "paris france")
     with pytest.raises(AttributionError, match="empty prompt"):
         attribute(tiny, tset, "   ")
+
+
+def test_bos_features_on_request(tiny):
+    tset = random_transcoders(tiny, d_sae=40, seed=3)
+    graph = attribute(tiny, tset, PROMPT, zero_bos=False)
+    assert (graph.features[:, 1] == 0).any()
+    t = targets(graph)
+    total = graph.adjacency[t].sum(1) + graph.bias[t] + graph.dropped[t]
+    torch.testing.assert_close(total, graph.value[t], rtol=1e-4, atol=1e-4 * float(graph.value[t].abs().max()))
+    # the graphs agree on every edge between nodes they share
+    default = attribute(tiny, tset, PROMPT)
+    index = {tuple(f): i for i, f in enumerate(graph.features.tolist())}
+    rows = torch.tensor([index[tuple(f)] for f in default.features.tolist()])
+    torch.testing.assert_close(default.adjacency[:default.n_features, :default.n_features], graph.adjacency[rows][:, rows])
