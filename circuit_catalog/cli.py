@@ -281,7 +281,7 @@ def search(token, catalog_dir, store_uri, database, k, fmt):
 
 @main.command()
 @store_options
-@click.option("--prompt", "prompt_id", default=None, help="Search this prompt's attribution graph instead of the weights graph.")
+@click.option("--prompt", "prompt_id", default=None, help="Search this prompt's attribution graph (id or exact text) instead of the weights graph.")
 @click.option("--from-token", default=None, help="Input token text (with --prompt: also a position; omit for every token).")
 @click.option("--to-logit", required=True, help="Output token text.")
 @click.option("--max-hops", type=click.IntRange(0), default=2, show_default=True, help="Weights graph: pullback edges between first and last feature.")
@@ -380,7 +380,7 @@ def recurring(catalog_dir, store_uri, database, k, fmt):
 
 @main.command()
 @store_options
-@click.option("--prompt", "prompt_id", required=True)
+@click.option("--prompt", "prompt_id", required=True, help="Prompt id or exact text.")
 @click.option("-k", type=click.IntRange(1), default=15, show_default=True, help="Nodes to list by influence.")
 @format_option
 def graph(catalog_dir, store_uri, database, prompt_id, k, fmt):

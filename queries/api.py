@@ -195,15 +195,18 @@ class Lookups:
     def prompts(self, k: int = 100_000) -> list[PromptInfo]:
         return [PromptInfo(**r) for r in self._q("prompts", k=k)]
 
-    def prompt(self, pid: str) -> PromptInfo:
-        rows = self._q("prompt", id=pid)
+    def prompt(self, key: str) -> PromptInfo:
+        """A prompt by its id or its exact text."""
+        rows = self._q("prompt", key=key)
         if not rows:
-            raise UnknownPrompt(f"unknown prompt {pid!r}: not in this catalog (see `circuit-catalog prompts`)")
+            raise UnknownPrompt(f"unknown prompt {key!r}: neither an id nor the text of a prompt in this catalog (see `circuit-catalog prompts`)")
+        if len(rows) > 1:
+            raise UnknownPrompt(f"{key!r} is the text of {len(rows)} prompts (with different targets); use an id: {', '.join(r['id'] for r in rows)}")
         return PromptInfo(**rows[0])
 
-    def prompt_graph(self, pid: str) -> PromptGraph:
-        """The pruned attribution graph of one prompt."""
-        self.prompt(pid)
+    def prompt_graph(self, key: str) -> PromptGraph:
+        """The pruned attribution graph of one prompt (by id or text)."""
+        pid = self.prompt(key).id
         return PromptGraph.from_rows(self._q("prompt_nodes", id=pid), self._q("prompt_edges", id=pid))
 
     def prompt_paths(self, pid: str, to_logit: str, from_token: str | int | None = None, k: int = 10) -> list[NodePath]:

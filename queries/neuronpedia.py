@@ -27,9 +27,7 @@ def cantor(x: int, y: int) -> int:
 def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
     catalog_dir = Path(catalog_dir)
     manifest = Manifest.read(catalog_dir)
-    folder = layout.prompt_dir(catalog_dir, pid)
-    if not (folder / "prompt.json").is_file():
-        raise CatalogDirError(f"unknown prompt {pid!r}: no {folder}/prompt.json (see `circuit-catalog prompts`)")
+    folder = layout.prompt_dir(catalog_dir, _prompt_id(catalog_dir, pid))
     info = json.loads((folder / "prompt.json").read_text())
     settings = json.loads(info["settings"])
     nodes = pq.read_table(folder / "nodes.parquet").to_pylist()
@@ -75,6 +73,17 @@ def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
     }
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": out_nodes, "links": links}
+
+
+def _prompt_id(catalog_dir: Path, key: str) -> str:
+    """A prompt id from an id or an exact prompt text."""
+    index = catalog_dir / layout.PROMPT_INDEX
+    rows = pq.read_table(index, columns=["id", "text"]).to_pylist() if index.is_file() else []
+    ids = [r["id"] for r in rows if key in (r["id"], r["text"])]
+    if len(ids) != 1:
+        problem = "neither an id nor the text of a prompt" if not ids else f"the text of {len(ids)} prompts ({', '.join(ids)})"
+        raise CatalogDirError(f"unknown prompt {key!r}: {problem} in {catalog_dir} (see `circuit-catalog prompts`)")
+    return ids[0]
 
 
 def export_neuronpedia(catalog_dir: Path, pid: str, out_file: Path) -> dict:

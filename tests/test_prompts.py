@@ -182,6 +182,7 @@ def test_cli_prompt_queries(cli_catalog, gpt2_dir):
     assert len(users) == top[0]["prompts"]
     code, output = run("graph", "--catalog", catalog, "--prompt", france["id"])
     assert code == 0 and "replacement score" in output and "most influential nodes" in output
+    assert run_json("graph", "--catalog", catalog, "--prompt", "the capital of france is") == summary  # by text
     code, output = run("export", "--catalog", catalog, "--prompt", france["id"], "--neuronpedia", root / "view" / "g.json")
     assert code == 0 and (root / "view" / "g.json").is_file()
 
