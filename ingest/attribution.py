@@ -101,6 +101,7 @@ class PromptTrace:
     activations: torch.Tensor  # [n_active]
     pre_acts: torch.Tensor  # [n_active] encoder pre-activations
     logits: torch.Tensor  # [d_vocab] at the last position
+    bos_mlp: torch.Tensor | None = None  # [n_layers, d] constant MLP output at a zeroed BOS position
 
 
 def check_supported(model, tset: TranscoderSet) -> None:
@@ -124,8 +125,10 @@ def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: boo
     """One forward pass with the cache the sweep needs; feature activations from each layer's real input.
 
     With `zero_bos`, a leading BOS position gets no feature nodes (its activations are attention-sink
-    outliers the transcoders were not trained on, as in circuit-tracer); its error nodes then carry
-    that position's whole MLP output beyond the decoder bias and skip path, so nothing is lost.
+    outliers the transcoders were not trained on, as in circuit-tracer). Under causal attention that
+    position sees only itself, so everything computed there is the same for every prompt: its MLP
+    outputs join the constant terms (`bos_mlp`, counted in each target's bias) and its error nodes are
+    zero, so nothing is lost and no error node stands for a constant.
     """
     bos = zero_bos and model.tokenizer.bos_token_id is not None and int(tokens[0]) == model.tokenizer.bos_token_id
     n_layers = model.cfg.n_layers
@@ -148,8 +151,13 @@ def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: boo
         active.append(torch.stack([torch.full_like(pos, tc.layer), pos, index], 1))
         activations.append(z[pos, index])
         pre_acts.append(pre[pos, index])
+    bos_mlp = None
+    if bos:
+        bos_mlp = errors[:, 0].clone()
+        errors[:, 0] = 0
     return PromptTrace(
         tokens=tokens,
+        bos_mlp=bos_mlp,
         resid0=cache["blocks.0.hook_resid_pre"][0],
         ln1_scale=torch.stack([cache[f"blocks.{layer}.ln1.hook_scale"][0, :, 0] for layer in range(n_layers)]),
         ln2_scale=torch.stack([cache[f"blocks.{layer}.ln2.hook_scale"][0, :, 0] for layer in range(n_layers)]),
@@ -242,6 +250,8 @@ class Sweep:
             for p, vectors, cols in self.writes.get(layer, []):
                 rows[:, cols] = g[:, p] @ vectors.T
             rows[:, err0 + layer * self.n_pos: err0 + (layer + 1) * self.n_pos] = (g * t.errors[layer]).sum(-1)
+            if t.bos_mlp is not None:
+                bias += g[:, 0] @ t.bos_mlp[layer]
             if layer in self.tset.by_layer:
                 tc = self.tset[layer]
                 bias += g.sum(1) @ tc.b_dec

@@ -14,9 +14,10 @@ echo "== 1. transcoders: one per layer, 1536 features, 40k Brown tokens x 3 epoc
 $cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epochs 3 --lr 1e-3 --l1 0.01 \
     --out "$out/transcoders"
 
-echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens, activation statistics"
+echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens, activation statistics,"
+echo "      and the attribution graphs of three prompts (scripts/demo_prompts.jsonl)"
 $cc ingest --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --top-k 16 \
-    --dataset brown --tokens 8192
+    --dataset brown --tokens 8192 --prompts scripts/demo_prompts.jsonl
 
 echo "== 3. load the catalog into the embedded graph store (LadybugDB, at $out/catalog/graph)"
 $cc load --catalog "$out/catalog"
@@ -35,3 +36,10 @@ $cc sql "SELECT layer, round(avg(frequency), 4) AS mean_frequency, sum(CASE WHEN
 echo "== 7. which features write ' Paris', and the strongest weight paths from 'France' to ' Paris'"
 $cc search Paris --catalog "$out/catalog" -k 5
 $cc paths --catalog "$out/catalog" --from-token France --to-logit Paris --max-hops 1 -k 5
+
+echo "== 8. on the prompt itself: its attribution graph, the strongest paths from 'France' to ' Paris', and"
+echo "      the features that recur across the three prompts' graphs"
+$cc graph --catalog "$out/catalog" --prompt "$prompt" -k 8
+$cc paths --catalog "$out/catalog" --prompt "$prompt" --from-token France --to-logit Paris -k 5
+$cc recurring --catalog "$out/catalog" -k 5
+$cc prompts-using "$feature" --catalog "$out/catalog"

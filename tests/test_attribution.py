@@ -51,7 +51,9 @@ def test_completeness_against_the_unmodified_model(case):
         assert graph.value[graph.logit_index(i)] == pytest.approx(float(logits[0, -1, token]), rel=1e-5, abs=1e-5)
     t = targets(graph)
     assert len(t) == graph.n_features + len(graph.logit_tokens)
-    assert graph.features[:, 1].min() >= 1  # BOS (position 0) has no feature nodes
+    assert graph.features[:, 1].min() >= 1  # BOS (position 0) has no feature nodes,
+    bos_errors = [graph.error_index(layer, 0) for layer in range(graph.n_layers)]
+    assert not graph.adjacency[:, bos_errors].any()  # and its MLP outputs are constants, in the bias
     assert graph.n_features == graph.n_active_features and not graph.capped
     total = graph.adjacency[t].sum(1) + graph.bias[t] + graph.dropped[t]
     torch.testing.assert_close(total, graph.value[t], rtol=1e-4, atol=1e-4 * float(graph.value[t].abs().max()))
@@ -135,8 +137,7 @@ def error_vector(model, tset, tokens, layer: int, pos: int) -> torch.Tensor:
     if layer in tset.by_layer:
         tc = tset[layer]
         x = cache[tc.cfg.hook_in][0, pos]
-        z = tc.encode(x) if pos > 0 else torch.zeros(tc.cfg.d_sae)  # no feature nodes at BOS
-        err = err - tc.decode(z, x)
+        err = err - tc.decode(tc.encode(x), x)
     return err
 
 
@@ -150,7 +151,7 @@ def test_edges_equal_interventions(case):
     # sources: the strongest features by outgoing weight, a few error nodes, every token
     strength = graph.adjacency[:, :graph.n_features].abs().sum(0)
     sources = [("feature", int(i)) for i in strength.argsort(descending=True)[:4]]
-    sources += [("error", (1, graph.n_pos - 1)), ("error", (0, 1)), ("error", (2, 0)), ("token", 1), ("token", graph.n_pos - 1), ("token", 0)]
+    sources += [("error", (1, graph.n_pos - 1)), ("error", (0, 1)), ("token", 1), ("token", graph.n_pos - 1), ("token", 0)]
     alpha = 3.0
     for kind, which in sources:
         if kind == "feature":
