@@ -19,7 +19,7 @@ TOKENS = "tokens.parquet"
 PULLBACKS = "pullbacks"
 DEEMBED = "deembed"
 LOGITS = "logits"
-STATS = "stats"  # stats/features.parquet, stats/top_examples.parquet, stats/tokens.parquet, stats/info.json
+STATS = "stats"  # stats/features.parquet, top_examples.parquet, quantile_examples.parquet, tokens.parquet, info.json
 
 PULLBACK_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32())])
 DEEMBED_SCHEMA = pa.schema(

@@ -351,7 +351,8 @@ def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contex
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Top examples to show.")
 @format_option
 def stats(feature, catalog_dir, k, fmt):
-    """FEATURE's activation statistics and top activating examples (DuckDB over DIR/stats/)."""
+    """FEATURE's activation statistics, top activating examples and examples from each activation
+    interval (DuckDB over DIR/stats/)."""
     from queries.stats import feature_stats
 
     card = feature_stats(catalog_dir, feature, k)
@@ -364,6 +365,14 @@ def stats(feature, catalog_dir, k, fmt):
     for e in card.examples:
         table.add_row(f"{e.activation:.3f}", e.text)
     out.print(table)
+    if card.intervals:
+        table = Table("activation", "context", title="examples sampled from each activation interval")
+        for interval in card.intervals:
+            table.add_section()
+            table.add_row(f"({interval.lower:.3g}, {interval.upper:.3g}]", f"{interval.frequency:.4%} of tokens ({interval.count:,})", style="bold")
+            for e in interval.examples:
+                table.add_row(f"{e.activation:.3f}", e.text)
+        out.print(table)
 
 
 @main.command()
@@ -372,7 +381,7 @@ def stats(feature, catalog_dir, k, fmt):
 @format_option
 def sql(query, catalog_dir, fmt):
     """Run a read-only SQL QUERY (DuckDB) over the catalog's Parquet: views features, tokens, pullbacks,
-    deembed, logits, stats, top_examples, dataset_tokens."""
+    deembed, logits, stats, top_examples, quantile_examples, dataset_tokens."""
     from queries.sql import run_sql
 
     columns, rows = run_sql(catalog_dir, query)
