@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from catalog.errors import UserError
 
@@ -363,7 +364,7 @@ def stats(feature, catalog_dir, k, fmt):
               f"mean {card.mean_act:.3f} when firing, max {card.max_act:.3f}, quantiles 50/90/99% <= {card.q50:.3g}/{card.q90:.3g}/{card.q99:.3g}")
     table = Table("activation", "context", title="top activating examples (firing token in brackets)")
     for e in card.examples:
-        table.add_row(f"{e.activation:.3f}", e.text)
+        table.add_row(f"{e.activation:.3f}", Text(e.text))  # Text: a token such as [france] is not rich markup
     out.print(table)
     if card.intervals:
         table = Table("activation", "context", title="examples sampled from each activation interval")
@@ -371,7 +372,7 @@ def stats(feature, catalog_dir, k, fmt):
             table.add_section()
             table.add_row(f"({interval.lower:.3g}, {interval.upper:.3g}]", f"{interval.frequency:.4%} of tokens ({interval.count:,})", style="bold")
             for e in interval.examples:
-                table.add_row(f"{e.activation:.3f}", e.text)
+                table.add_row(f"{e.activation:.3f}", Text(e.text))
         out.print(table)
 
 
