@@ -395,6 +395,41 @@ def sql(query, catalog_dir, fmt):
     out.print(table)
 
 
+@main.group()
+def report() -> None:
+    """Self-contained HTML reports (no network, no scripts): feature cards and the catalog overview."""
+
+
+@report.command(name="feature")
+@click.argument("features", nargs=-1, required=True)
+@store_options
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Directory for the cards (default CATALOG/reports).")
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Examples, tokens and edges per table.")
+@click.option("--with-neighbours", is_flag=True, help="Also write the cards of the upstream and downstream features shown.")
+@click.option("--blind", is_flag=True, help="Blind case study: leave out every example's text (cards named L8_355.blind.html).")
+def report_feature(features, catalog_dir, store_uri, database, out_dir, k, with_neighbours, blind):
+    """Feature cards (e.g. L8/355 -> L8_355.html): histogram, top and per-interval examples, tokens, upstream/downstream."""
+    from queries.reports.feature import write_feature_cards
+
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        written = write_feature_cards(lookups, catalog_dir, features, out_dir, k, blind, with_neighbours)
+    for path in written:
+        out.print(str(path), highlight=False, soft_wrap=True)
+
+
+@report.command(name="overview")
+@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory (from `ingest`).")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="HTML file (default CATALOG/reports/overview.html).")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), default=None,
+              help="`eval --out` JSON for FVU per layer (default CATALOG/eval.json if present).")
+def report_overview(catalog_dir, out_file, eval_file):
+    """The catalog overview: per-layer features, live/dead, L0, FVU, and the pullback weight distribution."""
+    from queries.reports.overview import write_overview
+
+    path = write_overview(catalog_dir, out_file, eval_file)
+    out.print(str(path), highlight=False, soft_wrap=True)
+
+
 @main.command(name="export-neo4j-import")
 @click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ingest.streaming import QuantileSamples, marked, rank_within_cells
+from catalog.layout import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, histogram_log10_edges
+from ingest.streaming import QuantileSamples, marked, power_of_two, rank_within_cells
 from ingest.transcoder import TranscoderSet
 
-LOG10_MIN, LOG10_MAX, N_BINS = -4.0, 4.0, 64  # histogram of log10(activation) for activations > 0
 LIVE_FREQUENCY = 1e-4  # the seed's threshold: live = fires more often than once in 10,000 tokens
 QUANTILE_BINS, PER_BIN = 12, 5  # intervals of (0, max] (between 7 and 12 of them) and examples kept per interval
 
@@ -31,7 +31,7 @@ class LayerStats:
     fired: torch.Tensor  # [d_sae] int64: tokens with activation > 0
     total: torch.Tensor  # [d_sae] float64: sum of activations
     maximum: torch.Tensor  # [d_sae] float32
-    histogram: torch.Tensor  # [d_sae, N_BINS] int64 over log10(activation)
+    histogram: torch.Tensor  # [d_sae, HIST_BINS] int64 over log10(activation)
     top_values: torch.Tensor  # [d_sae, k] float32, descending
     top_index: torch.Tensor  # [d_sae, k] int64: flat token index (context * ctx_len + pos), -1 if unused
     samples: QuantileSamples  # examples drawn from each interval of the activation range
@@ -40,7 +40,7 @@ class LayerStats:
     def empty(cls, d_sae: int, k: int, n_bins: int = QUANTILE_BINS, per_bin: int = PER_BIN, seed: int = 0) -> LayerStats:
         return cls(
             torch.zeros(d_sae, dtype=torch.int64), torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae),
-            torch.zeros(d_sae, N_BINS, dtype=torch.int64), torch.zeros(d_sae, k), torch.full((d_sae, k), -1, dtype=torch.int64),
+            torch.zeros(d_sae, HIST_BINS, dtype=torch.int64), torch.zeros(d_sae, k), torch.full((d_sae, k), -1, dtype=torch.int64),
             QuantileSamples.empty(d_sae, n_bins, per_bin, seed),
         )
 
@@ -58,7 +58,7 @@ class LayerStats:
         self.fired += torch.bincount(cols, minlength=d_sae)
         self.total.index_add_(0, cols, values.double())
         self.maximum = torch.maximum(self.maximum, torch.zeros(d_sae).scatter_reduce_(0, cols, values, "amax"))
-        self.histogram.view(-1).index_add_(0, cols * N_BINS + bin_of(values), torch.ones_like(cols))
+        self.histogram.view(-1).index_add_(0, cols * HIST_BINS + bin_of(values), torch.ones_like(cols))
         flat = flat_index[rows]
         self.samples.update(cols, values, flat, self.maximum)
         better = values > self.top_values[cols, -1]
@@ -77,13 +77,13 @@ class LayerStats:
 
 def bin_of(acts: torch.Tensor) -> torch.Tensor:
     """Histogram bin of positive activations (clamped into the fixed log10 range)."""
-    position = (acts.log10() - LOG10_MIN) / (LOG10_MAX - LOG10_MIN) * N_BINS
-    return position.floor().clamp(0, N_BINS - 1).to(torch.int64)
+    position = (acts.log10() - HIST_LOG10_MIN) / (HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_BINS
+    return position.floor().clamp(0, HIST_BINS - 1).to(torch.int64)
 
 
 def bin_edges() -> np.ndarray:
-    """The N_BINS + 1 activation values bounding the histogram bins."""
-    return 10 ** np.linspace(LOG10_MIN, LOG10_MAX, N_BINS + 1)
+    """The HIST_BINS + 1 activation values bounding the histogram bins."""
+    return 10 ** np.array(histogram_log10_edges())
 
 
 @torch.no_grad()
@@ -168,7 +168,6 @@ def quantile_table(layer: int, samples: QuantileSamples, flat_tokens: np.ndarray
     import pyarrow as pa
 
     from catalog.parquet_io import feature_ids
-    from ingest.streaming import power_of_two
 
     feature, bin_, slot = (samples.index >= 0).nonzero(as_tuple=True)
     values = samples.value[feature, bin_, slot]

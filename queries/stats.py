@@ -46,7 +46,7 @@ class FeatureStats:
     q50: float
     q90: float
     q99: float
-    log10_histogram: list[int]  # counts over ingest.stats.bin_edges()
+    log10_histogram: list[int]  # counts over catalog.layout.histogram_log10_edges()
     examples: list[Example] = field(default_factory=list)
     intervals: list[Interval] = field(default_factory=list)  # highest first
 

@@ -14,22 +14,13 @@ from catalog import layout
 from catalog.errors import CatalogDirError
 from circuit_catalog.cli import main
 from ingest.datasets import token_contexts
-from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
+from ingest.job import run_stats
 from ingest.stats import PER_BIN, QUANTILE_BINS, bin_edges
 from queries.sql import SqlError, run_sql
 from queries.stats import feature_stats
-from tests.conftest import random_transcoders
+from tests.conftest import STATS_CTX, STATS_TOKENS
 
-N_TOKENS, CTX = 600, 16
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory, gpt2, text_file):
-    root = tmp_path_factory.mktemp("stats-catalog")
-    tset = random_transcoders(gpt2, d_sae=24, seed=11)
-    run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", IngestSettings(top_k=3, token_top_k=3)), progress=False)
-    assert run_stats(gpt2, tset, root, str(text_file), N_TOKENS, ctx_len=CTX, top_k=5, progress=False)
-    return root, tset
+N_TOKENS, CTX = STATS_TOKENS, STATS_CTX
 
 
 def brute_force(gpt2, tset, text_file, layer):
@@ -40,8 +31,8 @@ def brute_force(gpt2, tset, text_file, layer):
     return tokens, acts
 
 
-def test_statistics_equal_brute_force(catalog, gpt2, text_file):
-    root, tset = catalog
+def test_statistics_equal_brute_force(stats_catalog, gpt2, text_file):
+    root, tset = stats_catalog
     layer = 1
     tokens, acts = brute_force(gpt2, tset, text_file, layer)
     counted = acts[:, 1:].reshape(-1, 24)
@@ -72,9 +63,9 @@ def test_statistics_equal_brute_force(catalog, gpt2, text_file):
         assert e["activation"] == pytest.approx(acts[e["context"], e["pos"], 3].item(), rel=1e-5)
 
 
-def test_quantile_examples_equal_brute_force(catalog, gpt2, text_file):
+def test_quantile_examples_equal_brute_force(stats_catalog, gpt2, text_file):
     """Each interval of (0, max] with occurrences holds min(PER_BIN, occurrences) real examples from it."""
-    root, tset = catalog
+    root, tset = stats_catalog
     layer = 2
     tokens, acts = brute_force(gpt2, tset, text_file, layer)
     table = pq.read_table(root / layout.STATS / "quantile_examples.parquet")
@@ -109,15 +100,15 @@ def test_quantile_examples_equal_brute_force(catalog, gpt2, text_file):
     assert checked_full and checked_partial  # both cases occur in this dataset
 
 
-def test_rerun_skips_and_other_settings_refused(catalog, gpt2, text_file):
-    root, tset = catalog
+def test_rerun_skips_and_other_settings_refused(stats_catalog, gpt2, text_file):
+    root, tset = stats_catalog
     assert run_stats(gpt2, tset, root, str(text_file), N_TOKENS, ctx_len=CTX, top_k=5, progress=False) is False
     with pytest.raises(CatalogDirError, match="other settings"):
         run_stats(gpt2, tset, root, str(text_file), N_TOKENS * 2, ctx_len=CTX, top_k=5, progress=False)
 
 
-def test_feature_stats_card_and_sql(catalog):
-    root, _ = catalog
+def test_feature_stats_card_and_sql(stats_catalog):
+    root, _ = stats_catalog
     card = feature_stats(root, "L2/4", k=3)
     assert 0 <= card.frequency <= 1 and len(card.examples) <= 3
     assert all("[" in e.text for e in card.examples)
@@ -137,21 +128,23 @@ def test_feature_stats_card_and_sql(catalog):
         run_sql(root, "SELEC nonsense")
 
 
-def test_cli_stats_and_sql(catalog):
-    root, _ = catalog
+def test_cli_stats_and_sql(stats_catalog):
+    root, _ = stats_catalog
     result = CliRunner().invoke(main, ["stats", "L0/2", "--catalog", str(root)])
     assert result.exit_code == 0, result.output
     assert "fires on" in result.output and "examples sampled from each activation interval" in result.output
+    first = feature_stats(root, "L0/2", 1).examples[0]
+    assert f"[{first.tokens[first.firing]}]" in result.output  # the firing token in brackets, not swallowed as markup
     result = CliRunner().invoke(main, ["sql", "SELECT id, frequency FROM stats ORDER BY frequency DESC LIMIT 2", "--catalog", str(root), "--format", "json"])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["sql", "DROP VIEW stats", "--catalog", str(root)])
     assert result.exit_code == 1 and "error:" in result.output
 
 
-def test_store_feature_nodes_carry_statistics(catalog, tmp_path):
+def test_store_feature_nodes_carry_statistics(stats_catalog, tmp_path):
     from catalog.ladybug_store import LadybugStore
 
-    root, _ = catalog
+    root, _ = stats_catalog
     expected = {r["id"]: r for r in pq.read_table(root / layout.STATS / "features.parquet").to_pylist()}
     store = LadybugStore(tmp_path / "graph")
     store.load(root, progress=False)

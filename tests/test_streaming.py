@@ -64,7 +64,7 @@ def test_samples_are_uniform_within_a_bin():
     runs = 200
     hits: dict[tuple[int, int], torch.Tensor] = {}
     for seed in range(runs):
-        samples, cols, values, flat = run(seed, n_features=2)
+        samples, _, _, flat = run(seed, n_features=2)
         for f in range(2):
             for j in range(N_BINS):
                 kept = samples.index[f, j][samples.index[f, j] >= 0]
