@@ -35,3 +35,9 @@ $cc sql "SELECT layer, round(avg(frequency), 4) AS mean_frequency, sum(CASE WHEN
 echo "== 7. which features write ' Paris', and the strongest weight paths from 'France' to ' Paris'"
 $cc search Paris --catalog "$out/catalog" -k 5
 $cc paths --catalog "$out/catalog" --from-token France --to-logit Paris --max-hops 1 -k 5
+
+echo "== 8. HTML reports: a feature card for $feature (and its neighbours' cards), then the catalog overview"
+$cc report feature "$feature" --catalog "$out/catalog" --with-neighbours > /dev/null
+$cc report overview --catalog "$out/catalog" > /dev/null
+echo "catalog overview: $out/catalog/reports/overview.html"
+echo "feature card:     $out/catalog/reports/$(echo "$feature" | tr / _).html"
