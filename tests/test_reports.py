@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog import layout
+from catalog.manifest import Manifest
 from catalog.store import open_loaded_store
 from ingest.datasets import token_contexts
 from ingest.evaluate import evaluate_transcoders
 from queries.api import Lookups
-from queries.reports.feature import card_file, write_feature_cards
+from queries.reports.feature import card_file, feature_card, render_feature, write_feature_cards
 from queries.reports.overview import write_overview
 from queries.stats import feature_stats
 from tests.test_cli import assert_one_line_error, run
@@ -143,6 +144,18 @@ def test_blind_cards_leak_no_example_text(reports):
             assert not page.shows(around), (fid, around)
     plain = Page((out / card_file(FEATURE)).read_text())
     assert all(plain.shows([shown(t) for t in e.tokens[:4]]) for e in feature_stats(root, FEATURE, 5).examples)  # the check can fire
+
+
+def test_cards_without_statistics_or_firing(reports):
+    """A catalog without statistics, and a feature that never fired, still give a readable card."""
+    root = reports["root"]
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        card = feature_card(lookups, root, FEATURE, 5)
+    manifest = Manifest.read(root)
+    silent = replace(card.stats, fired=0, frequency=0.0, examples=[], intervals=[], log10_histogram=[0] * len(card.stats.log10_histogram))
+    for stats, note in ((None, "No activation statistics"), (silent, "never fired")):
+        html = render_feature(replace(card, stats=stats), manifest, lambda fid: None)
+        assert note in html and "De-embedding (raw)" in html and "Upstream" in html
 
 
 def test_report_cli(stats_catalog, tmp_path):

@@ -104,6 +104,8 @@ def render_feature(card: FeatureCard, manifest: Manifest, href: Callable[[str], 
     circuit = [_tokens_section(card.tokens), _circuit_section(card, href)]
     if card.stats is None:
         observed = [section("Activations", note="No activation statistics in this catalog: run `circuit-catalog ingest ... --dataset D --tokens N`.")]
+    elif not card.stats.fired:
+        observed = [section("Activations", note="The feature never fired on the dataset of the statistics.")]
     elif blind:
         observed = [_histogram_section(card.stats), _locations_section(card.stats), _intervals_table(card.stats)]
     else:
@@ -130,8 +132,6 @@ def _headline(stats: FeatureStats | None) -> Markup:
 def _histogram_section(stats: FeatureStats) -> Markup:
     counts = stats.log10_histogram
     used = [i for i, c in enumerate(counts) if c]
-    if not used:
-        return section("Activation histogram", note="The feature never fired on the dataset.")
     lo, hi = max(used[0] - 1, 0), min(used[-1] + 2, len(counts))
     edges = histogram_log10_edges()[lo: hi + 1]
     chart = svg.histogram(edges, counts[lo:hi], x_label="activation (log scale)", y_label="tokens", x_tick=lambda v: f"{10 ** v:.3g}",
@@ -162,7 +162,7 @@ def _interval_title(i) -> str:
 
 def _intervals_section(stats: FeatureStats) -> Markup:
     if not stats.intervals:
-        return section("Examples by activation interval", note="No interval samples in this catalog's statistics.")
+        return section("Examples by activation interval", note="None in these statistics (collected before interval sampling existed).")
     parts = [tag("h3", _interval_title(i)) + table(["#", "activation", "context", "pos", "text (firing token marked)"], _example_rows(i.examples), numeric=(0, 1, 2, 3), cls="examples")
              for i in stats.intervals]
     return section("Examples by activation interval", *parts, id="intervals",
