@@ -192,13 +192,17 @@ def _edge_table(edges: list[Edge], href: Callable[[str], str | None]) -> Markup:
 
 
 def _circuit_section(card: FeatureCard, href: Callable[[str], str | None]) -> Markup:
-    nodes = {card.id: svg.Node(card.id, card.id, parse_feature_id(card.id)[0], focus=True, title=f"{card.id} (this feature)")}
-    for rank, e in enumerate(card.upstream + card.downstream):
-        if e.feature not in nodes:
-            nodes[e.feature] = svg.Node(e.feature, e.feature, parse_feature_id(e.feature)[0], order=rank, href=href(e.feature),
-                                        title=f"{e.feature}: {' '.join(e.tokens)}")
+    # three columns (upstream, this feature, downstream), each ordered by layer: with a column per layer,
+    # an edge that skips layers would run behind the nodes in between and look as if it came from them
+    nodes = {card.id: svg.Node(card.id, card.id, 1, focus=True, title=f"{card.id} (this feature)")}
+    for column, edges in ((0, card.upstream), (2, card.downstream)):
+        for rank, e in enumerate(edges):
+            nodes[e.feature] = svg.Node(e.feature, e.feature, column, order=parse_feature_id(e.feature)[0] * len(edges) + rank,
+                                        href=href(e.feature), title=f"{e.feature}: {' '.join(e.tokens)}")
     links = [svg.Link(e.feature, card.id, e.weight) for e in card.upstream] + [svg.Link(card.id, e.feature, e.weight) for e in card.downstream]
-    diagram = svg.layered_graph(list(nodes.values()), links, column_label=lambda c: f"layer {c}", label=f"pullback neighbourhood of {card.id}") if links else Markup("")
+    headings = {0: "upstream", 1: "this feature", 2: "downstream"}
+    diagram = svg.layered_graph(list(nodes.values()), links, column_label=headings.get, column_width=220,
+                                label=f"pullback neighbourhood of {card.id}") if links else Markup("")
     unlinked = sum(href(e.feature) is None for e in card.upstream + card.downstream)
     note = ("Pullback edges (input-independent): an upstream edge is the change in this feature's pre-activation per unit of "
             "the earlier feature; a downstream edge, this feature's effect on the later one. Blue positive, red negative.")

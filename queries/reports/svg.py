@@ -29,6 +29,14 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [round(i * step, 12) for i in range(first, math.floor(hi / step + 1e-9) + 1)]
 
 
+def compact(n: float) -> str:
+    """A count in at most four characters: 950, 12k, 3.5M."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= size:
+            return f"{n / size:.2g}{suffix}" if abs(n) < 10 * size else f"{n / size:.0f}{suffix}"
+    return f"{n:g}"
+
+
 def _svg(width: float, height: float, content: object, label: str) -> Markup:
     return tag("svg", content, cls="chart", width=_f(width), height=_f(height), viewBox=f"0 0 {_f(width)} {_f(height)}",
                role="img", aria_label=label, xmlns="http://www.w3.org/2000/svg")
@@ -64,7 +72,7 @@ def histogram(edges: Sequence[float], counts: Sequence[int], *, width: float = 6
         return top + ph - level(c) / top_level * ph
 
     y_ticks = [10**k for k in range(int(math.log10(peak)) + 1)] if log_y and peak else [t for t in nice_ticks(0, peak, 4) if t == int(t)]
-    parts = [_line(left, sy(t), left + pw, sy(t), "gridline") + _text(left - 6, sy(t) + 4, f"{int(t):,}", "end") for t in y_ticks]
+    parts = [_line(left, sy(t), left + pw, sy(t), "gridline") + _text(left - 6, sy(t) + 4, compact(t), "end") for t in y_ticks]
     describe = bin_label or (lambda a, b: f"{x_tick(a)} to {x_tick(b)}")
     for a, b, c in zip(edges[:-1], edges[1:], counts):
         if c > 0:
