@@ -32,3 +32,7 @@ class CatalogDirError(UserError):
 
 class UnknownFeature(UserError):
     """A feature id that is malformed or not in the catalog."""
+
+
+class ReportError(UserError):
+    """A report cannot be made from what was given (e.g. an unreadable evaluation file)."""

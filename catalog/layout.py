@@ -19,9 +19,22 @@ TOKENS = "tokens.parquet"
 PULLBACKS = "pullbacks"
 DEEMBED = "deembed"
 LOGITS = "logits"
-STATS = "stats"  # stats/features.parquet, stats/top_examples.parquet, stats/tokens.parquet, stats/info.json
+STATS = "stats"  # stats/features.parquet, top_examples.parquet, quantile_examples.parquet, tokens.parquet, info.json
+EVAL = "eval.json"  # optional: `circuit-catalog eval --out DIR/eval.json`, read by the overview report
+REPORTS = "reports"  # default directory for HTML reports
 PROMPTS = "prompts"  # prompts/<prompt_id>/{prompt.json, nodes.parquet, edges.parquet, edges_full.parquet, links_*.parquet}
 PROMPT_INDEX = "prompts.parquet"
+
+# stats/features.parquet `log10_histogram`: counts of positive activations over HIST_BINS equal bins
+# of log10(activation) from HIST_LOG10_MIN to HIST_LOG10_MAX (values outside fall into the end bins)
+HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS = -4.0, 4.0, 64
+
+
+def histogram_log10_edges() -> list[float]:
+    """The HIST_BINS + 1 bin edges of `log10_histogram`, in log10(activation)."""
+    step = (HIST_LOG10_MAX - HIST_LOG10_MIN) / HIST_BINS
+    return [HIST_LOG10_MIN + i * step for i in range(HIST_BINS + 1)]
+
 
 PULLBACK_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32())])
 DEEMBED_SCHEMA = pa.schema(

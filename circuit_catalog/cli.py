@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from catalog.errors import UserError
 
@@ -512,7 +513,8 @@ def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contex
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Top examples to show.")
 @format_option
 def stats(feature, catalog_dir, k, fmt):
-    """FEATURE's activation statistics and top activating examples (DuckDB over DIR/stats/)."""
+    """FEATURE's activation statistics, top activating examples and examples from each activation
+    interval (DuckDB over DIR/stats/)."""
     from queries.stats import feature_stats
 
     card = feature_stats(catalog_dir, feature, k)
@@ -523,8 +525,16 @@ def stats(feature, catalog_dir, k, fmt):
               f"mean {card.mean_act:.3f} when firing, max {card.max_act:.3f}, quantiles 50/90/99% <= {card.q50:.3g}/{card.q90:.3g}/{card.q99:.3g}")
     table = Table("activation", "context", title="top activating examples (firing token in brackets)")
     for e in card.examples:
-        table.add_row(f"{e.activation:.3f}", e.text)
+        table.add_row(f"{e.activation:.3f}", Text(e.text))  # Text: a token such as [france] is not rich markup
     out.print(table)
+    if card.intervals:
+        table = Table("activation", "context", title="examples sampled from each activation interval")
+        for interval in card.intervals:
+            table.add_section()
+            table.add_row(f"({interval.lower:.3g}, {interval.upper:.3g}]", f"{interval.frequency:.4%} of tokens ({interval.count:,})", style="bold")
+            for e in interval.examples:
+                table.add_row(f"{e.activation:.3f}", Text(e.text))
+        out.print(table)
 
 
 @main.command()
@@ -533,7 +543,7 @@ def stats(feature, catalog_dir, k, fmt):
 @format_option
 def sql(query, catalog_dir, fmt):
     """Run a read-only SQL QUERY (DuckDB) over the catalog's Parquet: views features, tokens, pullbacks,
-    deembed, logits, stats, top_examples, dataset_tokens."""
+    deembed, logits, stats, top_examples, quantile_examples, dataset_tokens."""
     from queries.sql import run_sql
 
     columns, rows = run_sql(catalog_dir, query)
@@ -544,6 +554,41 @@ def sql(query, catalog_dir, fmt):
     for row in rows:
         table.add_row(*(str(v) for v in row))
     out.print(table)
+
+
+@main.group()
+def report() -> None:
+    """Self-contained HTML reports (no network, no scripts): feature cards and the catalog overview."""
+
+
+@report.command(name="feature")
+@click.argument("features", nargs=-1, required=True)
+@store_options
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Directory for the cards (default CATALOG/reports).")
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Examples, tokens and edges per table.")
+@click.option("--with-neighbours", is_flag=True, help="Also write the cards of the upstream and downstream features shown.")
+@click.option("--blind", is_flag=True, help="Blind case study: leave out every example's text (cards named L8_355.blind.html).")
+def report_feature(features, catalog_dir, store_uri, database, out_dir, k, with_neighbours, blind):
+    """Feature cards (e.g. L8/355 -> L8_355.html): histogram, top and per-interval examples, tokens, upstream/downstream."""
+    from queries.reports.feature import write_feature_cards
+
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        written = write_feature_cards(lookups, catalog_dir, features, out_dir, k, blind, with_neighbours)
+    for path in written:
+        out.print(str(path), highlight=False, soft_wrap=True)
+
+
+@report.command(name="overview")
+@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory (from `ingest`).")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="HTML file (default CATALOG/reports/overview.html).")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), default=None,
+              help="`eval --out` JSON for FVU per layer (default CATALOG/eval.json if present).")
+def report_overview(catalog_dir, out_file, eval_file):
+    """The catalog overview: per-layer features, live/dead, L0, FVU, and the pullback weight distribution."""
+    from queries.reports.overview import write_overview
+
+    path = write_overview(catalog_dir, out_file, eval_file)
+    out.print(str(path), highlight=False, soft_wrap=True)
 
 
 @main.command(name="export-neo4j-import")

@@ -238,19 +238,20 @@ def run_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: in
               progress: bool = True) -> bool:
     """Collect activation statistics into `DIR/stats/` (all files appear together); False if already there."""
     from ingest.datasets import token_contexts
-    from ingest.stats import collect_stats, stats_tables
+    from ingest.stats import PER_BIN, QUANTILE_BINS, collect_stats, stats_tables
 
-    info = {"dataset": dataset, "tokens": n_tokens, "ctx_len": ctx_len, "top_k": top_k, "layers": tset.layers}
+    info = {"dataset": dataset, "tokens": n_tokens, "ctx_len": ctx_len, "top_k": top_k, "layers": tset.layers,
+            "quantile_bins": QUANTILE_BINS, "per_bin": PER_BIN}
     target = root / layout.STATS
     if (target / "info.json").is_file():
         if json.loads((target / "info.json").read_text()) == info:
             return False
-        raise CatalogDirError(f"{target} holds statistics collected with other settings; remove it to collect anew")
+        raise CatalogDirError(f"{target} holds statistics collected with other settings (or by an older version); remove it to collect anew")
     tokens = token_contexts(model.tokenizer, dataset, n_tokens, ctx_len)
-    features, examples, dataset_tokens = stats_tables(tset, collect_stats(model, tset, tokens, top_k, progress=progress), tokens)
+    tables = stats_tables(tset, collect_stats(model, tset, tokens, top_k, progress=progress), tokens)
     tmp = Path(tempfile.mkdtemp(prefix=".stats.tmp-", dir=root))
     try:
-        for name, table in (("features", features), ("top_examples", examples), ("tokens", dataset_tokens)):
+        for name, table in tables.items():
             write_atomic(table, tmp / f"{name}.parquet")
         (tmp / "info.json").write_text(json.dumps(info, indent=2))
         shutil.rmtree(target, ignore_errors=True)

@@ -1,9 +1,11 @@
 """Activation statistics over a dataset, collected in one streaming pass with bounded memory.
 
 Per feature: firing count and frequency, mean and max activation, a histogram of log10(activation)
-over fixed bins (so quantiles can be read off it), and the top-k activating examples kept by a
-streaming top-k. Memory is O(features x (bins + k)) whatever the number of tokens. BOS positions are
-left out, as in training: their activations are attention-sink outliers.
+over fixed bins (so quantiles can be read off it), the top-k activating examples kept by a streaming
+top-k, and a few examples sampled uniformly from each interval of its activation range (the SAE
+dashboards' layout; see `ingest.streaming.QuantileSamples`). Memory is O(features x (bins + k +
+intervals x per-interval)) whatever the number of tokens. BOS positions are left out, as in training:
+their activations are attention-sink outliers.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from catalog.layout import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, histogram_log10_edges
+from ingest.streaming import QuantileSamples, marked, power_of_two, rank_within_cells
 from ingest.transcoder import TranscoderSet
 
-LOG10_MIN, LOG10_MAX, N_BINS = -4.0, 4.0, 64  # histogram of log10(activation) for activations > 0
 LIVE_FREQUENCY = 1e-4  # the seed's threshold: live = fires more often than once in 10,000 tokens
+QUANTILE_BINS, PER_BIN = 12, 5  # intervals of (0, max] (between 7 and 12 of them) and examples kept per interval
 
 
 @dataclass
@@ -27,15 +31,17 @@ class LayerStats:
     fired: torch.Tensor  # [d_sae] int64: tokens with activation > 0
     total: torch.Tensor  # [d_sae] float64: sum of activations
     maximum: torch.Tensor  # [d_sae] float32
-    histogram: torch.Tensor  # [d_sae, N_BINS] int64 over log10(activation)
+    histogram: torch.Tensor  # [d_sae, HIST_BINS] int64 over log10(activation)
     top_values: torch.Tensor  # [d_sae, k] float32, descending
     top_index: torch.Tensor  # [d_sae, k] int64: flat token index (context * ctx_len + pos), -1 if unused
+    samples: QuantileSamples  # examples drawn from each interval of the activation range
 
     @classmethod
-    def empty(cls, d_sae: int, k: int) -> LayerStats:
+    def empty(cls, d_sae: int, k: int, n_bins: int = QUANTILE_BINS, per_bin: int = PER_BIN, seed: int = 0) -> LayerStats:
         return cls(
             torch.zeros(d_sae, dtype=torch.int64), torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae),
-            torch.zeros(d_sae, N_BINS, dtype=torch.int64), torch.zeros(d_sae, k), torch.full((d_sae, k), -1, dtype=torch.int64),
+            torch.zeros(d_sae, HIST_BINS, dtype=torch.int64), torch.zeros(d_sae, k), torch.full((d_sae, k), -1, dtype=torch.int64),
+            QuantileSamples.empty(d_sae, n_bins, per_bin, seed),
         )
 
     def update(self, acts: torch.Tensor, flat_index: torch.Tensor) -> None:
@@ -52,41 +58,39 @@ class LayerStats:
         self.fired += torch.bincount(cols, minlength=d_sae)
         self.total.index_add_(0, cols, values.double())
         self.maximum = torch.maximum(self.maximum, torch.zeros(d_sae).scatter_reduce_(0, cols, values, "amax"))
-        self.histogram.view(-1).index_add_(0, cols * N_BINS + bin_of(values), torch.ones_like(cols))
+        self.histogram.view(-1).index_add_(0, cols * HIST_BINS + bin_of(values), torch.ones_like(cols))
+        flat = flat_index[rows]
+        self.samples.update(cols, values, flat, self.maximum)
         better = values > self.top_values[cols, -1]
         if not better.any():
             return
-        new_c, new_v, new_i = cols[better], values[better], flat_index[rows[better]]
-        touched = new_c.unique()
+        new_c, new_v, new_i = cols[better], values[better], flat[better]
+        touched = marked(new_c, d_sae)
         all_c = torch.cat([touched.repeat_interleave(k), new_c])
         all_v = torch.cat([self.top_values[touched].reshape(-1), new_v])
         all_i = torch.cat([self.top_index[touched].reshape(-1), new_i])
-        by_value = torch.argsort(all_v, descending=True, stable=True)
-        order = by_value[torch.argsort(all_c[by_value], stable=True)]  # by feature, then value descending
-        sorted_c = all_c[order]
-        _, counts = torch.unique_consecutive(sorted_c, return_counts=True)
-        rank = torch.arange(len(order)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-        keep = rank < k
-        self.top_values[sorted_c[keep], rank[keep]] = all_v[order][keep]
-        self.top_index[sorted_c[keep], rank[keep]] = all_i[order][keep]
+        order, rank = rank_within_cells(all_c, -all_v)  # by feature, then value descending
+        keep, rank = order[rank < k], rank[rank < k]
+        self.top_values[all_c[keep], rank] = all_v[keep]
+        self.top_index[all_c[keep], rank] = all_i[keep]
 
 
 def bin_of(acts: torch.Tensor) -> torch.Tensor:
     """Histogram bin of positive activations (clamped into the fixed log10 range)."""
-    position = (acts.log10() - LOG10_MIN) / (LOG10_MAX - LOG10_MIN) * N_BINS
-    return position.floor().clamp(0, N_BINS - 1).to(torch.int64)
+    position = (acts.log10() - HIST_LOG10_MIN) / (HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_BINS
+    return position.floor().clamp(0, HIST_BINS - 1).to(torch.int64)
 
 
 def bin_edges() -> np.ndarray:
-    """The N_BINS + 1 activation values bounding the histogram bins."""
-    return 10 ** np.linspace(LOG10_MIN, LOG10_MAX, N_BINS + 1)
+    """The HIST_BINS + 1 activation values bounding the histogram bins."""
+    return 10 ** np.array(histogram_log10_edges())
 
 
 @torch.no_grad()
 def collect_stats(model, tset: TranscoderSet, tokens: torch.Tensor, k: int = 20, batch_contexts: int = 8,
                   progress: bool = True) -> dict[int, LayerStats]:
     """One pass over `tokens` [n_contexts, ctx_len]: every layer's statistics from one forward pass per batch."""
-    stats = {tc.layer: LayerStats.empty(tc.cfg.d_sae, k) for tc in tset}
+    stats = {tc.layer: LayerStats.empty(tc.cfg.d_sae, k, seed=tc.layer) for tc in tset}
     hooks = [tc.cfg.hook_in for tc in tset]
     ctx_len = tokens.shape[1]
     bar = tqdm(total=tokens.numel(), desc="activation statistics", unit="tok", disable=not progress)
@@ -115,19 +119,19 @@ def quantiles_from_histogram(histogram: np.ndarray, fired: np.ndarray, qs: tuple
     return out
 
 
-WINDOW_BEFORE, WINDOW_AFTER = 8, 4  # context tokens kept around each top example
+WINDOW_BEFORE, WINDOW_AFTER = 8, 4  # context tokens kept around each example
 
 
-def stats_tables(tset: TranscoderSet, stats: dict[int, LayerStats], tokens: torch.Tensor):
-    """(features, top_examples, dataset_tokens) as Arrow tables for `DIR/stats/`."""
+def stats_tables(tset: TranscoderSet, stats: dict[int, LayerStats], tokens: torch.Tensor) -> dict:
+    """Arrow tables for `DIR/stats/`, by file name: features, top_examples, quantile_examples, tokens."""
     import pyarrow as pa
 
     from catalog.parquet_io import feature_ids
 
     n_contexts, ctx_len = tokens.shape
     n_counted = n_contexts * (ctx_len - 1)
-    feature_tables, example_tables = [], []
-    flat_tokens = tokens.reshape(-1)
+    feature_tables, top_tables, quantile_tables = [], [], []
+    flat_tokens = tokens.reshape(-1).numpy()
     for tc in tset:
         s = stats[tc.layer]
         fired = s.fired.numpy()
@@ -144,22 +148,53 @@ def stats_tables(tset: TranscoderSet, stats: dict[int, LayerStats], tokens: torc
             "q50": pa.array(q[:, 0]), "q90": pa.array(q[:, 1]), "q99": pa.array(q[:, 2]),
             "log10_histogram": pa.array(list(hist), pa.list_(pa.int64())),
         }))
-        keep = (s.top_values > 0).numpy()
-        feature, rank = np.nonzero(keep)
-        flat = s.top_index.numpy()[feature, rank]
-        context, pos = flat // ctx_len, flat % ctx_len
-        windows = [flat_tokens[c * ctx_len + max(0, p - WINDOW_BEFORE): c * ctx_len + min(ctx_len, p + WINDOW_AFTER + 1)].tolist()
-                   for c, p in zip(context, pos)]
-        example_tables.append(pa.table({
+        feature, rank = np.nonzero((s.top_values > 0).numpy())
+        top_tables.append(pa.table({
             "feature": feature_ids(tc.layer, pa.array(feature)), "rank": pa.array(rank, pa.int32()),
-            "context": pa.array(context), "pos": pa.array(pos, pa.int32()),
-            "activation": pa.array(s.top_values.numpy()[feature, rank]),
-            "token_id": pa.array(flat_tokens[flat].numpy()),
-            "window_start": pa.array(np.maximum(0, pos - WINDOW_BEFORE), pa.int32()),
-            "window_tokens": pa.array(windows, pa.list_(pa.int64())),
+            **example_columns(s.top_index.numpy()[feature, rank], s.top_values.numpy()[feature, rank], flat_tokens, ctx_len),
         }))
+        quantile_tables.append(quantile_table(tc.layer, s.samples, flat_tokens, ctx_len))
     dataset_tokens = pa.table({
         "context": pa.array(np.repeat(np.arange(n_contexts), ctx_len)), "pos": pa.array(np.tile(np.arange(ctx_len), n_contexts), pa.int32()),
-        "token_id": pa.array(flat_tokens.numpy()),
+        "token_id": pa.array(flat_tokens),
     })
-    return pa.concat_tables(feature_tables), pa.concat_tables(example_tables), dataset_tokens
+    return {"features": pa.concat_tables(feature_tables), "top_examples": pa.concat_tables(top_tables),
+            "quantile_examples": pa.concat_tables(quantile_tables), "tokens": dataset_tokens}
+
+
+def quantile_table(layer: int, samples: QuantileSamples, flat_tokens: np.ndarray, ctx_len: int):
+    """One row per sampled example: its feature, interval (`bin`, `lower` < activation <= `upper`,
+    `bin_count` firing tokens in it), `rank` by activation within the interval, then the example columns."""
+    import pyarrow as pa
+
+    from catalog.parquet_io import feature_ids
+
+    feature, bin_, slot = (samples.index >= 0).nonzero(as_tuple=True)
+    values = samples.value[feature, bin_, slot]
+    order, rank = rank_within_cells(feature * samples.n_bins + bin_, -values)
+    feature, bin_, slot, values = feature[order], bin_[order], slot[order], values[order]
+    width = power_of_two(samples.exponent[feature])
+    return pa.table({
+        "feature": feature_ids(layer, pa.array(feature.numpy())), "bin": pa.array(bin_.numpy(), pa.int32()),
+        "lower": pa.array((bin_ * width).numpy()), "upper": pa.array(((bin_ + 1) * width).numpy()),
+        "bin_count": pa.array(samples.count[feature, bin_].numpy()), "rank": pa.array(rank.numpy(), pa.int32()),
+        **example_columns(samples.index[feature, bin_, slot].numpy(), values.numpy(), flat_tokens, ctx_len),
+    })
+
+
+def example_columns(flat: np.ndarray, activation: np.ndarray, flat_tokens: np.ndarray, ctx_len: int) -> dict:
+    """The columns every example table shares: context, pos, activation, token_id, window_start and
+    window_tokens (WINDOW_BEFORE tokens before the firing one to WINDOW_AFTER after, within its context).
+    Vectorised: a catalog holds millions of examples."""
+    import pyarrow as pa
+
+    context, pos = flat // ctx_len, flat % ctx_len
+    start = np.maximum(0, pos - WINDOW_BEFORE)
+    length = np.minimum(ctx_len, pos + WINDOW_AFTER + 1) - start
+    offsets = np.concatenate([[0], np.cumsum(length)])
+    gather = np.repeat(context * ctx_len + start - offsets[:-1], length) + np.arange(offsets[-1])
+    return {
+        "context": pa.array(context, pa.int64()), "pos": pa.array(pos, pa.int32()), "activation": pa.array(activation, pa.float32()),
+        "token_id": pa.array(flat_tokens[flat], pa.int64()), "window_start": pa.array(start, pa.int32()),
+        "window_tokens": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat_tokens[gather], pa.int64())),
+    }

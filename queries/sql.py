@@ -1,7 +1,7 @@
 """Read-only SQL over a catalog directory's Parquet files with DuckDB.
 
 Views: `features`, `tokens`, `pullbacks`, `deembed`, `logits` and, once statistics are collected,
-`stats` (per feature), `top_examples` and `dataset_tokens`. Only SELECT-like statements run.
+`stats` (per feature), `top_examples`, `quantile_examples` and `dataset_tokens`. Only SELECT-like statements run.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def views(root: Path) -> dict[str, str]:
         "features": root / layout.FEATURES, "tokens": root / layout.TOKENS,
         "pullbacks": root / layout.PULLBACKS / "*.parquet", "deembed": root / layout.DEEMBED / "*.parquet",
         "logits": root / layout.LOGITS / "*.parquet", "stats": root / layout.STATS / "features.parquet",
-        "top_examples": root / layout.STATS / "top_examples.parquet", "dataset_tokens": root / layout.STATS / "tokens.parquet",
+        "top_examples": root / layout.STATS / "top_examples.parquet",
+        "quantile_examples": root / layout.STATS / "quantile_examples.parquet", "dataset_tokens": root / layout.STATS / "tokens.parquet",
     }
     return {name: str(path) for name, path in candidates.items() if list(path.parent.glob(path.name))}
 

@@ -1,4 +1,4 @@
-"""A feature's activation statistics and top examples, read from DIR/stats/ with DuckDB."""
+"""A feature's activation statistics, top examples and quantile-bin examples, read from DIR/stats/ with DuckDB."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from catalog import layout
 from catalog.errors import CatalogDirError, UnknownFeature
 from catalog.layout import parse_feature_id
-from queries.sql import connect
+from queries.sql import connect, views
 
 
 @dataclass
@@ -16,12 +16,29 @@ class Example:
     activation: float
     context: int
     pos: int
-    text: str  # the window around the firing token, which is shown in [brackets]
+    tokens: list[str]  # the window around the firing token, as token texts
+    firing: int  # index of the firing token in `tokens`
+    text: str = field(init=False)  # the window as one string, the firing token in [brackets]
+
+    def __post_init__(self) -> None:
+        self.text = "".join(f"[{t}]" if i == self.firing else t for i, t in enumerate(self.tokens))
+
+
+@dataclass
+class Interval:
+    """Examples sampled uniformly from the firing tokens with lower < activation <= upper."""
+
+    lower: float
+    upper: float
+    count: int  # firing tokens in the interval
+    frequency: float  # the same as a fraction of all counted tokens
+    examples: list[Example] = field(default_factory=list)
 
 
 @dataclass
 class FeatureStats:
     id: str
+    fired: int
     frequency: float
     mean_act: float
     max_act: float
@@ -29,28 +46,40 @@ class FeatureStats:
     q50: float
     q90: float
     q99: float
+    log10_histogram: list[int]  # counts over catalog.layout.histogram_log10_edges()
     examples: list[Example] = field(default_factory=list)
+    intervals: list[Interval] = field(default_factory=list)  # highest first
+
+
+_EXAMPLE = "activation, context, pos, window_start, window_tokens"
 
 
 def feature_stats(root: Path, fid: str, k: int = 10) -> FeatureStats:
+    """Figures, the top `k` examples and the quantile-bin examples of one feature."""
     parse_feature_id(fid)
     if not (root / layout.STATS / "features.parquet").is_file():
         raise CatalogDirError(f"{root}: no activation statistics; run `circuit-catalog ingest ... --dataset D --tokens N`")
     con = connect(root)
     try:
-        row = con.execute("SELECT frequency, mean_act, max_act, live, q50, q90, q99 FROM stats WHERE id = ?", [fid]).fetchone()
+        row = con.execute("SELECT fired, frequency, mean_act, max_act, live, q50, q90, q99, log10_histogram FROM stats WHERE id = ?", [fid]).fetchone()
         if row is None:
             raise UnknownFeature(f"unknown feature {fid}: not in this catalog's statistics")
-        examples = con.execute(
-            "SELECT activation, context, pos, window_start, window_tokens FROM top_examples WHERE feature = ? AND rank < ? ORDER BY rank",
-            [fid, k],
-        ).fetchall()
-        needed = sorted({t for *_, window in examples for t in window})
+        top = con.execute(f"SELECT {_EXAMPLE} FROM top_examples WHERE feature = ? AND rank < ? ORDER BY rank", [fid, k]).fetchall()
+        binned = con.execute(
+            f"SELECT lower, upper, bin_count, {_EXAMPLE} FROM quantile_examples WHERE feature = ? ORDER BY bin DESC, rank", [fid]
+        ).fetchall() if "quantile_examples" in views(root) else []
+        needed = sorted({t for r in top + binned for t in r[-1]})
         text = dict(con.execute("SELECT id, text FROM tokens WHERE list_contains(?, id)", [needed]).fetchall()) if needed else {}
     finally:
         con.close()
-    out = FeatureStats(fid, *row)
-    for activation, context, pos, start, window in examples:
-        marked = [f"[{text[t]}]" if start + i == pos else text[t] for i, t in enumerate(window)]
-        out.examples.append(Example(float(activation), int(context), int(pos), "".join(marked)))
+    out = FeatureStats(fid, *row[:8], list(row[8]))
+
+    def example(activation, context, pos, start, window) -> Example:
+        return Example(float(activation), int(context), int(pos), [text[t] for t in window], pos - start)
+
+    out.examples = [example(*r) for r in top]
+    for lower, upper, count, *rest in binned:
+        if not out.intervals or out.intervals[-1].lower != lower:
+            out.intervals.append(Interval(float(lower), float(upper), int(count), count * out.frequency / out.fired))
+        out.intervals[-1].examples.append(example(*rest))
     return out

@@ -43,3 +43,9 @@ $cc graph --catalog "$out/catalog" --prompt "$prompt" -k 8
 $cc paths --catalog "$out/catalog" --prompt "$prompt" --from-token France --to-logit Paris -k 5
 $cc recurring --catalog "$out/catalog" -k 5
 $cc prompts-using "$feature" --catalog "$out/catalog"
+
+echo "== 9. HTML reports: a feature card for $feature (and its neighbours' cards), then the catalog overview"
+$cc report feature "$feature" --catalog "$out/catalog" --with-neighbours > /dev/null
+$cc report overview --catalog "$out/catalog" > /dev/null
+echo "catalog overview: $out/catalog/reports/overview.html"
+echo "feature card:     $out/catalog/reports/$(echo "$feature" | tr / _).html"

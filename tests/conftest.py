@@ -124,3 +124,18 @@ def text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("data") / "corpus.txt"
     p.write_text("\n\n".join([TEXT] * 20))
     return p
+
+
+STATS_TOKENS, STATS_CTX = 600, 16  # the statistics of `stats_catalog`: 38 contexts of 16 tokens
+
+
+@pytest.fixture(scope="session")
+def stats_catalog(tmp_path_factory, gpt2, text_file):
+    """(catalog dir, transcoders): the tiny GPT-2 with random transcoders, ingested with activation statistics."""
+    from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
+
+    root = tmp_path_factory.mktemp("stats-catalog")
+    tset = random_transcoders(gpt2, d_sae=24, seed=11)
+    run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", IngestSettings(top_k=3, token_top_k=3)), progress=False)
+    assert run_stats(gpt2, tset, root, str(text_file), STATS_TOKENS, ctx_len=STATS_CTX, top_k=5, progress=False)
+    return root, tset

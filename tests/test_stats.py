@@ -1,6 +1,8 @@
-"""Activation statistics equal a brute-force computation on a small dataset; SQL is read-only."""
+"""Activation statistics and quantile-bin examples equal a brute-force computation on a small dataset; SQL is read-only."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,22 +14,13 @@ from catalog import layout
 from catalog.errors import CatalogDirError
 from circuit_catalog.cli import main
 from ingest.datasets import token_contexts
-from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
-from ingest.stats import bin_edges
+from ingest.job import run_stats
+from ingest.stats import PER_BIN, QUANTILE_BINS, bin_edges
 from queries.sql import SqlError, run_sql
 from queries.stats import feature_stats
-from tests.conftest import random_transcoders
+from tests.conftest import STATS_CTX, STATS_TOKENS
 
-N_TOKENS, CTX = 600, 16
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory, gpt2, text_file):
-    root = tmp_path_factory.mktemp("stats-catalog")
-    tset = random_transcoders(gpt2, d_sae=24, seed=11)
-    run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", IngestSettings(top_k=3, token_top_k=3)), progress=False)
-    assert run_stats(gpt2, tset, root, str(text_file), N_TOKENS, ctx_len=CTX, top_k=5, progress=False)
-    return root, tset
+N_TOKENS, CTX = STATS_TOKENS, STATS_CTX
 
 
 def brute_force(gpt2, tset, text_file, layer):
@@ -38,8 +31,8 @@ def brute_force(gpt2, tset, text_file, layer):
     return tokens, acts
 
 
-def test_statistics_equal_brute_force(catalog, gpt2, text_file):
-    root, tset = catalog
+def test_statistics_equal_brute_force(stats_catalog, gpt2, text_file):
+    root, tset = stats_catalog
     layer = 1
     tokens, acts = brute_force(gpt2, tset, text_file, layer)
     counted = acts[:, 1:].reshape(-1, 24)
@@ -70,18 +63,59 @@ def test_statistics_equal_brute_force(catalog, gpt2, text_file):
         assert e["activation"] == pytest.approx(acts[e["context"], e["pos"], 3].item(), rel=1e-5)
 
 
-def test_rerun_skips_and_other_settings_refused(catalog, gpt2, text_file):
-    root, tset = catalog
+def test_quantile_examples_equal_brute_force(stats_catalog, gpt2, text_file):
+    """Each interval of (0, max] with occurrences holds min(PER_BIN, occurrences) real examples from it."""
+    root, tset = stats_catalog
+    layer = 2
+    tokens, acts = brute_force(gpt2, tset, text_file, layer)
+    table = pq.read_table(root / layout.STATS / "quantile_examples.parquet")
+    assert table.schema.names[:6] == ["feature", "bin", "lower", "upper", "bin_count", "rank"]
+    assert table.schema.names[6:] == pq.read_table(root / layout.STATS / "top_examples.parquet").schema.names[2:]
+    rows = table.to_pylist()
+    checked_full = checked_partial = 0
+    for f in range(24):
+        a = acts[..., f]
+        mine = [r for r in rows if r["feature"] == f"L{layer}/{f}"]
+        if a.max() <= 0:
+            assert not mine
+            continue
+        width = mine[0]["upper"] - mine[0]["lower"]
+        assert math.log2(width).is_integer() and all(r["upper"] - r["lower"] == width for r in mine)
+        n_bins = math.ceil(a.max().item() / width)
+        assert QUANTILE_BINS / 2 < n_bins <= QUANTILE_BINS
+        for j in range(QUANTILE_BINS):
+            inside = (a > j * width) & (a <= (j + 1) * width)
+            got = sorted((r for r in mine if r["bin"] == j), key=lambda r: r["rank"])
+            assert len(got) == min(PER_BIN, int(inside.sum()))
+            checked_full += len(got) == PER_BIN
+            checked_partial += 0 < len(got) < PER_BIN
+            assert len({(r["context"], r["pos"]) for r in got}) == len(got)
+            assert [r["activation"] for r in got] == sorted((r["activation"] for r in got), reverse=True)
+            for r in got:
+                assert r["bin_count"] == inside.sum() and r["lower"] == j * width and r["upper"] == (j + 1) * width
+                assert r["lower"] < r["activation"] <= r["upper"] and inside[r["context"], r["pos"]]
+                assert r["activation"] == pytest.approx(a[r["context"], r["pos"]].item(), rel=1e-5)
+                assert r["token_id"] == tokens[r["context"], r["pos"]].item()
+                assert r["window_tokens"] == tokens[r["context"], r["window_start"]: r["pos"] + 5].tolist()
+    assert checked_full and checked_partial  # both cases occur in this dataset
+
+
+def test_rerun_skips_and_other_settings_refused(stats_catalog, gpt2, text_file):
+    root, tset = stats_catalog
     assert run_stats(gpt2, tset, root, str(text_file), N_TOKENS, ctx_len=CTX, top_k=5, progress=False) is False
     with pytest.raises(CatalogDirError, match="other settings"):
         run_stats(gpt2, tset, root, str(text_file), N_TOKENS * 2, ctx_len=CTX, top_k=5, progress=False)
 
 
-def test_feature_stats_card_and_sql(catalog):
-    root, _ = catalog
+def test_feature_stats_card_and_sql(stats_catalog):
+    root, _ = stats_catalog
     card = feature_stats(root, "L2/4", k=3)
     assert 0 <= card.frequency <= 1 and len(card.examples) <= 3
     assert all("[" in e.text for e in card.examples)
+    assert card.intervals and sum(len(i.examples) for i in card.intervals) == run_sql(
+        root, "SELECT count(*) FROM quantile_examples WHERE feature = 'L2/4'")[1][0][0]
+    assert [i.lower for i in card.intervals] == sorted((i.lower for i in card.intervals), reverse=True)
+    assert all(i.lower < e.activation <= i.upper and e.tokens[e.firing] in e.text for i in card.intervals for e in i.examples)
     columns, rows = run_sql(root, "SELECT count(*) AS n FROM stats WHERE layer = 2")
     assert columns == ["n"] and rows == [(24,)]
     columns, rows = run_sql(root, "SELECT count(*) FROM dataset_tokens")
@@ -94,21 +128,23 @@ def test_feature_stats_card_and_sql(catalog):
         run_sql(root, "SELEC nonsense")
 
 
-def test_cli_stats_and_sql(catalog):
-    root, _ = catalog
+def test_cli_stats_and_sql(stats_catalog):
+    root, _ = stats_catalog
     result = CliRunner().invoke(main, ["stats", "L0/2", "--catalog", str(root)])
     assert result.exit_code == 0, result.output
-    assert "fires on" in result.output
+    assert "fires on" in result.output and "examples sampled from each activation interval" in result.output
+    first = feature_stats(root, "L0/2", 1).examples[0]
+    assert f"[{first.tokens[first.firing]}]" in result.output  # the firing token in brackets, not swallowed as markup
     result = CliRunner().invoke(main, ["sql", "SELECT id, frequency FROM stats ORDER BY frequency DESC LIMIT 2", "--catalog", str(root), "--format", "json"])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["sql", "DROP VIEW stats", "--catalog", str(root)])
     assert result.exit_code == 1 and "error:" in result.output
 
 
-def test_store_feature_nodes_carry_statistics(catalog, tmp_path):
+def test_store_feature_nodes_carry_statistics(stats_catalog, tmp_path):
     from catalog.ladybug_store import LadybugStore
 
-    root, _ = catalog
+    root, _ = stats_catalog
     expected = {r["id"]: r for r in pq.read_table(root / layout.STATS / "features.parquet").to_pylist()}
     store = LadybugStore(tmp_path / "graph")
     store.load(root, progress=False)

@@ -1,0 +1,213 @@
+"""Feature cards: one self-contained HTML page per feature, the seed's feature dashboard plus its circuit.
+
+A card shows the activation histogram, the top activating examples with the firing token marked,
+examples from each activation interval, the de-embedding (raw, extended) and logit-lens tokens, and
+the strongest upstream and downstream pullback edges, linked to those features' cards.
+
+Blind mode (the seed's blind case study) leaves every example's text out of the data before anything
+is rendered, so no dataset token can reach the page: only input-independent circuit evidence
+(de-embeddings, logit lens, pullback neighbours) and where and how strongly the feature fires.
+Blind cards are written as `L8_355.blind.html` and link only to blind cards, so a click never leads
+from a blind card to one with examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from catalog import layout
+from catalog.layout import histogram_log10_edges, parse_feature_id
+from catalog.manifest import Manifest
+from queries.api import Edge, FeatureTokens, Lookups
+from queries.reports import svg
+from queries.reports.html import (
+    Markup,
+    banner,
+    figures,
+    join,
+    link,
+    page,
+    section,
+    signed,
+    table,
+    tag,
+    token,
+    token_window,
+    write_page,
+)
+from queries.stats import FeatureStats, feature_stats
+
+OVERVIEW = "overview.html"
+
+
+@dataclass
+class FeatureCard:
+    id: str
+    tokens: FeatureTokens
+    upstream: list[Edge]
+    downstream: list[Edge]
+    stats: FeatureStats | None  # None when the catalog has no activation statistics
+
+
+def card_file(fid: str, blind: bool = False) -> str:
+    """'L8/355' -> 'L8_355.html' (blind: 'L8_355.blind.html')."""
+    return fid.replace("/", "_") + (".blind.html" if blind else ".html")
+
+
+def feature_card(lookups: Lookups, root: Path, fid: str, k: int = 10, blind: bool = False) -> FeatureCard:
+    """Everything a card shows: edges and tokens from the graph store, statistics from DuckDB."""
+    tokens = lookups.tokens(fid, k)  # unknown ids fail here, before anything is written
+    stats = feature_stats(root, fid, k) if (root / layout.STATS / "features.parquet").is_file() else None
+    if blind and stats is not None:
+        stats = blinded(stats)
+    return FeatureCard(fid, tokens, lookups.upstream(fid, k), lookups.downstream(fid, k), stats)
+
+
+def blinded(stats: FeatureStats) -> FeatureStats:
+    """The statistics without any example text: locations and activations stay, tokens go."""
+    return replace(
+        stats,
+        examples=[replace(e, tokens=[], firing=-1) for e in stats.examples],
+        intervals=[replace(i, examples=[]) for i in stats.intervals],
+    )
+
+
+def write_feature_cards(lookups: Lookups, root: Path, ids: Iterable[str], out_dir: Path | None = None, k: int = 10,
+                        blind: bool = False, with_neighbours: bool = False) -> list[Path]:
+    """Write a card per feature (and, with `with_neighbours`, per upstream/downstream neighbour) into
+    `out_dir` (default CATALOG/reports). Links go to cards written now or already in `out_dir`; any
+    other neighbour is shown unlinked. Every id is looked up before anything is written.
+    """
+    out_dir = out_dir or root / layout.REPORTS
+    cards = {fid: feature_card(lookups, root, fid, k, blind) for fid in dict.fromkeys(ids)}
+    if with_neighbours:
+        for card in list(cards.values()):
+            for e in card.upstream + card.downstream:
+                if e.feature not in cards:
+                    cards[e.feature] = feature_card(lookups, root, e.feature, k, blind)
+
+    def href(fid: str) -> str | None:
+        name = card_file(fid, blind)
+        return name if fid in cards or (out_dir / name).is_file() else None
+
+    manifest = Manifest.read(root)
+    nav = [(OVERVIEW, "catalog overview")] if (out_dir / OVERVIEW).is_file() and not blind else []
+    return [write_page(out_dir / card_file(fid, blind), render_feature(card, manifest, href, blind, nav)) for fid, card in cards.items()]
+
+
+def render_feature(card: FeatureCard, manifest: Manifest, href: Callable[[str], str | None], blind: bool = False,
+                   nav: Sequence[tuple[str, str]] = ()) -> str:
+    layer, index = parse_feature_id(card.id)
+    subtitle = f"layer {layer}, feature {index} · {manifest.model} · transcoders {manifest.transcoders}"
+    circuit = [_tokens_section(card.tokens), _circuit_section(card, href)]
+    if card.stats is None:
+        observed = [section("Activations", note="No activation statistics in this catalog: run `circuit-catalog ingest ... --dataset D --tokens N`.")]
+    elif not card.stats.fired:
+        observed = [section("Activations", note="The feature never fired on the dataset of the statistics.")]
+    elif blind:
+        observed = [_histogram_section(card.stats), _locations_section(card.stats), _intervals_table(card.stats)]
+    else:
+        observed = [_histogram_section(card.stats), _top_examples_section(card.stats), _intervals_section(card.stats)]
+    head = [_headline(card.stats)]
+    if blind:
+        head.append(banner("Blind case-study mode: the texts of the examples that activate this feature are left out. "
+                           "Shown are input-independent circuit evidence (de-embeddings, logit lens, pullback neighbours) "
+                           "and where and how strongly the feature fires; linked cards are blind too.", "blind"))
+    body = join(head + (circuit + observed if blind else observed + circuit))
+    return page(f"Feature {card.id}", body, subtitle, nav, meta={"circuit-catalog-report": "feature-blind" if blind else "feature"})
+
+
+def _headline(stats: FeatureStats | None) -> Markup:
+    if stats is None:
+        return Markup("")
+    return figures([
+        ("fires on", f"{stats.frequency:.4%}"), ("firing tokens", f"{stats.fired:,}"), ("status", "live" if stats.live else "dead"),
+        ("mean when firing", f"{stats.mean_act:.3f}"), ("max", f"{stats.max_act:.3f}"),
+        ("quantiles 50 / 90 / 99 %", f"{stats.q50:.3g} / {stats.q90:.3g} / {stats.q99:.3g}"),
+    ])
+
+
+def _histogram_section(stats: FeatureStats) -> Markup:
+    counts = stats.log10_histogram
+    used = [i for i, c in enumerate(counts) if c]
+    lo, hi = max(used[0] - 1, 0), min(used[-1] + 2, len(counts))
+    edges = histogram_log10_edges()[lo: hi + 1]
+    chart = svg.histogram(edges, counts[lo:hi], x_label="activation (log scale)", y_label="tokens", x_tick=lambda v: f"{10 ** v:.3g}",
+                          label=f"histogram of activations of {stats.id}")
+    return section("Activation histogram", chart, note="Firing tokens by activation, on a logarithmic axis (bins of log10 activation).")
+
+
+def _example_rows(examples, blind: bool = False) -> list[list[object]]:
+    return [[f"{i + 1}", f"{e.activation:.3f}", f"{e.context:,}", f"{e.pos}"] + ([] if blind else [token_window(e.tokens, e.firing, e.activation)])
+            for i, e in enumerate(examples)]
+
+
+def _top_examples_section(stats: FeatureStats) -> Markup:
+    rows = _example_rows(stats.examples)
+    return section("Top activating examples", table(["#", "activation", "context", "pos", "text (firing token marked)"], rows, numeric=(0, 1, 2, 3), cls="examples"),
+                   note="The highest activations over the dataset; the window runs from a few tokens before the firing token to a few after.")
+
+
+def _locations_section(stats: FeatureStats) -> Markup:
+    rows = _example_rows(stats.examples, blind=True)
+    return section("Top activating example locations", table(["#", "activation", "context", "pos"], rows, numeric=(0, 1, 2, 3), cls="locations"),
+                   note="Where the feature fires most strongly (dataset context and position): inputs for input-dependent analysis. Tokens hidden.")
+
+
+def _interval_title(i) -> str:
+    return f"Between {i.lower:.3g} and {i.upper:.3g}: {i.frequency:.4%} of tokens ({i.count:,})"
+
+
+def _intervals_section(stats: FeatureStats) -> Markup:
+    if not stats.intervals:
+        return section("Examples by activation interval", note="None in these statistics (collected before interval sampling existed).")
+    parts = [tag("h3", _interval_title(i)) + table(["#", "activation", "context", "pos", "text (firing token marked)"], _example_rows(i.examples), numeric=(0, 1, 2, 3), cls="examples")
+             for i in stats.intervals]
+    return section("Examples by activation interval", *parts, id="intervals",
+                   note="The activation range (0, max] in equal intervals, highest first; each shows examples drawn uniformly at random from the tokens in it.")
+
+
+def _intervals_table(stats: FeatureStats) -> Markup:
+    rows = [[f"{i.lower:.3g}", f"{i.upper:.3g}", f"{i.frequency:.4%}", f"{i.count:,}"] for i in stats.intervals]
+    return section("Activation intervals", table(["above", "up to", "of tokens", "firing tokens"], rows, numeric=(0, 1, 2, 3)),
+                   note="How often the feature fires at each strength (examples hidden).")
+
+
+def _token_table(title: str, pairs: list[tuple[str, float]]) -> Markup:
+    return tag("div", tag("h3", title) + table(["token", "weight"], [[token(t), signed(w)] for t, w in pairs], numeric=(1,)))
+
+
+def _tokens_section(tokens: FeatureTokens) -> Markup:
+    grid = tag("div", join([_token_table("De-embedding (raw)", tokens.deembed), _token_table("De-embedding (extended)", tokens.deembed_extended),
+                            _token_table("Logit lens", tokens.logits)]), cls="grid")
+    return section("Tokens", grid, note="Input-independent: which input tokens drive the feature directly (raw: W_E; extended: through MLP0), "
+                                       "and which output logits its decoder pushes.")
+
+
+def _edge_table(edges: list[Edge], href: Callable[[str], str | None]) -> Markup:
+    rows = [[link(href(e.feature), e.feature), signed(e.weight, "{:+.4f}"), join((token(t) for t in e.tokens), " ")] for e in edges]
+    return table(["feature", "weight", "its top extended de-embedding tokens"], rows, numeric=(1,), cls="edges")
+
+
+def _circuit_section(card: FeatureCard, href: Callable[[str], str | None]) -> Markup:
+    # three columns (upstream, this feature, downstream), each ordered by layer: with a column per layer,
+    # an edge that skips layers would run behind the nodes in between and look as if it came from them
+    nodes = {card.id: svg.Node(card.id, card.id, 1, focus=True, title=f"{card.id} (this feature)")}
+    for column, edges in ((0, card.upstream), (2, card.downstream)):
+        for rank, e in enumerate(edges):
+            nodes[e.feature] = svg.Node(e.feature, e.feature, column, order=parse_feature_id(e.feature)[0] * len(edges) + rank,
+                                        href=href(e.feature), title=f"{e.feature}: {' '.join(e.tokens)}")
+    links = [svg.Link(e.feature, card.id, e.weight) for e in card.upstream] + [svg.Link(card.id, e.feature, e.weight) for e in card.downstream]
+    headings = {0: "upstream", 1: "this feature", 2: "downstream"}
+    diagram = svg.layered_graph(list(nodes.values()), links, column_label=headings.get, column_width=220,
+                                label=f"pullback neighbourhood of {card.id}") if links else Markup("")
+    unlinked = sum(href(e.feature) is None for e in card.upstream + card.downstream)
+    note = ("Pullback edges (input-independent): an upstream edge is the change in this feature's pre-activation per unit of "
+            "the earlier feature; a downstream edge, this feature's effect on the later one. Blue positive, red negative.")
+    if unlinked:
+        note += f" Features with a dashed underline ({unlinked}) have no card in this directory (write them with --with-neighbours)."
+    return section("Circuit", diagram, tag("div", tag("div", tag("h3", "Upstream: what feeds it") + _edge_table(card.upstream, href))
+                                            + tag("div", tag("h3", "Downstream: what it feeds") + _edge_table(card.downstream, href)), cls="grid"),
+                   note=note)

@@ -1,0 +1,185 @@
+"""The catalog overview: what the catalog holds, per layer, and how its pullback weights are distributed.
+
+Per layer: features, live / dead / rarely firing (from the activation statistics), mean L0 (sum of
+firing frequencies: active features per token), and FVU and CE loss recovered when an evaluation file
+(`circuit-catalog eval --out CATALOG/eval.json`) is there. Pullback weights: a histogram of all kept
+edges and a heatmap of mean |weight| per layer pair, computed by DuckDB over the Parquet parts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catalog import layout
+from catalog.errors import ReportError
+from catalog.manifest import Manifest
+from queries.reports import svg
+from queries.reports.feature import OVERVIEW
+from queries.reports.html import Markup, figures, join, link, page, section, table, tag, write_page
+from queries.sql import connect, views
+
+WEIGHT_BINS = 60
+COUNT_LABELS = {"tokens": "vocabulary", "deembed_edges": "de-embedding edges"}
+
+
+@dataclass
+class LayerRow:
+    layer: int
+    features: int
+    live: int | None = None
+    dead: int | None = None  # never fired on the dataset
+    rare: int | None = None  # fired, but not often enough to count as live
+    l0: float | None = None  # sum of firing frequencies: mean active features per token
+    fvu: float | None = None
+    ce_recovered: float | None = None
+
+
+@dataclass
+class Overview:
+    manifest: Manifest
+    layers: list[LayerRow]
+    stats_info: dict | None
+    evaluation: dict | None
+    weight_edges: list[float] = field(default_factory=list)
+    weight_counts: list[int] = field(default_factory=list)
+    pair_strength: dict[tuple[int, int], float] = field(default_factory=dict)  # (src layer, dst layer) -> mean |weight|
+    cards: list[str] = field(default_factory=list)  # feature card files next to the overview
+
+
+def read_eval(path: Path) -> dict:
+    """An `eval --out` JSON file, checked for the fields the overview uses."""
+    try:
+        data = json.loads(path.read_text())
+        for row in data["layers"]:
+            int(row["layer"]), float(row["fvu"]), float(row["ce_recovered"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReportError(f"{path}: not a `circuit-catalog eval --out` file ({type(exc).__name__}: {exc})") from None
+    return data
+
+
+def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None = None) -> Overview:
+    """Gather the overview's figures (DuckDB over the catalog's Parquet)."""
+    manifest = Manifest.read(root)
+    eval_file = eval_file or (root / layout.EVAL if (root / layout.EVAL).is_file() else None)
+    evaluation = read_eval(eval_file) if eval_file else None
+    info_path = root / layout.STATS / "info.json"
+    available = views(root)
+    con = connect(root)
+    try:
+        rows = {layer: LayerRow(layer, n) for layer, n in con.execute("SELECT layer, count(*) FROM features GROUP BY layer ORDER BY layer").fetchall()}
+        if "stats" in available:
+            for layer, live, dead, rare, l0 in con.execute(
+                "SELECT layer, count(*) FILTER (WHERE live), count(*) FILTER (WHERE fired = 0), count(*) FILTER (WHERE fired > 0 AND NOT live), sum(frequency) "
+                "FROM stats GROUP BY layer"
+            ).fetchall():
+                rows[layer].live, rows[layer].dead, rows[layer].rare, rows[layer].l0 = live, dead, rare, l0
+        result = Overview(manifest, list(rows.values()), json.loads(info_path.read_text()) if info_path.is_file() else None, evaluation)
+        if "pullbacks" in available:
+            _weights(con, result)
+    finally:
+        con.close()
+    for m in (evaluation or {}).get("layers", []):
+        if m["layer"] in rows:
+            rows[m["layer"]].fvu, rows[m["layer"]].ce_recovered = m["fvu"], m["ce_recovered"]
+    if cards_dir is not None and cards_dir.is_dir():
+        result.cards = sorted((p.name for p in cards_dir.glob("L*_*.html")), key=_card_order)
+    return result
+
+
+def _card_order(name: str) -> tuple[int, int, str]:
+    layer, _, rest = name[1:].partition("_")
+    index = rest.split(".")[0]
+    return (int(layer), int(index), name) if layer.isdigit() and index.isdigit() else (1 << 30, 0, name)
+
+
+def _weights(con, result: Overview) -> None:
+    """Histogram of all pullback weights over [-max|w|, max|w|], and mean |weight| per layer pair."""
+    (extent,) = con.execute("SELECT max(abs(weight)) FROM pullbacks").fetchone()
+    if not extent:
+        return
+    width = 2 * extent / WEIGHT_BINS
+    counts = dict(con.execute(
+        f"SELECT least(floor((weight + ?) / ?)::INTEGER, {WEIGHT_BINS - 1}) AS b, count(*) FROM pullbacks GROUP BY b", [extent, width]
+    ).fetchall())
+    result.weight_edges = [-extent + i * width for i in range(WEIGHT_BINS + 1)]
+    result.weight_counts = [counts.get(i, 0) for i in range(WEIGHT_BINS)]
+    result.pair_strength = {(s, d): w for s, d, w in con.execute(
+        "SELECT CAST(split_part(substr(src, 2), '/', 1) AS INTEGER) AS s, CAST(split_part(substr(dst, 2), '/', 1) AS INTEGER) AS d, "
+        "avg(abs(weight)) FROM pullbacks GROUP BY s, d"
+    ).fetchall()}
+
+
+def write_overview(root: Path, out: Path | None = None, eval_file: Path | None = None) -> Path:
+    """Write the overview page (default CATALOG/reports/overview.html), listing the cards next to it."""
+    out = out or root / layout.REPORTS / OVERVIEW
+    return write_page(out, render_overview(overview(root, eval_file, out.parent)))
+
+
+def _opt(value: float | None, fmt: str) -> str:
+    return "" if value is None else fmt.format(value)
+
+
+def render_overview(o: Overview) -> str:
+    m = o.manifest
+    total = sum(r.features for r in o.layers)
+    head = [("layers", f"{len(o.layers)}"), ("features", f"{total:,}")]
+    head += [(COUNT_LABELS.get(name, name.replace("_", " ")), f"{n:,}") for name, n in m.counts.items() if name != "features"]
+    if o.stats_info:
+        live = sum(r.live or 0 for r in o.layers)
+        head += [("statistics over", f"{o.stats_info['tokens']:,} tokens of {o.stats_info['dataset']}"), ("live features", f"{live / max(total, 1):.1%}")]
+    if o.evaluation:
+        head += [("CE original (nats)", f"{o.evaluation['ce_original']:.3f}"), ("CE recovered, all layers", f"{o.evaluation['ce_recovered_all']:.3f}")]
+    parts = [figures(head), _layers_section(o)]
+    if o.weight_counts:
+        parts.append(_weights_section(o))
+    parts.append(_cards_section(o.cards))
+    fmt = f" ({m.transcoder_format})" if m.transcoder_format else ""
+    subtitle = f"{m.model} · transcoders {m.transcoders}{fmt} · top-k {m.top_k} · completed {m.completed or 'not yet'}"
+    return page("Catalog overview", join(parts), subtitle, meta={"circuit-catalog-report": "overview"})
+
+
+def _layers_section(o: Overview) -> Markup:
+    columns = [("layer", lambda r: f"{r.layer}"), ("features", lambda r: f"{r.features:,}")]
+    if o.stats_info:
+        columns += [("live", lambda r: _opt(r.live, "{:,}")), ("dead", lambda r: _opt(r.dead, "{:,}")),
+                    ("rarely firing", lambda r: _opt(r.rare, "{:,}")), ("L0", lambda r: _opt(r.l0, "{:.1f}"))]
+    if o.evaluation:
+        columns += [("FVU", lambda r: _opt(r.fvu, "{:.3f}")), ("CE recovered", lambda r: _opt(r.ce_recovered, "{:.3f}"))]
+    rows = [[cell(r) for _, cell in columns] for r in o.layers]
+    notes = []
+    if o.stats_info:
+        notes.append("Live: fires more often than once in 10,000 tokens; dead: never fired; L0: mean number of the layer's features active per token.")
+    notes.append("FVU and CE loss recovered from the evaluation file." if o.evaluation else
+                 "For FVU and CE loss recovered per layer: `circuit-catalog eval ... --out CATALOG/eval.json` (or pass --eval FILE).")
+    charts = []
+    labels = [f"layer {r.layer}" for r in o.layers]
+    if o.evaluation:
+        charts.append(tag("div", tag("h3", "FVU per layer") + svg.bar_chart(labels, [r.fvu or 0.0 for r in o.layers], fmt="{:.3f}", label="FVU per layer")))
+    if o.stats_info:
+        charts.append(tag("div", tag("h3", "L0 per layer") + svg.bar_chart(labels, [r.l0 or 0.0 for r in o.layers], fmt="{:.1f}", label="L0 per layer")))
+    table_html = table([name for name, _ in columns], rows, numeric=range(len(columns)), cls="layers")
+    return section("Layers", table_html, tag("div", join(charts), cls="grid"), note=" ".join(notes))
+
+
+def _weights_section(o: Overview) -> Markup:
+    hist = svg.histogram(o.weight_edges, o.weight_counts, log_y=True, x_label="pullback weight", y_label="edges", x_tick=lambda v: f"{v:.3g}",
+                         bin_label=lambda a, b: f"{a:+.3g} to {b:+.3g}", label="histogram of pullback weights")
+    src_layers = sorted({s for s, _ in o.pair_strength})
+    dst_layers = sorted({d for _, d in o.pair_strength})
+    grid = [[o.pair_strength.get((s, d)) for s in src_layers] for d in dst_layers]
+    heat = svg.heatmap([f"L{d}" for d in dst_layers], [f"L{s}" for s in src_layers], grid, x_label="source layer", y_label="target layer",
+                       label="mean absolute pullback weight per layer pair")
+    return section("Pullback weights", tag("h3", "All kept edges (log-scale counts)") + hist, tag("h3", "Mean |weight| per layer pair") + heat,
+                   note="Kept edges only (top-k per feature and earlier layer, and/or above --min-weight), so small weights are under-represented.")
+
+
+def _cards_section(cards: list[str]) -> Markup:
+    if not cards:
+        return section("Feature cards", note="No feature cards next to this page yet: `circuit-catalog report feature FEATURE --catalog DIR`.")
+    full = [c for c in cards if not c.endswith(".blind.html")]
+    blind = [c for c in cards if c.endswith(".blind.html")]
+    items = [tag("h3", title) + tag("p", join((link(c, c.split(".")[0].replace("_", "/")) for c in names), " · "))
+             for title, names in (("Cards", full), ("Blind cards (no example text)", blind)) if names]
+    return section("Feature cards", *items)

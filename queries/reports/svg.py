@@ -1,0 +1,204 @@
+"""Inline SVG charts for the HTML reports: histogram, signed bar chart, heatmap, layered node-link diagram.
+
+Plain SVG elements styled by the page's stylesheet (classes `bar`, `axis`, `edge pos|neg`, ...), so a
+chart needs no script and prints as it shows. Every mark carries a <title>, the browser's tooltip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from queries.reports.html import Markup, join, tag
+
+
+def _f(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round tick values (steps of 1, 2 or 5 times a power of ten) within [lo, hi]."""
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step - 1e-9)
+    return [round(i * step, 12) for i in range(first, math.floor(hi / step + 1e-9) + 1)]
+
+
+def compact(n: float) -> str:
+    """A count in at most four characters: 950, 12k, 3.5M."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= size:
+            return f"{n / size:.2g}{suffix}" if abs(n) < 10 * size else f"{n / size:.0f}{suffix}"
+    return f"{n:g}"
+
+
+def _svg(width: float, height: float, content: object, label: str) -> Markup:
+    return tag("svg", content, cls="chart", width=_f(width), height=_f(height), viewBox=f"0 0 {_f(width)} {_f(height)}",
+               role="img", aria_label=label, xmlns="http://www.w3.org/2000/svg")
+
+
+def _text(x: float, y: float, text: object, anchor: str = "middle", cls: str | None = None, **attrs: object) -> Markup:
+    return tag("text", text, x=_f(x), y=_f(y), text_anchor=anchor, cls=cls, **attrs)
+
+
+def _line(x1: float, y1: float, x2: float, y2: float, cls: str) -> Markup:
+    return Markup(f'<line x1="{_f(x1)}" y1="{_f(y1)}" x2="{_f(x2)}" y2="{_f(y2)}" class="{cls}"/>')
+
+
+def histogram(edges: Sequence[float], counts: Sequence[int], *, width: float = 640, height: float = 220,
+              x_label: str = "", y_label: str = "count", log_y: bool = False, x_tick: Callable[[float], str] = lambda v: f"{v:g}",
+              bin_label: Callable[[float, float], str] | None = None, label: str = "histogram") -> Markup:
+    """Bars over bins [edges[i], edges[i+1]) with counts[i]; `log_y` for counts spanning decades.
+    `x_tick` formats axis values (e.g. 10**v for a log10 axis), `bin_label` a bar's tooltip range."""
+    left, right, top, bottom = 58.0, 14.0, 10.0, 42.0
+    pw, ph = width - left - right, height - top - bottom
+    lo, hi = edges[0], edges[-1]
+    peak = max(counts, default=0)
+
+    def level(c: float) -> float:
+        return (math.log10(c) + 1 if c > 0 else 0.0) if log_y else c
+
+    top_level = max(level(peak), 1e-12)
+
+    def sx(v: float) -> float:
+        return left + (v - lo) / (hi - lo or 1) * pw
+
+    def sy(c: float) -> float:
+        return top + ph - level(c) / top_level * ph
+
+    y_ticks = [10**k for k in range(int(math.log10(peak)) + 1)] if log_y and peak else [t for t in nice_ticks(0, peak, 4) if t == int(t)]
+    parts = [_line(left, sy(t), left + pw, sy(t), "gridline") + _text(left - 6, sy(t) + 4, compact(t), "end") for t in y_ticks]
+    describe = bin_label or (lambda a, b: f"{x_tick(a)} to {x_tick(b)}")
+    for a, b, c in zip(edges[:-1], edges[1:], counts):
+        if c > 0:
+            x0, x1 = sx(a), sx(b)
+            parts.append(tag("rect", tag("title", f"{describe(a, b)}: {c:,}"), x=_f(x0 + 0.5), y=_f(sy(c)),
+                             width=_f(max(x1 - x0 - 1, 0.8)), height=_f(top + ph - sy(c)), cls="bar"))
+    for t in nice_ticks(lo, hi, 6):
+        parts.append(_line(sx(t), top + ph, sx(t), top + ph + 4, "axis") + _text(sx(t), top + ph + 16, x_tick(t)))
+    parts += [_line(left, top + ph, left + pw, top + ph, "axis"), _line(left, top, left, top + ph, "axis"),
+              _text(left + pw / 2, height - 6, x_label, cls="label"),
+              _text(14, top + ph / 2, f"{y_label} (log scale)" if log_y else y_label, cls="label", transform=f"rotate(-90 14 {_f(top + ph / 2)})")]
+    return _svg(width, height, join(parts), label)
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], *, width: float = 640, fmt: str = "{:+.3f}",
+              hrefs: Sequence[str | None] | None = None, label: str = "bar chart") -> Markup:
+    """Horizontal bars, one row per label; negative values extend left of zero in the negative colour."""
+    row, left, right = 20.0, 120.0, 70.0
+    height = row * len(labels) + 8
+    lo, hi = min(0.0, *values) if values else 0.0, max(0.0, *values) if values else 1.0
+    span = (hi - lo) or 1.0
+    pw = width - left - right
+
+    def sx(v: float) -> float:
+        return left + (v - lo) / span * pw
+
+    parts = [_line(sx(0), 2, sx(0), height - 4, "axis")]
+    for i, (name, v) in enumerate(zip(labels, values)):
+        y = 4 + i * row
+        text = _text(left - 8, y + 13, name, "end", cls="label")
+        href = hrefs[i] if hrefs else None
+        parts.append(tag("a", text, href=href) if href else text)
+        x0, x1 = sorted((sx(0), sx(v)))
+        parts.append(tag("rect", tag("title", f"{name}: {fmt.format(v)}"), x=_f(x0), y=_f(y + 2), width=_f(max(x1 - x0, 0.8)),
+                         height=_f(row - 6), cls="barpos" if v >= 0 else "barneg"))
+        parts.append(_text(max(x1, sx(0)) + 6, y + 13, fmt.format(v), "start"))
+    return _svg(width, height, join(parts), label)
+
+
+def heatmap(row_labels: Sequence[str], col_labels: Sequence[str], values: Sequence[Sequence[float | None]], *,
+            fmt: str = "{:.3g}", x_label: str = "", y_label: str = "", label: str = "heatmap") -> Markup:
+    """A grid of cells shaded by value (darker = larger, blank where None), rows `y_label`, columns
+    `x_label`; cells are sized to make the grid about 400 px wide, labels thinned where they would crowd."""
+    cell = min(40.0, max(10.0, 400 / max(len(col_labels), len(row_labels), 1)))
+    left, top, bottom = 46.0, 10.0, 40.0
+    width, height = max(left + cell * len(col_labels) + 90, 340), top + cell * len(row_labels) + bottom
+    known = [v for r in values for v in r if v is not None]
+    lo, hi = (min(known), max(known)) if known else (0.0, 1.0)
+    every = max(1, math.ceil(14 / cell))
+
+    def fill(shade: float) -> str:
+        return f"hsl(174, 60%, {90 - 64 * shade:.0f}%)"
+
+    parts = []
+    for i, (name, r) in enumerate(zip(row_labels, values)):
+        y = top + i * cell
+        if i % every == 0:
+            parts.append(_text(left - 4, y + cell / 2 + 4, name, "end"))
+        for j, v in enumerate(r):
+            if v is not None:
+                parts.append(tag("rect", tag("title", f"{y_label} {name}, {x_label} {col_labels[j]}: {fmt.format(v)}"), x=_f(left + j * cell),
+                                 y=_f(y), width=_f(cell - 1), height=_f(cell - 1), fill=fill((v - lo) / ((hi - lo) or 1))))
+    for j, name in enumerate(col_labels):
+        if j % every == 0:
+            parts.append(_text(left + (j + 0.5) * cell, top + cell * len(row_labels) + 14, name))
+    gx = left + cell * len(col_labels) + 14
+    for k, (text, shade) in enumerate(((fmt.format(hi), 1.0), (fmt.format(lo), 0.0))):
+        parts.append(tag("rect", x=_f(gx), y=_f(top + k * 22), width="14", height="14", fill=fill(shade), stroke="#d8dee4")
+                     + _text(gx + 20, top + k * 22 + 11, text, "start"))
+    parts.append(_text(4, height - 8, f"rows: {y_label} · columns: {x_label}", "start", cls="label"))
+    return _svg(width, height, join(parts), label)
+
+
+@dataclass
+class Node:
+    id: str
+    label: str
+    column: Hashable  # e.g. the layer; columns are drawn in sorted order, left to right
+    order: float = 0.0  # position within the column, top to bottom
+    href: str | None = None
+    title: str | None = None
+    focus: bool = False
+
+
+@dataclass
+class Link:
+    src: str
+    dst: str
+    weight: float
+
+
+def layered_graph(nodes: Sequence[Node], links: Sequence[Link], *, column_label: Callable[[Hashable], str] = str,
+                  column_width: float = 150, row_height: float = 30, node_width: float = 92, label: str = "graph") -> Markup:
+    """Nodes in columns (e.g. layers), links as curves whose width follows |weight| and colour its sign."""
+    columns: dict[Hashable, list[Node]] = defaultdict(list)
+    for n in nodes:
+        columns[n.column].append(n)
+    keys = sorted(columns)
+    top, node_h = 30.0, row_height - 8
+    tallest = max((len(c) for c in columns.values()), default=1)
+    width, height = column_width * len(keys) + 16, top + row_height * tallest + 8
+    where: dict[str, tuple[float, float]] = {}
+    for ci, key in enumerate(keys):
+        group = sorted(columns[key], key=lambda n: n.order)
+        offset = (tallest - len(group)) * row_height / 2
+        for ri, n in enumerate(group):
+            where[n.id] = (8 + ci * column_width + (column_width - node_width) / 2, top + offset + ri * row_height)
+    strongest = max((abs(k.weight) for k in links), default=1.0) or 1.0
+    parts = [_text(8 + (ci + 0.5) * column_width, 16, column_label(key), cls="label") for ci, key in enumerate(keys)]
+    for k in sorted(links, key=lambda k: abs(k.weight)):
+        if k.src not in where or k.dst not in where:
+            continue
+        (x1, y1), (x2, y2) = where[k.src], where[k.dst]
+        if x1 > x2:
+            (x1, y1), (x2, y2) = (x2, y2), (x1, y1)
+        x1, y1, y2 = x1 + node_width, y1 + node_h / 2, y2 + node_h / 2  # right edge of the left node to left edge of the right one
+        mid = (x1 + x2) / 2
+        path = f"M{_f(x1)},{_f(y1)} C{_f(mid)},{_f(y1)} {_f(mid)},{_f(y2)} {_f(x2)},{_f(y2)}"
+        parts.append(tag("path", tag("title", f"{k.src} → {k.dst}: {k.weight:+.4g}"), d=path, fill="none",
+                         cls=f"edge {'pos' if k.weight >= 0 else 'neg'}", stroke_width=_f(1 + 5 * abs(k.weight) / strongest),
+                         stroke_opacity="0.65"))
+    for n in nodes:
+        x, y = where[n.id]
+        box = (tag("title", n.title or n.label) + tag("rect", x=_f(x), y=_f(y), width=_f(node_width), height=_f(node_h), rx="4")
+               + _text(x + node_width / 2, y + node_h / 2 + 4, n.label))
+        body = tag("a", box, href=n.href) if n.href else box
+        parts.append(tag("g", body, cls="node focus" if n.focus else "node"))
+    return _svg(width, height, join(parts), label)
+

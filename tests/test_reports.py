@@ -1,0 +1,218 @@
+"""HTML reports: the numbers on the pages are the catalog's, blind cards carry no example text, and
+every page loads in a real headless Chromium without console errors, its links resolving to written files."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, replace
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pyarrow.parquet as pq
+import pytest
+
+from catalog import layout
+from catalog.manifest import Manifest
+from catalog.store import open_loaded_store
+from ingest.datasets import token_contexts
+from ingest.evaluate import evaluate_transcoders
+from queries.api import Lookups
+from queries.reports.feature import card_file, feature_card, render_feature, write_feature_cards
+from queries.reports.overview import write_overview
+from queries.stats import feature_stats
+from tests.test_cli import assert_one_line_error, run
+from tests.tools.browser import PACKAGES, Browser, find_driver
+
+FEATURE = "L1/3"
+
+
+class Page(HTMLParser):
+    """Text nodes in document order, and the rows of each table by its class (style text left out)."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.texts: list[str] = []
+        self.tables: list[tuple[str, list[list[str]]]] = []
+        self._style = False
+        self._cell: list[str] | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self._style = self._style or tag == "style"
+        if tag == "table":
+            self.tables.append((dict(attrs).get("class") or "", []))
+        elif tag == "tr" and self.tables:
+            self.tables[-1][1].append([])
+        elif tag == "td":
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag == "style":
+            self._style = False
+        elif tag == "td" and self._cell is not None:
+            self.tables[-1][1][-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._style:
+            return
+        self.texts.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def rows(self, cls: str) -> list[list[list[str]]]:
+        """The body rows of every table of class `cls`, in page order."""
+        return [[r for r in rows if r] for c, rows in self.tables if c == cls]
+
+    def shows(self, tokens: list[str]) -> bool:
+        """Whether these tokens appear as consecutive text nodes (how a context window renders)."""
+        n = len(tokens)
+        return any(self.texts[i: i + n] == tokens for i in range(len(self.texts) - n + 1))
+
+
+def shown(text: str) -> str:
+    """A token as the pages display it."""
+    return text.replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+@pytest.fixture(scope="module")
+def reports(stats_catalog, gpt2, text_file, tmp_path_factory):
+    """Cards (with neighbours, plain and blind) and the overview, written into one directory."""
+    root, tset = stats_catalog
+    out = tmp_path_factory.mktemp("reports")
+    eval_file = out / "eval.json"
+    tokens = token_contexts(gpt2.tokenizer, str(text_file), 128, 16)
+    eval_file.write_text(json.dumps(asdict(evaluate_transcoders(gpt2, tset, tokens, progress=False))))
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        cards = write_feature_cards(lookups, root, [FEATURE], out, k=5, with_neighbours=True)
+        blind = write_feature_cards(lookups, root, [FEATURE, "L2/4", "L0/2"], out, k=5, blind=True, with_neighbours=True)
+        upstream, downstream = lookups.upstream(FEATURE, 5), lookups.downstream(FEATURE, 5)
+    overview = write_overview(root, out / "overview.html", eval_file)
+    return {"root": root, "out": out, "cards": cards, "blind": blind, "overview": overview, "eval": eval_file,
+            "upstream": upstream, "downstream": downstream}
+
+
+def test_card_shows_the_catalog_numbers(reports):
+    root, out = reports["root"], reports["out"]
+    page = Page((out / card_file(FEATURE)).read_text())
+    top, *intervals = page.rows("examples")
+    expected = [r for r in pq.read_table(root / layout.STATS / "top_examples.parquet").to_pylist() if r["feature"] == FEATURE]
+    assert [row[1] for row in top] == [f"{r['activation']:.3f}" for r in sorted(expected, key=lambda r: r["rank"])]
+    stats = feature_stats(root, FEATURE, 5)
+    assert [len(rows) for rows in intervals] == [len(i.examples) for i in stats.intervals] and intervals
+    assert [[row[1] for row in rows] for rows in intervals] == [[f"{e.activation:.3f}" for e in i.examples] for i in stats.intervals]
+    for e in stats.examples + [e for i in stats.intervals for e in i.examples]:
+        assert page.shows([shown(t) for t in e.tokens])
+    edges = page.rows("edges")[0]
+    assert [(row[0], row[1]) for row in edges] == [(e.feature, f"{e.weight:+.4f}") for e in reports["upstream"]]
+    html = (out / card_file(FEATURE)).read_text()
+    for e in reports["upstream"]:
+        assert f'href="{card_file(e.feature)}"' in html and (out / card_file(e.feature)).is_file()
+
+
+def test_overview_shows_layers_and_eval(reports):
+    root = reports["root"]
+    page = Page(reports["overview"].read_text())
+    (layers,) = page.rows("layers")
+    figures = json.loads(reports["eval"].read_text())
+    stats = pq.read_table(root / layout.STATS / "features.parquet").to_pylist()
+    live = {layer: sum(r["live"] for r in stats if r["layer"] == layer) for layer in (0, 1, 2)}
+    assert [row[0] for row in layers] == ["0", "1", "2"] and all(row[1] == "24" for row in layers)
+    assert [row[2] for row in layers] == [str(live[layer]) for layer in (0, 1, 2)]
+    assert [row[6] for row in layers] == [f"{m['fvu']:.3f}" for m in figures["layers"]]
+    assert all(f'href="{card_file(fid)}"' in reports["overview"].read_text() for fid in [FEATURE])
+
+
+def test_blind_cards_leak_no_example_text(reports):
+    """Every example window (top and per interval) is on the plain card and on no blind card."""
+    root, out = reports["root"], reports["out"]
+    assert reports["blind"] and all(p.name.endswith(".blind.html") for p in reports["blind"])
+    for path in reports["blind"]:
+        fid = path.name.split(".")[0].replace("_", "/")
+        html = path.read_text()
+        page = Page(html)
+        assert "<mark" not in html and 'class="window"' not in html
+        assert not page.rows("examples")
+        assert all(h == "data:," or h.endswith(".blind.html") for h in re.findall(r'href="([^"]*)"', html))  # blind cards link only to blind cards
+        stats = feature_stats(root, fid, 5)
+        windows = [e.tokens for e in stats.examples + [e for i in stats.intervals for e in i.examples]]
+        assert windows
+        for tokens in windows:
+            around = [shown(t) for t in tokens[:4]]  # four consecutive tokens of the window, as the plain card renders them
+            assert not page.shows(around), (fid, around)
+    plain = Page((out / card_file(FEATURE)).read_text())
+    assert all(plain.shows([shown(t) for t in e.tokens[:4]]) for e in feature_stats(root, FEATURE, 5).examples)  # the check can fire
+
+
+def test_cards_without_statistics_or_firing(reports):
+    """A catalog without statistics, and a feature that never fired, still give a readable card."""
+    root = reports["root"]
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        card = feature_card(lookups, root, FEATURE, 5)
+    manifest = Manifest.read(root)
+    silent = replace(card.stats, fired=0, frequency=0.0, examples=[], intervals=[], log10_histogram=[0] * len(card.stats.log10_histogram))
+    for stats, note in ((None, "No activation statistics"), (silent, "never fired")):
+        html = render_feature(replace(card, stats=stats), manifest, lambda fid: None)
+        assert note in html and "De-embedding (raw)" in html and "Upstream" in html
+
+
+def test_report_cli(stats_catalog, tmp_path):
+    root, _ = stats_catalog
+    code, output = run("report", "feature", "L0/2", "L2/1", "--catalog", root, "--out", tmp_path)
+    assert code == 0, output
+    assert (tmp_path / "L0_2.html").is_file() and (tmp_path / "L2_1.html").is_file()
+    code, output = run("report", "overview", "--catalog", root, "--out", tmp_path / "o.html")
+    assert code == 0 and (tmp_path / "o.html").is_file(), output
+    assert_one_line_error(*run("report", "feature", "L1/3", "L9/1", "--catalog", root, "--out", tmp_path / "x"), "unknown feature L9/1")
+    assert not (tmp_path / "x").exists()  # nothing written when one id is unknown
+    assert_one_line_error(*run("report", "feature", "L1-3", "--catalog", root), "malformed feature id")
+    (tmp_path / "bad.json").write_text("{}")
+    assert_one_line_error(*run("report", "overview", "--catalog", root, "--eval", tmp_path / "bad.json"), "not a `circuit-catalog eval --out` file")
+    assert_one_line_error(*run("report", "overview", "--catalog", tmp_path / "nowhere"), "not a catalog directory")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    found = find_driver()
+    if found is None:
+        pytest.skip(f"no headless Chromium: install the {PACKAGES}")
+    b = Browser(*found)
+    yield b
+    b.close()
+
+
+def _local_targets(b: Browser, selector: str) -> list[Path]:
+    """The files that the links matching `selector` point to (HTML and SVG links alike)."""
+    hrefs = b.run(f"return Array.from(document.querySelectorAll({selector!r}), a => new URL(a.getAttribute('href'), document.baseURI).href)")
+    return [Path(unquote(urlparse(h).path)) for h in hrefs]
+
+
+def test_pages_in_chromium(reports, browser, tmp_path):
+    out = reports["out"]
+    pages = [out / card_file(FEATURE), out / card_file(FEATURE, blind=True), reports["overview"]]
+    for path in pages:
+        browser.open(path)
+        assert browser.run("return document.readyState") == "complete"
+        assert browser.run("return document.title").startswith(("Feature", "Catalog")), path
+        errors = [e for e in browser.console() if e["level"] in ("SEVERE", "WARNING")]
+        assert not errors, (path.name, errors)
+        assert browser.run("return document.querySelectorAll('svg.chart rect').length") > 0
+        for target in _local_targets(browser, "a[href]"):
+            assert target.is_file(), (path.name, target)  # no dead links among what was written
+        shot = browser.screenshot(tmp_path / f"{path.stem}.png")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+    browser.open(out / card_file(FEATURE))
+    assert browser.run("return document.querySelector('svg[aria-label^=\"histogram\"]') !== null")
+    assert browser.run("return document.querySelectorAll('table.examples tbody tr').length") >= 5
+    assert browser.run("return document.querySelectorAll('table.examples mark').length") >= 5
+    linked = [p.name for p in _local_targets(browser, "table.edges a")]
+    assert linked == [card_file(e.feature) for e in reports["upstream"] + reports["downstream"]]  # every neighbour's card was written
+    assert browser.run("return document.querySelectorAll('svg g.node').length") >= 2
+
+    browser.open(out / card_file(FEATURE, blind=True))
+    text = browser.run("return document.body.innerText")
+    assert "Blind case-study mode" in text and browser.run("return document.querySelectorAll('mark, .window').length") == 0
+    assert all(p.name.endswith(".blind.html") for p in _local_targets(browser, "a[href]"))
