@@ -184,6 +184,8 @@ def save_circuit_tracer(tset: TranscoderSet, directory: Path, model_name: str = 
     """Write a set as circuit-tracer's local `transcoder_set` layout (layers must be 0..n-1)."""
     if tset.layers != list(range(len(tset.layers))):
         raise TranscoderError(f"circuit-tracer needs transcoders for layers 0..n-1, got {tset.layers}")
+    if any(tc.cfg.activation == "topk" for tc in tset):  # it would be read back as ReLU
+        raise TranscoderError("circuit-tracer's transcoder_set has no TopK activation; save TopK transcoders as SAELens")
     first = tset[0].cfg
     rel_in, rel_out = (h.split(".", 2)[2] for h in (first.hook_in, first.hook_out))
     directory.mkdir(parents=True, exist_ok=True)
@@ -196,6 +198,7 @@ def save_circuit_tracer(tset: TranscoderSet, directory: Path, model_name: str = 
         save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, directory / f"layer_{tc.layer}.safetensors")
     config = {
         "model_kind": "transcoder_set", "model_name": model_name or first.model_name,
+        "scan": model_name or first.model_name or directory.name,  # circuit-tracer's own loader requires it
         "feature_input_hook": rel_in, "feature_output_hook": rel_out,
         "transcoders": [f"layer_{layer}.safetensors" for layer in tset.layers],
     }

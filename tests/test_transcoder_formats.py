@@ -192,3 +192,12 @@ def test_validation_against_model(tmp_path, gpt2):
     far = random_transcoders(gpt2, d_sae=8, layers=[7])
     with pytest.raises(TranscoderError, match="outside the model's 0..2"):
         far.validate_against(gpt2)
+
+
+def test_circuit_tracer_refuses_topk(gpt2, tmp_path):
+    from tests.conftest import random_transcoders
+
+    tset = random_transcoders(gpt2, d_sae=8, activation="topk", k=2)
+    with pytest.raises(TranscoderError, match="no TopK"):
+        save_circuit_tracer(tset, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
