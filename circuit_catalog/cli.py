@@ -558,7 +558,7 @@ def sql(query, catalog_dir, fmt):
 
 @main.group()
 def report() -> None:
-    """Self-contained HTML reports (no network, no scripts): feature cards and the catalog overview."""
+    """Self-contained HTML reports (no network, no scripts): feature cards, prompt graphs and the catalog overview."""
 
 
 @report.command(name="feature")
@@ -576,6 +576,21 @@ def report_feature(features, catalog_dir, store_uri, database, out_dir, k, with_
         written = write_feature_cards(lookups, catalog_dir, features, out_dir, k, blind, with_neighbours)
     for path in written:
         out.print(str(path), highlight=False, soft_wrap=True)
+
+
+@report.command(name="prompt")
+@click.argument("prompt")
+@store_options
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="HTML file (default CATALOG/reports/prompt_<id>.html).")
+@click.option("--max-nodes", type=click.IntRange(1), default=60, show_default=True, help="Feature and error nodes drawn (most influential).")
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Paths and nodes per table.")
+def report_prompt(prompt, catalog_dir, store_uri, database, out_file, max_nodes, k):
+    """A prompt's attribution graph (PROMPT: id or exact text): picture, scores, logits, strongest paths."""
+    from queries.reports.prompt import write_prompt_report
+
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        path = write_prompt_report(lookups, catalog_dir, prompt, out_file, max_nodes=max_nodes, k=k)
+    out.print(str(path), highlight=False, soft_wrap=True)
 
 
 @report.command(name="overview")

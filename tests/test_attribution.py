@@ -43,7 +43,8 @@ def targets(graph: AttributionGraph) -> torch.Tensor:
 def test_completeness_against_the_unmodified_model(case):
     model, tset, graph = case
     tokens = model.to_tokens(PROMPT)
-    logits, cache = model.run_with_cache(tokens)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
     for i, (layer, pos, index) in enumerate(graph.features.tolist()):
         pre = cache[tset[layer].cfg.hook_in][0, pos] @ tset[layer].W_enc[:, index] + tset[layer].b_enc[index]
         assert graph.value[i] == pytest.approx(float(pre), rel=1e-5, abs=1e-5)

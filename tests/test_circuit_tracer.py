@@ -70,3 +70,26 @@ def test_edges_agree_with_circuit_tracer(arch, ct_python, request, tmp_path):
     ours_block, theirs_block = A[targets][:, sources], R[targets][:, sources]
     assert (theirs_block != 0).sum() > 200  # a real comparison, not of zeros
     torch.testing.assert_close(ours_block, theirs_block, rtol=1e-4, atol=1e-5 * float(theirs_block.abs().max()))
+
+
+def test_export_is_a_valid_circuit_tracer_graph_file(ct_python, gpt2, tmp_path):
+    """The Neuronpedia export parses with circuit-tracer's own models of the viewer's graph files."""
+    from ingest.job import IngestSettings, build_manifest, run_ingest
+    from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+    from queries.neuronpedia import export_neuronpedia
+
+    tset = random_transcoders(gpt2, d_sae=40, seed=3)
+    root = tmp_path / "catalog"
+    run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", IngestSettings(top_k=2, token_top_k=3)), progress=False)
+    (pid,) = run_prompts(gpt2, tset, root, [PromptSpec(PROMPT)], AttributionSettings(), progress=False)
+    graph = export_neuronpedia(root, pid, tmp_path / "viewer" / "jury.json")
+    check = ("import json, sys\n"
+             "from circuit_tracer.frontend.graph_models import Metadata, Model\n"
+             "m = Model.model_validate_json(open(sys.argv[1]).read())\n"
+             "index = json.load(open(sys.argv[2]))\n"
+             "[Metadata.model_validate(g) for g in index['graphs']]\n"
+             "print(len(m.nodes), len(m.links))\n")
+    done = subprocess.run([str(ct_python), "-c", check, str(tmp_path / "viewer" / "jury.json"), str(tmp_path / "viewer" / "graph-metadata.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(len(graph["nodes"])), str(len(graph["links"]))]

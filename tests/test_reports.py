@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import asdict, replace
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,11 +22,14 @@ from ingest.evaluate import evaluate_transcoders
 from queries.api import Lookups
 from queries.reports.feature import card_file, feature_card, render_feature, write_feature_cards
 from queries.reports.overview import write_overview
+from queries.reports.prompt import report_file, write_prompt_report
+from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
 from queries.stats import feature_stats
 from tests.test_cli import assert_one_line_error, run
 from tests.tools.browser import PACKAGES, Browser, find_driver
 
 FEATURE = "L1/3"
+PROMPT = "the capital of france is"
 
 
 class Page(HTMLParser):
@@ -79,8 +83,11 @@ def shown(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def reports(stats_catalog, gpt2, text_file, tmp_path_factory):
-    """Cards (with neighbours, plain and blind) and the overview, written into one directory."""
-    root, tset = stats_catalog
+    """Cards (with neighbours, plain and blind), a prompt's graph and the overview, written into one directory."""
+    source, tset = stats_catalog
+    root = tmp_path_factory.mktemp("report-catalog") / "catalog"
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("graph*"))
+    run_prompts(gpt2, tset, root, [PromptSpec(PROMPT)], AttributionSettings(max_feature_nodes=None), progress=False)
     out = tmp_path_factory.mktemp("reports")
     eval_file = out / "eval.json"
     tokens = token_contexts(gpt2.tokenizer, str(text_file), 128, 16)
@@ -89,9 +96,10 @@ def reports(stats_catalog, gpt2, text_file, tmp_path_factory):
         cards = write_feature_cards(lookups, root, [FEATURE], out, k=5, with_neighbours=True)
         blind = write_feature_cards(lookups, root, [FEATURE, "L2/4", "L0/2"], out, k=5, blind=True, with_neighbours=True)
         upstream, downstream = lookups.upstream(FEATURE, 5), lookups.downstream(FEATURE, 5)
+        prompt = write_prompt_report(lookups, root, PROMPT, out / report_file(lookups.prompt(PROMPT).id), max_nodes=20)
     overview = write_overview(root, out / "overview.html", eval_file)
     return {"root": root, "out": out, "cards": cards, "blind": blind, "overview": overview, "eval": eval_file,
-            "upstream": upstream, "downstream": downstream}
+            "upstream": upstream, "downstream": downstream, "prompt": prompt}
 
 
 def test_card_shows_the_catalog_numbers(reports):
@@ -123,6 +131,27 @@ def test_overview_shows_layers_and_eval(reports):
     assert [row[2] for row in layers] == [str(live[layer]) for layer in (0, 1, 2)]
     assert [row[6] for row in layers] == [f"{m['fvu']:.3f}" for m in figures["layers"]]
     assert all(f'href="{card_file(fid)}"' in reports["overview"].read_text() for fid in [FEATURE])
+
+
+def test_prompt_report_shows_the_graph(reports):
+    root, path = reports["root"], reports["prompt"]
+    page = Page(path.read_text())
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        info = lookups.prompt(PROMPT)
+        graph = lookups.prompt_graph(info.id)
+        top = max(graph.of_kind("logit"), key=lambda n: n.probability)
+        paths = lookups.prompt_paths(info.id, top.token, k=10)
+    assert f"{info.replacement_score:.3f}" in page.texts and f"{info.completeness_score:.3f}" in page.texts
+    (logits,) = page.rows("logits")
+    assert [row[1] for row in logits] == [f"{n.probability:.4f}" for n in sorted(graph.of_kind("logit"), key=lambda n: -n.probability)]
+    (rows,) = page.rows("paths")
+    assert [row[0] for row in rows] == [f"{p.strength:+.4g}" for p in paths] and rows
+    html = path.read_text()
+    drawn = html.count('class="node ')
+    assert drawn == len(graph.of_kind("token")) + len(graph.of_kind("logit")) + min(20, len(graph.of_kind("feature")) + len(graph.of_kind("error")))
+    overview = Page(reports["overview"].read_text())
+    (prompts,) = overview.rows("prompts")
+    assert [row[-1] for row in prompts] == [info.id] and f'href="{path.name}"' in reports["overview"].read_text()
 
 
 def test_blind_cards_leak_no_example_text(reports):
@@ -191,11 +220,11 @@ def _local_targets(b: Browser, selector: str) -> list[Path]:
 
 def test_pages_in_chromium(reports, browser, tmp_path):
     out = reports["out"]
-    pages = [out / card_file(FEATURE), out / card_file(FEATURE, blind=True), reports["overview"]]
+    pages = [out / card_file(FEATURE), out / card_file(FEATURE, blind=True), reports["overview"], reports["prompt"]]
     for path in pages:
         browser.open(path)
         assert browser.run("return document.readyState") == "complete"
-        assert browser.run("return document.title").startswith(("Feature", "Catalog")), path
+        assert browser.run("return document.title").startswith(("Feature", "Catalog", "Attribution")), path
         errors = [e for e in browser.console() if e["level"] in ("SEVERE", "WARNING")]
         assert not errors, (path.name, errors)
         assert browser.run("return document.querySelectorAll('svg.chart rect').length") > 0
@@ -211,6 +240,11 @@ def test_pages_in_chromium(reports, browser, tmp_path):
     linked = [p.name for p in _local_targets(browser, "table.edges a")]
     assert linked == [card_file(e.feature) for e in reports["upstream"] + reports["downstream"]]  # every neighbour's card was written
     assert browser.run("return document.querySelectorAll('svg g.node').length") >= 2
+
+    browser.open(reports["prompt"])
+    assert browser.run("return document.querySelectorAll('svg g.node.token').length") == 6  # BOS + five words
+    assert browser.run("return document.querySelectorAll('svg line.edge').length") > 0
+    assert browser.run("return document.querySelectorAll('table.paths tbody tr').length") > 0
 
     browser.open(out / card_file(FEATURE, blind=True))
     text = browser.run("return document.body.innerText")

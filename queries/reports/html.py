@@ -158,4 +158,7 @@ td.empty { color: var(--muted); font-style: italic; }
 .chart .node text { fill: var(--fg); }
 .chart a:hover rect { stroke: var(--accent); stroke-width: 2; }
 .chart .barpos { fill: var(--pos); } .chart .barneg { fill: var(--neg); }
+.chart .node.feature rect { fill: #dbeafe; stroke: #3b82f6; } .chart .node.error rect { fill: #e5e7eb; stroke: #6b7280; }
+.chart .node.token rect { fill: #dcfce7; stroke: #16a34a; } .chart .node.logit rect { fill: #ffedd5; stroke: #ea580c; }
+.chart .node text { font-size: 10px; }
 """

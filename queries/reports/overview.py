@@ -12,11 +12,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from catalog import layout
 from catalog.errors import ReportError
 from catalog.manifest import Manifest
 from queries.reports import svg
 from queries.reports.feature import OVERVIEW
+from queries.reports.prompt import report_file
 from queries.reports.html import Markup, figures, join, link, page, section, table, tag, write_page
 from queries.sql import connect, views
 
@@ -46,6 +49,7 @@ class Overview:
     weight_counts: list[int] = field(default_factory=list)
     pair_strength: dict[tuple[int, int], float] = field(default_factory=dict)  # (src layer, dst layer) -> mean |weight|
     cards: list[str] = field(default_factory=list)  # feature card files next to the overview
+    prompts: list[dict] = field(default_factory=list)  # prompts.parquet rows, with `report` set where a report is written
 
 
 def read_eval(path: Path) -> dict:
@@ -85,6 +89,11 @@ def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None =
             rows[m["layer"]].fvu, rows[m["layer"]].ce_recovered = m["fvu"], m["ce_recovered"]
     if cards_dir is not None and cards_dir.is_dir():
         result.cards = sorted((p.name for p in cards_dir.glob("L*_*.html")), key=_card_order)
+    if (root / layout.PROMPT_INDEX).is_file():
+        result.prompts = pq.read_table(root / layout.PROMPT_INDEX).to_pylist()
+        for row in result.prompts:
+            name = report_file(row["id"])
+            row["report"] = name if cards_dir is not None and (cards_dir / name).is_file() else None
     return result
 
 
@@ -135,6 +144,8 @@ def render_overview(o: Overview) -> str:
     if o.weight_counts:
         parts.append(_weights_section(o))
     parts.append(_cards_section(o.cards))
+    if o.prompts:
+        parts.append(_prompts_section(o.prompts))
     fmt = f" ({m.transcoder_format})" if m.transcoder_format else ""
     subtitle = f"{m.model} · transcoders {m.transcoders}{fmt} · top-k {m.top_k} · completed {m.completed or 'not yet'}"
     return page("Catalog overview", join(parts), subtitle, meta={"circuit-catalog-report": "overview"})
@@ -173,6 +184,14 @@ def _weights_section(o: Overview) -> Markup:
                        label="mean absolute pullback weight per layer pair")
     return section("Pullback weights", tag("h3", "All kept edges (log-scale counts)") + hist, tag("h3", "Mean |weight| per layer pair") + heat,
                    note="Kept edges only (top-k per feature and earlier layer, and/or above --min-weight), so small weights are under-represented.")
+
+
+def _prompts_section(prompts: list[dict]) -> Markup:
+    rows = [[link(p["report"], p["text"], "no report written: `circuit-catalog report prompt ID`"), p["n_tokens"],
+             f"{p['replacement_score']:.3f}", f"{p['completeness_score']:.3f}", p["n_feature_nodes"], p["n_kept_nodes"], p["id"]]
+            for p in prompts]
+    return section("Attribution graphs", table(["prompt", "tokens", "replacement", "completeness", "feature nodes", "kept nodes", "id"],
+                                               rows, numeric=[1, 2, 3, 4, 5], cls="prompts"))
 
 
 def _cards_section(cards: list[str]) -> Markup:

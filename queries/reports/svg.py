@@ -202,3 +202,50 @@ def layered_graph(nodes: Sequence[Node], links: Sequence[Link], *, column_label:
         parts.append(tag("g", body, cls="node focus" if n.focus else "node"))
     return _svg(width, height, join(parts), label)
 
+
+
+@dataclass
+class GridNode:
+    id: str
+    label: str  # short text drawn in the node
+    x: int  # column (e.g. token position)
+    y: int  # row from the bottom (e.g. layer; embeddings lowest, logits highest)
+    kind: str = "feature"  # css class: feature | error | token | logit
+    href: str | None = None
+    title: str | None = None
+
+
+def grid_graph(nodes: Sequence[GridNode], links: Sequence[Link], *, x_labels: Sequence[str], y_label: Callable[[int], str] = str,
+               column_width: float = 96, row_height: float = 26, label: str = "graph") -> Markup:
+    """Nodes on a grid (columns x rows, row 0 at the bottom), several per cell side by side; links as
+    straight lines whose width follows |weight| and colour its sign, the strongest drawn on top."""
+    rows = sorted({n.y for n in nodes})
+    row_of = {y: i for i, y in enumerate(reversed(rows))}  # top to bottom on screen
+    left, top = 64.0, 26.0
+    width, height = left + column_width * len(x_labels) + 8, top + row_height * len(rows) + 8
+    cells: dict[tuple[int, int], list[GridNode]] = defaultdict(list)
+    for n in nodes:
+        cells[(n.x, n.y)].append(n)
+    where: dict[str, tuple[float, float]] = {}
+    box_h = row_height - 8
+    for (x, y), group in cells.items():
+        box_w = min(40.0, (column_width - 8) / len(group) - 2)
+        start = left + x * column_width + (column_width - len(group) * (box_w + 2)) / 2
+        for i, n in enumerate(group):
+            where[n.id] = (start + i * (box_w + 2), top + row_of[y] * row_height + 4, box_w)
+    parts = [_text(left + (i + 0.5) * column_width, 16, text, cls="label") for i, text in enumerate(x_labels)]
+    parts += [_text(left - 6, top + row_of[y] * row_height + row_height / 2 + 4, y_label(y), "end") for y in rows]
+    strongest = max((abs(k.weight) for k in links), default=1.0) or 1.0
+    for k in sorted(links, key=lambda k: abs(k.weight)):
+        if k.src not in where or k.dst not in where:
+            continue
+        (x1, y1, w1), (x2, y2, w2) = where[k.src], where[k.dst]
+        parts.append(tag("line", tag("title", f"{k.src} → {k.dst}: {k.weight:+.4g}"), x1=_f(x1 + w1 / 2), y1=_f(y1),
+                         x2=_f(x2 + w2 / 2), y2=_f(y2 + box_h), cls=f"edge {'pos' if k.weight >= 0 else 'neg'}",
+                         stroke_width=_f(0.5 + 4 * abs(k.weight) / strongest), stroke_opacity="0.55"))
+    for n in nodes:
+        x, y, w = where[n.id]
+        box = (tag("title", n.title or n.label) + tag("rect", x=_f(x), y=_f(y), width=_f(w), height=_f(box_h), rx="3")
+               + _text(x + w / 2, y + box_h / 2 + 4, n.label if w >= 26 else ""))
+        parts.append(tag("g", tag("a", box, href=n.href) if n.href else box, cls=f"node {n.kind}"))
+    return _svg(width, height, join(parts), label)

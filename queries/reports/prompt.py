@@ -1,0 +1,111 @@
+"""The prompt report: one prompt's pruned attribution graph as a picture (positions x layers), its
+scores, logit targets, most influential nodes and strongest token -> logit paths.
+
+The picture shows the tokens, the logits and the `max_nodes` most influential features and error nodes
+of the pruned graph, with the strongest edges among them; the tables cover the whole pruned graph.
+Feature nodes link to their cards where those are written next to the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from catalog import layout
+from catalog.manifest import Manifest
+from queries.api import Lookups, PromptInfo
+from queries.prompt_graph import NodePath, PromptGraph
+from queries.reports import svg
+from queries.reports.feature import OVERVIEW, card_file
+from queries.reports.html import Markup, figures, join, link, page, section, signed, table, token, write_page
+
+
+def report_file(pid: str) -> str:
+    return f"prompt_{pid}.html"
+
+
+def write_prompt_report(lookups: Lookups, root: Path, key: str, out: Path | None = None, max_nodes: int = 60,
+                        max_links: int = 250, k: int = 10) -> Path:
+    """Write the report of the prompt with this id or text (default CATALOG/reports/prompt_<id>.html)."""
+    info = lookups.prompt(key)
+    graph = lookups.prompt_graph(info.id)
+    top_logit = max(graph.of_kind("logit"), key=lambda n: n.probability or 0.0)
+    paths = lookups.prompt_paths(info.id, top_logit.token, k=k)
+    out = out or root / layout.REPORTS / report_file(info.id)
+
+    def href(fid: str) -> str | None:
+        return card_file(fid) if (out.parent / card_file(fid)).is_file() else None
+
+    nav = [(OVERVIEW, "catalog overview")] if (out.parent / OVERVIEW).is_file() else []
+    return write_page(out, render_prompt(info, graph, paths, top_logit.id, Manifest.read(root), href, max_nodes, max_links, k, nav))
+
+
+def render_prompt(info: PromptInfo, graph: PromptGraph, paths: list[NodePath], path_logit: str, manifest: Manifest, href,
+                  max_nodes: int, max_links: int, k: int, nav) -> str:
+    kinds = {kind: graph.of_kind(kind) for kind in ("token", "feature", "error", "logit")}
+    n_edges = sum(len(v) for v in graph.edges.values())
+    head = figures([("tokens", info.n_tokens), ("replacement score", f"{info.replacement_score:.3f}"),
+                    ("completeness score", f"{info.completeness_score:.3f}"), ("feature nodes", len(kinds["feature"])),
+                    ("error nodes", len(kinds["error"])), ("edges", f"{n_edges:,}")])
+    parts = [head, _picture(graph, href, max_nodes, max_links), _logits(kinds["logit"]), _paths(graph, paths, path_logit, href),
+             _top_nodes(graph, href, k)]
+    subtitle = f"{info.text!r} · {manifest.model} · transcoders {manifest.transcoders} · prompt {info.id}"
+    return page("Attribution graph", join(parts), subtitle, nav, meta={"circuit-catalog-report": "prompt"})
+
+
+def _node_link(graph: PromptGraph, nid: str, href) -> Markup:
+    node = graph.nodes[nid]
+    if node.kind == "feature":
+        fid = node.local.split("@")[0]
+        return join([link(href(fid), fid, "no card written for this feature"), f"@{node.pos}"])
+    if node.kind in ("token", "logit"):
+        return join([token(node.token or ""), f"@{node.pos}" if node.kind == "token" else " (logit)"])
+    return Markup(node.local)
+
+
+def _picture(graph: PromptGraph, href, max_nodes: int, max_links: int) -> Markup:
+    inner = sorted((n for n in graph.nodes.values() if n.kind in ("feature", "error")), key=lambda n: -(n.influence or 0.0))
+    shown = inner[:max_nodes] + graph.of_kind("token") + graph.of_kind("logit")
+    ids = {n.id for n in shown}
+    n_layers = max(n.layer for n in graph.of_kind("logit"))
+    nodes = []
+    for n in sorted(shown, key=lambda n: (n.layer, n.pos, n.id)):
+        label = {"token": n.token, "logit": n.token, "error": "err"}.get(n.kind, n.local.split("@")[0])
+        title = f"{n.label} · influence {n.influence or 0:.4f}" + (f" · activation {n.activation:.3f}" if n.activation is not None else "")
+        fid = n.local.split("@")[0] if n.kind == "feature" else None
+        nodes.append(svg.GridNode(n.id, label or "∅", n.pos, n.layer + 1, n.kind, href(fid) if fid else None, title))
+    # the strongest edges among the drawn nodes, by their share of the target's incoming |weight|
+    scored = []
+    for dst, ins in graph.edges.items():
+        total = sum(abs(w) for _, w in ins) or 1.0
+        scored += [(abs(w) / total, svg.Link(src, dst, w / total)) for src, w in ins if src in ids and dst in ids]
+    links = [link for _, link in sorted(scored, key=lambda t: -t[0])[:max_links]]
+    positions = sorted({n.pos for n in graph.of_kind("token")})
+    x_labels = [repr(next(n.token for n in graph.of_kind("token") if n.pos == p))[1:-1] for p in positions]
+
+    def row_name(row: int) -> str:
+        return "emb" if row == 0 else ("logit" if row == n_layers + 1 else f"L{row - 1}")
+
+    picture = svg.grid_graph(nodes, links, x_labels=x_labels, y_label=row_name, label="attribution graph")
+    note = (f"Positions left to right, layers bottom to top. Drawn: every token and logit and the {min(max_nodes, len(inner))} "
+            f"most influential of {len(inner)} feature and error nodes in the pruned graph, with the {len(links)} strongest "
+            "edges among them (width: share of the target's incoming |weight|; blue positive, red negative). "
+            "Hover for values; feature nodes link to their cards where written.")
+    return section("Graph", Markup('<div style="overflow-x:auto">') + picture + Markup("</div>"), note=note, id="graph")
+
+
+def _logits(logits) -> Markup:
+    rows = [[token(n.token or ""), n.probability] for n in sorted(logits, key=lambda n: -(n.probability or 0.0))]
+    return section("Logit targets", table(["token", "probability"], [[r[0], f"{r[1]:.4f}"] for r in rows], numeric=[1], cls="logits"))
+
+
+def _paths(graph: PromptGraph, paths: list[NodePath], logit: str, href) -> Markup:
+    rows = [[signed(p.strength, "{:+.4g}"), join((_node_link(graph, nid, href) for nid in p.nodes), " → ")] for p in paths]
+    note = ("Strength: the product of each edge's weight per unit of its source's activation, i.e. the token's effect on the "
+            "logit through exactly that path in the local replacement model.")
+    return section(f"Strongest paths to {graph.nodes[logit].token!r}", table(["strength", "path"], rows, numeric=[0], cls="paths"), note=note)
+
+
+def _top_nodes(graph: PromptGraph, href, k: int) -> Markup:
+    inner = sorted((n for n in graph.nodes.values() if n.kind in ("feature", "error")), key=lambda n: -(n.influence or 0.0))[:k]
+    rows = [[_node_link(graph, n.id, href), f"{n.influence or 0:.4f}", "" if n.activation is None else f"{n.activation:.3f}"] for n in inner]
+    return section("Most influential nodes", table(["node", "influence on the logits", "activation"], rows, numeric=[1, 2], cls="nodes"))
