@@ -85,7 +85,8 @@ def _picture(graph: PromptGraph, href, max_nodes: int, max_links: int) -> Markup
     def row_name(row: int) -> str:
         return "emb" if row == 0 else ("logit" if row == n_layers + 1 else f"L{row - 1}")
 
-    picture = svg.grid_graph(nodes, links, x_labels=x_labels, y_label=row_name, label="attribution graph")
+    picture = svg.grid_graph(nodes, links, x_labels=x_labels, y_label=row_name, label="attribution graph",
+                             column_width=max(96.0, min(220.0, 1050.0 / max(len(positions), 1))))
     note = (f"Positions left to right, layers bottom to top. Drawn: every token and logit and the {min(max_nodes, len(inner))} "
             f"most influential of {len(inner)} feature and error nodes in the pruned graph, with the {len(links)} strongest "
             "edges among them (width: share of the target's incoming |weight|; blue positive, red negative). "
