@@ -98,6 +98,17 @@ class Recurring:
     logit_tokens: list[str]
 
 
+@dataclass
+class FeatureUse:
+    """One occurrence of a feature in a prompt's pruned graph, with its strongest direct inputs there."""
+
+    prompt: str
+    pos: int
+    activation: float
+    influence: float
+    inputs: list[tuple[str, float]]  # (source node's local id, or 'token' text for tokens; edge weight)
+
+
 class UnknownPrompt(UserError):
     """A prompt id, token or logit that is not in the catalog's graphs."""
 
@@ -241,6 +252,26 @@ class Lookups:
         self.check_feature(fid)
         return [PromptUse(r["prompt"], r["text"], sorted(r["positions"]), float(r["influence"]), float(r["activation"]))
                 for r in self._q("prompts_using", id=fid, k=k)]
+
+    def feature_uses(self, fid: str, k: int = 10, n_inputs: int = 5, token_text: bool = True) -> list[FeatureUse]:
+        """The feature's k most influential occurrences in prompt graphs, each with its strongest inputs.
+
+        `token_text=False` names token inputs by position only (for blind case studies).
+        """
+        self.check_feature(fid)
+        uses: dict[tuple[str, int], FeatureUse] = {}
+        for r in self._q("feature_inputs", id=fid):
+            key = (r["prompt"], r["pos"])
+            if key not in uses:
+                if len(uses) == k:
+                    continue
+                uses[key] = FeatureUse(r["prompt"], int(r["pos"]), float(r["activation"]), float(r["influence"]), [])
+            use = uses[key]
+            if len(use.inputs) < n_inputs:
+                local = r["src"].split(":", 1)[1]
+                name = f"{r['token']!r}{local[3:]}" if r["kind"] == "token" and token_text else local
+                use.inputs.append((name, float(r["weight"])))
+        return list(uses.values())
 
     def recurring(self, k: int = 20) -> list[Recurring]:
         """Features found in the most prompts' pruned graphs."""

@@ -154,6 +154,30 @@ def test_prompt_report_shows_the_graph(reports):
     assert [row[-1] for row in prompts] == [info.id] and f'href="{path.name}"' in reports["overview"].read_text()
 
 
+def test_cards_show_input_dependent_attributions(reports, tmp_path):
+    """A feature in the prompt's pruned graph: its card lists where, with its strongest inputs; blind cards name no token."""
+    root = reports["root"]
+    nodes = [n for f in (root / layout.PROMPTS).glob("*/nodes.parquet") for n in pq.read_table(f).to_pylist()]
+    edges = [e for f in (root / layout.PROMPTS).glob("*/edges.parquet") for e in pq.read_table(f).to_pylist()]
+    fed = {e["dst"] for e in edges if e["src"].endswith(tuple(f"tok@{p}" for p in range(1, 9)))}
+    used = next(n for n in sorted(nodes, key=lambda n: -n["influence"]) if n["kind"] == "feature" and n["kept"] and n["id"] in fed)
+    fid = used["feature_id"]
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        (plain,) = write_feature_cards(lookups, root, [fid], tmp_path, k=5)
+        (blind,) = write_feature_cards(lookups, root, [fid], tmp_path, k=5, blind=True)
+    inputs = sorted((e for e in edges if e["dst"] == used["id"]), key=lambda e: -abs(e["weight"]))[:5]
+    (rows,) = Page(plain.read_text()).rows("uses")
+    row = next(r for r in rows if r[1] == str(used["pos"]))
+    assert row[3] == f"{used['influence']:.4f}"
+    tokens = {n["id"]: n["token"] for n in nodes if n["kind"] == "token"}
+    for e in inputs:
+        name = f"{tokens[e['src']]!r}@{e['src'].rsplit('@', 1)[1]}" if e["src"] in tokens else e["src"].split(":", 1)[1]
+        assert f"{name} {e['weight']:+.3g}" in row[4]
+    (blind_rows,) = Page(blind.read_text()).rows("uses")
+    blind_row = next(r for r in blind_rows if r[1] == str(used["pos"]))
+    assert all(repr(t) not in blind_row[4] for t in tokens.values()) and "tok@" in blind_row[4]
+
+
 def test_blind_cards_leak_no_example_text(reports):
     """Every example window (top and per interval) is on the plain card and on no blind card."""
     root, out = reports["root"], reports["out"]

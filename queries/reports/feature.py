@@ -14,13 +14,13 @@ from a blind card to one with examples.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from catalog import layout
 from catalog.layout import histogram_log10_edges, parse_feature_id
 from catalog.manifest import Manifest
-from queries.api import Edge, FeatureTokens, Lookups
+from queries.api import Edge, FeatureTokens, FeatureUse, Lookups
 from queries.reports import svg
 from queries.reports.html import (
     Markup,
@@ -49,6 +49,7 @@ class FeatureCard:
     upstream: list[Edge]
     downstream: list[Edge]
     stats: FeatureStats | None  # None when the catalog has no activation statistics
+    uses: list[FeatureUse] = field(default_factory=list)  # occurrences in prompts' attribution graphs
 
 
 def card_file(fid: str, blind: bool = False) -> str:
@@ -62,7 +63,8 @@ def feature_card(lookups: Lookups, root: Path, fid: str, k: int = 10, blind: boo
     stats = feature_stats(root, fid, k) if (root / layout.STATS / "features.parquet").is_file() else None
     if blind and stats is not None:
         stats = blinded(stats)
-    return FeatureCard(fid, tokens, lookups.upstream(fid, k), lookups.downstream(fid, k), stats)
+    uses = lookups.feature_uses(fid, k, token_text=not blind)
+    return FeatureCard(fid, tokens, lookups.upstream(fid, k), lookups.downstream(fid, k), stats, uses)
 
 
 def blinded(stats: FeatureStats) -> FeatureStats:
@@ -101,7 +103,7 @@ def render_feature(card: FeatureCard, manifest: Manifest, href: Callable[[str], 
                    nav: Sequence[tuple[str, str]] = ()) -> str:
     layer, index = parse_feature_id(card.id)
     subtitle = f"layer {layer}, feature {index} · {manifest.model} · transcoders {manifest.transcoders}"
-    circuit = [_tokens_section(card.tokens), _circuit_section(card, href)]
+    circuit = [_tokens_section(card.tokens), _circuit_section(card, href), _uses_section(card.uses, blind)]
     if card.stats is None:
         observed = [section("Activations", note="No activation statistics in this catalog: run `circuit-catalog ingest ... --dataset D --tokens N`.")]
     elif not card.stats.fired:
@@ -184,6 +186,20 @@ def _tokens_section(tokens: FeatureTokens) -> Markup:
                             _token_table("Logit lens", tokens.logits)]), cls="grid")
     return section("Tokens", grid, note="Input-independent: which input tokens drive the feature directly (raw: W_E; extended: through MLP0), "
                                        "and which output logits its decoder pushes.")
+
+
+def _uses_section(uses: list[FeatureUse], blind: bool) -> Markup:
+    if not uses:
+        return section("In attribution graphs", note="The feature is in no prompt's pruned attribution graph in this catalog "
+                                                      "(`circuit-catalog ingest ... --prompts FILE`).")
+    rows = [[u.prompt, u.pos, f"{u.activation:.3f}", f"{u.influence:.4f}",
+             join((join([name, " ", signed(w, "{:+.3g}")]) for name, w in u.inputs), " · ")] for u in uses]
+    note = ("Input-dependent attributions: where the feature sits in prompts' pruned attribution graphs, its influence on "
+            "their logits, and its strongest direct inputs there (edge weight: the source's effect on this feature's pre-activation).")
+    if blind:
+        note += " Blind mode: token inputs are named by position only."
+    return section("In attribution graphs", table(["prompt", "position", "activation", "influence", "strongest inputs"], rows,
+                                                  numeric=(1, 2, 3), cls="uses"), note=note)
 
 
 def _edge_table(edges: list[Edge], href: Callable[[str], str | None]) -> Markup:
