@@ -164,6 +164,7 @@ def _print_prompts(rows: list[dict]) -> None:
     """Prompt rows from prompts.parquet (with node counts) or from a store (without)."""
     counts = bool(rows) and "n_feature_nodes" in rows[0]
     table = Table("prompt", "tokens", "replacement", "completeness", *(["feature nodes"] if counts else []), "text", title="attribution graphs")
+    table.columns[0].no_wrap, table.columns[0].min_width = True, 16  # ids are what the other commands take: never cut
     for r in rows:
         nodes = [f"{r['n_feature_nodes']}" + (f" of {r['n_active_features']}" if r["capped"] else "")] if counts else []
         table.add_row(r["id"], str(r["n_tokens"]), f"{r['replacement_score']:.3f}", f"{r['completeness_score']:.3f}", *nodes, r["text"][:60])
