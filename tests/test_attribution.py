@@ -63,6 +63,7 @@ def test_completeness_against_the_unmodified_model(case):
     assert not graph.adjacency[graph.n_features:graph.logit_index(0)].any()
 
 
+@torch.no_grad()
 def frozen_run(model, tset, tokens, scale_source):
     """Targets of the local replacement model, run forward with hooks, one source scaled by `scale_source`.
 
