@@ -190,6 +190,10 @@ def test_cli_prompt_queries(cli_catalog, gpt2_dir):
 def test_cli_prompt_errors(cli_catalog, gpt2_dir, tmp_path):
     root, catalog, tc_dir = cli_catalog
     assert_one_line_error(*run("graph", "--catalog", catalog, "--prompt", "feedfacefeedface"), "unknown prompt")
+    assert_one_line_error(*run("report", "prompt", "feedfacefeedface", "--catalog", catalog, "--out", tmp_path / "r.html"), "unknown prompt")
+    assert not (tmp_path / "r.html").exists()
+    assert_one_line_error(*run("prompts-using", "L7/1", "--catalog", catalog), "unknown feature L7/1")
+    assert_one_line_error(*run("prompts-using", "L1-1", "--catalog", catalog), "malformed feature id")
     pid = run_json("prompts", "--catalog", catalog)[0]["id"]
     assert_one_line_error(*run("paths", "--catalog", catalog, "--prompt", pid, "--to-logit", "zebra"), "not a logit target")
     assert_one_line_error(*run("paths", "--catalog", catalog, "--prompt", pid, "--from-token", "zebra", "--to-logit",
