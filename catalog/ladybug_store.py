@@ -60,7 +60,10 @@ class LadybugStore(GraphStore):
             steps += [(_rel_copy(r), part_files(catalog_dir, r.files)) for r in RELS]
             for copy, files in tqdm(steps, desc=f"loading {self.path}", unit="table", disable=not progress):
                 if files:
-                    conn.execute(copy(files))
+                    try:
+                        conn.execute(copy(files))
+                    except RuntimeError as exc:  # a damaged part (truncated, hand-edited): name it, keep the old store
+                        raise StoreError(f"cannot load {len(files)} file(s) like {files[0]}: {first_line(exc)}") from None
             conn.close()
             db.close()
             self.marker.unlink(missing_ok=True)

@@ -429,3 +429,23 @@ def test_admin_import_files(catalog_dir, ref, tmp_path):
     with open(tmp_path / "Feature.csv", newline="") as f:
         row = next(r for r in csv.reader(f) if r[0] == "L1/42")
     assert row[5].split("\x1f") == ref["features"]["L1/42"]["deembed_ext_tokens"]
+
+
+def test_damaged_part_is_one_error_and_the_old_store_stays(catalog_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "catalog"
+    shutil.copytree(catalog_dir, copy, ignore=shutil.ignore_patterns("graph*"))
+    s = LadybugStore(copy / "graph")
+    assert s.load(copy, progress=False)
+    before = _counts(s)
+    s.close()
+    nodes = next((copy / layout.PROMPTS).glob("*/nodes.parquet"))
+    nodes.write_bytes(nodes.read_bytes()[: nodes.stat().st_size // 2])  # truncated
+    s.marker.unlink()  # the catalog changed behind the store's back: the next load rebuilds
+    with pytest.raises(StoreError, match="cannot load") as info:
+        s.load(copy, progress=False)
+    assert "\n" not in str(info.value)
+    assert not list(copy.glob(".graph.loading-*"))  # the half-built database is gone
+    assert _counts(s) == before  # and the store that was there still answers
+    s.close()
