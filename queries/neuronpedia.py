@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalog import layout
-from catalog.errors import CatalogDirError
+from catalog.errors import CatalogDirError, first_line
 from catalog.manifest import Manifest
 from catalog.parquet_io import write_text_atomic
 
@@ -30,7 +31,7 @@ def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
     folder = layout.prompt_dir(catalog_dir, _prompt_id(catalog_dir, pid))
     info = json.loads((folder / "prompt.json").read_text())
     settings = json.loads(info["settings"])
-    nodes = pq.read_table(folder / "nodes.parquet").to_pylist()
+    nodes, edges = _read(folder / "nodes.parquet"), _read(folder / "edges.parquet")
     n_layers = info["n_layers"]
     ordered = sorted(nodes, key=lambda n: -(n["influence"] or 0.0))
     total = sum(n["influence"] or 0.0 for n in nodes) or 1.0
@@ -65,7 +66,7 @@ def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
         js_id[n["id"]] = node["node_id"]
         out_nodes.append(node)
     links = [{"source": js_id[e["src"]], "target": js_id[e["dst"]], "weight": e["weight"]}
-             for e in pq.read_table(folder / "edges.parquet").to_pylist() if e["src"] in js_id and e["dst"] in js_id]
+             for e in edges if e["src"] in js_id and e["dst"] in js_id]
     metadata = {
         "slug": slug, "scan": Path(manifest.transcoders).name or manifest.transcoders, "transcoder_list": [],
         "prompt_tokens": [tokens_by_pos[p] for p in sorted(tokens_by_pos)], "prompt": info["text"],
@@ -73,6 +74,13 @@ def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
     }
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": out_nodes, "links": links}
+
+
+def _read(path: Path) -> list[dict]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CatalogDirError(f"{path}: unreadable ({first_line(exc)}); rerun the ingest to rewrite it") from None
 
 
 def _prompt_id(catalog_dir: Path, key: str) -> str:

@@ -4,6 +4,7 @@ Neuronpedia export, the greedy path search, and bad input as one line."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -199,6 +200,12 @@ def test_cli_prompt_errors(cli_catalog, gpt2_dir, tmp_path):
     assert_one_line_error(*run("paths", "--catalog", catalog, "--prompt", pid, "--from-token", "zebra", "--to-logit",
                                run_json("graph", "--catalog", catalog, "--prompt", pid)["logits"][0]["token"]), "no token")
     assert_one_line_error(*run("export", "--catalog", catalog, "--prompt", "nope", "--neuronpedia", tmp_path / "x.json"), "unknown prompt")
+    broken = tmp_path / "broken"
+    shutil.copytree(catalog, broken, ignore=shutil.ignore_patterns("graph*"))
+    edges = layout.prompt_dir(broken, pid) / "edges.parquet"
+    edges.write_bytes(edges.read_bytes()[:100])
+    assert_one_line_error(*run("export", "--catalog", broken, "--prompt", pid, "--neuronpedia", tmp_path / "y.json"), "unreadable")
+    assert not (tmp_path / "y.json").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"text": "no prompt key"}\n')
     assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", tc_dir, "--catalog", catalog, "-k", 4, "--prompts", bad),
