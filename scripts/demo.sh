@@ -44,8 +44,11 @@ $cc paths --catalog "$out/catalog" --prompt "$prompt" --from-token France --to-l
 $cc recurring --catalog "$out/catalog" -k 5
 $cc prompts-using "$feature" --catalog "$out/catalog"
 
-echo "== 9. HTML reports: a feature card for $feature (and its neighbours' cards), then the catalog overview"
+echo "== 9. HTML reports: a feature card for $feature (and its neighbours' cards), the prompt's attribution graph,"
+echo "      then the catalog overview"
 $cc report feature "$feature" --catalog "$out/catalog" --with-neighbours > /dev/null
+prompt_report=$($cc report prompt "$prompt" --catalog "$out/catalog")
 $cc report overview --catalog "$out/catalog" > /dev/null
 echo "catalog overview: $out/catalog/reports/overview.html"
 echo "feature card:     $out/catalog/reports/$(echo "$feature" | tr / _).html"
+echo "prompt graph:     $prompt_report"
