@@ -278,7 +278,7 @@ def prompt_tokens(model, prompt: str) -> torch.Tensor:
     return tokens
 
 
-def logit_targets(model, logits: torch.Tensor, max_n_logits: int, desired_prob: float, extra: list[int]) -> torch.Tensor:
+def logit_targets(logits: torch.Tensor, max_n_logits: int, desired_prob: float, extra: list[int]) -> torch.Tensor:
     """The most probable next tokens up to `desired_prob` cumulative probability (at most `max_n_logits`), plus `extra`."""
     probs = logits.softmax(-1)
     top = probs.topk(min(max_n_logits, len(probs)))
@@ -343,7 +343,7 @@ def attribute(
     sweep = Sweep(model, tset, trace)
     n_layers, n_pos, n_active = model.cfg.n_layers, len(tokens), len(trace.active)
 
-    logit_ids = logit_targets(model, trace.logits, max_n_logits, desired_logit_prob, extra_targets or [])
+    logit_ids = logit_targets(trace.logits, max_n_logits, desired_logit_prob, extra_targets or [])
     W_U, b_U = model.W_U.detach(), model.b_U.detach()
     logit_rows, logit_bias = sweep.rows(Targets(
         torch.full((len(logit_ids),), n_layers), torch.full((len(logit_ids),), n_pos - 1), W_U[:, logit_ids].T, b_U[logit_ids]))
