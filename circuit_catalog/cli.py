@@ -315,12 +315,15 @@ def paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, max
 
 
 def _prompt_paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, k, greedy, iters, branches, fmt):
+    from queries.prompt_graph import greedy_paths, strongest_paths
+
     with _lookups(catalog_dir, store_uri, database) as lookups:
         graph = lookups.prompt_graph(prompt_id)
-        if greedy:
-            found = lookups.prompt_greedy_paths(prompt_id, to_logit, iters, branches)
-        else:
-            found = lookups.prompt_paths(prompt_id, to_logit, from_token, k)
+    logit = graph.logit_node(to_logit)
+    if greedy:
+        found = greedy_paths(graph, logit, iters, branches)
+    else:
+        found = strongest_paths(graph, graph.token_nodes(from_token), {logit}, k)
     labels = {i: n.label for i, n in graph.nodes.items()}
     if fmt == "json":
         _print_json([{"nodes": [graph.nodes[i].local for i in p.nodes], "labels": [labels[i] for i in p.nodes], "strength": p.strength}
@@ -388,7 +391,8 @@ def recurring(catalog_dir, store_uri, database, k, fmt):
 def graph(catalog_dir, store_uri, database, prompt_id, k, fmt):
     """A prompt's pruned attribution graph: scores, node and edge counts, the most influential nodes."""
     with _lookups(catalog_dir, store_uri, database) as lookups:
-        info, g = lookups.prompt(prompt_id), lookups.prompt_graph(prompt_id)
+        g = lookups.prompt_graph(prompt_id)
+    info = g.info
     kinds = {kind: len(g.of_kind(kind)) for kind in ("token", "feature", "error", "logit")}
     n_edges = sum(len(v) for v in g.edges.values())
     top = sorted((n for n in g.nodes.values() if n.kind in ("feature", "error")), key=lambda n: -(n.influence or 0))[:k]

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog.errors import ModelError, TranscoderError, UserError
+from ingest.pruning import partial_influence
 from ingest.residual import centres, reads_normalised
 from ingest.transcoder import TranscoderSet
 
@@ -293,28 +294,6 @@ def target_token(model, text: str) -> int:
     if len(ids) != 1:
         raise AttributionError(f"target {text!r} is {len(ids)} tokens; name a single token (mind the leading space)")
     return int(ids[0])
-
-
-def partial_influence(rows: torch.Tensor, row_cols: torch.Tensor, weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
-    """Influence on the logits of every column, from the rows computed so far.
-
-    rows [R, n_cols]; row_cols [R]: the column of each row's node (-1 for logits); weights [R]: the
-    logit probabilities (0 for feature rows). Influence flows back along |normalised| rows until it
-    reaches nodes without a row, as circuit-tracer estimates it to choose which features to expand.
-    """
-    norm = rows.abs()
-    norm = norm / norm.sum(1, keepdim=True).clamp(min=1e-10)
-    has_row = row_cols >= 0
-    total = torch.zeros(rows.shape[1])
-    current = weights.clone()
-    for _ in range(max_iter):
-        spread = current @ norm
-        total += spread
-        current = torch.zeros_like(current)
-        current[has_row] = spread[row_cols[has_row]]
-        if not current.any():
-            return total
-    raise RuntimeError("influence did not converge (is the graph acyclic?)")
 
 
 def attribute(

@@ -11,10 +11,12 @@ then drops nodes left without outgoing (features, errors) or incoming (features)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ingest.attribution import AttributionGraph
+if TYPE_CHECKING:  # attribution imports this module for partial_influence
+    from ingest.attribution import AttributionGraph
 
 
 def normalise(adjacency: torch.Tensor) -> torch.Tensor:
@@ -31,6 +33,27 @@ def influence(normalised: torch.Tensor, weights: torch.Tensor, max_iter: int = 1
             return total
         current = current @ normalised
         total += current
+    raise RuntimeError("influence did not converge (is the graph acyclic?)")
+
+
+def partial_influence(rows: torch.Tensor, row_cols: torch.Tensor, weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
+    """Influence on the logits of every column, from the rows computed so far.
+
+    rows [R, n_cols]; row_cols [R]: the column of each row's node (-1 for logits); weights [R]: the
+    logit probabilities (0 for feature rows). Influence flows back along |normalised| rows until it
+    reaches nodes without a row, as circuit-tracer estimates it to choose which features to expand.
+    """
+    norm = normalise(rows)
+    has_row = row_cols >= 0
+    total = torch.zeros(rows.shape[1])
+    current = weights.clone()
+    for _ in range(max_iter):
+        spread = current @ norm
+        total += spread
+        current = torch.zeros_like(current)
+        current[has_row] = spread[row_cols[has_row]]
+        if not current.any():
+            return total
     raise RuntimeError("influence did not converge (is the graph acyclic?)")
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from catalog.errors import UnknownFeature, UserError
+from catalog.errors import UnknownFeature
 from catalog.layout import parse_feature_id
 from catalog.store import GraphStore, Row
-from queries.prompt_graph import NodePath, PromptGraph, greedy_paths, strongest_paths
+from queries.prompt_graph import NodePath, PromptGraph, PromptInfo, UnknownPrompt, greedy_paths, strongest_paths, token_texts
 
 CYPHER_DIR = Path(__file__).with_name("cypher")
 
@@ -71,16 +71,6 @@ class WeightPath:
 
 
 @dataclass
-class PromptInfo:
-    id: str
-    text: str
-    target: str | None
-    n_tokens: int
-    replacement_score: float
-    completeness_score: float
-
-
-@dataclass
 class PromptUse:
     prompt: str
     text: str
@@ -107,15 +97,6 @@ class FeatureUse:
     activation: float
     influence: float
     inputs: list[tuple[str, float]]  # (source node's local id, or 'token' text for tokens; edge weight)
-
-
-class UnknownPrompt(UserError):
-    """A prompt id, token or logit that is not in the catalog's graphs."""
-
-
-def token_texts(text: str) -> list[str]:
-    """A token text as typed and with the leading space most vocabularies put before words."""
-    return [text] if text.startswith(" ") else [text, " " + text]
 
 
 class Lookups:
@@ -216,36 +197,18 @@ class Lookups:
         return PromptInfo(**rows[0])
 
     def prompt_graph(self, key: str) -> PromptGraph:
-        """The pruned attribution graph of one prompt (by id or text)."""
-        pid = self.prompt(key).id
-        return PromptGraph.from_rows(self._q("prompt_nodes", id=pid), self._q("prompt_edges", id=pid))
+        """The pruned attribution graph of one prompt (by id or text), with the prompt's row."""
+        info = self.prompt(key)
+        return PromptGraph.from_rows(info, self._q("prompt_nodes", id=info.id), self._q("prompt_edges", id=info.id))
 
-    def prompt_paths(self, pid: str, to_logit: str, from_token: str | int | None = None, k: int = 10) -> list[NodePath]:
+    def prompt_paths(self, key: str, to_logit: str, from_token: str | int | None = None, k: int = 10) -> list[NodePath]:
         """The k strongest paths from the token(s) at a position or with a text (all tokens if None) to a logit."""
-        graph = self.prompt_graph(pid)
-        sinks = {n.id for n in graph.of_kind("logit") if n.token in token_texts(to_logit)}
-        if not sinks:
-            logits = ", ".join(repr(n.token) for n in graph.of_kind("logit"))
-            raise UnknownPrompt(f"{to_logit!r} is not a logit target of prompt {pid} (targets: {logits})")
-        tokens = graph.of_kind("token")
-        if from_token is None:
-            sources = {n.id for n in tokens}
-        elif isinstance(from_token, int) or str(from_token).lstrip("-").isdigit():
-            pos = int(from_token) % len(tokens) if tokens else 0
-            sources = {n.id for n in tokens if n.pos == pos}
-        else:
-            sources = {n.id for n in tokens if n.token in token_texts(str(from_token))}
-        if not sources:
-            texts = " ".join(f"{n.pos}:{n.token!r}" for n in sorted(tokens, key=lambda n: n.pos))
-            raise UnknownPrompt(f"no token {from_token!r} in prompt {pid} (tokens: {texts})")
-        return strongest_paths(graph, sources, sinks, k)
+        graph = self.prompt_graph(key)
+        return strongest_paths(graph, graph.token_nodes(from_token), {graph.logit_node(to_logit)}, k)
 
-    def prompt_greedy_paths(self, pid: str, to_logit: str, num_iters: int = 3, num_branches: int = 5) -> list[NodePath]:
-        graph = self.prompt_graph(pid)
-        sinks = [n.id for n in graph.of_kind("logit") if n.token in token_texts(to_logit)]
-        if not sinks:
-            raise UnknownPrompt(f"{to_logit!r} is not a logit target of prompt {pid}")
-        return greedy_paths(graph, sinks[0], num_iters, num_branches)
+    def prompt_greedy_paths(self, key: str, to_logit: str, num_iters: int = 3, num_branches: int = 5) -> list[NodePath]:
+        graph = self.prompt_graph(key)
+        return greedy_paths(graph, graph.logit_node(to_logit), num_iters, num_branches)
 
     def prompts_using(self, fid: str, k: int = 20) -> list[PromptUse]:
         """Prompts whose pruned graph contains the feature (at any position), most influential first."""

@@ -20,6 +20,27 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from catalog.errors import UserError
+
+
+@dataclass
+class PromptInfo:
+    id: str
+    text: str
+    target: str | None
+    n_tokens: int
+    replacement_score: float
+    completeness_score: float
+
+
+class UnknownPrompt(UserError):
+    """A prompt id, token or logit that is not in the catalog's graphs."""
+
+
+def token_texts(text: str) -> list[str]:
+    """A token text as typed and with the leading space most vocabularies put before words."""
+    return [text] if text.startswith(" ") else [text, " " + text]
+
 
 @dataclass
 class PNode:
@@ -56,12 +77,13 @@ class PNode:
 
 @dataclass
 class PromptGraph:
+    info: PromptInfo
     nodes: dict[str, PNode]
     edges: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # dst -> [(src, weight)]
 
     @classmethod
-    def from_rows(cls, nodes: list[dict], edges: list[dict]) -> PromptGraph:
-        graph = cls({n["id"]: PNode(**{k: n.get(k) for k in PNode.__dataclass_fields__}) for n in nodes}, defaultdict(list))
+    def from_rows(cls, info: PromptInfo, nodes: list[dict], edges: list[dict]) -> PromptGraph:
+        graph = cls(info, {n["id"]: PNode(**{k: n.get(k) for k in PNode.__dataclass_fields__}) for n in nodes}, defaultdict(list))
         for e in edges:
             graph.edges[e["dst"]].append((e["src"], float(e["weight"])))
         return graph
@@ -71,6 +93,29 @@ class PromptGraph:
 
     def of_kind(self, kind: str) -> list[PNode]:
         return [n for n in self.nodes.values() if n.kind == kind]
+
+    def logit_node(self, text: str) -> str:
+        """The id of the logit target with this token text (with or without a leading space)."""
+        found = [n.id for n in self.of_kind("logit") if n.token in token_texts(text)]
+        if not found:
+            logits = ", ".join(repr(n.token) for n in self.of_kind("logit"))
+            raise UnknownPrompt(f"{text!r} is not a logit target of prompt {self.info.id} (targets: {logits})")
+        return found[0]
+
+    def token_nodes(self, which: str | int | None) -> set[str]:
+        """Ids of the token nodes at a position (negative counts from the end) or with a text; all if None."""
+        tokens = self.of_kind("token")
+        if which is None:
+            found = {n.id for n in tokens}
+        elif isinstance(which, int) or str(which).lstrip("-").isdigit():
+            pos = int(which) % len(tokens) if tokens else 0
+            found = {n.id for n in tokens if n.pos == pos}
+        else:
+            found = {n.id for n in tokens if n.token in token_texts(str(which))}
+        if not found:
+            texts = " ".join(f"{n.pos}:{n.token!r}" for n in sorted(tokens, key=lambda n: n.pos))
+            raise UnknownPrompt(f"no token {which!r} in prompt {self.info.id} (tokens: {texts})")
+        return found
 
 
 @dataclass

@@ -14,7 +14,7 @@ from ingest.job import IngestSettings, build_manifest, run_ingest
 from ingest.prompts import AttributionSettings, PromptSpec, prompt_id, read_prompts, run_prompts
 from ingest.transcoder_formats import save_saelens
 from queries.neuronpedia import export_neuronpedia
-from queries.prompt_graph import PromptGraph, greedy_paths
+from queries.prompt_graph import PromptGraph, PromptInfo, greedy_paths
 from tests.conftest import random_transcoders
 from tests.test_cli import assert_one_line_error, run, run_json
 
@@ -121,7 +121,7 @@ def test_greedy_paths_on_a_known_graph():
         {"src": "p:tok@1", "dst": "p:L0/2@1", "weight": 0.5},
         {"src": "p:tok@0", "dst": "p:L0/2@1", "weight": 0.2},
     ]
-    graph = PromptGraph.from_rows(nodes, edges)
+    graph = PromptGraph.from_rows(PromptInfo("p", "two tokens", None, 2, 0.0, 0.0), nodes, edges)
     found = greedy_paths(graph, "p:logit:7", num_iters=2, num_branches=2)
     # iteration 1 keeps f1 (4.0) and f2 (-1.0); iteration 2: tok0 via f1 = 10 * 4/10 = 4, tok1 via f2 = 0.5 * -1/0.5 = -1,
     # tok0 via f2 = 0.2 * -1/0.5 = -0.4: the two strongest by |attribution|, signs kept

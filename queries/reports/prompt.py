@@ -12,8 +12,8 @@ from pathlib import Path
 
 from catalog import layout
 from catalog.manifest import Manifest
-from queries.api import Lookups, PromptInfo
-from queries.prompt_graph import NodePath, PromptGraph
+from queries.api import Lookups
+from queries.prompt_graph import NodePath, PromptGraph, strongest_paths
 from queries.reports import svg
 from queries.reports.feature import OVERVIEW, card_file
 from queries.reports.html import Markup, figures, join, link, page, section, signed, table, token, write_page
@@ -26,21 +26,21 @@ def report_file(pid: str) -> str:
 def write_prompt_report(lookups: Lookups, root: Path, key: str, out: Path | None = None, max_nodes: int = 60,
                         max_links: int = 250, k: int = 10) -> Path:
     """Write the report of the prompt with this id or text (default CATALOG/reports/prompt_<id>.html)."""
-    info = lookups.prompt(key)
-    graph = lookups.prompt_graph(info.id)
+    graph = lookups.prompt_graph(key)
     top_logit = max(graph.of_kind("logit"), key=lambda n: n.probability or 0.0)
-    paths = lookups.prompt_paths(info.id, top_logit.token, k=k)
-    out = out or root / layout.REPORTS / report_file(info.id)
+    paths = strongest_paths(graph, graph.token_nodes(None), {top_logit.id}, k)
+    out = out or root / layout.REPORTS / report_file(graph.info.id)
 
     def href(fid: str) -> str | None:
         return card_file(fid) if (out.parent / card_file(fid)).is_file() else None
 
     nav = [(OVERVIEW, "catalog overview")] if (out.parent / OVERVIEW).is_file() else []
-    return write_page(out, render_prompt(info, graph, paths, top_logit.id, Manifest.read(root), href, max_nodes, max_links, k, nav))
+    return write_page(out, render_prompt(graph, paths, top_logit.id, Manifest.read(root), href, max_nodes, max_links, k, nav))
 
 
-def render_prompt(info: PromptInfo, graph: PromptGraph, paths: list[NodePath], path_logit: str, manifest: Manifest, href,
+def render_prompt(graph: PromptGraph, paths: list[NodePath], path_logit: str, manifest: Manifest, href,
                   max_nodes: int, max_links: int, k: int, nav) -> str:
+    info = graph.info
     kinds = {kind: graph.of_kind(kind) for kind in ("token", "feature", "error", "logit")}
     n_edges = sum(len(v) for v in graph.edges.values())
     head = figures([("tokens", info.n_tokens), ("replacement score", f"{info.replacement_score:.3f}"),
@@ -95,8 +95,8 @@ def _picture(graph: PromptGraph, href, max_nodes: int, max_links: int) -> Markup
 
 
 def _logits(logits) -> Markup:
-    rows = [[token(n.token or ""), n.probability] for n in sorted(logits, key=lambda n: -(n.probability or 0.0))]
-    return section("Logit targets", table(["token", "probability"], [[r[0], f"{r[1]:.4f}"] for r in rows], numeric=[1], cls="logits"))
+    rows = [[token(n.token or ""), f"{n.probability:.4f}"] for n in sorted(logits, key=lambda n: -(n.probability or 0.0))]
+    return section("Logit targets", table(["token", "probability"], rows, numeric=[1], cls="logits"))
 
 
 def _paths(graph: PromptGraph, paths: list[NodePath], logit: str, href) -> Markup:
