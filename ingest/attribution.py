@@ -102,7 +102,7 @@ class PromptTrace:
     activations: torch.Tensor  # [n_active]
     pre_acts: torch.Tensor  # [n_active] encoder pre-activations
     logits: torch.Tensor  # [d_vocab] at the last position
-    bos_mlp: torch.Tensor | None = None  # [n_layers, d] constant MLP output at a zeroed BOS position
+    bos_mlp: torch.Tensor | None = None  # [n_layers, d] constant MLP output at a zeroed position 0
 
 
 def check_supported(model, tset: TranscoderSet) -> None:
@@ -125,13 +125,13 @@ def check_supported(model, tset: TranscoderSet) -> None:
 def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: bool = True) -> PromptTrace:
     """One forward pass with the cache the sweep needs; feature activations from each layer's real input.
 
-    With `zero_bos`, a leading BOS position gets no feature nodes (its activations are attention-sink
-    outliers the transcoders were not trained on, as in circuit-tracer). Under causal attention that
-    position sees only itself, so everything computed there is the same for every prompt: its MLP
-    outputs join the constant terms (`bos_mlp`, counted in each target's bias) and its error nodes are
-    zero, so nothing is lost and no error node stands for a constant.
+    With `zero_bos`, position 0 gets no feature nodes, whatever its token (as circuit-tracer: it is the
+    BOS or other special token `prompt_tokens` puts there, whose activations are attention-sink outliers
+    the transcoders were not trained on). Under causal attention that position sees only itself, so
+    everything computed there depends on its token alone: its MLP outputs join the constant terms
+    (`bos_mlp`, counted in each target's bias) and its error nodes are zero, so nothing is lost and no
+    error node stands for a constant.
     """
-    bos = zero_bos and model.tokenizer.bos_token_id is not None and int(tokens[0]) == model.tokenizer.bos_token_id
     n_layers = model.cfg.n_layers
     names = {"blocks.0.hook_resid_pre", "ln_final.hook_scale"}
     for layer in range(n_layers):
@@ -145,7 +145,7 @@ def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: boo
         x = cache[tc.cfg.hook_in][0]
         pre = tc.pre_acts(x)
         z = tc.activate(pre)
-        if bos:
+        if zero_bos:
             z[0] = 0
         errors[tc.layer] -= tc.decode(z, x)
         pos, index = z.nonzero(as_tuple=True)
@@ -153,7 +153,7 @@ def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: boo
         activations.append(z[pos, index])
         pre_acts.append(pre[pos, index])
     bos_mlp = None
-    if bos:
+    if zero_bos:
         bos_mlp = errors[:, 0].clone()
         errors[:, 0] = 0
     return PromptTrace(
@@ -270,13 +270,26 @@ class Sweep:
 
 
 def prompt_tokens(model, prompt: str) -> torch.Tensor:
-    """The token ids the model sees (BOS prepended as it does); empty or over-long prompts are refused."""
+    """The token ids the graph is built on, by circuit-tracer's rule; empty or over-long prompts are refused.
+
+    The text is tokenized without special tokens. If it starts with a special token, that token is
+    position 0; otherwise the tokenizer's BOS is prepended, or where it has none its pad, EOS or any
+    other special token (TransformerLens already uses EOS as BOS for tokenizers without one). A
+    tokenizer with no special token at all leaves the first real token at position 0, which then, as
+    in circuit-tracer, gets no feature nodes by default (`trace_prompt`). One departure: a special
+    token whose id is 0 is a candidate here; circuit-tracer's filter skips id 0 as if it were missing.
+    """
     if not prompt.strip():
         raise AttributionError("empty prompt")
-    tokens = model.to_tokens(prompt)[0]
-    if len(tokens) > model.cfg.n_ctx:
-        raise AttributionError(f"prompt {prompt[:40]!r} is {len(tokens)} tokens; the model's context is {model.cfg.n_ctx}")
-    return tokens
+    tok = model.tokenizer
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    specials = list(tok.all_special_ids)
+    if not ids or ids[0] not in specials:
+        first = next((t for t in [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, *specials] if t is not None), None)
+        ids = ids if first is None else [first, *ids]
+    if len(ids) > model.cfg.n_ctx:
+        raise AttributionError(f"prompt {prompt[:40]!r} is {len(ids)} tokens; the model's context is {model.cfg.n_ctx}")
+    return torch.tensor(ids, dtype=torch.long, device=model.cfg.device)
 
 
 def logit_targets(logits: torch.Tensor, max_n_logits: int, desired_prob: float, extra: list[int]) -> torch.Tensor:

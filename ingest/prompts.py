@@ -43,7 +43,8 @@ class AttributionSettings:
     node_threshold: float = 0.8
     edge_threshold: float = 0.98
     batch_size: int = 256
-    zero_bos: bool = True  # no feature nodes at a leading BOS (attention-sink outliers), as circuit-tracer
+    zero_bos: bool = True  # no feature nodes at position 0 (BOS or another special token), as circuit-tracer
+    definitions: int = 2  # raised when what a graph holds changes, so older prompt graphs are recomputed
 
 
 def read_prompts(path: Path) -> list[PromptSpec]:
@@ -164,6 +165,7 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
     tables = graph_tables(graph, pruned, pid, model.tokenizer.decode)
     info = {
         "id": pid, "text": spec.text, "target": spec.target, "n_tokens": graph.n_pos, "tokens": graph.tokens.tolist(),
+        "decoded": model.tokenizer.decode(graph.tokens.tolist()),  # the tokens as text, BOS included (the viewer's prompt)
         "replacement_score": replacement, "completeness_score": completeness,
         "n_active_features": graph.n_active_features, "n_feature_nodes": graph.n_features, "capped": graph.capped,
         "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": tables["edges"].num_rows,

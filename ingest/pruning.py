@@ -1,11 +1,14 @@
 """Influence on the logits, pruning, and the replacement / completeness scores of an attribution graph.
 
-Definitions follow circuit-tracer (`circuit_tracer.graph`): the adjacency is made non-negative and
-row-normalised (each target's incoming |weights| sum to 1), a node's influence is the logit-probability
-weighted sum over all paths to the logits (`w A + w A^2 + ...`, finite since the graph is a DAG).
-Pruning keeps the features and errors carrying `node_threshold` of the total influence (tokens and
-logits always stay), then the edges carrying `edge_threshold` of the edge influence of what is left,
-then drops nodes left without outgoing (features, errors) or incoming (features) edges, until stable.
+Definitions are circuit-tracer's (`circuit_tracer.graph`), and `tests/test_circuit_tracer.py` holds
+the masks and scores to its own `prune_graph` and `compute_graph_scores` on the same graph: the
+adjacency is made non-negative and row-normalised (each target's incoming |weights| sum to 1), a
+node's influence is the logit-probability weighted sum over all paths to the logits
+(`w A + w A^2 + ...`, finite since the graph is a DAG). Pruning keeps the nodes whose influence is
+among the largest that together carry `node_threshold` of the influence of *all* nodes (tokens
+included; tokens and logits are then kept whatever their share), then the edges carrying
+`edge_threshold` of the edge influence of what is left, then drops nodes left without outgoing
+(features, errors) or incoming (features) edges, until stable.
 """
 
 from __future__ import annotations
@@ -68,7 +71,12 @@ def node_influence(graph: AttributionGraph) -> torch.Tensor:
 
 
 def cutoff(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The smallest score among the top scores that together carry `fraction` of the total."""
+    """The smallest score among the top scores that together carry `fraction` of the total.
+
+    Never a zero score, so zero-influence nodes and absent edges are never kept by the threshold
+    (circuit-tracer 0.5 returns 0 at `fraction` 1.0 and then keeps every non-edge; later releases
+    clamp as here).
+    """
     ordered = scores.sort(descending=True).values
     if not ordered.numel() or ordered[0] <= 0:
         return torch.tensor(float("inf"))
@@ -77,11 +85,24 @@ def cutoff(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return ordered[min(index, int((ordered > 0).sum()) - 1)]
 
 
+def cumulative_influence(scores: torch.Tensor) -> torch.Tensor:
+    """Per node, the share of all influence carried by the nodes at least as influential as it.
+
+    What circuit-tracer's `prune_graph` returns as `cumulative_scores` and its graph files show as a
+    node's `influence`: the node threshold keeps exactly the nodes whose value is <= the threshold
+    (up to ties). Computed in float32 as there, so the exported values are the same numbers.
+    """
+    ordered, order = torch.sort(scores.float(), descending=True)
+    out = torch.zeros_like(ordered)
+    out[order] = torch.cumsum(ordered, 0) / ordered.sum()
+    return out
+
+
 @dataclass
 class Pruned:
     node_mask: torch.Tensor  # [n_nodes] bool
     edge_mask: torch.Tensor  # [n_nodes, n_nodes] bool, same layout as the adjacency
-    influence: torch.Tensor  # [n_nodes] node influence in the unpruned graph (logits: their probability)
+    influence: torch.Tensor  # [n_nodes] node influence on the logits in the unpruned graph (logits: 0)
 
 
 def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
@@ -91,7 +112,7 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     weights = logit_weights(graph)
     scores = node_influence(graph)
     always = graph.token_index(0)  # tokens and logits are never pruned
-    node_mask = scores >= cutoff(scores[:always], node_threshold)
+    node_mask = scores >= cutoff(scores, node_threshold)
     node_mask[always:] = True
 
     kept = graph.adjacency * node_mask[:, None] * node_mask[None, :]
@@ -107,7 +128,7 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
         node_mask[:n_feat] &= edge_mask[:n_feat].any(1)  # features need an incoming edge
         if torch.equal(node_mask, before):
             break
-    return Pruned(node_mask, edge_mask, scores + weights)
+    return Pruned(node_mask, edge_mask, scores)
 
 
 def graph_scores(graph: AttributionGraph) -> tuple[float, float]:

@@ -2,9 +2,11 @@
 
 The file opens in circuit-tracer's local viewer (`circuit_tracer.frontend.local_server.serve` on its
 directory): `graph-metadata.json` beside it is updated to list the graph. Node fields follow
-circuit-tracer's `frontend.graph_models.Node`; `influence` is the cumulative influence fraction, as
-circuit-tracer writes it. Error nodes are `err_{layer}_{pos}` (circuit-tracer's `0_{layer}_{pos}`
-collides with feature ids of layer 0).
+circuit-tracer's `frontend.graph_models.Node` and every value is what circuit-tracer's own writer
+(`utils.create_graph_files`) writes for the same graph (`tests/test_circuit_tracer.py` compares them):
+`influence` is the cumulative influence share (`ingest.pruning.cumulative_influence`). One departure:
+error nodes are `err_{layer}_{pos}`, since circuit-tracer's `0_{layer}_{pos}` collides with the id of
+layer-0 feature `layer` at the same position.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from catalog import layout
 from catalog.errors import CatalogDirError, first_line
 from catalog.manifest import Manifest
 from catalog.parquet_io import write_text_atomic
+from ingest.pruning import cumulative_influence
 
 
 def cantor(x: int, y: int) -> int:
@@ -33,20 +37,16 @@ def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
     settings = json.loads(info["settings"])
     nodes, edges = _read(folder / "nodes.parquet"), _read(folder / "edges.parquet")
     n_layers = info["n_layers"]
-    ordered = sorted(nodes, key=lambda n: -(n["influence"] or 0.0))
-    total = sum(n["influence"] or 0.0 for n in nodes) or 1.0
-    cumulative, running = {}, 0.0
-    for n in ordered:
-        running += n["influence"] or 0.0
-        cumulative[n["id"]] = running / total
+    # nodes.parquet is in the graph's fixed order, as circuit-tracer's node indices
+    cumulative = cumulative_influence(torch.tensor([n["influence"] for n in nodes])).tolist()
     tokens_by_pos = {n["pos"]: n["token"] for n in nodes if n["kind"] == "token"}
     out_nodes, js_id = [], {}
     first_logit = True
-    for n in nodes:
+    for n, share in zip(nodes, cumulative):
         if not n["kept"]:
             continue
         kind, layer, pos = n["kind"], n["layer"], n["pos"]
-        node = {"ctx_idx": pos, "run_idx": 0, "reverse_ctx_idx": 0, "influence": cumulative[n["id"]], "activation": n["activation"],
+        node = {"ctx_idx": pos, "run_idx": 0, "reverse_ctx_idx": 0, "influence": share, "activation": n["activation"],
                 "token_prob": 0.0, "is_target_logit": False, "clerp": ""}
         if kind == "feature":
             node |= {"node_id": f"{layer}_{n['feature']}_{pos}", "feature": cantor(layer, n["feature"]), "layer": str(layer),
@@ -69,7 +69,7 @@ def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
              for e in edges if e["src"] in js_id and e["dst"] in js_id]
     metadata = {
         "slug": slug, "scan": Path(manifest.transcoders).name or manifest.transcoders, "transcoder_list": [],
-        "prompt_tokens": [tokens_by_pos[p] for p in sorted(tokens_by_pos)], "prompt": info["text"],
+        "prompt_tokens": [tokens_by_pos[p] for p in sorted(tokens_by_pos)], "prompt": info["decoded"],
         "node_threshold": settings["node_threshold"], "schema_version": 1,
     }
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -65,8 +66,28 @@ def test_parts_are_complete_graphs(prompt_catalog):
         if spec.target:
             assert spec.target in [n["token"] for n in nodes.values() if n["kind"] == "logit"]
         row = next(r for r in index if r["id"] == pid)
-        assert 0 <= row["replacement_score"] <= 1 and 0 <= row["completeness_score"] <= 1
+        # scores and influence from the files, by the closed form N (I - N)^-1 rather than the code's power series
+        replacement, completeness, influence = scores_from_files(list(nodes.values()), full)
+        assert row["replacement_score"] == pytest.approx(replacement, rel=1e-4)
+        assert row["completeness_score"] == pytest.approx(completeness, rel=1e-4)
+        np.testing.assert_allclose([n["influence"] for n in nodes.values()], influence, rtol=1e-3, atol=1e-6)
+        assert 0.05 < replacement < 0.95 and 0.05 < completeness < 0.95  # neither degenerate
         assert row["n_kept_edges"] == len(pruned) and not row["capped"]
+
+
+def scores_from_files(nodes: list[dict], edges: list[dict]) -> tuple[float, float, np.ndarray]:
+    """circuit-tracer's replacement and completeness scores and node influence, from the stored rows alone."""
+    index = {n["id"]: i for i, n in enumerate(nodes)}
+    A = np.zeros((len(nodes), len(nodes)))
+    for e in edges:
+        A[index[e["dst"]], index[e["src"]]] = e["weight"]
+    N = np.abs(A) / np.maximum(np.abs(A).sum(1, keepdims=True), 1e-10)
+    w = np.array([n["probability"] if n["kind"] == "logit" else 0.0 for n in nodes])
+    influence = w @ (np.linalg.inv(np.eye(len(nodes)) - N) - np.eye(len(nodes)))
+    kind = np.array([n["kind"] for n in nodes])
+    tokens, errors = influence[kind == "token"].sum(), influence[kind == "error"].sum()
+    completeness = ((1 - N[:, kind == "error"].sum(1)) * (influence + w)).sum() / (influence + w).sum()
+    return tokens / (tokens + errors), completeness, influence
 
 
 def test_ids_are_stable_and_finished_prompts_are_skipped(prompt_catalog):
@@ -83,7 +104,7 @@ def test_ids_are_stable_and_finished_prompts_are_skipped(prompt_catalog):
 
 
 def test_neuronpedia_export(prompt_catalog, tmp_path):
-    _, _, root, ids = prompt_catalog
+    model, _, root, ids = prompt_catalog
     out = tmp_path / "viewer" / "france.json"
     graph = export_neuronpedia(root, ids[0], out)
     written = json.loads(out.read_text())
@@ -95,7 +116,7 @@ def test_neuronpedia_export(prompt_catalog, tmp_path):
     assert len(set(node_ids)) == len(node_ids)
     assert len(written["links"]) == len(read(root, ids[0], "edges"))
     assert {link["source"] for link in written["links"]} <= set(node_ids)
-    assert written["metadata"]["slug"] == "france" and written["metadata"]["prompt"] == SPECS[0].text
+    assert written["metadata"]["slug"] == "france" and written["metadata"]["prompt"] == model.tokenizer.decode(model.to_tokens(SPECS[0].text)[0])
     assert sum(n["is_target_logit"] for n in written["nodes"]) == 1
     kinds = {n["feature_type"] for n in written["nodes"]}
     assert {"embedding", "logit", "cross layer transcoder"} <= kinds

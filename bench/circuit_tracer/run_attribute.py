@@ -4,6 +4,7 @@ Runs INSIDE the separate circuit-tracer venv (see setup_venv.sh), never in the p
 
     DIR/bin/python run_attribute.py --model HF_DIR --transcoders TC_DIR --prompt TEXT --out OUT.npz \
         [--max-feature-nodes N] [--max-n-logits 10] [--desired-logit-prob 0.95] [--batch-size B] [--repeat R]
+        [--prune NODE_T EDGE_T ...] [--graph OURS.npz] [--graph-files DIR --slug S --scan NAME]
 
 --model is a local Hugging Face directory (save_pretrained layout); TransformerLens' official-name
 lookup is bypassed: the TL config is built from the directory's config.json exactly as
@@ -206,6 +207,26 @@ def build_replacement_model(model, transcoders):
     return rm
 
 
+def substitute(graph, path: str) -> None:
+    """Put another tool's numbers for the same nodes into `graph` (shapes checked, nothing else assumed)."""
+    import numpy as np
+    import torch
+
+    other = np.load(path, allow_pickle=False)
+    A = torch.from_numpy(other["adjacency"]).float()
+    if A.shape != graph.adjacency_matrix.shape:
+        fail(f"{path}: adjacency {tuple(A.shape)}, circuit-tracer's graph has {tuple(graph.adjacency_matrix.shape)}")
+    probabilities = torch.from_numpy(other["logit_probabilities"]).float()
+    activations = torch.from_numpy(other["activation_values"]).float()
+    if probabilities.shape != graph.logit_probabilities.shape or activations.shape != graph.selected_features.shape:
+        fail(f"{path}: {len(probabilities)} logits and {len(activations)} features; circuit-tracer's graph has "
+             f"{len(graph.logit_probabilities)} and {len(graph.selected_features)}")
+    graph.adjacency_matrix = A
+    graph.logit_probabilities = probabilities
+    graph.activation_values = graph.activation_values.clone().float()
+    graph.activation_values[graph.selected_features] = activations
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="local Hugging Face model directory")
@@ -221,8 +242,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="attribute() calls; the min wall time is reported")
     ap.add_argument("--processing", choices=sorted(PROCESSING), default="catalog",
                     help="weight processing of the model (default: catalog's; see NOTES.md)")
-    ap.add_argument("--prune", nargs=2, type=float, metavar=("NODE_T", "EDGE_T"),
-                    help="also save circuit_tracer.graph.prune_graph masks at these thresholds")
+    ap.add_argument("--prune", nargs=2, type=float, metavar=("NODE_T", "EDGE_T"), action="append", default=[],
+                    help="also save circuit_tracer.graph.prune_graph's masks and cumulative scores at these "
+                         "thresholds as prune_*_{i}, i counting the --prune options (repeatable)")
+    ap.add_argument("--graph", help="an .npz of another tool's graph of the same prompt and nodes (adjacency, "
+                                     "logit_probabilities, activation_values of the selected features): scores, "
+                                     "pruning and graph files are computed on it instead of attribute()'s own")
+    ap.add_argument("--graph-files", metavar="DIR", help="also write circuit-tracer's graph files (create_graph_files) "
+                                                          "at the first --prune thresholds (default 0.8 0.98) into DIR")
+    ap.add_argument("--slug", default="graph", help="slug of the graph files")
+    ap.add_argument("--scan", default=None, help="scan name of the graph files (default: the transcoder set's)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--n-ctx", type=int, default=1024,
                     help="cap the TL context length (default 1024; 0: the model's own). TL keeps an n_ctx^2 "
@@ -275,6 +304,8 @@ def main() -> None:
     n_layers, n_pos = graph.cfg.n_layers, len(graph.input_tokens)
     n_feat, n_logits = len(graph.selected_features), len(graph.logit_targets)
     n_err, n_tok = n_layers * n_pos, n_pos
+    if args.graph:
+        substitute(graph, args.graph)
     A = graph.adjacency_matrix
     assert A.shape == (n_feat + n_err + n_tok + n_logits,) * 2, A.shape
     replacement, completeness = compute_graph_scores(graph)
@@ -302,12 +333,20 @@ def main() -> None:
         feature_output_hook=np.array(tc_config["feature_output_hook"]),
         versions=np.array(json.dumps({p: version(p) for p in ("circuit-tracer", "transformer-lens", "transformers", "torch")})),
     )
-    if args.prune:
+    for i, (node_t, edge_t) in enumerate(args.prune):
         with quiet():
-            pr = prune_graph(graph, node_threshold=args.prune[0], edge_threshold=args.prune[1])
-        out.update(prune_node_mask=pr.node_mask.numpy(), prune_edge_mask=pr.edge_mask.numpy(),
-                   prune_cumulative_scores=pr.cumulative_scores.float().numpy(),
-                   prune_thresholds=np.array(args.prune))
+            pr = prune_graph(graph, node_threshold=node_t, edge_threshold=edge_t)
+        out.update({f"prune_node_mask_{i}": pr.node_mask.numpy(), f"prune_edge_mask_{i}": pr.edge_mask.numpy(),
+                    f"prune_cumulative_scores_{i}": pr.cumulative_scores.float().numpy()})
+    if args.prune:
+        out["prune_thresholds"] = np.array(args.prune)
+    if args.graph_files:
+        from circuit_tracer.utils.create_graph_files import create_graph_files
+
+        node_t, edge_t = args.prune[0] if args.prune else (0.8, 0.98)
+        with quiet():
+            create_graph_files(graph, args.slug, args.graph_files, scan=args.scan or transcoders.scan,
+                               node_threshold=node_t, edge_threshold=edge_t)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, **out)
 
