@@ -34,6 +34,7 @@ class Manifest:
     created: str = ""
     completed: str = ""
     counts: dict[str, int] = field(default_factory=dict)
+    definitions: dict[str, str] = field(default_factory=dict)  # what the stored weights mean, for a reader of the files
 
     def identity(self) -> dict:
         """The fields that decide the catalog's content."""

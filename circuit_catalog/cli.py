@@ -228,8 +228,12 @@ def _edge_command(direction: str):
             out.print(_edges_table(f"{direction} of {feature}", edges))
 
     command.__doc__ = {
-        "upstream": "What feeds FEATURE: its strongest incoming pullback edges (e.g. L27/113).",
-        "downstream": "What FEATURE feeds: its strongest outgoing pullback edges.",
+        "upstream": "What feeds FEATURE: its strongest incoming pullback edges (e.g. L27/113). A weight is the change in "
+                    "FEATURE's pre-activation per unit of the earlier feature along the direct residual path: attention, "
+                    "and the MLPs and skip paths of the layers in between, are left out, as is FEATURE's norm scale.",
+        "downstream": "What FEATURE feeds: its strongest outgoing pullback edges. A weight is the later feature's "
+                      "pre-activation change per unit of FEATURE along the direct residual path (attention, and the "
+                      "MLPs and skip paths of the layers in between, left out; the later norm scale left out).",
     }[direction]
     return main.command(name=direction)(command)
 

@@ -25,6 +25,7 @@ from catalog.errors import CatalogDirError
 from catalog.manifest import Manifest, now
 from catalog.parquet_io import feature_ids, write_atomic
 from ingest.models import file_digest, weights_digest
+from ingest.pullbacks import DEFINITION as PULLBACK_DEFINITION
 from ingest.pullbacks import select_edges
 from ingest.residual import as_read_by
 from ingest.token_edges import TopTokens, extended_embedding, top_logit_tokens, top_tokens_into
@@ -67,6 +68,7 @@ def build_manifest(model, model_name: str, tset: TranscoderSet, transcoders: str
         token_top_k=settings.token_top_k,
         versions=_versions(),
         created=now(),
+        definitions={"pullback": PULLBACK_DEFINITION},
     )
 
 

@@ -4,6 +4,12 @@ For a later feature f (layer L) and an earlier transcoder l < L the pullback is
 `p = W_dec^(l) @ W_enc^(L)[:, f]`: p[i] is the change in f's pre-activation per unit of feature i
 along the direct residual path, with the later norm's scale left out (see `ingest.residual`).
 Memory stays bounded by one block of `[block, d_sae_src]` scores whatever the sizes.
+
+Only the direct path counts: attention, and the MLPs *and skip paths* of the layers between l and L,
+are left out. A skip path reads its layer's normalised input, so its term would carry that layer's
+input-dependent norm scale, which an input-independent weight cannot know (left out, it would be off
+by that scale, typically a factor of several); attribution graphs, which know the scales, include it.
+`tests/test_pullbacks.py` holds the stored weight to an intervention with that definition.
 """
 
 from __future__ import annotations
@@ -12,6 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+
+DEFINITION = ("p[i] = W_dec^(l)[i] . W_enc^(L)[:, f] (norm centring applied): the change in f's pre-activation per unit "
+              "of i along the direct residual path, with attention and the MLPs and skip paths of layers between l and L "
+              "left out, and f's norm scale left out")
 
 
 @dataclass

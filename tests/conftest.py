@@ -89,6 +89,14 @@ def random_transcoders(model, d_sae: int = 40, seed: int = 0, layers=None, **kw)
     return TranscoderSet(out)
 
 
+def with_skip(tset, seed: int = 5):
+    """Give every transcoder of `tset` a random skip path (x @ W_skip), in place."""
+    g = torch.Generator().manual_seed(seed)
+    for tc in tset:
+        tc.W_skip = torch.randn(tc.cfg.d_in, tc.cfg.d_out, generator=g) * 0.05
+    return tset
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     return build_hf_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")

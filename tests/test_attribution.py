@@ -8,22 +8,21 @@ scaled: it shares no code with the attribution's transposed sweep.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import random_transcoders
+from conftest import random_transcoders, with_skip
 from ingest.attribution import AttributionError, AttributionGraph, attribute, target_token
 from ingest.job import IngestSettings, pullback_table
 
 PROMPT = "the capital of france is"
 
 
-def with_skip(tset, seed: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    for tc in tset:
-        tc.W_skip = torch.randn(tc.cfg.d_in, tc.cfg.d_out, generator=g) * 0.05
-    return tset
+def hf_model_dir(request, model) -> Path:
+    arch = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}[model.cfg.original_architecture]
+    return request.getfixturevalue(f"{arch}_dir")
 
 
 @pytest.fixture(scope="module", params=["plain", "skip", "subset"])
@@ -33,31 +32,64 @@ def case(request, tiny):
     tset = random_transcoders(tiny, d_sae=40, seed=3, layers=layers)
     if request.param == "skip":
         with_skip(tset)
-    return tiny, tset, attribute(tiny, tset, PROMPT)
+    return tiny, tset, attribute(tiny, tset, PROMPT), hf_model_dir(request, tiny)
 
 
 def targets(graph: AttributionGraph) -> torch.Tensor:
     return (~torch.isnan(graph.value)).nonzero().flatten()
 
 
-def test_completeness_against_the_unmodified_model(case):
-    model, tset, graph = case
-    tokens = model.to_tokens(PROMPT)
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens)
+@torch.no_grad()
+def hf_reference(model_dir: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """From the Hugging Face model itself (not TransformerLens): last-position logits, centred over the vocabulary
+    as TransformerLens's center_unembed leaves them, and each layer's MLP input normalised without the norm's
+    weight, which is what a transcoder reading ln2.hook_normalized sees once the weight is folded away."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    gpt2 = hf.config.model_type == "gpt2"
+    norms = [block.ln_2 for block in hf.transformer.h] if gpt2 else [layer.post_attention_layernorm for layer in hf.model.layers]
+    inputs: list[torch.Tensor] = []
+    handles = [n.register_forward_pre_hook(lambda module, args: inputs.append(args[0][0])) for n in norms]
+    logits = hf(tokens[None]).logits[0, -1]
+    for h in handles:
+        h.remove()
+    normalised = []
+    for x in inputs:
+        if gpt2:
+            x = x - x.mean(-1, keepdim=True)
+            normalised.append(x / (x.pow(2).mean(-1, keepdim=True) + hf.config.layer_norm_epsilon).sqrt())
+        else:
+            normalised.append(x / (x.pow(2).mean(-1, keepdim=True) + hf.config.rms_norm_eps).sqrt())
+    return logits - logits.mean(), normalised
+
+
+def assert_values_are_the_models(graph: AttributionGraph, tset, model_dir: Path) -> None:
+    """Every target's value is its pre-activation or logit in an independent forward pass of the HF model."""
+    logits, normalised = hf_reference(model_dir, graph.tokens)
     for i, (layer, pos, index) in enumerate(graph.features.tolist()):
-        pre = cache[tset[layer].cfg.hook_in][0, pos] @ tset[layer].W_enc[:, index] + tset[layer].b_enc[index]
-        assert graph.value[i] == pytest.approx(float(pre), rel=1e-5, abs=1e-5)
+        pre = normalised[layer][pos] @ tset[layer].W_enc[:, index] + tset[layer].b_enc[index]
+        assert graph.value[i] == pytest.approx(float(pre), rel=1e-4, abs=1e-4)
     for i, token in enumerate(graph.logit_tokens.tolist()):
-        assert graph.value[graph.logit_index(i)] == pytest.approx(float(logits[0, -1, token]), rel=1e-5, abs=1e-5)
+        assert graph.value[graph.logit_index(i)] == pytest.approx(float(logits[token]), rel=1e-4, abs=1e-4)
+
+
+def assert_complete(graph: AttributionGraph) -> None:
+    t = targets(graph)
+    total = graph.adjacency[t].sum(1) + graph.bias[t] + graph.dropped[t]
+    torch.testing.assert_close(total, graph.value[t], rtol=1e-4, atol=1e-4 * float(graph.value[t].abs().max()))
+
+
+def test_completeness_against_the_unmodified_model(case):
+    model, tset, graph, model_dir = case
+    assert_values_are_the_models(graph, tset, model_dir)
     t = targets(graph)
     assert len(t) == graph.n_features + len(graph.logit_tokens)
     assert graph.features[:, 1].min() >= 1  # BOS (position 0) has no feature nodes,
     bos_errors = [graph.error_index(layer, 0) for layer in range(graph.n_layers)]
     assert not graph.adjacency[:, bos_errors].any()  # and its MLP outputs are constants, in the bias
     assert graph.n_features == graph.n_active_features and not graph.capped
-    total = graph.adjacency[t].sum(1) + graph.bias[t] + graph.dropped[t]
-    torch.testing.assert_close(total, graph.value[t], rtol=1e-4, atol=1e-4 * float(graph.value[t].abs().max()))
+    assert_complete(graph)
     assert not graph.dropped.any()
     # sources only: error, token and logit nodes have no incoming edges
     assert not graph.adjacency[graph.n_features:graph.logit_index(0)].any()
@@ -144,7 +176,7 @@ def error_vector(model, tset, tokens, layer: int, pos: int) -> torch.Tensor:
 
 
 def test_edges_equal_interventions(case):
-    model, tset, graph = case
+    model, tset, graph, _ = case
     tokens = model.to_tokens(PROMPT)
     base_pre, base_logits = frozen_run(model, tset, tokens, lambda where, layer, value: value)
     t = targets(graph)
@@ -236,8 +268,16 @@ def test_feature_cap_keeps_the_most_influential_and_accounts_for_the_rest(tiny):
 def test_logit_targets_and_named_targets(tiny):
     tset = random_transcoders(tiny, d_sae=40, seed=3, layers=[1])
     graph = attribute(tiny, tset, PROMPT, max_n_logits=3, desired_logit_prob=0.99)
-    probs = tiny(tiny.to_tokens(PROMPT))[0, -1].softmax(-1)
+    with torch.no_grad():
+        probs = tiny(tiny.to_tokens(PROMPT))[0, -1].softmax(-1)
     assert graph.logit_tokens.tolist() == probs.topk(3).indices.tolist()
+    # the cumulative-probability cut-off: the fewest top tokens whose probabilities reach desired_logit_prob
+    top = probs.topk(10)
+    for n in (1, 2, 4):
+        reach = float(top.values[:n].sum()) - 1e-6
+        cut = attribute(tiny, tset, PROMPT, max_n_logits=10, desired_logit_prob=reach)
+        assert cut.logit_tokens.tolist() == top.indices[:n].tolist()
+        torch.testing.assert_close(cut.logit_probabilities, top.values[:n])
     paris = target_token(tiny, "paris")
     named = attribute(tiny, tset, PROMPT, max_n_logits=1, extra_targets=[paris])
     assert named.logit_tokens.tolist()[-1] == paris
@@ -259,3 +299,28 @@ def test_bos_features_on_request(tiny):
     index = {tuple(f): i for i, f in enumerate(graph.features.tolist())}
     rows = torch.tensor([index[tuple(f)] for f in default.features.tolist()])
     torch.testing.assert_close(default.adjacency[:default.n_features, :default.n_features], graph.adjacency[rows][:, rows])
+
+
+def test_position_zero_without_a_bos(tiny, request):
+    """Position 0 is circuit-tracer's: a leading special token stays as it is (no BOS before it), and with a
+    tokenizer that has no special token the first word is position 0. Either way it gets no feature nodes,
+    its MLP outputs are constants in the bias, and the graph is complete against the HF model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tset = random_transcoders(tiny, d_sae=40, seed=3)
+    model_dir = hf_model_dir(request, tiny)
+    words = tiny.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    core = Tokenizer(models.WordLevel(vocab=tiny.tokenizer.get_vocab(), unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bare = copy.copy(tiny)  # the same weights, a tokenizer without any special token
+    bare.tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
+    assert not bare.tokenizer.all_special_ids
+    cases = [(tiny, "<eos> " + PROMPT, [tiny.tokenizer.eos_token_id] + words), (bare, PROMPT, words)]
+    for model, prompt, expected in cases:
+        graph = attribute(model, tset, prompt)
+        assert graph.tokens.tolist() == expected
+        assert graph.features[:, 1].min() >= 1
+        assert not graph.adjacency[:, [graph.error_index(layer, 0) for layer in range(graph.n_layers)]].any()
+        assert_values_are_the_models(graph, tset, model_dir)
+        assert_complete(graph)

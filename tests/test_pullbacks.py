@@ -10,7 +10,7 @@ import torch
 from catalog.layout import pullback_part
 from ingest.job import IngestSettings, pullback_table
 from ingest.pullbacks import select_edges
-from tests.conftest import random_transcoders
+from tests.conftest import random_transcoders, with_skip
 
 
 def brute_force(W_dec, W_enc, top_k, min_weight):
@@ -105,3 +105,45 @@ def test_stored_pullback_equals_frozen_autograd_gradient(tiny, tmp_path, lo, hi)
         grad = _frozen_gradient(tiny, tset, lo, hi, tokens, pos=3, feature=feature)
         weights = torch.tensor([stored[(f"L{lo}/{i}", f"L{hi}/{feature}")] for i in range(24)])
         torch.testing.assert_close(weights, grad, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def _direct_path_pre_acts(model, tset, lo, hi, tokens, pos, add):
+    """Layer hi's pre-activations at `pos` when `add` joins layer lo's MLP output there, with attention outputs,
+    the MLP outputs (skip paths included) of the layers in between and hi's norm scale held at the clean run's."""
+    _, cache = model.run_with_cache(tokens)
+    seen = {}
+
+    def frozen(value, hook):
+        return cache[hook.name]
+
+    def inject(value, hook):
+        value = value.clone()
+        value[0, pos] += add
+        return value
+
+    hooks = [(f"blocks.{lo}.hook_mlp_out", inject)]
+    hooks += [(f"blocks.{m}.hook_attn_out", frozen) for m in range(lo + 1, hi + 1)]
+    hooks += [(f"blocks.{m}.hook_mlp_out", frozen) for m in range(lo + 1, hi)]
+    hooks += [(f"blocks.{hi}.ln2.hook_scale", frozen),
+              (f"blocks.{hi}.ln2.hook_normalized", lambda value, hook: seen.setdefault("x", value[0, pos]))]
+    model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=hi + 1)
+    return tset[hi].pre_acts(seen["x"]), cache[f"blocks.{hi}.ln2.hook_scale"][0, pos, 0]
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_stored_pullback_is_the_direct_path_under_intervention(tiny, skip):
+    """One unit of each source feature added at layer 0, read at layer 2 across a layer (with a skip path when
+    `skip`): the change in every later pre-activation, times the frozen scale, is the stored weight."""
+    lo, hi, d_sae = 0, 2, 24
+    tset = random_transcoders(tiny, d_sae=d_sae, seed=21)
+    if skip:
+        with_skip(tset)
+    table = pullback_table(tiny, tset, lo, hi, IngestSettings(top_k=d_sae, min_weight=None)).to_pydict()
+    stored = {(s, d): w for s, d, w in zip(table["src"], table["dst"], table["weight"])}
+    tokens, pos = tiny.to_tokens("the capital of france is paris"), 4
+    base, scale = _direct_path_pre_acts(tiny, tset, lo, hi, tokens, pos, torch.zeros(tiny.cfg.d_model))
+    for i in range(d_sae):
+        changed, _ = _direct_path_pre_acts(tiny, tset, lo, hi, tokens, pos, tset[lo].W_dec[i])
+        expected = torch.tensor([stored[(f"L{lo}/{i}", f"L{hi}/{f}")] for f in range(d_sae)])
+        torch.testing.assert_close((changed - base) * scale, expected, rtol=1e-4, atol=1e-5)

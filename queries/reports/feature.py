@@ -221,7 +221,9 @@ def _circuit_section(card: FeatureCard, href: Callable[[str], str | None]) -> Ma
                                 label=f"pullback neighbourhood of {card.id}") if links else Markup("")
     unlinked = sum(href(e.feature) is None for e in card.upstream + card.downstream)
     note = ("Pullback edges (input-independent): an upstream edge is the change in this feature's pre-activation per unit of "
-            "the earlier feature; a downstream edge, this feature's effect on the later one. Blue positive, red negative.")
+            "the earlier feature along the direct residual path (attention, and the MLPs and skip paths of the layers in "
+            "between, left out; this feature's norm scale left out); a downstream edge, this feature's effect on the later "
+            "one, likewise. Blue positive, red negative.")
     if unlinked:
         note += f" Features with a dashed underline ({unlinked}) have no card in this directory (write them with --with-neighbours)."
     return section("Circuit", diagram, tag("div", tag("div", tag("h3", "Upstream: what feeds it") + _edge_table(card.upstream, href))
