@@ -1,1 +1,2 @@
-"""The data model: catalog directory, manifest, Parquet I/O and (later) the graph stores."""
+"""Storage: the catalog directory's layout, manifest and Parquet I/O, the graph schema, and the graph stores
+(embedded LadybugDB and Neo4j over Bolt) loaded from it."""

@@ -119,7 +119,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--node-threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True, help="Pruning: keep nodes carrying this share of influence.")
 @click.option("--edge-threshold", type=click.FloatRange(0, 1), default=0.98, show_default=True, help="Pruning: keep edges carrying this share of influence.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Attribution targets per backward sweep.")
-@click.option("--bos-features", is_flag=True, help="Give the BOS position feature nodes too (by default its MLP output is an error node).")
+@click.option("--bos-features", is_flag=True, help="Give position 0 (the BOS or other leading special token) feature nodes too; by default it has none and its MLP output is a constant in each target's bias.")
 def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len,
            prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size,
            bos_features):

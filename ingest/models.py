@@ -1,7 +1,8 @@
-"""All model access lives here: resolve `--model`, load a HookedTransformer, hash its weights.
+"""Model loading: resolve `--model`, load a HookedTransformer, hash its weights.
 
-Keeping TransformerLens behind this one module means a move to TL 4.x's TransformerBridge
-touches one file. Three sources are accepted:
+Loading is the only TransformerLens-specific code outside the computations that run a model with
+hooks (`activations`, `attribution`, `evaluate`, `stats`, `train`), which use TL's hook names and
+`run_with_cache`/`run_with_hooks`. Three sources are accepted:
 
 - a TransformerLens official name (downloaded from the hub where the network allows);
 - a local Hugging Face directory (`save_pretrained` layout) of any architecture TL 3.x converts,

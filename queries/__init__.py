@@ -1,1 +1,2 @@
-"""The query layer: lookups over a catalog (Parquet today; named Cypher over the graph stores)."""
+"""The query layer: named Cypher lookups over the graph stores, DuckDB over the statistics' Parquet, prompt
+graphs and paths, the Neuronpedia export, and the HTML reports."""
