@@ -28,7 +28,7 @@ from ingest.models import file_digest, weights_digest
 from ingest.pullbacks import DEFINITION as PULLBACK_DEFINITION
 from ingest.pullbacks import select_edges
 from ingest.residual import as_read_by
-from ingest.token_edges import TopTokens, extended_embedding, top_logit_tokens, top_tokens_into
+from ingest.token_edges import TopTokens, extended_embedding, extended_embedding_for, top_logit_tokens, top_tokens_into
 from ingest.transcoder import TranscoderSet
 
 
@@ -103,7 +103,7 @@ def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progr
             if ext is None:
                 ext = extended_embedding(model)
             raw = top_tokens_into(model, tc, model.W_E, settings.token_top_k, normalise=False)
-            extended = top_tokens_into(model, tc, ext, settings.token_top_k, normalise=True)
+            extended = top_tokens_into(model, tc, extended_embedding_for(model, tc, ext), settings.token_top_k, normalise=True)
             write_atomic(_deembed_table(tc.layer, raw, extended), d_path)
         if not l_path.exists():
             write_atomic(_logit_table(tc.layer, top_logit_tokens(model, tc, settings.token_top_k)), l_path)

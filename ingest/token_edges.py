@@ -1,8 +1,10 @@
 """Token -> feature (de-embedding) and feature -> token (logit lens) edges, top-K per feature.
 
 - raw de-embedding: `W_E @ W_enc[:, f]` (seed 002);
-- extended de-embedding: the embedding plus MLP0's output on it, `W_E + MLP0(ln2(W_E))`, then
-  normalised as the reading transcoder's norm would (the token's "effective embedding");
+- extended de-embedding: the token's "effective embedding" as the reading transcoder sees it, each
+  token alone at its position with no attention and no position embedding: `W_E + MLP0(ln2(W_E))` for a
+  transcoder after layer 0, the embedding alone for a layer-0 one (it reads before MLP0), then
+  normalised as the reader's norm would;
 - logit lens: `W_dec[f] @ W_U` through the final norm's (folded) weights.
 """
 
@@ -26,7 +28,8 @@ class TopTokens:
 
 @torch.no_grad()
 def extended_embedding(model, chunk: int = 8192) -> torch.Tensor:
-    """[d_vocab, d_model]: W_E + MLP0(ln2(W_E)), each token as if alone at its position (no attention)."""
+    """[d_vocab, d_model]: W_E + MLP0(ln2(W_E)), each token alone with no attention: what readers after
+    layer 0 see (`extended_embedding_for`)."""
     W_E = model.W_E
     out = torch.empty_like(W_E)
     block0 = model.blocks[0]
@@ -34,6 +37,16 @@ def extended_embedding(model, chunk: int = 8192) -> torch.Tensor:
         e = W_E[start : start + chunk].unsqueeze(1)  # [chunk, 1, d]: a batch of one-token sequences
         out[start : start + chunk] = (e + block0.mlp(block0.ln2(e))).squeeze(1)
     return out
+
+
+def extended_embedding_for(model, reader: Transcoder, extended: torch.Tensor) -> torch.Tensor:
+    """[d_vocab, d_model]: the extended embedding as `reader`'s input holds it, before its norm.
+
+    `extended` is `extended_embedding(model)`, computed once for all readers. A transcoder at layer L reads
+    the MLP input of block L, after MLPs 0..L-1: MLP0 is upstream of every reader except a layer-0 one,
+    which sees the embedding alone. (MLPs 1..L-1 are left out by definition, as in seed 002.)
+    """
+    return extended if reader.layer > 0 else model.W_E
 
 
 @torch.no_grad()

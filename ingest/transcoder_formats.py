@@ -2,7 +2,8 @@
 
 - SAELens: a directory with `cfg.json` + `sae_weights.safetensors` (architectures transcoder,
   skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder); a set is a parent directory with
-  one such directory per layer.
+  one such directory per layer. The cfg.json fields that change SAELens's forward pass are honoured
+  exactly or the file is refused (`_saelens_input_scale`).
 - circuit-tracer: `config.yaml` + `layer_{i}.safetensors`, W_enc stored [d_sae, d_model],
   W_skip stored [d_out, d_in], JumpReLU threshold under `activation_function.threshold`.
 - the original GPT-2 transcoders of the transcoder paper: pickled `.pt` files holding `cfg` and
@@ -27,6 +28,7 @@ from catalog.errors import TranscoderError
 from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
+SAELENS_SCALER = "activation_scaler.json"  # SAELens's trainer writes it into every checkpoint directory
 CT_CONFIG = "config.yaml"
 SEED_PATTERN = re.compile(r"final_sparse_autoencoder_.*blocks\.(\d+)\..*\.pt$")
 _LAYER_IN_HOOK = re.compile(r"blocks\.(\d+)\.")
@@ -92,8 +94,14 @@ def load_saelens(directory: Path) -> Transcoder:
     layer = meta.get("hook_layer", raw.get("hook_layer"))
     layer = _layer_of(hook_in, cfg_path) if layer is None else int(layer)
     hook_out = meta.get("hook_name_out") or raw.get("hook_name_out") or f"blocks.{layer}.hook_mlp_out"
+    scale = _saelens_input_scale(raw, directory)
     w = _read_safetensors(weights_path)
     _require(w, ("W_enc", "b_enc", "W_dec", "b_dec"), weights_path)
+    unknown = sorted(set(w) - {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "threshold"})
+    if unknown:  # e.g. an old SAELens `scaling_factor`: it would change the forward pass, so never drop it silently
+        raise TranscoderError(f"{weights_path}: tensor(s) {', '.join(unknown)} not understood for a SAELens {arch}")
+    if scale is not None:
+        w["W_enc"], w["W_dec"], w["b_dec"] = w["W_enc"] * scale, w["W_dec"] / scale, w["b_dec"] / scale
     if has_skip:
         _require(w, ("W_skip",), weights_path)
     if activation == "jumprelu":
@@ -110,6 +118,76 @@ def load_saelens(directory: Path) -> Transcoder:
         cfg, w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"],
         W_skip=_transposed(w.get("W_skip")), threshold=w.get("threshold"), source=str(weights_path),
     )
+
+
+_SAELENS_NORMS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+
+
+def _saelens_input_scale(raw: dict, directory: Path) -> float | None:
+    """Check the cfg.json fields that change SAELens's forward pass; return the input scale to fold, if any.
+
+    As SAELens 6 defines them for transcoders (`sae_lens/saes/sae.py`, `sae_lens/saes/transcoder.py`):
+    - `apply_b_dec_to_input`: SAELens's TranscoderConfig refuses it (a transcoder's b_dec is its output bias,
+      in d_out); so do we. Absent counts as false, as older SAELens transcoders ignored it.
+    - `normalize_activations`:
+      "none" (or false/null, the pre-6 spellings): nothing.
+      "expected_average_only_in" (pre-6: true): training multiplies every input by one constant s; the
+      trainer folds s into the weights when it finishes (W_enc * s, W_dec / s, b_dec / s, W_skip and the
+      threshold unchanged) and rewrites the field to "none". A checkpoint still saying so has s in
+      `activation_scaler.json` beside it: we fold it the same way, which is exact, since
+      (s x) @ W_enc == x @ (s W_enc). Without s the weights expect inputs scaled by an unknown factor: refused.
+      (SAELens's own `load_from_disk` would run such a checkpoint unscaled.)
+      "constant_norm_rescale" (x * sqrt(d_in) / |x|) and "layer_norm" ((x - mean) / (std + 1e-5)) rescale each
+      input by its own norm (SAELens does not undo it on a transcoder's output). That is no fixed linear map,
+      so it cannot be folded, and pullbacks and attributions here need an encoder affine in its hook's
+      input: refused.
+    - `reshape_activations` "hook_z", a `hook_head_index` (`hook_head_index_out`): the transcoder reads or
+      writes attention heads' outputs, not an MLP's input and output: refused.
+    - `finetuning_scaling_factor` (SAELens < 6: feature activations times a learnt vector): refused.
+    """
+    cfg_path, meta = directory / SAELENS_CFG, raw.get("metadata") or {}
+
+    def refuse(field: str, value, why: str) -> TranscoderError:
+        return TranscoderError(f"{cfg_path}: {field}={json.dumps(value)} is not supported: {why}")
+
+    if raw.get("apply_b_dec_to_input"):
+        raise refuse("apply_b_dec_to_input", raw["apply_b_dec_to_input"],
+                     "a transcoder's b_dec is its output bias (SAELens refuses it for transcoders too)")
+    if raw.get("finetuning_scaling_factor"):
+        raise refuse("finetuning_scaling_factor", raw["finetuning_scaling_factor"], "scaled feature activations are not read")
+    reshape = raw.get("reshape_activations") or "none"
+    if reshape != "none":
+        raise refuse("reshape_activations", reshape, "transcoders here read an MLP input, not attention heads")
+    for field in ("hook_head_index", "hook_point_head_index", "hook_head_index_out"):
+        value = meta.get(field, raw.get(field))
+        if value is not None:
+            raise refuse(field, value, "transcoders here read and write whole residual-width vectors, not one head")
+    norm = raw.get("normalize_activations")
+    if norm is None or isinstance(norm, bool):  # the pre-6 spellings
+        norm = "expected_average_only_in" if norm else "none"
+    if norm not in _SAELENS_NORMS:
+        raise refuse("normalize_activations", norm, f"SAELens knows {', '.join(_SAELENS_NORMS)}")
+    if norm in ("constant_norm_rescale", "layer_norm"):
+        raise refuse("normalize_activations", norm,
+                     "it rescales each input by its own norm, which no fixed linear map (and no pullback) can carry")
+    if norm == "none":
+        return None
+    scale = _scaler_factor(directory / SAELENS_SCALER)
+    if scale is None:
+        raise refuse("normalize_activations", norm,
+                     f"the weights expect inputs times a factor that is not given ({SAELENS_SCALER} with scaling_factor)")
+    return scale
+
+
+def _scaler_factor(path: Path) -> float | None:
+    """The `scaling_factor` of SAELens's `activation_scaler.json`, if the file gives a usable one."""
+    try:
+        value = json.loads(path.read_text()).get("scaling_factor")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        return None
+    return float(value)
 
 
 def save_saelens(tc: Transcoder, directory: Path) -> None:
@@ -288,4 +366,6 @@ def _layer_of(hook: str, where: Path) -> int:
 
 
 def _files(directory: Path) -> list[Path]:
-    return [directory / SAELENS_CFG, directory / SAELENS_WEIGHTS]
+    """A SAELens directory's files that decide its weights (hashed into the manifest)."""
+    scaler = directory / SAELENS_SCALER
+    return [directory / SAELENS_CFG, directory / SAELENS_WEIGHTS] + ([scaler] if scaler.is_file() else [])

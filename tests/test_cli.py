@@ -131,3 +131,10 @@ def test_eval_command(saelens_dir, gpt2_dir, text_file, tmp_path):
     assert code == 0, output
     figures = json.loads((tmp_path / "eval.json").read_text())
     assert [m["layer"] for m in figures["layers"]] == [0, 1, 2] and figures["ce_original"] > 0
+
+
+def test_saelens_setting_we_cannot_reproduce(tmp_path, saelens_dir, gpt2_dir):
+    cfg_path = saelens_dir / "layer_1" / "cfg.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "normalize_activations": "layer_norm"}))
+    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", tmp_path / "c"),
+                          'normalize_activations="layer_norm" is not supported')

@@ -17,6 +17,8 @@ import torch
 from catalog import layout
 from catalog.errors import CatalogDirError
 from ingest.job import IngestSettings, build_manifest, run_ingest
+from ingest.residual import normalise_as_read_by
+from ingest.token_edges import extended_embedding, extended_embedding_for
 from ingest.transcoder_formats import save_saelens
 from tests.conftest import random_transcoders
 
@@ -56,22 +58,46 @@ def test_token_edges_match_brute_force(tiny, tmp_path):
     expected = (tiny.W_E @ tset[layer].W_enc[:, feature]).topk(5)
     assert set(raw) == set(expected.indices.tolist())
     torch.testing.assert_close(torch.tensor(sorted(raw.values(), reverse=True)), expected.values, rtol=1e-5, atol=1e-6)
-    # extended: run each token alone through embedding + MLP0 by hand, then the reader's norm
-    with torch.no_grad():
-        block0 = tiny.blocks[0]
-        e = tiny.W_E[:, None, :]
-        ext = (e + block0.mlp(block0.ln2(e)))[:, 0]
-        normed = ext - ext.mean(-1, keepdim=True) if tiny.cfg.normalization_type == "LNPre" else ext
-        normed = normed / normed.pow(2).mean(-1, keepdim=True).add(tiny.cfg.eps).sqrt()
-        expected_ext = (normed @ tset[layer].W_enc[:, feature]).topk(5)
-    got_ext = {r["src"]: r["weight"] for r in deembed if r["dst"] == fid and r["variant"] == "extended"}
-    assert set(got_ext) == set(expected_ext.indices.tolist())
+    for L in (0, layer):  # extended: what the model's own blocks hand each layer's reader (see below)
+        rows = pq.read_table(layout.deembed_part(tmp_path, L)).to_pylist()
+        got_ext = {r["src"]: r["weight"] for r in rows if r["dst"] == f"L{L}/{feature}" and r["variant"] == "extended"}
+        expected_ext = (alone_with_mlp0_only(tiny, tset[L].cfg.hook_in) @ tset[L].W_enc[:, feature]).topk(5)
+        assert set(got_ext) == set(expected_ext.indices.tolist()), f"layer {L}"
+        torch.testing.assert_close(torch.tensor(sorted(got_ext.values(), reverse=True)), expected_ext.values, rtol=1e-4, atol=1e-5)
     logits = {r["dst"]: r["weight"] for r in pq.read_table(layout.logit_part(tmp_path, layer)).to_pylist() if r["src"] == fid}
     W_dec = tset[layer].W_dec[feature]
     if tiny.cfg.normalization_type == "LNPre":
         W_dec = W_dec - W_dec.mean()
     expected_logits = (W_dec @ tiny.W_U).topk(5)
     assert set(logits) == set(expected_logits.indices.tolist())
+
+
+@torch.no_grad()
+def alone_with_mlp0_only(model, hook: str) -> torch.Tensor:
+    """[d_vocab, d_model]: `hook` when every token runs alone through the model's own blocks with the
+    extended de-embedding's definition imposed by hooks: no position embedding, no attention output, and
+    no MLP output but MLP0's. Independent of `ingest/token_edges.py`."""
+    layer = int(hook.split(".")[1])
+    zero = lambda act, hook: torch.zeros_like(act)  # noqa: E731
+    hooks = [(f"blocks.{i}.hook_attn_out", zero) for i in range(model.cfg.n_layers)]
+    hooks += [(f"blocks.{i}.hook_mlp_out", zero) for i in range(1, layer)]
+    if "hook_pos_embed" in model.hook_dict:
+        hooks.append(("hook_pos_embed", zero))
+    captured = {}
+    hooks.append((hook, lambda act, hook: captured.__setitem__("x", act[:, 0])))
+    model.run_with_hooks(torch.arange(model.cfg.d_vocab)[:, None], fwd_hooks=hooks, stop_at_layer=layer + 1)
+    return captured["x"]
+
+
+@pytest.mark.parametrize("hook", ["ln2.hook_normalized", "hook_resid_mid"])
+def test_extended_embedding_is_what_each_reader_sees(tiny, hook):
+    """A layer-0 reader sees the embedding alone (it reads before MLP0); later ones embedding + MLP0."""
+    ext = extended_embedding(tiny)
+    for layer in range(tiny.cfg.n_layers):
+        tc = random_transcoders(tiny, d_sae=4, layers=[layer])[layer]
+        tc.cfg.hook_in = f"blocks.{layer}.{hook}"
+        got = normalise_as_read_by(tiny, tc, extended_embedding_for(tiny, tc, ext))
+        torch.testing.assert_close(got, alone_with_mlp0_only(tiny, tc.cfg.hook_in), rtol=1e-4, atol=1e-5, msg=f"layer {layer}")
 
 
 def test_rerun_with_other_settings_is_refused(gpt2, tmp_path):

@@ -201,3 +201,68 @@ def test_circuit_tracer_refuses_topk(gpt2, tmp_path):
     with pytest.raises(TranscoderError, match="no TopK"):
         save_circuit_tracer(tset, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+# ---------------------------------------------------------------- SAELens settings that change the forward pass
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "jumprelu_skip_transcoder"])
+@pytest.mark.parametrize("spelling", ["expected_average_only_in", True])  # True: the pre-6 spelling
+def test_saelens_expected_average_norm_uses_the_trainers_factor(tmp_path, arch, spelling):
+    """A SAELens checkpoint trained with "expected_average_only_in": inputs were multiplied by the factor in
+    activation_scaler.json and outputs divided by it (SAELens's fold_activation_norm_scaling_factor)."""
+    t = raw_tensors(6, skip="skip" in arch, threshold="jumprelu" in arch)
+    s = 2.5
+    _one_saelens(tmp_path, architecture=arch, tensors=t, normalize_activations=spelling)
+    (tmp_path / "activation_scaler.json").write_text(json.dumps({"scaling_factor": s}))
+    tset = load_transcoders(tmp_path)
+    x = x_batch()
+    pre = (s * x) @ t["W_enc"] + t["b_enc"]
+    z = torch.relu(pre) * (pre > t["threshold"]) if "threshold" in t else torch.relu(pre)
+    scaled_out = z @ t["W_dec"] + t["b_dec"] + ((s * x) @ t["W_skip"].T if "W_skip" in t else 0)
+    torch.testing.assert_close(tset[0].encode(x), z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tset[0].forward(x), scaled_out / s, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "activation_scaler.json") in tset.files  # it decides the weights, so the manifest hashes it
+
+
+@pytest.mark.parametrize("spelling", ["none", False, None])
+def test_saelens_settings_that_change_nothing(tmp_path, spelling):
+    t = raw_tensors(7)
+    _one_saelens(tmp_path, tensors=t, normalize_activations=spelling, apply_b_dec_to_input=False,
+                 reshape_activations="none", metadata={"hook_name": "blocks.0.ln2.hook_normalized", "hook_head_index": None})
+    x = x_batch()
+    torch.testing.assert_close(load_transcoders(tmp_path)[0].forward(x), torch.relu(x @ t["W_enc"] + t["b_enc"]) @ t["W_dec"] + t["b_dec"])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("apply_b_dec_to_input", True),
+    ("normalize_activations", "layer_norm"),
+    ("normalize_activations", "constant_norm_rescale"),
+    ("normalize_activations", "expected_average_only_in"),  # no activation_scaler.json beside it
+    ("normalize_activations", "whitening"),
+    ("reshape_activations", "hook_z"),
+    ("hook_head_index", 3),
+    ("finetuning_scaling_factor", True),
+])
+def test_saelens_settings_we_cannot_reproduce_are_refused(tmp_path, field, value):
+    if field == "hook_head_index":
+        _one_saelens(tmp_path, metadata={"hook_name": "blocks.0.ln2.hook_normalized", field: value})
+    else:
+        _one_saelens(tmp_path, **{field: value})
+    with pytest.raises(TranscoderError) as err:
+        load_transcoders(tmp_path)
+    message = str(err.value)
+    assert f"{field}={json.dumps(value)} is not supported" in message and "\n" not in message
+
+
+def test_saelens_scaler_without_a_factor_is_refused(tmp_path):
+    _one_saelens(tmp_path, normalize_activations="expected_average_only_in")
+    (tmp_path / "activation_scaler.json").write_text(json.dumps({"scaling_factor": None}))  # as after SAELens folds it
+    with pytest.raises(TranscoderError, match='normalize_activations="expected_average_only_in" is not supported'):
+        load_transcoders(tmp_path)
+
+
+def test_saelens_unknown_tensor_is_refused(tmp_path):
+    _one_saelens(tmp_path, tensors={"scaling_factor": torch.full((D_SAE,), 2.0)})
+    with pytest.raises(TranscoderError, match="scaling_factor not understood"):
+        load_transcoders(tmp_path)

@@ -184,7 +184,8 @@ def _token_table(title: str, pairs: list[tuple[str, float]]) -> Markup:
 def _tokens_section(tokens: FeatureTokens) -> Markup:
     grid = tag("div", join([_token_table("De-embedding (raw)", tokens.deembed), _token_table("De-embedding (extended)", tokens.deembed_extended),
                             _token_table("Logit lens", tokens.logits)]), cls="grid")
-    return section("Tokens", grid, note="Input-independent: which input tokens drive the feature directly (raw: W_E; extended: through MLP0), "
+    return section("Tokens", grid, note="Input-independent: which input tokens drive the feature directly (raw: W_E; extended: through MLP0 and the reader's norm, "
+                                       "MLP0 left out for layer-0 features, which read before it), "
                                        "and which output logits its decoder pushes.")
 
 
