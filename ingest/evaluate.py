@@ -69,6 +69,7 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
                          replacements: dict[int, Replacement] | None = None, progress: bool = True) -> EvalResult:
     """Evaluate on `tokens` [n_contexts, ctx_len]. `replacements` overrides how a layer's MLP output is
     replaced (default: its transcoder); the tests use it to plug in exact stand-ins."""
+    tset.require_per_layer("eval")
     replace = {tc.layer: (lambda x, y, tc=tc: tc.forward(x)) for tc in tset}
     replace.update(replacements or {})
     layers = tset.layers

@@ -106,7 +106,7 @@ def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progr
             extended = top_tokens_into(model, tc, extended_embedding_for(model, tc, ext), settings.token_top_k, normalise=True)
             write_atomic(_deembed_table(tc.layer, raw, extended), d_path)
         if not l_path.exists():
-            write_atomic(_logit_table(tc.layer, top_logit_tokens(model, tc, settings.token_top_k)), l_path)
+            write_atomic(_logit_table(tc.layer, top_logit_tokens(model, tset.total_write(tc.layer, model.cfg.n_layers), settings.token_top_k)), l_path)
         bar.update()
 
     for lo, hi in pairs:
@@ -126,8 +126,9 @@ def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progr
 
 @torch.no_grad()
 def pullback_table(model, tset: TranscoderSet, lo: int, hi: int, settings: IngestSettings) -> pa.Table:
-    """All kept pullback edges from layer `lo` features into layer `hi` features."""
-    W_dec = as_read_by(model, tset[hi], tset[lo].W_dec)
+    """All kept pullback edges from layer `lo` features into layer `hi` features (a CLT feature's write into
+    layer `hi`'s input is the sum of its decoder slices into layers lo .. hi-1)."""
+    W_dec = as_read_by(model, tset[hi], tset.total_write(lo, hi))
     return pullback_edges_table(W_dec, tset[hi].W_enc, lo, hi, settings)
 
 

@@ -60,9 +60,12 @@ def top_tokens_into(
 
 
 @torch.no_grad()
-def top_logit_tokens(model, tc: Transcoder, k: int, block: int = 1024) -> TopTokens:
-    """The K tokens whose logits each feature's decoder direction raises most."""
-    return _top_per_feature(as_read_by(model, None, tc.W_dec), model.W_U, k, block)
+def top_logit_tokens(model, W_dec: torch.Tensor, k: int, block: int = 1024) -> TopTokens:
+    """The K tokens whose logits each feature's decoder direction raises most.
+
+    W_dec [d_sae, d_model]: what a feature writes into the residual stream in all (`TranscoderSet.total_write`
+    up to the last layer: for a CLT, the sum of its decoder slices)."""
+    return _top_per_feature(as_read_by(model, None, W_dec), model.W_U, k, block)
 
 
 def _top_per_feature(left: torch.Tensor, right: torch.Tensor, k: int, block: int) -> TopTokens:

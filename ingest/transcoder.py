@@ -1,8 +1,14 @@
-"""The one in-memory representation of a per-layer transcoder, whatever format it came from.
+"""The one in-memory representation of transcoders, whatever format they came from.
 
 Shapes follow TransformerLens/SAELens: `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_out]`,
 `b_dec [d_out]`, optional `W_skip [d_in, d_out]` (files store it transposed; converted on load),
 optional JumpReLU `threshold [d_sae]`. Config is kept apart from the weights, as in SAELens.
+
+A cross-layer transcoder (CLT) is a set whose features, read at layer l, also write into the MLP
+outputs of later layers: `W_dec_later [d_sae, n_later, d_out]`, slice j writing into layer l + 1 + j
+(`W_dec` stays the write into layer l itself). A per-layer set is the case n_later = 0, so code that
+asks the set what writes into a layer (`TranscoderSet.writes_into`, `reconstruct`, `total_write`)
+serves both; code that reads `W_dec` alone is per-layer only and says so (`require_per_layer`).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class Transcoder:
     W_skip: torch.Tensor | None = None
     threshold: torch.Tensor | None = None
     source: str = ""
+    W_dec_later: torch.Tensor | None = None  # [d_sae, n_later, d_out]: writes into layers layer+1 .. layer+n_later
 
     def __post_init__(self) -> None:
         self.check()
@@ -76,6 +83,12 @@ class Transcoder:
                 raise TranscoderError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
             if not torch.isfinite(t).all():
                 raise TranscoderError(f"{where}: {name} contains NaN or infinite values")
+        if self.W_dec_later is not None:
+            t = self.W_dec_later
+            if t.dim() != 3 or (t.shape[0], t.shape[2]) != (c.d_sae, c.d_out):
+                raise TranscoderError(f"{where}: cross-layer decoder has shape {tuple(t.shape)}, expected ({c.d_sae}, n_later, {c.d_out})")
+            if not torch.isfinite(t).all():
+                raise TranscoderError(f"{where}: cross-layer decoder contains NaN or infinite values")
         if c.activation == "jumprelu" and self.threshold is None:
             raise TranscoderError(f"{where}: JumpReLU transcoder without a threshold")
         if c.activation == "topk" and not c.k:
@@ -84,6 +97,18 @@ class Transcoder:
     @property
     def layer(self) -> int:
         return self.cfg.layer
+
+    @property
+    def n_later(self) -> int:
+        return 0 if self.W_dec_later is None else self.W_dec_later.shape[1]
+
+    def decoder_into(self, layer: int) -> torch.Tensor | None:
+        """[d_sae, d_out]: what one unit of each feature writes into `layer`'s MLP output (None: nothing)."""
+        if layer == self.layer:
+            return self.W_dec
+        if self.layer < layer <= self.layer + self.n_later:
+            return self.W_dec_later[:, layer - self.layer - 1]
+        return None
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] -> [..., d_sae] encoder pre-activations."""
@@ -101,7 +126,8 @@ class Transcoder:
         return self.activate(self.pre_acts(x))
 
     def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction; the skip path needs the input `x`."""
+        """Reconstruction of this layer's MLP output by this layer's features alone (all of it for a
+        per-layer transcoder; see `TranscoderSet.reconstruct` for a CLT); the skip path needs the input `x`."""
         out = z @ self.W_dec + self.b_dec
         if self.W_skip is not None:
             if x is None:
@@ -131,10 +157,48 @@ class TranscoderSet:
     def __iter__(self):
         return (self.by_layer[layer] for layer in self.layers)
 
+    @property
+    def cross_layer(self) -> bool:
+        return any(tc.n_later for tc in self)
+
+    def require_per_layer(self, what: str) -> None:
+        """One-line refusal for computations not yet defined for cross-layer transcoders."""
+        if self.cross_layer:
+            raise TranscoderError(f"{what} does not support cross-layer transcoders yet")
+
+    def writes_into(self, layer: int) -> list[tuple[Transcoder, torch.Tensor]]:
+        """Every transcoder whose features write into `layer`'s MLP output, with that decoder slice."""
+        out = []
+        for tc in self:
+            W = tc.decoder_into(layer)
+            if W is not None:
+                out.append((tc, W))
+        return out
+
+    def total_write(self, layer: int, before: int) -> torch.Tensor:
+        """[d_sae, d_out]: what one unit of each feature of `layer` writes into the residual stream
+        in the layers from `layer` up to (not including) `before`: the sum of its decoder slices."""
+        tc = self[layer]
+        return sum(W for lay in range(layer, before) if (W := tc.decoder_into(lay)) is not None)
+
+    def reconstruct(self, z: dict[int, torch.Tensor], x: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Each layer's reconstructed MLP output from every layer's activations `z` (and inputs `x`, for
+        skip paths): `b_dec` of that layer, its skip path, and every decoder slice writing into it."""
+        out = {}
+        for tc in self:
+            layer = tc.layer
+            recon = tc.b_dec + (x[layer] @ tc.W_skip if tc.W_skip is not None else 0)
+            for src, W in self.writes_into(layer):
+                recon = recon + z[src.layer] @ W
+            out[layer] = recon
+        return out
+
     def select(self, layers: list[int] | None) -> TranscoderSet:
         """The subset for `layers` (None: all); unknown layers are a user error."""
         if layers is None:
             return self
+        if self.cross_layer and sorted(layers) != self.layers:
+            raise TranscoderError("a cross-layer transcoder is used whole: its features write into every later layer")
         missing = sorted(set(layers) - set(self.by_layer))
         if missing:
             raise TranscoderError(f"no transcoder for layer(s) {missing}; available: {self.layers}")

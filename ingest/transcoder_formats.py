@@ -195,6 +195,8 @@ def save_saelens(tc: Transcoder, directory: Path) -> None:
     c = tc.cfg
     if c.activation == "topk":
         raise TranscoderError("SAELens has no TopK transcoder architecture; save TopK transcoders another way")
+    if tc.n_later:
+        raise TranscoderError("SAELens has no cross-layer transcoder architecture; save CLTs with save_circuit_tracer_clt")
     arch = ("jumprelu_" if c.activation == "jumprelu" else "") + ("skip_" if tc.W_skip is not None else "") + "transcoder"
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {"W_enc": tc.W_enc, "b_enc": tc.b_enc, "W_dec": tc.W_dec, "b_dec": tc.b_dec}
@@ -224,11 +226,14 @@ def load_circuit_tracer(directory: Path) -> TranscoderSet:
         raw = yaml.safe_load(cfg_path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise TranscoderError(f"{cfg_path}: unreadable config ({exc})") from None
-    if raw.get("model_kind", "transcoder_set") != "transcoder_set":
-        raise TranscoderError(f"{cfg_path}: model_kind {raw.get('model_kind')!r} is not supported (per-layer transcoder_set only)")
+    kind = raw.get("model_kind", "transcoder_set")
+    if kind not in ("transcoder_set", "cross_layer_transcoder"):
+        raise TranscoderError(f"{cfg_path}: model_kind {kind!r} is not supported (transcoder_set or cross_layer_transcoder)")
     hook_in, hook_out = raw.get("feature_input_hook"), raw.get("feature_output_hook")
     if not hook_in or not hook_out:
         raise TranscoderError(f"{cfg_path}: needs feature_input_hook and feature_output_hook")
+    if kind == "cross_layer_transcoder":
+        return _load_circuit_tracer_clt(directory, raw, hook_in, hook_out)
     layer_files = {}
     for entry in raw.get("transcoders") or []:
         p = Path(entry.removeprefix("file://"))
@@ -258,8 +263,66 @@ def load_circuit_tracer(directory: Path) -> TranscoderSet:
     return TranscoderSet(by_layer, [cfg_path, *layer_files.values()], "circuit-tracer")
 
 
+def _load_circuit_tracer_clt(directory: Path, raw: dict, hook_in: str, hook_out: str) -> TranscoderSet:
+    """circuit-tracer's CLT layout: per source layer i, `W_enc_{i}.safetensors` (W_enc_{i} [d_sae, d_model],
+    b_enc_{i}, b_dec_{i}, optional threshold_{i}) and `W_dec_{i}.safetensors` (W_dec_{i} [d_sae, n_layers - i,
+    d_model], slice 0 writing into layer i itself)."""
+    n_layers = len(list(directory.glob("W_enc_*.safetensors")))
+    if not n_layers:
+        raise TranscoderError(f"{directory}: a cross_layer_transcoder config.yaml but no W_enc_*.safetensors files")
+    by_layer, files = {}, []
+    for i in range(n_layers):
+        enc_path, dec_path = directory / f"W_enc_{i}.safetensors", directory / f"W_dec_{i}.safetensors"
+        for p in (enc_path, dec_path):
+            if not p.is_file():
+                raise TranscoderError(f"{p}: missing (a CLT of {n_layers} layers needs W_enc_0..{n_layers - 1} and W_dec_0..{n_layers - 1})")
+        enc, dec = _read_safetensors(enc_path), _read_safetensors(dec_path)
+        _require(enc, (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"), enc_path)
+        _require(dec, (f"W_dec_{i}",), dec_path)
+        W_enc, W_dec = enc[f"W_enc_{i}"].T.contiguous(), dec[f"W_dec_{i}"]
+        if W_dec.dim() != 3 or W_dec.shape[1] != n_layers - i:
+            raise TranscoderError(f"{dec_path}: W_dec_{i} has shape {tuple(W_dec.shape)}, expected (d_sae, {n_layers - i}, d_model)")
+        threshold = enc.get(f"threshold_{i}")
+        d_in, d_sae = W_enc.shape
+        cfg = TranscoderConfig(
+            layer=i, d_in=d_in, d_sae=d_sae, d_out=enc[f"b_dec_{i}"].shape[0],
+            hook_in=f"blocks.{i}.{hook_in}", hook_out=f"blocks.{i}.{hook_out}",
+            activation="jumprelu" if threshold is not None else "relu", model_name=raw.get("model_name", ""),
+        )
+        by_layer[i] = Transcoder(cfg, W_enc, enc[f"b_enc_{i}"], W_dec[:, 0].contiguous(), enc[f"b_dec_{i}"],
+                                 threshold=None if threshold is None else threshold.reshape(-1), source=str(enc_path),
+                                 W_dec_later=W_dec[:, 1:].contiguous() if n_layers - i > 1 else None)
+        files += [enc_path, dec_path]
+    return TranscoderSet(by_layer, [directory / CT_CONFIG, *files], "circuit-tracer-clt")
+
+
+def save_circuit_tracer_clt(tset: TranscoderSet, directory: Path, model_name: str = "") -> None:
+    """Write a cross-layer set (layers 0..n-1, each writing into every later layer) as circuit-tracer's CLT layout."""
+    n = len(tset.layers)
+    if tset.layers != list(range(n)) or any(tc.n_later != n - 1 - tc.layer for tc in tset):
+        raise TranscoderError("circuit-tracer's CLT layout needs layers 0..n-1, each writing into every later layer")
+    if any(tc.cfg.activation == "topk" or tc.W_skip is not None for tc in tset):
+        raise TranscoderError("circuit-tracer's CLT layout has no TopK activation and no skip path")
+    first = tset[0].cfg
+    rel_in, rel_out = (h.split(".", 2)[2] for h in (first.hook_in, first.hook_out))
+    directory.mkdir(parents=True, exist_ok=True)
+    for tc in tset:
+        i = tc.layer
+        enc = {f"W_enc_{i}": tc.W_enc.T, f"b_enc_{i}": tc.b_enc, f"b_dec_{i}": tc.b_dec}
+        if tc.threshold is not None:
+            enc[f"threshold_{i}"] = tc.threshold
+        W_dec = tc.W_dec[:, None] if tc.W_dec_later is None else torch.cat([tc.W_dec[:, None], tc.W_dec_later], 1)
+        save_file({k: v.detach().float().contiguous() for k, v in enc.items()}, directory / f"W_enc_{i}.safetensors")
+        save_file({f"W_dec_{i}": W_dec.detach().float().contiguous()}, directory / f"W_dec_{i}.safetensors")
+    config = {"model_kind": "cross_layer_transcoder", "model_name": model_name or first.model_name,
+              "scan": model_name or first.model_name or directory.name, "feature_input_hook": rel_in, "feature_output_hook": rel_out}
+    (directory / CT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 def save_circuit_tracer(tset: TranscoderSet, directory: Path, model_name: str = "") -> None:
     """Write a set as circuit-tracer's local `transcoder_set` layout (layers must be 0..n-1)."""
+    if tset.cross_layer:
+        raise TranscoderError("a cross-layer set is written with save_circuit_tracer_clt")
     if tset.layers != list(range(len(tset.layers))):
         raise TranscoderError(f"circuit-tracer needs transcoders for layers 0..n-1, got {tset.layers}")
     if any(tc.cfg.activation == "topk" for tc in tset):  # it would be read back as ReLU

@@ -144,7 +144,8 @@ def load_hooked_transformer(directory: Path, processing: str, n_ctx: int | None 
 
 
 def load_transcoder_dir(directory: Path):
-    """circuit-tracer TranscoderSet from a local config.yaml + layer_*.safetensors directory."""
+    """circuit-tracer TranscoderSet (config.yaml + layer_*.safetensors) or CrossLayerTranscoder
+    (config.yaml + W_enc_*/W_dec_*.safetensors) from a local directory."""
     import torch
     import yaml
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
@@ -153,11 +154,19 @@ def load_transcoder_dir(directory: Path):
     if not cfg_path.is_file():
         fail(f"{directory}: no config.yaml (expected a circuit-tracer transcoder_set directory)")
     config = yaml.safe_load(cfg_path.read_text()) or {}
-    if config.get("model_kind") != "transcoder_set":
-        fail(f"{cfg_path}: model_kind {config.get('model_kind')!r}; only transcoder_set is supported")
     for key in ("feature_input_hook", "feature_output_hook"):
         if not config.get(key):
             fail(f"{cfg_path}: missing {key}")
+    scan = config.get("scan") or config.get("model_name") or directory.name
+    if config.get("model_kind") == "cross_layer_transcoder":
+        from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+        clt = load_clt(str(directory), feature_input_hook=config["feature_input_hook"],
+                       feature_output_hook=config["feature_output_hook"], scan=scan, device=torch.device("cpu"),
+                       dtype=torch.float32, lazy_decoder=False, lazy_encoder=False)
+        return clt, config
+    if config.get("model_kind") != "transcoder_set":
+        fail(f"{cfg_path}: model_kind {config.get('model_kind')!r}; transcoder_set or cross_layer_transcoder")
     entries = config.get("transcoders")
     if entries:
         paths = {}
@@ -172,7 +181,6 @@ def load_transcoder_dir(directory: Path):
     missing = [p for p in paths.values() if not Path(p).is_file()]
     if not paths or missing:
         fail(f"{directory}: transcoder files missing: {missing or 'none listed'}")
-    scan = config.get("scan") or config.get("model_name") or directory.name
     tset = load_transcoder_set(
         paths, scan=scan, feature_input_hook=config["feature_input_hook"],
         feature_output_hook=config["feature_output_hook"], device=torch.device("cpu"), dtype=torch.float32,
