@@ -181,17 +181,18 @@ class TranscoderSet:
         tc = self[layer]
         return sum(W for lay in range(layer, before) if (W := tc.decoder_into(lay)) is not None)
 
+    def decode_into(self, layer: int, z: dict[int, torch.Tensor], x: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Layer `layer`'s reconstructed MLP output from the activations `z` of every layer writing into it
+        (and its input `x[layer]`, for a skip path): its `b_dec`, its skip path, and every decoder slice."""
+        tc = self[layer]
+        recon = tc.b_dec + (x[layer] @ tc.W_skip if tc.W_skip is not None else 0)
+        for src, W in self.writes_into(layer):
+            recon = recon + z[src.layer] @ W
+        return recon
+
     def reconstruct(self, z: dict[int, torch.Tensor], x: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Each layer's reconstructed MLP output from every layer's activations `z` (and inputs `x`, for
-        skip paths): `b_dec` of that layer, its skip path, and every decoder slice writing into it."""
-        out = {}
-        for tc in self:
-            layer = tc.layer
-            recon = tc.b_dec + (x[layer] @ tc.W_skip if tc.W_skip is not None else 0)
-            for src, W in self.writes_into(layer):
-                recon = recon + z[src.layer] @ W
-            out[layer] = recon
-        return out
+        """Every layer's reconstructed MLP output (`decode_into` for each)."""
+        return {layer: self.decode_into(layer, z, x) for layer in self.layers}
 
     def select(self, layers: list[int] | None) -> TranscoderSet:
         """The subset for `layers` (None: all); unknown layers are a user error."""

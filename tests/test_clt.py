@@ -13,6 +13,8 @@ from catalog import layout
 from catalog.errors import TranscoderError
 from catalog.store import open_loaded_store
 from ingest.attribution import attribute
+from ingest.datasets import token_contexts
+from ingest.evaluate import evaluate_transcoders
 from ingest.job import IngestSettings, build_manifest, pullback_table, run_ingest
 from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
 from ingest.transcoder_formats import load_transcoders, save_circuit_tracer, save_circuit_tracer_clt
@@ -175,3 +177,42 @@ def test_a_clt_catalog_is_ingested_loaded_and_queried(clt, tmp_path):
         assert lookups.prompt(PROMPT).id == pid
         report = write_prompt_report(lookups, root, PROMPT, tmp_path / report_file(pid), max_nodes=20)
     assert report.is_file() and "L0/" in report.read_text()
+
+
+def test_eval_replaces_mlps_with_every_slice(clt, text_file):
+    """eval with a CLT, against the CLT written out from the raw files: each layer's reconstruction from the
+    clean run, and CE with all MLPs replaced, each layer's features read from the replaced run's own inputs."""
+    model, directory, tset = clt
+    n = model.cfg.n_layers
+    raw = {i: (load_file(directory / f"W_enc_{i}.safetensors"), load_file(directory / f"W_dec_{i}.safetensors")) for i in range(n)}
+
+    def acts(i: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ raw[i][0][f"W_enc_{i}"].T + raw[i][0][f"b_enc_{i}"])
+
+    def out(L: int, z: dict) -> torch.Tensor:
+        return raw[L][0][f"b_dec_{L}"] + sum(z[i] @ raw[i][1][f"W_dec_{i}"][:, L - i] for i in range(L + 1))
+
+    tokens = token_contexts(model.tokenizer, str(text_file), 96, 16)
+    result = evaluate_transcoders(model, tset, tokens, batch_contexts=3, progress=False)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        z = {i: acts(i, cache[f"blocks.{i}.ln2.hook_normalized"][:, 1:]) for i in range(n)}
+        n_recon = tokens[:, 1:].numel()
+        for L in range(n):
+            y = cache[f"blocks.{L}.hook_mlp_out"][:, 1:]
+            assert result.layers[L].mse == pytest.approx(float((out(L, z) - y).pow(2).sum()) / n_recon, rel=1e-4)
+        seen: dict[int, torch.Tensor] = {}
+
+        def read(act, hook):
+            seen[hook.layer()] = acts(hook.layer(), act)
+
+        def write(act, hook):
+            new = out(hook.layer(), seen)
+            new[:, 0] = act[:, 0]  # BOS keeps the model's output, as eval does
+            return new
+
+        hooks = [(f"blocks.{i}.ln2.hook_normalized", read) for i in range(n)] + [(f"blocks.{i}.hook_mlp_out", write) for i in range(n)]
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    ce = -logits[:, 1:-1].log_softmax(-1).gather(-1, tokens[:, 2:, None]).sum() / tokens[:, 2:].numel()
+    assert result.all_layers.ce_replaced == pytest.approx(float(ce), rel=1e-4)
+    assert result.all_layers.kl_replaced > 0.01  # a random CLT really changes the model
