@@ -15,7 +15,7 @@ from catalog.store import open_loaded_store
 from ingest.attribution import attribute
 from ingest.datasets import token_contexts
 from ingest.evaluate import evaluate_transcoders
-from ingest.job import IngestSettings, build_manifest, pullback_table, run_ingest
+from ingest.job import IngestSettings, build_manifest, pullback_table, run_ingest, run_stats
 from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
 from ingest.transcoder_formats import load_transcoders, save_circuit_tracer, save_circuit_tracer_clt
 from queries.api import Lookups
@@ -157,10 +157,13 @@ def test_edges_agree_with_circuit_tracer_on_a_clt(arch, ct_python, request, tmp_
     torch.testing.assert_close(A, R, rtol=1e-4, atol=1e-5 * float(R.abs().max()))
 
 
-def test_a_clt_catalog_is_ingested_loaded_and_queried(clt, tmp_path):
+def test_a_clt_catalog_is_ingested_loaded_and_queried(clt, text_file, tmp_path):
     model, directory, tset = clt
     root = tmp_path / "catalog"
     run_ingest(model, tset, root, build_manifest(model, "tiny", tset, str(directory), IngestSettings(top_k=3, token_top_k=3)), progress=False)
+    assert run_stats(model, tset, root, str(text_file), 200, ctx_len=16, top_k=3, progress=False)
+    stats = pq.read_table(root / layout.STATS / "features.parquet").to_pylist()
+    assert len(stats) == 32 * model.cfg.n_layers and any(r["frequency"] > 0 for r in stats)
     (pid,) = run_prompts(model, tset, root, [PromptSpec(PROMPT)], AttributionSettings(), progress=False)
     part = pq.read_table(layout.pullback_part(root, 0, 2)).to_pylist()
     lens = pq.read_table(layout.logit_part(root, 0)).to_pylist()
