@@ -24,6 +24,7 @@ from catalog import layout
 from catalog.errors import CatalogDirError
 from catalog.manifest import Manifest, now
 from catalog.parquet_io import feature_ids, write_atomic
+from ingest.mapped_weights import release_mapped
 from ingest.models import file_digest, weights_digest
 from ingest.pullbacks import DEFINITION as PULLBACK_DEFINITION
 from ingest.pullbacks import select_edges
@@ -114,6 +115,7 @@ def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progr
         bar.set_postfix_str(f"pullbacks L{lo}->L{hi}")
         if not path.exists():
             write_atomic(pullback_table(model, tset, lo, hi, settings), path)
+            release_mapped()  # one pair's encoder and decoder in memory at a time (see ingest.mapped_weights)
         bar.update()
     bar.close()
 

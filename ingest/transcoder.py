@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from catalog.errors import TranscoderError
+from ingest.mapped_weights import release_mapped
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
 
@@ -177,9 +178,16 @@ class TranscoderSet:
 
     def total_write(self, layer: int, before: int) -> torch.Tensor:
         """[d_sae, d_out]: what one unit of each feature of `layer` writes into the residual stream
-        in the layers from `layer` up to (not including) `before`: the sum of its decoder slices."""
+        in the layers from `layer` up to (not including) `before`: the sum of its decoder slices (each
+        slice's mapped pages handed back once added, so a CLT's many slices never sit in memory together)."""
         tc = self[layer]
-        return sum(W for lay in range(layer, before) if (W := tc.decoder_into(lay)) is not None)
+        total = tc.W_dec.clone()
+        for lay in range(layer + 1, before):
+            W = tc.decoder_into(lay)
+            if W is not None:
+                total += W
+                release_mapped()
+        return total
 
     def decode_into(self, layer: int, z: dict[int, torch.Tensor], x: dict[int, torch.Tensor]) -> torch.Tensor:
         """Layer `layer`'s reconstructed MLP output from the activations `z` of every layer writing into it

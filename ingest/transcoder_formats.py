@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from catalog.errors import TranscoderError
+from ingest.mapped_weights import read_mapped, release_mapped
 from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -43,7 +43,15 @@ _SAELENS_ARCH = {
 
 
 def load_transcoders(path: str | Path, trust_pickle: bool = False) -> TranscoderSet:
-    """Detect the format of `path` and load every transcoder in it."""
+    """Detect the format of `path` and load every transcoder in it (safetensors files stay mapped: the
+    pages the validation touched are handed back, so a set larger than memory loads)."""
+    try:
+        return _load_transcoders(Path(path), trust_pickle)
+    finally:
+        release_mapped()
+
+
+def _load_transcoders(path: Path, trust_pickle: bool) -> TranscoderSet:
     path = Path(path)
     if not path.exists():
         raise TranscoderError(f"transcoders not found: {path}")
@@ -403,12 +411,14 @@ def _load_seed(paths: list[Path], trust_pickle: bool) -> TranscoderSet:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A file's tensors as float32 views of its mapped pages (float32 files are not copied: see `mapped_weights`).
+
+    Loaders read their files one after another, so the pages the previous file's validation touched are
+    handed back first: loading holds about one file in memory."""
     if not path.is_file():
         raise TranscoderError(f"{path}: file not found")
-    try:
-        return {k: v.float() for k, v in load_file(path).items()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise TranscoderError(f"{path}: unreadable safetensors ({str(exc)[:120]}); truncated or corrupt?") from None
+    release_mapped()
+    return {k: v.float() for k, v in read_mapped(path).items()}
 
 
 def _require(tensors: dict, keys: tuple[str, ...], where: Path) -> None:
