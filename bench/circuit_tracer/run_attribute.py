@@ -81,7 +81,7 @@ def hf4_compatible(directory: Path, tmp: Path) -> Path:
     tok_path = directory / "tokenizer_config.json"
     tok = json.loads(tok_path.read_text()) if tok_path.is_file() else {}
     rope = cfg.get("rope_parameters")
-    patch_cfg = isinstance(rope, dict) and "rope_theta" not in cfg
+    patch_cfg = isinstance(rope, dict) and cfg.get("rope_theta") is None  # written as null by transformers 5
     patch_tok = tok.get("tokenizer_class") == "TokenizersBackend"
     if not (patch_cfg or patch_tok):
         return directory
