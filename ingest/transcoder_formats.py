@@ -9,6 +9,8 @@
 - the original GPT-2 transcoders of the transcoder paper: pickled `.pt` files holding `cfg` and
   `state_dict`, with an input pre-bias `b_dec` (folded into `b_enc` here) and output bias `b_dec_out`.
   Pickle runs code, so these load only when the caller passes `trust_pickle=True`.
+- the public releases (Gemma Scope 2 and its CLTs, Gemma Scope, EleutherAI sparsify / clt-training) and
+  `hf://` fetching: `ingest/release_formats.py`.
 """
 
 from __future__ import annotations
@@ -43,10 +45,17 @@ _SAELENS_ARCH = {
 
 
 def load_transcoders(path: str | Path, trust_pickle: bool = False) -> TranscoderSet:
-    """Detect the format of `path` and load every transcoder in it."""
+    """Detect the format of `path` (a local file or folder, or `hf://owner/repo[/path][@revision]`) and load
+    every transcoder in it."""
+    from ingest import release_formats  # it builds on this module's helpers
+
+    if str(path).startswith(release_formats.HF_PREFIX):
+        path = release_formats.fetch_hub(str(path))
     path = Path(path)
     if not path.exists():
         raise TranscoderError(f"transcoders not found: {path}")
+    if (release := release_formats.load_release(path)) is not None:
+        return release
     if path.is_file():
         if SEED_PATTERN.search(path.name):
             return _load_seed([path], trust_pickle)
@@ -70,7 +79,8 @@ def load_transcoders(path: str | Path, trust_pickle: bool = False) -> Transcoder
         return _load_seed(seeds, trust_pickle)
     raise TranscoderError(
         f"{path}: no transcoders found (expected SAELens cfg.json dirs, a circuit-tracer config.yaml, "
-        "or final_sparse_autoencoder_*.pt files)"
+        "final_sparse_autoencoder_*.pt files, Gemma Scope params.safetensors or params.npz folders, "
+        "or sparsify cfg.json + sae.safetensors folders)"
     )
 
 
