@@ -60,6 +60,15 @@ def load_release(path: Path) -> TranscoderSet | None:
     return None
 
 
+def load_gemma_scope_files(paths: list[Path]) -> TranscoderSet:
+    """Gemma Scope `params.npz` files, or Gemma Scope 2 `params.safetensors` files (their folders name the layers)."""
+    if all(p.name == GS1_WEIGHTS for p in paths):
+        return load_gemma_scope_v1(paths)
+    if all(p.name == GS2_WEIGHTS for p in paths):
+        return load_gemma_scope_2([p.parent for p in paths])
+    raise TranscoderError(f"{paths[0].parent}: mixes Gemma Scope {GS1_WEIGHTS} and Gemma Scope 2 {GS2_WEIGHTS} files")
+
+
 def fetch_hub(spec: str) -> Path:
     """`hf://owner/repo[/path][@revision]` -> the local copy of that file or folder, downloaded (or cached)
     by huggingface_hub; a path ending in a file name fetches that file, anything else the folder below it."""

@@ -142,6 +142,28 @@ def test_gemma_scope_v1(tmp_path):
         load_transcoders(tmp_path)
 
 
+def test_circuit_tracer_configs_listing_gemma_scope_files(tmp_path):
+    """circuit-tracer's own Gemma Scope configs list params.npz (or Gemma Scope 2 params.safetensors) files; they
+    read as the same transcoders as the files themselves, with the config's hooks."""
+    import yaml
+
+    params = {layer: write_gs1(tmp_path, layer, layer) for layer in (0, 1)}
+    for i in range(2):
+        write_gs2(tmp_path, i, gs2_params(40 + i, n_layers=2, layer=i), kind="clt")
+    entries = {"transcoder_set": [f"layer_{layer}/width_16k/average_l0_54/params.npz" for layer in params],
+               "cross_layer_transcoder": [f"clt/layer_{i}_width_16k_l0_small/params.safetensors" for i in range(2)]}
+    x = xs(1)[0]
+    for kind, files in entries.items():
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+            "model_kind": kind, "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out", "transcoders": files}))
+        tset = load_transcoders(tmp_path)
+        direct = load_transcoders(tmp_path / {"transcoder_set": files[1], "cross_layer_transcoder": "clt"}[kind])
+        assert tset.cross_layer == (kind == "cross_layer_transcoder") and tset.layers == [0, 1]
+        assert tset[1].cfg.hook_in == "blocks.1.hook_resid_mid" and (tmp_path / "config.yaml") in tset.files
+        torch.testing.assert_close(tset[1].forward(x), direct[1].forward(x))
+        torch.testing.assert_close(tset[1].decoder_into(1), direct[1].decoder_into(1))
+
+
 # ---------------------------------------------------------------- EleutherAI sparsify / clt-training
 
 
@@ -350,7 +372,7 @@ def test_sparsify_cross_layer_skip_is_refused(tmp_path):
 # ---------------------------------------------------------------- the hub
 
 
-def test_hub_releases_fail_in_one_line_offline(monkeypatch):
+def test_hub_releases_fail_in_one_line_offline(monkeypatch, tmp_path):
     """The hub is unreachable here: HF_HUB_OFFLINE=1 (set by conftest before huggingface_hub is imported)
     makes the real fetch fail at once, and the error says what to do."""
     import huggingface_hub.constants
@@ -363,3 +385,9 @@ def test_hub_releases_fail_in_one_line_offline(monkeypatch):
         assert one_line(err).startswith(f"{spec}: cannot fetch from the Hugging Face hub") and "pass the local folder" in one_line(err)
     with pytest.raises(TranscoderError, match="expected hf://owner/repo"):
         load_transcoders("hf://justaname")
+    (tmp_path / "config.yaml").write_text(  # circuit-tracer's configs name their Gemma Scope files on the hub
+        "model_kind: transcoder_set\nfeature_input_hook: ln2.hook_normalized\nfeature_output_hook: hook_mlp_out\n"
+        "transcoders:\n- hf://google/gemma-scope-2b-pt-transcoders/layer_0/width_16k/average_l0_76/params.npz\n")
+    with pytest.raises(TranscoderError) as err:
+        load_transcoders(tmp_path)
+    assert one_line(err).startswith("hf://google/gemma-scope-2b-pt-transcoders/layer_0/width_16k/average_l0_76/params.npz: cannot fetch")
