@@ -164,6 +164,49 @@ def test_circuit_tracer_configs_listing_gemma_scope_files(tmp_path):
         torch.testing.assert_close(tset[1].decoder_into(1), direct[1].decoder_into(1))
 
 
+CT_SCRIPT = """
+import sys
+import numpy as np
+import torch
+from circuit_tracer.transcoder.cross_layer_transcoder import load_gemma_scope_2_clt
+from circuit_tracer.transcoder.single_layer_transcoder import load_gemma_scope_2_transcoder, load_gemma_scope_transcoder
+
+x = torch.from_numpy(np.load(sys.argv[1])["x"])
+kw = dict(device=torch.device("cpu"), dtype=torch.float32)
+paths = dict(enumerate(sys.argv[5:]))
+paths[len(paths)] = paths[len(paths) - 1]  # its loop reads layers range(max(paths)): one key more than layers
+with torch.no_grad():
+    clt = load_gemma_scope_2_clt(paths, **kw)
+    np.savez(sys.argv[2], gs2=load_gemma_scope_2_transcoder(sys.argv[3], 0, **kw).forward(x[0]).numpy(),
+             gs1=load_gemma_scope_transcoder(sys.argv[4], 0, **kw).forward(x[0]).numpy(),
+             clt=clt.decode(clt.encode(x).to_sparse(), x).numpy())
+"""
+
+
+def test_gemma_scope_files_agree_with_circuit_tracers_loaders(ct_python, tmp_path):
+    """circuit-tracer 0.5's own loaders (load_gemma_scope_2_transcoder, load_gemma_scope_transcoder,
+    load_gemma_scope_2_clt), run in its venv on the same files, give the same outputs as ours."""
+    import subprocess
+
+    n = 3
+    gs2 = write_gs2(tmp_path, 0, gs2_params(50, affine=True)) / "params.safetensors"
+    write_gs1(tmp_path, 0, 51)
+    gs1 = tmp_path / "layer_0" / "width_16k" / "average_l0_54" / "params.npz"
+    clt = [write_gs2(tmp_path, i, gs2_params(52 + i, n_layers=n, layer=i, affine=True), kind="clt") / "params.safetensors"
+           for i in range(n)]
+    x = torch.stack(list(xs(n).values()))
+    np.savez(tmp_path / "x.npz", x=x.numpy())
+    done = subprocess.run([str(ct_python), "-c", CT_SCRIPT, str(tmp_path / "x.npz"), str(tmp_path / "ref.npz"), str(gs2), str(gs1),
+                           *map(str, clt)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref = {k: torch.from_numpy(v) for k, v in np.load(tmp_path / "ref.npz").items()}
+    torch.testing.assert_close(load_transcoders(gs2.parent)[0].forward(x[0]), ref["gs2"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(load_transcoders(gs1)[0].forward(x[0]), ref["gs1"], rtol=1e-5, atol=1e-5)
+    tset = load_transcoders(tmp_path / "clt")
+    ours = tset.reconstruct({i: tset[i].encode(x[i]) for i in range(n)}, dict(enumerate(x)))
+    torch.testing.assert_close(torch.stack([ours[i] for i in range(n)]), ref["clt"], rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- EleutherAI sparsify / clt-training
 
 
