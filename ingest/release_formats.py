@@ -43,6 +43,8 @@ _GS_LAYER = re.compile(r"^layer_(\d+)(?:_|$)")
 _GS2_HOOK_IN = re.compile(r"layers\.(\d+)\.pre_feedforward_layernorm\.output$")
 _GS2_HOOK_OUT = re.compile(r"layers\.(\d+)\.post_feedforward_layernorm\.output$")
 _SPARSIFY_HOOK = re.compile(r"^(?:.*\.)?(?:layers|h)\.(\d+)\.mlp$")
+_SPARSIFY_TENSOR = re.compile(r"encoder\.(weight|bias)|in_norm|out_norm|(W_dec|b_dec|W_skip|post_enc|post_enc_scale)"
+                              r"|(W_decs|b_decs|W_skips|post_encs|post_enc_scales)\.\d+")
 
 
 def load_release(path: Path) -> TranscoderSet | None:
@@ -103,12 +105,13 @@ def load_gemma_scope_2(folders: list[Path]) -> TranscoderSet:
             raise TranscoderError(f"{folder}: a second transcoder for layer {layer} (also {read[layer][0]}); keep one per layer")
         _check_gs2_config(folder / GS2_CONFIG, layer)
         read[layer] = (folder, _read_safetensors(folder / GS2_WEIGHTS))
-    clt = {layer for layer, (_, w) in read.items() if "w_dec" in w and w["w_dec"].dim() == 3}
-    if clt and clt != set(read):
+    clt = {layer: w["w_dec"].shape[1] for layer, (_, w) in read.items() if "w_dec" in w and w["w_dec"].dim() == 3}
+    if clt and clt.keys() != read.keys():
         raise TranscoderError(f"{folders[0].parent}: mixes CLT folders (3-d w_dec) with per-layer transcoders")
-    n = len(read)
+    n = max(clt.values(), default=0)
     if clt and sorted(read) != list(range(n)):
-        raise TranscoderError(f"{folders[0].parent}: a CLT needs folders for layers 0..{n - 1}, found {sorted(read)}")
+        raise TranscoderError(f"{folders[0].parent}: a CLT of {n} layers (w_dec's second dimension) needs folders "
+                              f"layer_0..layer_{n - 1}, found layers {sorted(read)}")
     by_layer = {layer: _gs2_transcoder(layer, folder, w, n if clt else None) for layer, (folder, w) in sorted(read.items())}
     files = [f for folder, _ in read.values() for f in (folder / GS2_CONFIG, folder / GS2_WEIGHTS) if f.is_file()]
     return TranscoderSet(by_layer, files, "gemma-scope-2-clt" if clt else "gemma-scope-2")
@@ -118,6 +121,7 @@ def _gs2_transcoder(layer: int, folder: Path, w: dict[str, torch.Tensor], n_laye
     """One layer; `n_layers` is None for a per-layer transcoder, the CLT's depth for a CLT folder."""
     where = folder / GS2_WEIGHTS
     _require(w, ("w_enc", "b_enc", "w_dec", "b_dec", "threshold"), where)
+    _known(w, lambda name: name in ("w_enc", "b_enc", "w_dec", "b_dec", "threshold", "affine_skip_connection"), where)
     d_in, d_sae = _shape2(w, "w_enc", where)
     d_out = w["b_dec"].shape[0]
     dec_shape = (d_sae, d_out) if n_layers is None else (d_sae, n_layers, d_out)
@@ -160,6 +164,7 @@ def load_gemma_scope_v1(paths: list[Path]) -> TranscoderSet:
                 f"{path}: a second transcoder for layer {layer} (also {by_layer[layer].source}); keep one average_l0 per layer")
         w = _read_npz(path)
         _require(w, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), path)
+        _known(w, lambda name: name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), path)
         d_in, d_sae = _shape2(w, "W_enc", path)
         _check(w, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "threshold": (d_sae,), "W_dec": (d_sae, w["b_dec"].shape[0]),
                    "b_dec": (w["b_dec"].shape[0],)}, path)
@@ -253,6 +258,7 @@ def _sparsify_targets(layer: int, folder: Path, cfg: dict, w: dict[str, torch.Te
     them, before the target's output scale; post-encoder scales folded into the rows."""
     where, n, d = folder / SPARSIFY_WEIGHTS, cfg["num_latents"], cfg["d_in"]
     _require(w, ("encoder.weight", "encoder.bias"), where)
+    _known(w, _SPARSIFY_TENSOR.fullmatch, where)
     _check(w, {"encoder.weight": (n, d), "encoder.bias": (n,)}, where)
     multi = cfg["n_targets"] > 0
     if layer + max(cfg["n_targets"], 1) - 1 > last:
@@ -347,6 +353,13 @@ def _check(w: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], where
             raise TranscoderError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
         if not torch.isfinite(t).all():
             raise TranscoderError(f"{where}: {name} contains NaN or infinite values")
+
+
+def _known(w: dict[str, torch.Tensor], understood, where: Path) -> None:
+    """Refuse tensors the loader does not read: any of them might change the forward pass."""
+    unknown = sorted(name for name in w if not understood(name))
+    if unknown:
+        raise TranscoderError(f"{where}: tensor(s) {', '.join(unknown)} not understood")
 
 
 def _json_object(path: Path) -> dict:

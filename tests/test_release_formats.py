@@ -329,6 +329,7 @@ def one_line(exc_info) -> str:
     (lambda p: p.update(w_dec=torch.randn(N_LAT, D + 1)), "params.safetensors", "w_dec has shape (24, 17)"),
     (lambda p: p["w_enc"].__setitem__((0, 0), float("nan")), "params.safetensors", "w_enc contains NaN"),
     (lambda p: p.update(affine_skip_connection=torch.randn(D, 3)), "params.safetensors", "affine_skip_connection has shape"),
+    (lambda p: p.update(scaling_factor=torch.ones(N_LAT)), "params.safetensors", "tensor(s) scaling_factor not understood"),
 ])
 def test_gemma_scope_2_bad_tensors(tmp_path, change, file, field):
     p = gs2_params(1)
@@ -359,7 +360,7 @@ def test_gemma_scope_2_clt_writing_backwards_or_missing_a_layer(tmp_path):
     with pytest.raises(TranscoderError, match=r"layer_1_width_16k_l0_small/params.safetensors: w_dec\[:, :1\] is nonzero"):
         load_transcoders(tmp_path / "a" / "clt")
     write_gs2(tmp_path / "b", 1, gs2_params(1, n_layers=2, layer=1), kind="clt")
-    with pytest.raises(TranscoderError, match=r"a CLT needs folders for layers 0..0"):
+    with pytest.raises(TranscoderError, match=r"a CLT of 2 layers \(w_dec's second dimension\) needs folders layer_0..layer_1, found layers \[1\]"):
         load_transcoders(tmp_path / "b" / "clt")
 
 
@@ -382,6 +383,7 @@ def test_gemma_scope_v1_bad_files(tmp_path):
     ({"k": "32"}, {}, 'cfg.json: k must be a non-negative integer, got "32"'),
     ({}, {"W_dec": torch.randn(N_LAT, D + 2)}, "sae.safetensors: W_dec has shape (24, 18)"),
     ({}, {"post_enc": torch.ones(N_LAT)}, "sae.safetensors: post_enc is nonzero"),
+    ({}, {"W_dec_extra": torch.ones(N_LAT)}, "sae.safetensors: tensor(s) W_dec_extra not understood"),
     ({}, {"encoder.bias": torch.full((N_LAT,), float("nan"))}, "sae.safetensors: encoder.bias contains NaN"),
     ({"num_latents": 30}, {}, "sae.safetensors: encoder.weight has shape (24, 16), expected (30, 16)"),
 ])
@@ -401,6 +403,17 @@ def test_sparsify_cfg_of_the_wrong_type_or_hook_point(tmp_path):
     write_sparsify(tmp_path / "b", "layers.0.self_attn", sparsify_tensors(1))
     with pytest.raises(TranscoderError, match="'layers.0.self_attn' is not an MLP module"):
         load_transcoders(tmp_path / "b")
+
+
+@pytest.mark.parametrize("layers, n_targets, message", [
+    ((0, 2), 1, r"multi-target transcoders need consecutive layers, found \[0, 2\]"),
+    ((0, 1), 3, r"layers.0.mlp/cfg.json: n_targets=3 reaches past the last hook point \(layer 1\)"),
+])
+def test_sparsify_targets_that_do_not_fit_the_hook_points(tmp_path, layers, n_targets, message):
+    for layer in layers:
+        write_sparsify(tmp_path, f"layers.{layer}.mlp", sparsify_tensors(layer, n_targets=n_targets), n_targets=n_targets)
+    with pytest.raises(TranscoderError, match=message):
+        load_transcoders(tmp_path)
 
 
 def test_sparsify_cross_layer_skip_is_refused(tmp_path):
