@@ -42,6 +42,7 @@ HF_PREFIX = "hf://"
 _GS_LAYER = re.compile(r"^layer_(\d+)(?:_|$)")
 _GS2_HOOK_IN = re.compile(r"layers\.(\d+)\.pre_feedforward_layernorm\.output$")
 _GS2_HOOK_OUT = re.compile(r"layers\.(\d+)\.post_feedforward_layernorm\.output$")
+_GLOB = re.compile(r"[*?\[]")
 _SPARSIFY_HOOK = re.compile(r"^(?:.*\.)?(?:layers|h)\.(\d+)\.mlp$")
 _SPARSIFY_TENSOR = re.compile(r"encoder\.(weight|bias)|in_norm|out_norm|(W_dec|b_dec|W_skip|post_enc|post_enc_scale)"
                               r"|(W_decs|b_decs|W_skips|post_encs|post_enc_scales)\.\d+")
@@ -51,8 +52,10 @@ def load_release(path: Path) -> TranscoderSet | None:
     """The release at `path` if it is laid out as one of this module's formats, else None."""
     if path.is_file():
         return load_gemma_scope_v1([path]) if path.name == GS1_WEIGHTS else None
-    if (path / SPARSIFY_WEIGHTS).is_file() or _subdirs_with(path, SPARSIFY_WEIGHTS):
-        return load_sparsify(path)
+    if (path / SPARSIFY_WEIGHTS).is_file():
+        return load_sparsify([path])
+    if folders := _subdirs_with(path, SPARSIFY_WEIGHTS):
+        return load_sparsify(folders)
     if (path / GS2_WEIGHTS).is_file():
         return load_gemma_scope_2([path])
     if folders := _subdirs_with(path, GS2_WEIGHTS):
@@ -71,9 +74,11 @@ def load_gemma_scope_files(paths: list[Path]) -> TranscoderSet:
     raise TranscoderError(f"{paths[0].parent}: mixes Gemma Scope {GS1_WEIGHTS} and Gemma Scope 2 {GS2_WEIGHTS} files")
 
 
-def fetch_hub(spec: str) -> Path:
-    """`hf://owner/repo[/path][@revision]` -> the local copy of that file or folder, downloaded (or cached)
-    by huggingface_hub; a path ending in a file name fetches that file, anything else the folder below it."""
+def fetch_hub(spec: str) -> list[Path]:
+    """`hf://owner/repo[/path][@revision]` -> local copies (downloaded, or from huggingface_hub's cache) of what
+    the path names: one file, one folder, or, with glob characters (`clt/layer_*_width_16k_l0_small`), every
+    file or folder that matches; the releases keep several widths and sparsities side by side, so a glob is how
+    one of them is chosen."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
     body, _, revision = spec[len(HF_PREFIX):].partition("@")
@@ -82,15 +87,30 @@ def fetch_hub(spec: str) -> Path:
         raise TranscoderError(f"{spec}: expected hf://owner/repo[/path][@revision]")
     repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
     try:
-        if Path(sub).suffix:
-            return Path(hf_hub_download(repo_id, sub, revision=revision or None))
-        root = snapshot_download(repo_id, revision=revision or None, allow_patterns=[f"{sub}/*"] if sub else None)
+        if Path(sub).suffix and not _GLOB.search(sub):
+            return [Path(hf_hub_download(repo_id, sub, revision=revision or None))]
+        root = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=[sub, f"{sub}/*"] if sub else None))
     except Exception as exc:  # offline mode, no network, missing repo or file: the hub client raises many types
         raise TranscoderError(
             f"{spec}: cannot fetch from the Hugging Face hub ({type(exc).__name__}: {first_line(exc)[:120]}); "
             "download it elsewhere and pass the local folder"
         ) from None
-    return Path(root) / sub
+    found = sorted(root.glob(sub)) if sub else [root]
+    if not found:
+        raise TranscoderError(f"{spec}: nothing in {repo_id} matches {sub!r}")
+    return found
+
+
+def load_release_paths(paths: list[Path], where: str) -> TranscoderSet:
+    """Several folders (or params.npz files) picked out of one release, as fetched by a glob (`where` names it)."""
+    if all(p.name in (GS1_WEIGHTS, GS2_WEIGHTS) for p in paths):
+        return load_gemma_scope_files(paths)
+    if all((p / GS2_WEIGHTS).is_file() for p in paths):
+        return load_gemma_scope_2(paths)
+    if all((p / SPARSIFY_WEIGHTS).is_file() for p in paths):
+        return load_sparsify(paths)
+    raise TranscoderError(f"{where}: the {len(paths)} matches are not the per-layer folders of one release "
+                          f"(Gemma Scope 2 {GS2_WEIGHTS}, sparsify {SPARSIFY_WEIGHTS}) or Gemma Scope {GS1_WEIGHTS} files")
 
 
 # ---------------------------------------------------------------- Gemma Scope 2
@@ -194,7 +214,7 @@ _SPARSIFY_FIXED = {
 }
 
 
-def load_sparsify(directory: Path) -> TranscoderSet:
+def load_sparsify(folders: list[Path]) -> TranscoderSet:
     """EleutherAI sparsify / clt-training transcoders (one folder per hook point), read as their code defines them.
 
     Per folder (`sparsify/sparse_coder.py`, `sparsify/fused_encoder.py`, `sparsify/runner.py` of
@@ -212,7 +232,6 @@ def load_sparsify(directory: Path) -> TranscoderSet:
     linear in the activation), a nonzero cross-layer skip `W_skips.{t>0}`, and the cfg.json settings of
     `_SPARSIFY_FIXED`. cfg.json does not record a training-time `hookpoints_in`: the input is taken to be
     the MLP module's input."""
-    folders = [directory] if (directory / SPARSIFY_WEIGHTS).is_file() else _subdirs_with(directory, SPARSIFY_WEIGHTS)
     coders: dict[int, tuple[Path, dict, dict[str, torch.Tensor]]] = {}
     for folder in folders:
         layer = _sparsify_layer(folder)
@@ -221,7 +240,7 @@ def load_sparsify(directory: Path) -> TranscoderSet:
         coders[layer] = (folder, _sparsify_cfg(folder / SPARSIFY_CFG), _read_safetensors(folder / SPARSIFY_WEIGHTS))
     layers = sorted(coders)
     if any(cfg["n_targets"] for _, cfg, _ in coders.values()) and layers != list(range(layers[0], layers[0] + len(layers))):
-        raise TranscoderError(f"{directory}: multi-target transcoders need consecutive layers, found {layers}")
+        raise TranscoderError(f"{folders[0].parent}: multi-target transcoders need consecutive layers, found {layers}")
     writes = {layer: _sparsify_targets(layer, *coders[layer], layers[-1]) for layer in layers}
     scales = {layer: _io_scales(cfg, w, folder / SPARSIFY_WEIGHTS) for layer, (folder, cfg, w) in coders.items()}
     by_layer = {layer: _sparsify_transcoder(layer, coders[layer], writes, scales) for layer in layers}

@@ -50,7 +50,10 @@ def load_transcoders(path: str | Path, trust_pickle: bool = False) -> Transcoder
     from ingest import release_formats  # it builds on this module's helpers
 
     if str(path).startswith(release_formats.HF_PREFIX):
-        path = release_formats.fetch_hub(str(path))
+        fetched = release_formats.fetch_hub(str(path))
+        if len(fetched) > 1:
+            return release_formats.load_release_paths(fetched, str(path))
+        path = fetched[0]
     path = Path(path)
     if not path.exists():
         raise TranscoderError(f"transcoders not found: {path}")
@@ -61,7 +64,8 @@ def load_transcoders(path: str | Path, trust_pickle: bool = False) -> Transcoder
     if (release := release_formats.load_release(path)) is not None:
         return release
     if path.is_file():
-        raise TranscoderError(f"{path}: not a transcoder directory, a Gemma Scope params.npz or an original GPT-2 transcoder .pt file")
+        raise TranscoderError(
+            f"{path}: not a transcoder directory, a Gemma Scope params.npz or an original GPT-2 transcoder .pt file")
     if (path / SAELENS_CFG).is_file():
         tc = load_saelens(path)
         return TranscoderSet({tc.layer: tc}, _files(path), "saelens")
@@ -280,11 +284,14 @@ def load_circuit_tracer(directory: Path) -> TranscoderSet:
 
 
 def _config_entry(entry: str, directory: Path) -> Path:
-    """A `transcoders:` entry of a circuit-tracer config: `hf://` fetched, `file://` or a path (relative to the config)."""
+    """A `transcoders:` entry of a circuit-tracer config: `hf://` fetched, `file://` or a path relative to the config."""
     from ingest.release_formats import HF_PREFIX, fetch_hub
 
     if entry.startswith(HF_PREFIX):
-        return fetch_hub(entry)
+        found = fetch_hub(entry)
+        if len(found) != 1:
+            raise TranscoderError(f"{entry}: a transcoders: entry names one file, this matches {len(found)}")
+        return found[0]
     p = Path(entry.removeprefix("file://"))
     return p if p.is_absolute() else directory / p
 

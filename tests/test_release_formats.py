@@ -360,7 +360,8 @@ def test_gemma_scope_2_clt_writing_backwards_or_missing_a_layer(tmp_path):
     with pytest.raises(TranscoderError, match=r"layer_1_width_16k_l0_small/params.safetensors: w_dec\[:, :1\] is nonzero"):
         load_transcoders(tmp_path / "a" / "clt")
     write_gs2(tmp_path / "b", 1, gs2_params(1, n_layers=2, layer=1), kind="clt")
-    with pytest.raises(TranscoderError, match=r"a CLT of 2 layers \(w_dec's second dimension\) needs folders layer_0..layer_1, found layers \[1\]"):
+    with pytest.raises(TranscoderError, match=r"a CLT of 2 layers \(w_dec's second dimension\) needs folders "
+                                              r"layer_0..layer_1, found layers \[1\]"):
         load_transcoders(tmp_path / "b" / "clt")
 
 
@@ -428,17 +429,54 @@ def test_sparsify_cross_layer_skip_is_refused(tmp_path):
 # ---------------------------------------------------------------- the hub
 
 
-def test_hub_releases_fail_in_one_line_offline(monkeypatch, tmp_path):
-    """The hub is unreachable here: HF_HUB_OFFLINE=1 (set by conftest before huggingface_hub is imported)
-    makes the real fetch fail at once, and the error says what to do."""
+def hub_cache(monkeypatch, root: Path) -> Path:
+    """huggingface_hub's cache layout under `root`, used offline: what an earlier download would have left."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+def cached_repo(cache: Path, repo_id: str) -> Path:
+    """A repo's snapshot folder in the cache, with `refs/main` pointing at it."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_hub_releases_are_fetched_by_file_folder_or_glob(monkeypatch, tmp_path):
+    """The real hub calls (hf_hub_download, snapshot_download) answered from the cache: a glob picks one
+    width and sparsity of a Gemma Scope 2 CLT out of several, a path names one params.npz."""
+    cache = hub_cache(monkeypatch, tmp_path / "hub")
+    snapshot = cached_repo(cache, "google/gemma-scope-2-270m-pt")
+    for i in range(2):
+        write_gs2(snapshot, i, gs2_params(60 + i, n_layers=2, layer=i), kind="clt")
+        big = write_gs2(tmp_path / "other", i, gs2_params(70 + i, n_layers=2, layer=i), kind="clt")
+        big.rename(snapshot / "clt" / big.name.replace("l0_small", "l0_big"))
+    tset = load_transcoders("hf://google/gemma-scope-2-270m-pt/clt/layer_*_width_16k_l0_small")
+    assert tset.cross_layer and tset.layers == [0, 1]
+    assert all("l0_small" in str(f) for f in tset.files)
+    with pytest.raises(TranscoderError, match="a second transcoder for layer 0"):  # both sparsities at once
+        load_transcoders("hf://google/gemma-scope-2-270m-pt/clt")
+    with pytest.raises(TranscoderError, match="nothing in google/gemma-scope-2-270m-pt matches 'clt/layer_\\*_width_1m'"):
+        load_transcoders("hf://google/gemma-scope-2-270m-pt/clt/layer_*_width_1m")
+    write_gs1(cached_repo(cache, "google/gemma-scope-2b-pt-transcoders"), 3, 1)
+    assert load_transcoders("hf://google/gemma-scope-2b-pt-transcoders/layer_3/width_16k/average_l0_54/params.npz").layers == [3]
+
+
+def test_hub_releases_fail_in_one_line_offline(monkeypatch, tmp_path):
+    """The hub is unreachable here: offline, with nothing cached, the real fetch fails at once in one line
+    that says what to do."""
+    hub_cache(monkeypatch, tmp_path / "empty-hub")
     for spec in ("hf://google/gemma-scope-2-270m-pt/clt",
                  "hf://google/gemma-scope-2b-pt-transcoders/layer_3/width_16k/average_l0_54/params.npz"):
         with pytest.raises(TranscoderError) as err:
             load_transcoders(spec)
-        assert one_line(err).startswith(f"{spec}: cannot fetch from the Hugging Face hub") and "pass the local folder" in one_line(err)
+        message = one_line(err)
+        assert message.startswith(f"{spec}: cannot fetch from the Hugging Face hub") and "pass the local folder" in message
     with pytest.raises(TranscoderError, match="expected hf://owner/repo"):
         load_transcoders("hf://justaname")
     (tmp_path / "config.yaml").write_text(  # circuit-tracer's configs name their Gemma Scope files on the hub
@@ -446,4 +484,5 @@ def test_hub_releases_fail_in_one_line_offline(monkeypatch, tmp_path):
         "transcoders:\n- hf://google/gemma-scope-2b-pt-transcoders/layer_0/width_16k/average_l0_76/params.npz\n")
     with pytest.raises(TranscoderError) as err:
         load_transcoders(tmp_path)
-    assert one_line(err).startswith("hf://google/gemma-scope-2b-pt-transcoders/layer_0/width_16k/average_l0_76/params.npz: cannot fetch")
+    assert one_line(err).startswith("hf://google/gemma-scope-2b-pt-transcoders/layer_0/width_16k/average_l0_76/params.npz: "
+                                    "cannot fetch")
