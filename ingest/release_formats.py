@@ -123,8 +123,10 @@ def load_gemma_scope_2(folders: list[Path]) -> TranscoderSet:
         layer = _gs_layer(folder)
         if layer in read:
             raise TranscoderError(f"{folder}: a second transcoder for layer {layer} (also {read[layer][0]}); keep one per layer")
-        _check_gs2_config(folder / GS2_CONFIG, layer)
+        affine = _check_gs2_config(folder / GS2_CONFIG, layer)
         read[layer] = (folder, _read_safetensors(folder / GS2_WEIGHTS))
+        if affine:
+            _require(read[layer][1], ("affine_skip_connection",), folder / GS2_WEIGHTS)
     clt = {layer: w["w_dec"].shape[1] for layer, (_, w) in read.items() if "w_dec" in w and w["w_dec"].dim() == 3}
     if clt and clt.keys() != read.keys():
         raise TranscoderError(f"{folders[0].parent}: mixes CLT folders (3-d w_dec) with per-layer transcoders")
@@ -156,10 +158,11 @@ def _gs2_transcoder(layer: int, folder: Path, w: dict[str, torch.Tensor], n_laye
                      W_skip=w.get("affine_skip_connection"), W_dec_later=later)
 
 
-def _check_gs2_config(path: Path, layer: int) -> None:
-    """A Gemma Scope 2 config.json, when present, must describe a JumpReLU MLP transcoder of this layer."""
+def _check_gs2_config(path: Path, layer: int) -> bool:
+    """A Gemma Scope 2 config.json, when present, must describe a JumpReLU MLP transcoder of this layer;
+    returns whether it declares an affine skip connection."""
     if not path.is_file():
-        return
+        return False
     raw = _json_object(path)
     for field, pattern in (("hf_hook_point_in", _GS2_HOOK_IN), ("hf_hook_point_out", _GS2_HOOK_OUT)):
         value = raw.get(field)
@@ -169,6 +172,7 @@ def _check_gs2_config(path: Path, layer: int) -> None:
                           f"pre_feedforward_layernorm.output and writes model.layers.{layer}.post_feedforward_layernorm.output")
     if raw.get("architecture", "jump_relu") != "jump_relu":
         raise _refuse(path, "architecture", raw["architecture"], "Gemma Scope 2 transcoders are jump_relu")
+    return bool(raw.get("affine_connection"))
 
 
 # ---------------------------------------------------------------- Gemma Scope (v1)

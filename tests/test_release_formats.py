@@ -340,6 +340,13 @@ def test_gemma_scope_2_bad_tensors(tmp_path, change, file, field):
     assert file in one_line(err) and field in one_line(err)
 
 
+def test_gemma_scope_2_affine_config_without_the_skip_tensor(tmp_path):
+    write_gs2(tmp_path, 0, gs2_params(1), config={"affine_connection": True})
+    with pytest.raises(TranscoderError) as err:
+        load_transcoders(tmp_path / "transcoder_all")
+    assert "params.safetensors: missing tensor(s) affine_skip_connection" in one_line(err)
+
+
 @pytest.mark.parametrize("config, field", [
     ({"hf_hook_point_in": "model.layers.0.output"}, 'hf_hook_point_in="model.layers.0.output" is not supported'),
     ({"hf_hook_point_out": "model.layers.1.post_feedforward_layernorm.output"}, "hf_hook_point_out="),
