@@ -9,6 +9,8 @@
 - the original GPT-2 transcoders of the transcoder paper: pickled `.pt` files holding `cfg` and
   `state_dict`, with an input pre-bias `b_dec` (folded into `b_enc` here) and output bias `b_dec_out`.
   Pickle runs code, so these load only when the caller passes `trust_pickle=True`.
+- the public releases (Gemma Scope 2 and its CLTs, Gemma Scope, EleutherAI sparsify / clt-training) and
+  `hf://` fetching: `ingest/release_formats.py`.
 """
 
 from __future__ import annotations
@@ -43,27 +45,38 @@ _SAELENS_ARCH = {
 
 
 def load_transcoders(path: str | Path, trust_pickle: bool = False) -> TranscoderSet:
-    """Detect the format of `path` and load every transcoder in it (safetensors files stay mapped: the
-    pages the validation touched are handed back, so a set larger than memory loads)."""
+    """Detect the format of `path` (a local file or folder, or `hf://owner/repo[/path][@revision]`) and load
+    every transcoder in it. Safetensors files stay mapped: the pages each file's validation touched are
+    handed back, so a set larger than memory loads."""
     try:
-        return _load_transcoders(Path(path), trust_pickle)
+        return _load_transcoders(path, trust_pickle)
     finally:
         release_mapped()
 
 
-def _load_transcoders(path: Path, trust_pickle: bool) -> TranscoderSet:
+def _load_transcoders(path: str | Path, trust_pickle: bool) -> TranscoderSet:
+    from ingest import release_formats  # it builds on this module's helpers
+
+    if str(path).startswith(release_formats.HF_PREFIX):
+        fetched = release_formats.fetch_hub(str(path))
+        if len(fetched) > 1:
+            return release_formats.load_release_paths(fetched, str(path))
+        path = fetched[0]
     path = Path(path)
     if not path.exists():
         raise TranscoderError(f"transcoders not found: {path}")
+    if path.is_file() and SEED_PATTERN.search(path.name):
+        return _load_seed([path], trust_pickle)
+    if path.is_dir() and (path / CT_CONFIG).is_file():
+        return load_circuit_tracer(path)
+    if (release := release_formats.load_release(path)) is not None:
+        return release
     if path.is_file():
-        if SEED_PATTERN.search(path.name):
-            return _load_seed([path], trust_pickle)
-        raise TranscoderError(f"{path}: not a transcoder directory or an original GPT-2 transcoder .pt file")
+        raise TranscoderError(
+            f"{path}: not a transcoder directory, a Gemma Scope params.npz or an original GPT-2 transcoder .pt file")
     if (path / SAELENS_CFG).is_file():
         tc = load_saelens(path)
         return TranscoderSet({tc.layer: tc}, _files(path), "saelens")
-    if (path / CT_CONFIG).is_file():
-        return load_circuit_tracer(path)
     subdirs = sorted(p for p in path.iterdir() if (p / SAELENS_CFG).is_file())
     if subdirs:
         by_layer: dict[int, Transcoder] = {}
@@ -78,7 +91,8 @@ def _load_transcoders(path: Path, trust_pickle: bool) -> TranscoderSet:
         return _load_seed(seeds, trust_pickle)
     raise TranscoderError(
         f"{path}: no transcoders found (expected SAELens cfg.json dirs, a circuit-tracer config.yaml, "
-        "or final_sparse_autoencoder_*.pt files)"
+        "final_sparse_autoencoder_*.pt files, Gemma Scope params.safetensors or params.npz folders, "
+        "or sparsify cfg.json + sae.safetensors folders)"
     )
 
 
@@ -229,6 +243,10 @@ def save_saelens(tc: Transcoder, directory: Path) -> None:
 
 
 def load_circuit_tracer(directory: Path) -> TranscoderSet:
+    """circuit-tracer's `config.yaml`: its own layouts, or a list of Gemma Scope files (`params.npz`, Gemma
+    Scope 2 `params.safetensors`), local or `hf://`, read with the config's hooks."""
+    from ingest.release_formats import GS1_WEIGHTS, GS2_WEIGHTS, load_gemma_scope_files  # they build on this module
+
     cfg_path = directory / CT_CONFIG
     try:
         raw = yaml.safe_load(cfg_path.read_text()) or {}
@@ -240,13 +258,15 @@ def load_circuit_tracer(directory: Path) -> TranscoderSet:
     hook_in, hook_out = raw.get("feature_input_hook"), raw.get("feature_output_hook")
     if not hook_in or not hook_out:
         raise TranscoderError(f"{cfg_path}: needs feature_input_hook and feature_output_hook")
+    entries = [_config_entry(entry, directory) for entry in raw.get("transcoders") or []]
+    if entries and all(p.name in (GS1_WEIGHTS, GS2_WEIGHTS) for p in entries):  # circuit-tracer's Gemma Scope configs
+        tset = load_gemma_scope_files(entries)
+        for tc in tset:
+            tc.cfg.hook_in, tc.cfg.hook_out = f"blocks.{tc.layer}.{hook_in}", f"blocks.{tc.layer}.{hook_out}"
+        return TranscoderSet(tset.by_layer, [cfg_path, *tset.files], tset.format)
     if kind == "cross_layer_transcoder":
         return _load_circuit_tracer_clt(directory, raw, hook_in, hook_out)
-    layer_files = {}
-    for entry in raw.get("transcoders") or []:
-        p = Path(entry.removeprefix("file://"))
-        p = p if p.is_absolute() else directory / p
-        layer_files[len(layer_files)] = p
+    layer_files = dict(enumerate(entries))
     if not layer_files:
         for p in directory.glob("layer_*.safetensors"):
             layer_files[int(p.stem.split("_")[1])] = p
@@ -269,6 +289,19 @@ def load_circuit_tracer(directory: Path) -> TranscoderSet:
             threshold=threshold, source=str(p),
         )
     return TranscoderSet(by_layer, [cfg_path, *layer_files.values()], "circuit-tracer")
+
+
+def _config_entry(entry: str, directory: Path) -> Path:
+    """A `transcoders:` entry of a circuit-tracer config: `hf://` fetched, `file://` or a path relative to the config."""
+    from ingest.release_formats import HF_PREFIX, fetch_hub
+
+    if entry.startswith(HF_PREFIX):
+        found = fetch_hub(entry)
+        if len(found) != 1:
+            raise TranscoderError(f"{entry}: a transcoders: entry names one file, this matches {len(found)}")
+        return found[0]
+    p = Path(entry.removeprefix("file://"))
+    return p if p.is_absolute() else directory / p
 
 
 def _load_circuit_tracer_clt(directory: Path, raw: dict, hook_in: str, hook_out: str) -> TranscoderSet:
