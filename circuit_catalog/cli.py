@@ -174,8 +174,9 @@ def _print_prompts(rows: list[dict]) -> None:
 def store_options(f):
     """--catalog, --store, --database: where the graph lives."""
     f = click.option("--database", default=None, help="Neo4j database name (server default if omitted).")(f)
-    f = click.option("--store", "store_uri", default="embedded", show_default=True,
-                     help="'embedded' (LadybugDB at CATALOG/graph) or a bolt:// / neo4j:// URI; credentials from NEO4J_USER / NEO4J_PASSWORD.")(f)
+    f = click.option("--store", "store_uri", default="embedded", show_default=True, envvar="CIRCUIT_CATALOG_STORE",
+                     help="'embedded' (LadybugDB at CATALOG/graph) or a bolt:// / neo4j:// URI (default from "
+                          "CIRCUIT_CATALOG_STORE); credentials from NEO4J_USER / NEO4J_PASSWORD.")(f)
     return click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory (from `ingest`).")(f)
 
 
