@@ -614,15 +614,18 @@ def report_overview(catalog_dir, out_file, eval_file):
 
 @main.command(name="export-neo4j-import")
 @click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-def export_neo4j_import(catalog_dir, out_dir):
-    """Write CSVs and headers for `neo4j-admin database import` (the route for very large catalogs)."""
-    from catalog.manifest import Manifest
-    from catalog.neo4j_store import write_admin_import
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory for the CSV files, e.g. data/neo4j-import (mounted at /import by docker-compose.yml).")
+@click.option("--import-dir", default="/import", show_default=True, help="The same directory as the Neo4j server sees it.")
+@click.option("--database", default="neo4j", show_default=True)
+def export_neo4j_import(catalog_dir, out_dir, import_dir, database):
+    """Write CSVs, headers and schema.cypher for `neo4j-admin database import full` (for very large catalogs)."""
+    from catalog.neo4j_import import write_admin_import
 
-    Manifest.read(catalog_dir)
-    command = write_admin_import(catalog_dir, out_dir, progress=lambda m: err.print(m))
-    out.print(f"copy {out_dir} into the server's import directory, stop the database, then run:\n  {command}")
+    result = write_admin_import(catalog_dir, out_dir, import_dir, database, progress=lambda m: err.print(m))
+    out.print(f"With the server stopped, import (this replaces database {database}):\n  {result.import_command}\n"
+              f"then start the server and create the constraints and indexes (password from NEO4J_PASSWORD):\n"
+              f"  {result.schema_command}", markup=False, highlight=False, soft_wrap=True)
 
 
 @main.command()
