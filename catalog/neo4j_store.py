@@ -4,8 +4,9 @@ Credentials come from NEO4J_USER / NEO4J_PASSWORD and are never logged.
 
 Loading first makes sure of the schema (uniqueness constraints on every key, an index on every property a
 named query looks nodes up by) and waits for the indexes to come online, then sends each Parquet part in
-batched `UNWIND $rows` transactions from several writer sessions at once, one part per session; node
-parts all finish before relationship parts start, since relationships match their endpoints. A
+batched `UNWIND $rows` transactions, from `writers` sessions at once if asked, one part each and never two
+parts that touch the same node; node parts all finish before relationship parts start, since relationships
+match their endpoints. A
 `CatalogState` node records the catalog's signature, the parts started and the parts finished: a part
 never started is written with CREATE (no lookup per row), a part started but not finished (the load died
 inside it) with MERGE, so an interrupted load resumes without duplicates, and a changed catalog is
@@ -24,10 +25,11 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -36,7 +38,7 @@ from catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature
 from catalog.store import CypherError, GraphStore, Row, StoreError
 
 BATCH_ROWS = 20_000  # rows per transaction: large enough to amortise the round trip, small enough for the heap
-WRITERS = 4  # writer sessions, one part each
+WRITERS = 1  # writer sessions, one part each: raise on a Neo4j server with cores to spare (ArcadeDB here: 1 is fastest)
 INDEX_WAIT_S = 600
 STATE_ID = "catalog"
 
@@ -200,8 +202,21 @@ class Neo4jStore(GraphStore):
             self._explain_classifies = session.run("EXPLAIN " + EXPLAIN_PROBE).consume().query_type == "r"
         return self._explain_classifies
 
-    def _errors(self, part: str | None = None):
-        return _ErrorsAsUserErrors(self, part)
+    @contextmanager
+    def _errors(self, part: str | None = None) -> Iterator[None]:
+        """Driver exceptions as one-line user errors: a Cypher error as CypherError (StoreError while loading a part),
+        a lost or refused connection as StoreError naming the part being loaded, so the next `load` resumes it."""
+        exceptions = self._neo4j.exceptions
+        where, resume = (f" while loading {part}", "; rerun `load` to resume") if part else ("", "")
+        try:
+            yield
+        except exceptions.Neo4jError as exc:
+            message = f"{exc.code}: {first_line(exc.message or exc)}"
+            if part:
+                raise StoreError(f"{self.uri}: {message}{where}{resume}") from None
+            raise CypherError(message) from None
+        except (exceptions.DriverError, OSError) as exc:
+            raise StoreError(f"{self.uri}: lost the connection{where}: {first_line(exc)}{resume}") from None
 
     def close(self) -> None:
         self.driver.close()
@@ -251,63 +266,79 @@ class Neo4jStore(GraphStore):
 
     def _load_parts(self, catalog_dir: Path, parts: list, started: set[str] | None, batch_rows: int, writers: int,
                     bar) -> None:
-        """Each part in its own session, `writers` at a time; the first failure stops the others after their batch."""
-        stop = threading.Event()
+        """Each part in its own session, `writers` at a time, never two parts that touch the same node at once:
+        concurrent relationship writes on shared nodes deadlock in Neo4j (and conflict in ArcadeDB), and the
+        driver's retries back off for seconds. The first failure stops the other writers after their batch."""
 
-        def load_part(item) -> None:
-            schema, path = item
+        def load_part(schema: NodeSet | RelSet, path: Path, stop: threading.Event) -> None:
             name = _part_name(catalog_dir, path)
             resumed = started is None or name in started
-            merge_or_create = node_statement if isinstance(schema, NodeSet) else rel_statement
-            statement = merge_or_create(schema, resumed)
-            columns = [c for c, _ in schema.columns] if isinstance(schema, NodeSet) else \
-                ["src", "dst", *(c for c, _ in schema.properties)]
+            nodes = isinstance(schema, NodeSet)
+            statement = node_statement(schema, resumed) if nodes else rel_statement(schema, resumed)
+            columns = [c for c, _ in schema.columns] if nodes else ["src", "dst", *(c for c, _ in schema.properties)]
             with self._errors(name), self._session() as session:
                 if not resumed:
-                    session.execute_write(_run, STATE_PART_STARTED, {"id": STATE_ID, "part": [name]})
+                    with state_lock:
+                        session.execute_write(_run, STATE_PART_STARTED, {"id": STATE_ID, "part": [name]})
                 for rows in _batches(path, batch_rows, columns):
                     if stop.is_set():
                         return
                     session.execute_write(_run, statement, {"rows": rows})
                     bar.update(len(rows))
-                session.execute_write(_run, STATE_PART_DONE, {"id": STATE_ID, "part": [name]})
+                with state_lock:
+                    session.execute_write(_run, STATE_PART_DONE, {"id": STATE_ID, "part": [name]})
 
-        with ThreadPoolExecutor(max_workers=max(1, writers)) as pool:
-            futures = [pool.submit(load_part, item) for item in parts]
+        state_lock = threading.Lock()  # one CatalogState node: its updates queue here, not as conflicting transactions
+        _run_disjoint([(s, f, _footprint(s, f)) for s, f in parts], load_part, writers)
+
+
+def _footprint(schema: NodeSet | RelSet, path: Path) -> frozenset[int]:
+    """Hashes of the existing nodes a part's writes lock: a relationship part's endpoints. A node part creates only
+    its own nodes, whose keys no other part has, so it conflicts with nothing."""
+    if isinstance(schema, NodeSet):
+        return frozenset()
+    table = pq.read_table(path, columns=["src", "dst"])
+    return frozenset(hash((label, v)) for label, column in ((schema.source, "src"), (schema.target, "dst"))
+                     for v in pc.unique(table[column]).to_pylist())
+
+
+def _run_disjoint(parts: list[tuple[Any, Path, frozenset[int]]], work, writers: int) -> None:
+    """Run `work(schema, path, stop)` on `writers` threads, each taking the first waiting part whose footprint is
+    disjoint from those of the parts running; re-raises the first failure after the running parts stop."""
+    pending, running, failures = list(parts), [], []
+    lock = threading.Condition()
+    stop = threading.Event()
+
+    def writer() -> None:
+        while True:
+            with lock:
+                while True:
+                    if stop.is_set() or not pending:
+                        return
+                    busy = frozenset().union(*(fp for _, _, fp in running))
+                    item = next((p for p in pending if busy.isdisjoint(p[2])), None)
+                    if item:
+                        break
+                    lock.wait()
+                pending.remove(item)
+                running.append(item)
             try:
-                for future in futures:
-                    future.result()
-            except BaseException:
+                work(item[0], item[1], stop)
+            except BaseException as exc:
+                failures.append(exc)
                 stop.set()
-                for future in futures:
-                    future.cancel()
-                raise
+            finally:
+                with lock:
+                    running.remove(item)
+                    lock.notify_all()
 
-
-class _ErrorsAsUserErrors:
-    """Driver exceptions as one-line user errors: Cypher errors as CypherError (StoreError while loading a part),
-    a lost or refused connection as StoreError naming the part being loaded, so the next `load` resumes it."""
-
-    def __init__(self, store: Neo4jStore, part: str | None):
-        self.store, self.part = store, part
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        exceptions = self.store._neo4j.exceptions
-        where = f" while loading {self.part}" if self.part else ""
-        if exc is None or isinstance(exc, (CypherError, StoreError)):
-            return False
-        if isinstance(exc, exceptions.Neo4jError):
-            message = f"{exc.code}: {first_line(exc.message or exc)}"
-            if self.part:
-                raise StoreError(f"{self.store.uri}: {message}{where}; rerun `load` to resume") from None
-            raise CypherError(message) from None
-        if isinstance(exc, (exceptions.DriverError, OSError)):
-            resume = "; rerun `load` to resume" if self.part else ""
-            raise StoreError(f"{self.store.uri}: lost the connection{where}: {first_line(exc)}{resume}") from None
-        return False
+    threads = [threading.Thread(target=writer, daemon=True) for _ in range(max(1, writers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
 
 
 def _run(tx, statement: str, params: dict) -> None:

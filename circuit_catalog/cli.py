@@ -204,12 +204,16 @@ def _edges_table(title: str, edges) -> Table:
 
 @main.command()
 @store_options
-def load(catalog_dir, store_uri, database):
+@click.option("--writers", type=click.IntRange(1), default=None,
+              help="Neo4j only: writer sessions loading parts that share no node at once (default 1).")
+def load(catalog_dir, store_uri, database, writers):
     """Load (or bring up to date) a graph store from a catalog directory; idempotent."""
-    from catalog.store import open_store
+    from catalog.store import StoreError, open_store
 
     with open_store(catalog_dir, store_uri, database) as store:
-        changed = store.load(catalog_dir)
+        if writers and store.dialect != "neo4j":
+            raise StoreError("--writers applies to Neo4j stores (--store bolt://...) only")
+        changed = store.load(catalog_dir, **({"writers": writers} if writers else {}))
     out.print(f"store {store_uri} {'loaded from' if changed else 'already up to date with'} {catalog_dir}")
 
 

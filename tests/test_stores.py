@@ -509,6 +509,58 @@ def test_bolt_missing_index_is_created_and_awaited_on_a_loaded_store(bolt_server
     s.close()
 
 
+def test_bolt_load_from_the_cli_with_two_writers(bolt_server, catalog_dir, ref, monkeypatch, tmp_path):
+    """`load --writers 2`: two sessions on parts that share no node; the graph is whole and has no duplicates."""
+    from click.testing import CliRunner
+
+    from circuit_catalog.cli import main
+
+    uri, new_database = bolt_server
+    database = new_database()
+    monkeypatch.setenv("NEO4J_USER", "root")
+    monkeypatch.setenv("NEO4J_PASSWORD", PASSWORD)
+    result = CliRunner().invoke(main, ["load", "--catalog", str(catalog_dir), "--store", uri, "--database", database, "--writers", "2"])
+    assert result.exit_code == 0, result.output
+    s = _bolt_store((uri, lambda: database))
+    assert _counts(s) == (len(ref["features"]), len(ref["tokens"]), len(ref["pullbacks"]), len(ref["deembed"]), len(ref["logits"]))
+    assert s.run("MATCH ()-[e:ATTR]->() RETURN count(e) AS n")[0]["n"] == len(ref["attr"])
+    s.close()
+    result = CliRunner().invoke(main, ["load", "--catalog", str(catalog_dir), "--store", "embedded", "--writers", "2"])
+    assert result.exit_code == 1 and "--writers applies to Neo4j stores" in result.output
+
+
+def test_parts_sharing_a_node_never_load_at_once():
+    """The writers' scheduler: every part runs once, two parts with a common node never together, a failure stops it."""
+    from catalog.neo4j_store import _run_disjoint
+
+    footprints = {"a": frozenset({1, 2}), "b": frozenset({2, 3}), "c": frozenset({4}), "d": frozenset(), "e": frozenset({3}),
+                  "f": frozenset({1, 4})}
+    active, done, overlaps = set(), [], []
+    lock = threading.Lock()
+
+    def work(name, path, stop):
+        with lock:
+            overlaps.extend((name, other) for other in active if footprints[name] & footprints[other])
+            active.add(name)
+        time.sleep(0.02)  # time for the other writers to start something alongside
+        with lock:
+            active.discard(name)
+            done.append(name)
+
+    _run_disjoint([(n, Path(n), fp) for n, fp in footprints.items()], work, writers=4)
+    assert sorted(done) == sorted(footprints) and overlaps == []
+
+    def fail_on_b(name, path, stop):
+        if name == "b":
+            raise StoreError("b broke")
+        work(name, path, stop)
+
+    done.clear()
+    with pytest.raises(StoreError, match="b broke"):
+        _run_disjoint([(n, Path(n), fp) for n, fp in footprints.items()], fail_on_b, writers=1)
+    assert done == ["a"]  # one writer: a ran, b failed, nothing after it started
+
+
 def test_bolt_lost_connection_is_one_error_and_the_next_load_resumes(catalog_dir, ref, tmp_path):
     """The server dies mid-load: one line naming the part; after a restart the next `load` finishes it, no duplicates."""
     from catalog.neo4j_store import STATE_READ, Neo4jStore
