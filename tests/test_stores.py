@@ -795,3 +795,23 @@ def test_admin_import_refuses_an_unfinished_catalog(catalog_dir, tmp_path):
     with pytest.raises(CatalogDirError, match="has not finished"):
         write_admin_import(partial, tmp_path / "out", progress=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_neo4j_import_cli(catalog_dir, tmp_path):
+    """The command prints the import command (database right after `full`) and the schema command; a directory that
+    is no catalog is one error line, and nothing is written."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from circuit_catalog.cli import main
+
+    result = CliRunner().invoke(main, ["export-neo4j-import", "--catalog", str(catalog_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    command = shlex.split(next(line for line in lines if line.startswith("neo4j-admin")))
+    assert command[:5] == ["neo4j-admin", "database", "import", "full", "neo4j"] and "--nodes=Feature=/import/Feature.header.csv,/import/Feature.csv" in command
+    assert "cypher-shell -d neo4j -f /import/schema.cypher" in lines
+    result = CliRunner().invoke(main, ["export-neo4j-import", "--catalog", str(tmp_path / "nothing"), "--out", str(tmp_path / "out2")])
+    assert result.exit_code == 1 and "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out2").exists()
