@@ -174,8 +174,9 @@ def _print_prompts(rows: list[dict]) -> None:
 def store_options(f):
     """--catalog, --store, --database: where the graph lives."""
     f = click.option("--database", default=None, help="Neo4j database name (server default if omitted).")(f)
-    f = click.option("--store", "store_uri", default="embedded", show_default=True,
-                     help="'embedded' (LadybugDB at CATALOG/graph) or a bolt:// / neo4j:// URI; credentials from NEO4J_USER / NEO4J_PASSWORD.")(f)
+    f = click.option("--store", "store_uri", default="embedded", show_default=True, envvar="CIRCUIT_CATALOG_STORE",
+                     help="'embedded' (LadybugDB at CATALOG/graph) or a bolt:// / neo4j:// URI (default from "
+                          "CIRCUIT_CATALOG_STORE); credentials from NEO4J_USER / NEO4J_PASSWORD.")(f)
     return click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory (from `ingest`).")(f)
 
 
@@ -203,12 +204,16 @@ def _edges_table(title: str, edges) -> Table:
 
 @main.command()
 @store_options
-def load(catalog_dir, store_uri, database):
+@click.option("--writers", type=click.IntRange(1), default=None,
+              help="Neo4j only: writer sessions loading parts that share no node at once (default 1).")
+def load(catalog_dir, store_uri, database, writers):
     """Load (or bring up to date) a graph store from a catalog directory; idempotent."""
-    from catalog.store import open_store
+    from catalog.store import StoreError, open_store
 
     with open_store(catalog_dir, store_uri, database) as store:
-        changed = store.load(catalog_dir)
+        if writers and store.dialect != "neo4j":
+            raise StoreError("--writers applies to Neo4j stores (--store bolt://...) only")
+        changed = store.load(catalog_dir, **({"writers": writers} if writers else {}))
     out.print(f"store {store_uri} {'loaded from' if changed else 'already up to date with'} {catalog_dir}")
 
 
@@ -617,15 +622,18 @@ def report_overview(catalog_dir, out_file, eval_file):
 
 @main.command(name="export-neo4j-import")
 @click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-def export_neo4j_import(catalog_dir, out_dir):
-    """Write CSVs and headers for `neo4j-admin database import` (the route for very large catalogs)."""
-    from catalog.manifest import Manifest
-    from catalog.neo4j_store import write_admin_import
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory for the CSV files, e.g. data/neo4j-import (mounted at /import by docker-compose.yml).")
+@click.option("--import-dir", default="/import", show_default=True, help="The same directory as the Neo4j server sees it.")
+@click.option("--database", default="neo4j", show_default=True)
+def export_neo4j_import(catalog_dir, out_dir, import_dir, database):
+    """Write CSVs, headers and schema.cypher for `neo4j-admin database import full` (for very large catalogs)."""
+    from catalog.neo4j_import import write_admin_import
 
-    Manifest.read(catalog_dir)
-    command = write_admin_import(catalog_dir, out_dir, progress=lambda m: err.print(m))
-    out.print(f"copy {out_dir} into the server's import directory, stop the database, then run:\n  {command}")
+    result = write_admin_import(catalog_dir, out_dir, import_dir, database, progress=lambda m: err.print(m))
+    out.print(f"With the server stopped, import (this replaces database {database}):\n  {result.import_command}\n"
+              f"then start the server and create the constraints and indexes (password from NEO4J_PASSWORD):\n"
+              f"  {result.schema_command}", markup=False, highlight=False, soft_wrap=True)
 
 
 @main.command()
