@@ -315,6 +315,58 @@ def test_a_gemma_scope_2_clt_and_a_sparsify_set_give_complete_graphs(gpt2, tmp_p
         assert_complete(graph)
 
 
+def write_release(kind: str, root: Path, d: int, n: int) -> Path:
+    """Every layer of a tiny GPT-2 in one release format; the folder `load_transcoders` takes."""
+    if kind == "gemma-scope-2":
+        for i in range(n):
+            write_gs2(root, i, gs2_params(40 + i, d=d, affine=i == 1))
+        return root / "transcoder_all"
+    if kind == "gemma-scope-2-clt":
+        for i in range(n):
+            write_gs2(root, i, gs2_params(50 + i, d=d, n_layers=n, layer=i), kind="clt")
+        return root / "clt"
+    if kind == "gemma-scope":
+        for i in range(n):
+            rng = np.random.default_rng(60 + i)
+            folder = root / f"layer_{i}" / "width_16k" / "average_l0_50"
+            folder.mkdir(parents=True)
+            np.savez(folder / "params.npz", W_enc=(rng.normal(size=(d, N_LAT)) / d**0.5).astype(np.float32),
+                     W_dec=(rng.normal(size=(N_LAT, d)) / d**0.5).astype(np.float32), b_enc=np.full(N_LAT, 0.05, np.float32),
+                     b_dec=np.zeros(d, np.float32), threshold=np.full(N_LAT, 0.1, np.float32))
+        return root
+    if kind == "sparsify":
+        for i in range(n):
+            write_sparsify(root, f"h.{i}.mlp", sparsify_tensors(70 + i, d=d), d=d)
+        return root
+    write_multi_target(root, n_layers=n, cross_layer=2, d=d, hook="h.{}.mlp")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["gemma-scope-2", "gemma-scope-2-clt", "gemma-scope", "sparsify", "sparsify-multi-target"])
+def test_each_release_goes_through_the_catalog(kind, gpt2, tmp_path):
+    """ingest -> load -> upstream -> a prompt graph -> its report, for every release format."""
+    from catalog.store import open_loaded_store
+    from ingest.job import IngestSettings, build_manifest, run_ingest
+    from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+    from queries.api import Lookups
+    from queries.reports.prompt import report_file, write_prompt_report
+
+    path = write_release(kind, tmp_path / "release", gpt2.cfg.d_model, gpt2.cfg.n_layers)
+    tset = load_transcoders(path)
+    tset.validate_against(gpt2)
+    root = tmp_path / "catalog"
+    run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, str(path), IngestSettings(top_k=3, token_top_k=3)), progress=False)
+    prompt = "the capital of france is"
+    (pid,) = run_prompts(gpt2, tset, root, [PromptSpec(prompt)], AttributionSettings(), progress=False)
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        upstream = lookups.upstream(f"L2/{N_LAT - 1}", k=3)
+        assert len(upstream) == 3 and all(e.feature.startswith(("L0/", "L1/")) for e in upstream)
+        graph = lookups.prompt_graph(prompt)
+        report = write_prompt_report(lookups, root, prompt, tmp_path / report_file(pid), max_nodes=20)
+    assert any(n.kind == "feature" for n in graph.nodes.values())
+    assert report.is_file() and "L2/" in report.read_text()
+
+
 # ---------------------------------------------------------------- bad files
 
 
