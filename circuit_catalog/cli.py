@@ -135,7 +135,7 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     spec = resolve_model(model)
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(spec)
-    tset.validate_against(lm)
+    tset.bind(lm)
     manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k))
     done = run_ingest(lm, tset, catalog_dir, manifest)
     if dataset is not None:
@@ -504,7 +504,7 @@ def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contex
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(model)
-    tset.validate_against(lm)
+    tset.bind(lm)
     tokens = token_contexts(lm.tokenizer, dataset, n_tokens, ctx_len, skip_contexts=skip_contexts)
     result = evaluate_transcoders(lm, tset, tokens)
     table = Table("layer", "FVU", "L0", "dead", "CE replaced", "CE zero", "CE mean", "recovered", "KL",
@@ -653,7 +653,7 @@ def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle):
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(model)
-    tset.validate_against(lm)
+    tset.bind(lm)
     found = top_active_features(lm, tset, prompt, pos, k)
     if fmt == "ids":
         out.print("\n".join(f.feature for f in found))

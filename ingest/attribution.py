@@ -107,6 +107,7 @@ class PromptTrace:
 
 def check_supported(model, tset: TranscoderSet) -> None:
     """The sweep's algebra assumes pre-norm blocks with folded norms and MLP-replacing transcoders."""
+    tset.require_bound()
     cfg = model.cfg
     if cfg.normalization_type not in ("LNPre", "RMSPre"):
         raise ModelError(f"attribution needs folded norms (LNPre/RMSPre), the model has {cfg.normalization_type!r}; "

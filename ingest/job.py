@@ -75,6 +75,7 @@ def build_manifest(model, model_name: str, tset: TranscoderSet, transcoders: str
 
 def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool = True) -> Manifest:
     """Compute every missing part of the catalog in `root`; returns the completed manifest."""
+    tset.require_bound()
     root.mkdir(parents=True, exist_ok=True)
     if (root / layout.MANIFEST).is_file():
         existing = Manifest.read(root)

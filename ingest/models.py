@@ -141,6 +141,11 @@ def _load_hf_dir(directory: Path, device: str):
     cfg = HookedTransformerConfig(**cfg_dict, device=device, dtype=torch.float32)
     with _quiet():
         state_dict = get_pretrained_state_dict(str(directory), cfg, hf_model=hf_model, dtype=torch.float32)
+        # the MLP-input norms, before folding removes them: transcoders trained on the Hugging Face modules
+        # read their output (see Transcoder.fold_into)
+        norms = {layer: (state_dict[f"blocks.{layer}.ln2.w"].clone(), state_dict.get(f"blocks.{layer}.ln2.b"))
+                 for layer in range(cfg.n_layers) if f"blocks.{layer}.ln2.w" in state_dict}
+        norms = {layer: (w, None if b is None else b.clone()) for layer, (w, b) in norms.items()}
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
         model.load_and_process_state_dict(
             state_dict,
@@ -151,6 +156,7 @@ def _load_hf_dir(directory: Path, device: str):
             refactor_factored_attn_matrices=False,
         )
         model.to(device)
+    model.mlp_input_norms = {layer: (w.to(device), None if b is None else b.to(device)) for layer, (w, b) in norms.items()}
     model.eval()
     return model
 

@@ -349,7 +349,7 @@ def _jumprelu(layer: int, W_enc, b_enc, W_dec, b_dec, threshold, where: Path, W_
 def _mlp_config(layer: int, d_in: int, d_sae: int, d_out: int, activation: str, k: int | None = None) -> TranscoderConfig:
     """Every release here reads layer L's MLP input and writes its output (hooks: see the module docstring)."""
     return TranscoderConfig(layer=layer, d_in=d_in, d_sae=d_sae, d_out=d_out, hook_in=f"blocks.{layer}.ln2.hook_normalized",
-                            hook_out=f"blocks.{layer}.hook_mlp_out", activation=activation, k=k)
+                            hook_out=f"blocks.{layer}.hook_mlp_out", activation=activation, k=k, hf_modules=True)
 
 
 def _gs_layer(path: Path) -> int:

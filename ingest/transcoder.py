@@ -37,6 +37,9 @@ class TranscoderConfig:
     activation: str = "relu"
     k: int | None = None  # TopK only
     model_name: str = ""
+    # trained on the Hugging Face modules: the MLP's input after the norm's weight (and bias), its output
+    # uncentred; `TranscoderSet.bind` re-expresses it in TransformerLens's terms (folded norms, centred writes)
+    hf_modules: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +142,40 @@ class Transcoder:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x)
 
+    @torch.no_grad()
+    def fold_into(self, model) -> None:
+        """Re-express a transcoder trained on the Hugging Face modules for the loaded model, exactly.
+
+        It was trained on `x' = x * w + b`, the norm's output with its weight w (and bias b), where the loaded
+        model's `ln2.hook_normalized` gives `x` (TransformerLens folds w and b into the next weights); so
+        `W_enc <- w * W_enc`, `b_enc <- b_enc + b @ W_enc`, and the same for a skip path (its `b @ W_skip` joins
+        `b_dec`). It predicts the MLP's output as the module writes it, which LayerNorm models loaded with
+        centred writes see centred: every write (decoder rows and slices, `b_dec`, skip) is centred too.
+        """
+        norms = getattr(model, "mlp_input_norms", None)
+        where = self.source or f"transcoder for layer {self.layer}"
+        if norms is None or self.layer not in norms:
+            raise TranscoderError(f"{where}: trained on the Hugging Face MLP input, and the model's norm weights are unknown "
+                                  "(load the model through circuit-catalog's loader from a local directory or GGUF)")
+        if not self.cfg.hook_in.endswith("ln2.hook_normalized"):
+            raise TranscoderError(f"{where}: trained on the Hugging Face MLP input but hooked at {self.cfg.hook_in}")
+        w, b = norms[self.layer]
+        if b is not None:
+            self.b_enc = self.b_enc + b @ self.W_enc
+        self.W_enc = w[:, None] * self.W_enc
+        if self.W_skip is not None:
+            if b is not None:
+                self.b_dec = self.b_dec + b @ self.W_skip
+            self.W_skip = w[:, None] * self.W_skip
+        if model.cfg.normalization_type in ("LN", "LNPre"):  # TransformerLens centred the writes
+            def centre(t: torch.Tensor) -> torch.Tensor:
+                return t - t.mean(-1, keepdim=True)
+            self.W_dec, self.b_dec = centre(self.W_dec), centre(self.b_dec)
+            self.W_skip = None if self.W_skip is None else centre(self.W_skip)
+            self.W_dec_later = None if self.W_dec_later is None else centre(self.W_dec_later)
+        self.cfg.hf_modules = False
+        self.check()
+
 
 @dataclass
 class TranscoderSet:
@@ -212,6 +249,21 @@ class TranscoderSet:
         if missing:
             raise TranscoderError(f"no transcoder for layer(s) {missing}; available: {self.layers}")
         return TranscoderSet({layer: self.by_layer[layer] for layer in layers}, self.files, self.format)
+
+    def bind(self, model) -> None:
+        """Check the set fits `model`, then express every transcoder trained on the Hugging Face modules in the
+        loaded model's terms (`Transcoder.fold_into`), once."""
+        self.validate_against(model)
+        for tc in self:
+            if tc.cfg.hf_modules:
+                tc.fold_into(model)
+
+    def require_bound(self) -> None:
+        """Computations on a model need `bind(model)` first where a transcoder was trained on the HF modules."""
+        unbound = [tc.layer for tc in self if tc.cfg.hf_modules]
+        if unbound:
+            raise TranscoderError(f"transcoders of layers {unbound} were trained on the Hugging Face modules; "
+                                  "bind them to the model first (TranscoderSet.bind)")
 
     def validate_against(self, model) -> None:
         """Layer range, widths and hook names must fit the model."""

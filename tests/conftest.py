@@ -47,8 +47,9 @@ def build_tokenizer(path: Path):
     return tok
 
 
-def build_hf_model(path: Path, arch: str, n_layers: int = 3) -> Path:
-    """Save a random tiny GPT-2 or Llama in HF layout (config.json, safetensors, tokenizer)."""
+def build_hf_model(path: Path, arch: str, n_layers: int = 3, random_norms: bool = False) -> Path:
+    """Save a random tiny GPT-2 or Llama in HF layout (config.json, safetensors, tokenizer); with
+    `random_norms`, norm weights (and biases) that are not 1 (and 0)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed({"gpt2": 1, "llama": 2}[arch])
@@ -63,9 +64,11 @@ def build_hf_model(path: Path, arch: str, n_layers: int = 3) -> Path:
                           tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger-than-default weights so layers do something visible
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(4.0)
+            elif random_norms and "norm" in name or random_norms and ".ln_" in name:
+                p.copy_(torch.rand(p.shape) + 0.5 if name.endswith("weight") else torch.randn(p.shape) * 0.2)
     model.save_pretrained(path)
     return path
 

@@ -308,7 +308,7 @@ def test_a_gemma_scope_2_clt_and_a_sparsify_set_give_complete_graphs(gpt2, tmp_p
     write_multi_target(tmp_path / "sparsify", n_layers=n, cross_layer=2, d=d, hook="h.{}.mlp")  # GPT-2's module names
     for path in (tmp_path / "gs2" / "clt", tmp_path / "sparsify"):
         tset = load_transcoders(path)
-        tset.validate_against(gpt2)
+        tset.bind(gpt2)
         assert tset.cross_layer
         graph = attribute(gpt2, tset, "the capital of france is")
         assert graph.n_features > 10
@@ -353,7 +353,7 @@ def test_each_release_goes_through_the_catalog(kind, gpt2, tmp_path):
 
     path = write_release(kind, tmp_path / "release", gpt2.cfg.d_model, gpt2.cfg.n_layers)
     tset = load_transcoders(path)
-    tset.validate_against(gpt2)
+    tset.bind(gpt2)
     root = tmp_path / "catalog"
     run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, str(path), IngestSettings(top_k=3, token_top_k=3)), progress=False)
     prompt = "the capital of france is"
@@ -365,6 +365,52 @@ def test_each_release_goes_through_the_catalog(kind, gpt2, tmp_path):
         report = write_prompt_report(lookups, root, prompt, tmp_path / report_file(pid), max_nodes=20)
     assert any(n.kind == "feature" for n in graph.nodes.values())
     assert report.is_file() and "L2/" in report.read_text()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_releases_are_bound_to_the_models_norms_and_centred_writes(arch, tmp_path):
+    """On a model whose MLP-input norm has a weight (and bias), a release reads the Hugging Face MLP input
+    (after that weight) and predicts the module's output: bound to the loaded model (folded norms, centred
+    writes for LayerNorm), its activations and reconstruction equal the format's formula on the HF model's
+    own MLP input and output."""
+    from transformers import AutoModelForCausalLM
+
+    from ingest.models import load_model
+    from tests.conftest import build_hf_model
+
+    model_dir = build_hf_model(tmp_path / "model", arch, random_norms=True)
+    model = load_model(str(model_dir))
+    d, n = model.cfg.d_model, model.cfg.n_layers
+    params = {i: gs2_params(80 + i, d=d, affine=True) for i in range(n)}
+    for i, p in params.items():
+        p["threshold"] = p["threshold"] * 0.1
+        write_gs2(tmp_path / "release", i, p)
+    tset = load_transcoders(tmp_path / "release" / "transcoder_all")
+    tset.bind(model)
+    tokens = model.to_tokens("the capital of france is paris")
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    mlps = [b.mlp for b in hf.transformer.h] if arch == "gpt2" else [layer.mlp for layer in hf.model.layers]
+    seen: dict[int, tuple] = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, (args[0][0], out[0]))) for i, m in enumerate(mlps)]
+    with torch.no_grad():
+        hf(tokens)
+        _, cache = model.run_with_cache(tokens)
+    for h in handles:
+        h.remove()
+    norms = [b.ln_2.weight for b in hf.transformer.h] if arch == "gpt2" else [layer.post_attention_layernorm.weight for layer in hf.model.layers]
+    assert all(float(w.detach().std()) > 0.1 for w in norms)  # the MLP-input norms really are not 1
+    for i, p in params.items():
+        x_hf, y_hf = seen[i]
+        z = jumprelu(x_hf @ p["w_enc"] + p["b_enc"], p["threshold"])
+        out = z @ p["w_dec"] + p["b_dec"] + x_hf @ p["affine_skip_connection"]
+        if arch == "gpt2":
+            out = out - out.mean(-1, keepdim=True)
+        x = cache[f"blocks.{i}.ln2.hook_normalized"][0]
+        assert (z > 0).any()
+        torch.testing.assert_close(tset[i].encode(x), z, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tset[i].forward(x), out, rtol=1e-4, atol=1e-4)
+    y = cache[f"blocks.0.hook_mlp_out"][0]  # and the model's own MLP output is the module's, centred as assumed
+    torch.testing.assert_close(y, seen[0][1] - (seen[0][1].mean(-1, keepdim=True) if arch == "gpt2" else 0), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- bad files
