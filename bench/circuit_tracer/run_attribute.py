@@ -130,6 +130,10 @@ def load_hooked_transformer(directory: Path, processing: str, n_ctx: int | None 
     hf_model = AutoModelForCausalLM.from_pretrained(link, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(link)
     cfg_dict = convert_hf_model_config(str(link))
+    # TransformerLens 3.2's Llama conversion ignores rope_theta (3.9 reads it): SmolLM2's 100000 became 10000
+    rope_theta = json.loads((link / "config.json").read_text()).get("rope_theta")
+    if cfg_dict.get("positional_embedding_type") == "rotary" and "rotary_base" not in cfg_dict and rope_theta:
+        cfg_dict["rotary_base"] = rope_theta
     cfg_dict.pop("quantization_method", None)
     cfg_dict["tokenizer_name"] = str(link)
     if n_ctx:
