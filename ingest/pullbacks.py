@@ -73,7 +73,7 @@ def select_edges(
             k = min(top_k, n_src)
             idx = scores.abs().topk(k, dim=1, sorted=False).indices  # [b, k]
             weight = scores.gather(1, idx)
-            dst = torch.arange(start, start + scores.shape[0]).unsqueeze(1).expand_as(idx)
+            dst = torch.arange(start, start + scores.shape[0], device=scores.device).unsqueeze(1).expand_as(idx)
             src, dst, weight = idx.reshape(-1), dst.reshape(-1), weight.reshape(-1)
             if min_weight is not None:
                 keep = weight.abs() >= min_weight

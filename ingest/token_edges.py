@@ -72,10 +72,10 @@ def _top_per_feature(left: torch.Tensor, right: torch.Tensor, k: int, block: int
     """Row-wise top-K of `left @ right` ([n_features, vocab]), computed `block` features at a time."""
     n, vocab = left.shape[0], right.shape[1]
     k = min(k, vocab)
-    tokens = torch.empty(n, k, dtype=torch.int64)
-    weights = torch.empty(n, k, dtype=torch.float32)
+    tokens = torch.empty(n, k, dtype=torch.int64, device="cpu")  # bound for Parquet, whatever computes them
+    weights = torch.empty(n, k, dtype=torch.float32, device="cpu")
     for start in range(0, n, block):
-        top = (left[start : start + block] @ right).topk(k, dim=1)
-        tokens[start : start + block] = top.indices
-        weights[start : start + block] = top.values
+        top = (left[start : start + block] @ right.to(left.dtype)).topk(k, dim=1)
+        tokens[start : start + block] = top.indices.cpu()
+        weights[start : start + block] = top.values.float().cpu()
     return TopTokens(tokens, weights)
