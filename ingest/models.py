@@ -143,9 +143,9 @@ def _load_hf_dir(directory: Path, device: str):
         state_dict = get_pretrained_state_dict(str(directory), cfg, hf_model=hf_model, dtype=torch.float32)
         # the MLP-input norms, before folding removes them: transcoders trained on the Hugging Face modules
         # read their output (see Transcoder.fold_into)
-        norms = {layer: (state_dict[f"blocks.{layer}.ln2.w"].clone(), state_dict.get(f"blocks.{layer}.ln2.b"))
+        norms = {layer: tuple(None if t is None else t.detach().clone()
+                              for t in (state_dict[f"blocks.{layer}.ln2.w"], state_dict.get(f"blocks.{layer}.ln2.b")))
                  for layer in range(cfg.n_layers) if f"blocks.{layer}.ln2.w" in state_dict}
-        norms = {layer: (w, None if b is None else b.clone()) for layer, (w, b) in norms.items()}
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
         model.load_and_process_state_dict(
             state_dict,
