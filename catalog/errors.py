@@ -30,6 +30,10 @@ class CatalogDirError(UserError):
     """A catalog directory is missing, incomplete, or was built with other settings."""
 
 
+class CatalogBusy(UserError):
+    """Another process holds the catalog's writer lock."""
+
+
 class UnknownFeature(UserError):
     """A feature id that is malformed or not in the catalog."""
 

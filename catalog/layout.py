@@ -24,6 +24,12 @@ EVAL = "eval.json"  # optional: `circuit-catalog eval --out DIR/eval.json`, read
 REPORTS = "reports"  # default directory for HTML reports
 PROMPTS = "prompts"  # prompts/<prompt_id>/{prompt.json, nodes.parquet, edges.parquet, edges_full.parquet, links_*.parquet}
 PROMPT_INDEX = "prompts.parquet"
+GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
+WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
+
+# Crash leftovers: everything written under a temporary name has a hidden one, `.<name>.tmp-*`
+# (parts, the stats and prompt directories) or `.graph.loading-*` (a store being built)
+TEMPORARY = (".*.tmp-*", f".{GRAPH}.loading-*")
 
 # stats/features.parquet `log10_histogram`: counts of positive activations over HIST_BINS equal bins
 # of log10(activation) from HIST_LOG10_MIN to HIST_LOG10_MAX (values outside fall into the end bins)
@@ -58,6 +64,12 @@ PROMPT_SCHEMA = pa.schema([
     ("n_feature_nodes", pa.int32()), ("capped", pa.bool_()), ("n_kept_nodes", pa.int32()), ("n_kept_edges", pa.int32()),
     ("settings", pa.string()),
 ])
+
+
+def temporaries(root: Path) -> list[Path]:
+    """Every temporary in the catalog: stale whenever no writer holds the lock."""
+    dirs = (root, root / PULLBACKS, root / DEEMBED, root / LOGITS, root / STATS, root / PROMPTS)
+    return sorted({p for d in dirs for pattern in TEMPORARY for p in d.glob(pattern)})
 
 
 def prompt_dir(root: Path, prompt_id: str) -> Path:
