@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from catalog.errors import CatalogBusy, first_line
 from catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, part_files
 from catalog.lock import writer_lock
+from catalog.parquet_io import check_parts
 from catalog.store import CypherError, GraphStore, Row, StoreError
 
 
@@ -98,6 +99,7 @@ class LadybugStore(GraphStore):
             # adjacency lists, so 16-file chunks took 19 s for 10M edges where one statement takes 11 s
             steps = [(_node_copy(n), part_files(catalog_dir, n.files)) for n in NODES]
             steps += [(_rel_copy(r), part_files(catalog_dir, r.files)) for r in RELS]
+            check_parts([f for _, files in steps for f in files])
             for copy, files in tqdm(steps, desc=f"loading {self.path}", unit="table", disable=not progress):
                 if files:
                     try:

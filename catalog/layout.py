@@ -88,7 +88,7 @@ def logit_part(root: Path, layer: int) -> Path:
     return root / LOGITS / f"L{layer:03d}.parquet"
 
 
-FEATURE_ID = re.compile(r"^L(\d+)/(\d+)$")
+FEATURE_ID = re.compile(r"L(\d{1,6})/(\d{1,12})")  # bounded: int() of 5,000 digits raises
 
 
 def feature_id(layer: int, index: int) -> str:
@@ -97,7 +97,7 @@ def feature_id(layer: int, index: int) -> str:
 
 def parse_feature_id(fid: str) -> tuple[int, int]:
     """'L8/355' -> (8, 355); anything else is a user error."""
-    m = FEATURE_ID.match(fid)
+    m = FEATURE_ID.fullmatch(fid)  # not match + $: that accepts a trailing newline
     if not m:
-        raise UnknownFeature(f"malformed feature id {fid!r}: expected L<layer>/<index>, e.g. L8/355")
+        raise UnknownFeature(f"malformed feature id {fid[:40]!r}: expected L<layer>/<index>, e.g. L8/355")
     return int(m.group(1)), int(m.group(2))

@@ -8,6 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from catalog.errors import CatalogDirError
+
 
 def write_atomic(table: pa.Table, path: Path) -> None:
     """Write `table` to `path` so a reader (or a resumed job) never sees a partial file."""
@@ -18,6 +20,22 @@ def write_atomic(table: pa.Table, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def part_rows(path: Path) -> int | None:
+    """Rows of a Parquet part per its footer; None when the file is damaged (truncated, not Parquet)."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def check_parts(paths: list[Path]) -> None:
+    """Readers' guard: a part that is not readable Parquet is one error naming it, not a traceback."""
+    for path in paths:
+        if part_rows(path) is None:
+            raise CatalogDirError(f"{path}: damaged Parquet part (truncated or overwritten); "
+                                  "rerun the ingest command that wrote the catalog to recompute it")
 
 
 def write_text_atomic(text: str, path: Path) -> None:

@@ -273,7 +273,7 @@ def prompt_tokens(model, prompt: str) -> torch.Tensor:
     """The token ids the model sees (BOS prepended as it does); empty or over-long prompts are refused."""
     if not prompt.strip():
         raise AttributionError("empty prompt")
-    tokens = model.to_tokens(prompt)[0]
+    tokens = model.to_tokens(prompt, truncate=False)[0]  # TransformerLens cuts at n_ctx by default
     if len(tokens) > model.cfg.n_ctx:
         raise AttributionError(f"prompt {prompt[:40]!r} is {len(tokens)} tokens; the model's context is {model.cfg.n_ctx}")
     return tokens

@@ -18,6 +18,7 @@ from catalog import layout
 from catalog.errors import UserError, first_line
 from catalog.graph_schema import part_files
 from catalog.manifest import Manifest
+from catalog.parquet_io import check_parts
 
 MAX_QUERY_CHARS = 100_000  # DuckDB's parser recurses per nesting level: bound what it is given
 
@@ -42,6 +43,7 @@ def connect(root: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB whose only data are the catalog's views, sealed before any user text runs."""
     Manifest.read(root)
     parts = views(root)
+    check_parts([f for files in parts.values() for f in files])
     con = duckdb.connect()
     for name, files in parts.items():
         listed = ", ".join(_literal(str(f)) for f in files)

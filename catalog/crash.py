@@ -1,0 +1,25 @@
+"""Named crash points for the kill tests: `CIRCUIT_CATALOG_CRASH_AT=part:3` SIGKILLs the process the
+third time it reaches the point `part`, exactly where an interruption would leave the catalog.
+
+Timed kills land wherever the clock says; a named point reproduces the same half-written state on
+every run, so each resume path (a part written but not recorded, a temporary left behind, a store
+half-built) is tested every time. Unset, a point costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+ENV = "CIRCUIT_CATALOG_CRASH_AT"
+_reached: Counter[str] = Counter()
+
+
+def crash_point(name: str) -> None:
+    target = os.environ.get(ENV)
+    if not target:
+        return
+    _reached[name] += 1
+    if target == f"{name}:{_reached[name]}":
+        os.kill(os.getpid(), signal.SIGKILL)
