@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from catalog.crash import crash_point
 from catalog.errors import CatalogBusy, first_line
 from catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, part_files
 from catalog.lock import writer_lock
@@ -101,6 +102,7 @@ class LadybugStore(GraphStore):
             steps += [(_rel_copy(r), part_files(catalog_dir, r.files)) for r in RELS]
             check_parts([f for _, files in steps for f in files])
             for copy, files in tqdm(steps, desc=f"loading {self.path}", unit="table", disable=not progress):
+                crash_point("load")
                 if files:
                     try:
                         conn.execute(copy(files))
