@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.errors import CatalogDirError
+from catalog.errors import CatalogDirError, OutputError
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
@@ -38,14 +38,28 @@ def check_parts(paths: list[Path]) -> None:
                                   "rerun the ingest command that wrote the catalog to recompute it")
 
 
+def make_output_dir(path: Path) -> None:
+    """A directory the user named for output, made now: a file or an unwritable place there is one error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write into {path}: {exc.strerror or exc}") from None
+
+
 def write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a text file (manifest, report, export) whole or not at all; an unwritable path is one error."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the directory itself could not be made
 
 
 def feature_ids(layer: int, indices: pa.Array) -> pa.Array:

@@ -67,10 +67,10 @@ def parse_layers(text: str | None) -> list[int] | None:
             lo, _, hi = span.partition("-")
             lo, hi, step = int(lo), int(hi or lo), int(step or 1)
             if not 0 <= lo <= hi < 100_000 or step < 1:
-                raise click.BadParameter(f"{usage} (ranges run upwards from 0, steps from 1)")
+                raise click.BadParameter(f"{usage} (ranges run upwards from 0, steps from 1)", param_hint="'--layers'")
             layers.extend(range(lo, hi + 1, step))
     except ValueError:
-        raise click.BadParameter(usage) from None
+        raise click.BadParameter(usage, param_hint="'--layers'") from None
     return sorted(set(layers))
 
 
@@ -247,7 +247,7 @@ def _edge_command(direction: str):
     @click.argument("feature")
     @store_options
     @click.option("-k", type=click.IntRange(1), default=10, show_default=True)
-    @click.option("--layer", type=int, default=None, help="Only edges from/to this layer.")
+    @click.option("--layer", type=click.IntRange(0, 99_999), default=None, help="Only edges from/to this layer.")
     @click.option("--sign", type=click.Choice(["+", "-"]), default=None, help="Only positive or negative weights.")
     @format_option
     def command(feature, catalog_dir, store_uri, database, k, layer, sign, fmt):
@@ -521,12 +521,13 @@ def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contex
     """Transcoder fidelity: FVU, L0, dead features, and next-token CE with MLPs replaced / zeroed / mean-ablated."""
     from ingest.datasets import token_contexts
     from ingest.evaluate import evaluate_transcoders
-    from ingest.models import load_model
+    from ingest.models import check_context, load_model
     from ingest.transcoder_formats import load_transcoders
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(model)
     tset.validate_against(lm)
+    check_context(lm, ctx_len)
     tokens = token_contexts(lm.tokenizer, dataset, n_tokens, ctx_len, skip_contexts=skip_contexts)
     result = evaluate_transcoders(lm, tset, tokens)
     table = Table("layer", "FVU", "L0", "dead", "CE replaced", "CE zero", "CE mean", "recovered", "KL",
@@ -649,8 +650,10 @@ def export_neo4j_import(catalog_dir, out_dir):
     """Write CSVs and headers for `neo4j-admin database import` (the route for very large catalogs)."""
     from catalog.manifest import Manifest
     from catalog.neo4j_store import write_admin_import
+    from catalog.parquet_io import make_output_dir
 
     Manifest.read(catalog_dir)
+    make_output_dir(out_dir)
     command = write_admin_import(catalog_dir, out_dir, progress=lambda m: err.print(m))
     out.print(f"copy {out_dir} into the server's import directory, stop the database, then run:\n  {command}")
 

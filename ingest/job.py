@@ -27,7 +27,7 @@ from catalog.errors import CatalogDirError
 from catalog.manifest import Manifest, now
 from catalog.lock import writer_lock
 from catalog.parquet_io import feature_ids, part_rows, write_atomic
-from ingest.models import file_digest, weights_digest
+from ingest.models import check_context, file_digest, weights_digest
 from ingest.pullbacks import select_edges
 from ingest.residual import as_read_by
 from ingest.token_edges import TopTokens, extended_embedding, top_logit_tokens, top_tokens_into
@@ -301,6 +301,7 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
     from ingest.datasets import token_contexts
     from ingest.stats import PER_BIN, QUANTILE_BINS
 
+    check_context(model, ctx_len)
     tokens = token_contexts(model.tokenizer, dataset, n_tokens, ctx_len)
     info = {"dataset": dataset, "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
             "tokens": tokens.numel(), "ctx_len": ctx_len, "top_k": top_k, "layers": tset.layers,

@@ -165,6 +165,12 @@ def _load_hf_dir(directory: Path, device: str):
     return model
 
 
+def check_context(model, ctx_len: int) -> None:
+    """A context longer than the model's positions would fail deep inside the forward pass."""
+    if ctx_len > model.cfg.n_ctx:
+        raise ModelError(f"--ctx-len {ctx_len} exceeds the model's context of {model.cfg.n_ctx} tokens")
+
+
 def _read_config(directory: Path) -> dict:
     """config.json as a JSON object, or one error naming the file."""
     path = directory / "config.json"
