@@ -185,6 +185,7 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("cypher nested deeply", ["cypher", "RETURN " + "[" * 3000 + "]" * 3000, *CAT], 1, "nested"),
     ("cypher nested deeply, --write", ["cypher", "RETURN " + "(" * 3000 + "1" + ")" * 3000, *CAT, "--write"], 1, "nested"),
     ("cypher huge", ["cypher", "RETURN " + " + ".join(["1"] * 40_000), *CAT], 1, "characters"),
+    ("cypher long operator chain", ["cypher", "RETURN " + "+".join(["1"] * 3_000), *CAT], 1, "tokens"),
     ("cypher param malformed", ["cypher", "RETURN $x", *CAT, "--param", "x"], 2, "name=value"),
     ("cypher unreachable server", ["cypher", "RETURN 1", *CAT, "--store", "bolt://127.0.0.1:9"], 1, "127.0.0.1:9"),
     ("sql drop", ["sql", "DROP TABLE features", *CAT], 1, "only SELECT"),

@@ -46,6 +46,17 @@ def test_config_missing_an_architecture_field_is_refused(model_copy, field):
         load_model(str(model_copy))
 
 
+def test_llama_config_without_num_hidden_layers_is_refused(llama_dir, tmp_path):
+    """The audit's case: LlamaConfig defaults to 32 layers, so 29 would be random."""
+    d = tmp_path / "llama"
+    shutil.copytree(llama_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="missing keys"):
+        load_model(str(d))
+
+
 @pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe\x00garbage", b"{not json"])
 def test_config_of_the_wrong_type_or_encoding_is_refused(model_copy, content):
     (model_copy / "config.json").write_bytes(content)
