@@ -148,7 +148,7 @@ def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec],
         wanted = json.dumps(asdict(settings), sort_keys=True)
         ids = [prompt_id(manifest, spec) for spec in specs]
         todo = [(pid, spec) for pid, spec in zip(ids, specs) if not _prompt_done(root, pid, wanted)]
-        if not todo and (root / layout.PROMPT_INDEX).is_file():
+        if not todo and part_rows(root / layout.PROMPT_INDEX) == len(part_files(root, f"{layout.PROMPTS}/*/prompt.json")):
             return ids  # nothing to add: the catalog (and a store loaded from it) stays as it is
         manifest.status = "in-progress"  # stores refuse to load a half-added prompt set
         manifest.write(root)

@@ -169,6 +169,7 @@ PARTS = {  # a part of each kind -> the readers that must name it when it is dam
     "tokens.parquet": [["sql", "SELECT count(*) FROM tokens"], ["load"]],
     "stats/features.parquet": [["sql", "SELECT count(*) FROM stats"], ["stats", "L1/2"], ["report", "overview"]],
     "prompts/*/nodes.parquet": [["load"], ["prompts"]],
+    "prompts.parquet": [["report", "overview"], ["load"]],
 }
 
 
