@@ -40,7 +40,7 @@ class LadybugStore(GraphStore):
     # ------------------------------------------------------------ loading
 
     def is_current(self, catalog_dir: Path) -> bool:
-        """The marker says the store holds this catalog (whether it still opens is `opens`)."""
+        """The marker says the store holds this catalog (whether it still opens is `verify`)."""
         try:
             return self.path.exists() and json.loads(self.marker.read_text())["signature"] == catalog_signature(catalog_dir)
         except (OSError, ValueError, KeyError):
