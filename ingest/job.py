@@ -213,8 +213,9 @@ def _logit_table(layer: int, top: TopTokens) -> pa.Table:
     )
 
 
-def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10) -> None:
-    """features.parquet: one row per feature with its top de-embedding and logit-lens tokens (DuckDB join)."""
+def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10, stats_dir: Path | None = None) -> None:
+    """features.parquet: one row per feature with its top de-embedding and logit-lens tokens (DuckDB join),
+    and its statistics from `stats_dir` (default DIR/stats) where there are any."""
     import duckdb
 
     rows = pa.table({
@@ -226,7 +227,7 @@ def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10) -> None
     con = duckdb.connect()
     con.register("base", rows)
     d_glob, l_glob, t_path = (str(root / layout.DEEMBED / "*.parquet"), str(root / layout.LOGITS / "*.parquet"), str(root / layout.TOKENS))
-    stats_path = root / layout.STATS / "features.parquet"
+    stats_path = (stats_dir or root / layout.STATS) / "features.parquet"
     stats = (f"(SELECT id, frequency, mean_act, max_act FROM read_parquet('{_sql_literal(stats_path)}'))" if stats_path.is_file()
              else "(SELECT NULL::VARCHAR AS id, NULL::DOUBLE AS frequency, NULL::FLOAT AS mean_act, NULL::FLOAT AS max_act)")
     table = con.sql(
@@ -336,11 +337,13 @@ def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progres
             info = {**plan.info, "parts": {f"{name}.parquet": t.num_rows for name, t in tables.items()}}
             (tmp / "info.json").write_text(json.dumps(info, indent=2))
             crash_point("stats")
+            # feature rows (and so the stores' Feature nodes) gain frequency, mean_act, max_act; before
+            # the rename, so statistics in place always have their feature rows
+            write_features(root, tset, stats_dir=tmp)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        write_features(root, tset)  # feature rows (and so the stores' Feature nodes) gain frequency, mean_act, max_act
         manifest = Manifest.read(root)
         manifest.parts[layout.FEATURES] = part_rows(root / layout.FEATURES)
         manifest.write(root)

@@ -90,7 +90,7 @@ def env(tmp_path_factory, gpt2, gpt2_dir, text_file) -> dict[str, str]:
 
 ING = ["ingest", "--model", "{model}", "--transcoders", "{tc}", "--catalog", "{new}"]
 ACT = ["active", "--model", "{model}", "--transcoders", "{tc}", "--prompt", "the capital of france is"]
-EVAL = ["eval", "--model", "{model}", "--transcoders", "{tc}", "--dataset", "{txt}", "--tokens", "64"]
+EVAL = ["eval", "--model", "{model}", "--transcoders", "{tc}", "--dataset", "{txt}", "--tokens", "16"]
 CAT = ["--catalog", "{cat}"]
 
 CASES = [  # (id, arguments, exit code, a fragment of the error line)
