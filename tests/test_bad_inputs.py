@@ -238,3 +238,10 @@ def test_the_table_is_large_and_covers_every_command():
     every = set(main.commands) - {"report"} | {f"report {n}" for n in main.commands["report"].commands}
     assert every <= commands, every - commands
     print(f"\nbad inputs: {len(CASES)} cases; {dict(TOTALS)}")
+
+
+@pytest.mark.parametrize("args", [[], ["report"]])
+def test_a_bare_command_still_shows_its_help(args):
+    """Usage errors are one line, but asking for nothing is asking for the help, which stays whole."""
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and result.output.startswith("Usage:") and "Commands:" in result.output
