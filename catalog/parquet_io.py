@@ -30,6 +30,12 @@ def part_rows(path: Path) -> int | None:
         return None
 
 
+def part_intact(path: Path, rows: int | None) -> bool:
+    """Readable, and holding the `rows` recorded when it was written (when a count was recorded)."""
+    found = part_rows(path)
+    return found is not None and rows in (None, found)
+
+
 def check_parts(paths: list[Path]) -> None:
     """Readers' guard: a part that is not readable Parquet is one error naming it, not a traceback."""
     for path in paths:

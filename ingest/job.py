@@ -26,7 +26,7 @@ from catalog.crash import crash_point
 from catalog.errors import CatalogDirError
 from catalog.manifest import Manifest, now
 from catalog.lock import writer_lock
-from catalog.parquet_io import feature_ids, part_rows, write_atomic
+from catalog.parquet_io import feature_ids, part_intact, part_rows, write_atomic
 from ingest.models import check_context, file_digest, weights_digest
 from ingest.pullbacks import select_edges
 from ingest.residual import as_read_by
@@ -317,7 +317,7 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
     if any(old.get(k) != info[k] for k in _STATS_IDENTITY):
         raise CatalogDirError(f"{root / layout.STATS} holds statistics collected with other settings or another dataset "
                               "(or by an older version); remove it to collect anew")
-    intact = all(part_rows(root / layout.STATS / name) == rows for name, rows in old.get("parts", {}).items())
+    intact = all(part_intact(root / layout.STATS / name, rows) for name, rows in old.get("parts", {}).items())
     return StatsPlan(tokens, info, done=intact and bool(old.get("parts")))
 
 

@@ -26,7 +26,7 @@ from catalog.manifest import Manifest, now
 from catalog.crash import crash_point
 from catalog.graph_schema import part_files
 from catalog.lock import writer_lock
-from catalog.parquet_io import part_rows, write_atomic
+from catalog.parquet_io import part_intact, part_rows, write_atomic
 from ingest.attribution import AttributionGraph, attribute, prompt_tokens, target_token
 from ingest.pruning import Pruned, graph_scores, prune
 from ingest.transcoder import TranscoderSet
@@ -161,13 +161,15 @@ def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec],
 
 
 def _prompt_done(root: Path, pid: str, settings: str) -> bool:
-    """Done with these settings, every part readable (a damaged one means the prompt is computed again)."""
+    """Done with these settings, every part readable with the rows it was written with (else computed again)."""
     directory = layout.prompt_dir(root, pid)
     try:
         info = json.loads((directory / "prompt.json").read_text())
     except (OSError, ValueError):
         return False
-    return info.get("settings") == settings and all(part_rows(directory / f"{name}.parquet") is not None for name in PROMPT_PARTS)
+    recorded = info.get("parts", {})
+    names = [f"{name}.parquet" for name in PROMPT_PARTS]
+    return info.get("settings") == settings and all(part_intact(directory / n, recorded.get(n)) for n in names)
 
 
 def check_prompt(model, spec: PromptSpec) -> None:
@@ -190,6 +192,7 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
         "n_active_features": graph.n_active_features, "n_feature_nodes": graph.n_features, "capped": graph.capped,
         "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": tables["edges"].num_rows,
         "n_layers": graph.n_layers, "settings": json.dumps(asdict(settings), sort_keys=True),
+        "parts": {f"{name}.parquet": table.num_rows for name, table in tables.items()},  # checked on resume
     }
     target = layout.prompt_dir(root, pid)
     target.parent.mkdir(parents=True, exist_ok=True)

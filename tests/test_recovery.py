@@ -196,3 +196,13 @@ def test_reruns_write_nothing_unless_there_is_something_to_do(inputs, copy):
         one_line_error(*cli(*ingest_args(inputs, copy, **changes)))
         assert digest(copy) == before, changes
     assert "up to date" in cli("load", "--catalog", copy)[1]
+
+
+@pytest.mark.parametrize("pattern", ["pullbacks/L001_to_L002.parquet", "stats/top_examples.parquet", "prompts/*/edges.parquet"])
+def test_a_readable_part_with_other_rows_is_recomputed(inputs, copy, clean, pattern):
+    """A footer that reads is not enough: the part must hold the rows recorded when it was written."""
+    part = sorted(copy.glob(pattern))[0]
+    pq.write_table(pq.read_table(part).slice(0, 1), part)
+    code, output = cli(*ingest_args(inputs, copy))
+    assert code == 0, output
+    assert_same_as_clean(copy, clean)
