@@ -69,7 +69,9 @@ RELS = (
 
 
 def part_files(catalog_dir: Path, pattern: str) -> list[Path]:
-    return sorted(Path(catalog_dir).glob(pattern))
+    """The parts matching `pattern`, never a crash leftover: temporaries have hidden names (`.x.tmp-*`)."""
+    root = Path(catalog_dir)
+    return sorted(p for p in root.glob(pattern) if not any(s.startswith(".") for s in p.relative_to(root).parts))
 
 
 def catalog_signature(catalog_dir: Path) -> str:

@@ -103,8 +103,10 @@ def load_saelens(directory: Path) -> Transcoder:
     cfg_path, weights_path = directory / SAELENS_CFG, directory / SAELENS_WEIGHTS
     try:
         raw = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TranscoderError(f"{cfg_path}: unreadable config ({exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise TranscoderError(f"{cfg_path}: unreadable config ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise TranscoderError(f"{cfg_path}: expected a JSON object, found {type(raw).__name__}")
     arch = raw.get("architecture", "transcoder")
     if arch not in _SAELENS_ARCH:
         raise TranscoderError(f"{cfg_path}: architecture {arch!r} is not a transcoder ({', '.join(_SAELENS_ARCH)})")
@@ -128,6 +130,9 @@ def load_saelens(directory: Path) -> Transcoder:
         _require(w, ("W_skip",), weights_path)
     if activation == "jumprelu":
         _require(w, ("threshold",), weights_path)
+    for name, dims in (("W_enc", 2), ("W_dec", 2), ("b_enc", 1), ("b_dec", 1)):
+        if w[name].dim() != dims:
+            raise TranscoderError(f"{weights_path}: {name} has {w[name].dim()} dimension(s), expected {dims}")
     for key, name in (("d_in", "W_enc"), ("d_sae", "b_enc"), ("d_out", "b_dec")):
         if raw.get(key) is not None and int(raw[key]) != w[name].shape[0]:
             raise TranscoderError(f"{weights_path}: {name} has {w[name].shape[0]} rows but cfg.json says {key}={raw[key]}")

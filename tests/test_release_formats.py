@@ -409,7 +409,7 @@ def test_releases_are_bound_to_the_models_norms_and_centred_writes(arch, tmp_pat
         assert (z > 0).any()
         torch.testing.assert_close(tset[i].encode(x), z, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(tset[i].forward(x), out, rtol=1e-4, atol=1e-4)
-    y = cache[f"blocks.0.hook_mlp_out"][0]  # and the model's own MLP output is the module's, centred as assumed
+    y = cache["blocks.0.hook_mlp_out"][0]  # and the model's own MLP output is the module's, centred as assumed
     torch.testing.assert_close(y, seen[0][1] - (seen[0][1].mean(-1, keepdim=True) if arch == "gpt2" else 0), rtol=1e-4, atol=1e-4)
 
 
