@@ -23,6 +23,7 @@ from pathlib import Path
 from catalog.errors import CatalogDirError
 from catalog.graph_schema import NODES, RELS, catalog_signature, node_set, part_files
 from catalog.neo4j_store import INDEX_WAIT_S, STATE_ID, schema_statements
+from catalog.parquet_io import make_output_dir
 
 ARRAY_DELIMITER = "\x1f"
 HEADER_TYPES = {"INT64": "long", "FLOAT": "float", "DOUBLE": "double", "STRING": "string", "STRING[]": "string[]",
@@ -53,7 +54,7 @@ def write_admin_import(catalog_dir: Path, out_dir: Path, import_dir: str = "/imp
 
     catalog_dir, out_dir = Path(catalog_dir), Path(out_dir)
     signature = catalog_signature(catalog_dir)  # refuses an unfinished catalog
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)  # a file or an unwritable place there is one error
     con = duckdb.connect()
     args = ["neo4j-admin", "database", "import", "full", database,  # the database first: since 5.19 --nodes is greedy
             "--overwrite-destination=true", "--multiline-fields=true", "--trim-strings=false",

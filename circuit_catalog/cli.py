@@ -664,9 +664,7 @@ def report_overview(catalog_dir, out_file, eval_file):
 def export_neo4j_import(catalog_dir, out_dir, import_dir, database):
     """Write CSVs, headers and schema.cypher for `neo4j-admin database import full` (for very large catalogs)."""
     from catalog.neo4j_import import write_admin_import
-    from catalog.parquet_io import make_output_dir
 
-    make_output_dir(out_dir)
     result = write_admin_import(catalog_dir, out_dir, import_dir, database, progress=lambda m: err.print(m))
     out.print(f"With the server stopped, import (this replaces database {database}):\n  {result.import_command}\n"
               f"then start the server and create the constraints and indexes (password from NEO4J_PASSWORD):\n"

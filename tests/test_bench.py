@@ -16,6 +16,8 @@ EXPECTED = {  # benchmark -> a line its report must print
     "pullbacks.py": "achieved",
     "stats.py": "with statistics:",
     "attribution.py": "tiny Llama",
+    "agreement.py": "prune masks at 6 threshold pairs",
+    "mapped_pullbacks.py": "x the set on disk",
 }
 
 
