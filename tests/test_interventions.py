@@ -1,0 +1,163 @@
+"""Interventions held to the model, to the attribution graph, to the logit lens and to circuit-tracer.
+
+Every check runs real forward passes on the tiny models: an unedited run is the model's own forward
+pass; under direct-only an ablation moves each target by exactly minus its edge (the graph's claim);
+steering a last-layer feature with the final norm frozen moves the logits by its logit-lens row; and
+circuit-tracer's `feature_intervention` (its venv, a subprocess) gives the same logits in each regime.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from ingest.attribution import attribute, prompt_tokens
+from ingest.interventions import Edit, InterventionError, Regime, clean_run, parse_edit, resolve, run_edited
+from ingest.token_edges import top_logit_tokens
+from ingest.transcoder_formats import load_transcoders, save_circuit_tracer
+from tests.conftest import random_transcoders, with_skip
+from tests.test_circuit_tracer import ROOT, ct_python  # noqa: F401  (the circuit-tracer venv fixture)
+
+PROMPT = "the capital of france is"
+RUNNER = ROOT / "bench" / "circuit_tracer" / "run_intervention.py"
+
+
+@pytest.fixture(scope="module", params=["plain", "skip", "subset"])
+def case(request, tiny):
+    layers = [0, 2] if request.param == "subset" else None
+    tset = random_transcoders(tiny, d_sae=40, seed=3, layers=layers)
+    if request.param == "skip":
+        with_skip(tset)
+    return tiny, tset, prompt_tokens(tiny, PROMPT)
+
+
+@torch.no_grad()
+def test_unedited_run_is_the_model(case):
+    model, tset, tokens = case
+    logits = model(tokens[None])[0]
+    for regime in Regime:
+        run = run_edited(model, tset, tokens, [], regime)
+        torch.testing.assert_close(run.logits, logits, rtol=1e-5, atol=1e-5 * float(logits.abs().max()))
+    # and the pre-activations the run reports are the transcoders' on the model's own MLP inputs
+    clean = clean_run(model, tset, tokens)
+    _, cache = model.run_with_cache(tokens[None])
+    for tc in tset:
+        torch.testing.assert_close(run.pre_acts[tc.layer], tc.pre_acts(cache[tc.cfg.hook_in][0]))
+        assert not clean.z[tc.layer][0].any()  # position 0 carries no activations, as in the graphs
+
+
+def test_direct_only_ablation_moves_each_target_by_minus_its_edge(case):
+    model, tset, tokens = case
+    graph = attribute(model, tset, PROMPT)
+    clean = clean_run(model, tset, tokens)
+    base = run_edited(model, tset, tokens, [], Regime.DIRECT_ONLY, clean)
+    logit_rows = graph.adjacency[graph.logit_index(0):]
+    strongest = logit_rows[:, :graph.n_features].abs().sum(0).argsort(descending=True)[:5].tolist()
+    checked = 0
+    for group in [[i] for i in strongest] + [strongest[:3]]:  # single features, then three together
+        edits = [Edit("set", int(graph.features[i, 0]), int(graph.features[i, 2]), int(graph.features[i, 1]), 0.0) for i in group]
+        run = run_edited(model, tset, tokens, edits, Regime.DIRECT_ONLY, clean)
+        predicted = -logit_rows[:, group].sum(1)
+        measured = run.logits[-1, graph.logit_tokens] - base.logits[-1, graph.logit_tokens]
+        torch.testing.assert_close(measured, predicted, rtol=1e-4, atol=1e-5)
+        for t, (layer, pos, index) in enumerate(graph.features.tolist()):  # feature targets too
+            if t in group:
+                continue
+            change = run.pre_acts[layer][pos, index] - base.pre_acts[layer][pos, index]
+            assert float(change) == pytest.approx(-float(graph.adjacency[t, group].sum()), abs=1e-5)
+        checked += int((predicted.abs() > 1e-3).sum())
+    assert checked > 10
+
+
+@torch.no_grad()
+def test_steering_a_last_layer_feature_moves_logits_by_its_logit_lens_row(tiny):
+    tset = random_transcoders(tiny, d_sae=40, seed=3)
+    tokens = prompt_tokens(tiny, PROMPT)
+    last = tiny.cfg.n_layers - 1
+    tc, index, amount = tset[last], 7, 2.5
+    lens = top_logit_tokens(tiny, tc, k=tiny.cfg.d_vocab)  # the catalog's logit lens, every token
+    row = torch.zeros(tiny.cfg.d_vocab).scatter(0, lens.token[index], lens.weight[index])
+    _, cache = tiny.run_with_cache(tokens[None])
+    scale = float(cache["ln_final.hook_scale"][0, -1, 0])
+    before = tiny(tokens[None])[0, -1]
+    after = run_edited(tiny, tset, tokens, [Edit("add", last, index, len(tokens) - 1, amount)], Regime.FREEZE_ATTENTION).logits[-1]
+    torch.testing.assert_close(after - before, amount * row / scale, rtol=1e-4, atol=1e-5)
+    assert float((after - before).abs().max()) > 0.1
+
+
+def test_edit_specs_parse_and_resolve(tiny):
+    tset = random_transcoders(tiny, d_sae=40, seed=3, layers=[0, 2])
+    n_pos = len(prompt_tokens(tiny, PROMPT))
+    assert parse_edit("set", "L2/5@4=0") == Edit("set", 2, 5, 4, 0.0)
+    assert parse_edit("add", "L0/9@*=5") == Edit("add", 0, 9, None, 5.0)
+    assert parse_edit("scale", "L2/3=2") == Edit("scale", 2, 3, None, 2.0)
+    assert resolve([parse_edit("set", "L2/5@-1=0")], tset, n_pos)[0].pos == n_pos - 1
+    for text, message in [("L1/2@x=y", "malformed position"), ("L1/2@3=y", "malformed value"), ("L1/2@3=nan", "not a finite"),
+                          ("L1/2@3=inf", "not a finite"), ("X1/2=0", "malformed feature"), ("L1/2", "malformed intervention")]:
+        with pytest.raises(InterventionError, match=message):
+            parse_edit("set", text)
+    for text, message in [("L1/2=0", "no transcoder at layer 1"), ("L2/40=0", "has 40 features"),
+                          (f"L2/3@{n_pos}=0", "out of range"), (f"L2/3@-{n_pos + 1}=0", "out of range")]:
+        with pytest.raises(InterventionError, match=message):
+            resolve([parse_edit("set", text)], tset, n_pos)
+
+
+# ------------------------------------------------------------ against circuit-tracer's feature_intervention
+
+@pytest.fixture(scope="module")
+def ct_case(request, tmp_path_factory):
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            model_dir, model = request.getfixturevalue(f"{arch}_dir"), request.getfixturevalue(arch)
+            tc_dir = tmp_path_factory.mktemp(f"tc-{arch}") / "tc"
+            save_circuit_tracer(random_transcoders(model, d_sae=40, seed=3), tc_dir)
+            cache[arch] = model, model_dir, tc_dir, load_transcoders(tc_dir)
+        return cache[arch]
+
+    return get
+
+
+def circuit_tracer_logits(ct_python, model_dir, tc_dir, tokens, cases: list[tuple[list[Edit], dict]], out) -> list[torch.Tensor]:
+    """One circuit-tracer process for every case: (edits, options of run_intervention.py's case)."""
+    spec = [{"interventions": [[e.layer, e.pos, e.index, e.value] for e in edits], **options} for edits, options in cases]
+    done = subprocess.run([str(ct_python), str(RUNNER), "--model", str(model_dir), "--transcoders", str(tc_dir),
+                           "--token-ids", ",".join(map(str, tokens.tolist())), "--cases", json.dumps(spec), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = np.load(out)
+    return [torch.from_numpy(result[f"logits_{i}"]) for i in range(len(cases))]
+
+
+# circuit-tracer's regime for each of ours (NOTES.md, "Interventions"): its direct effects are its own
+# model's; the others run its feature_intervention on the local replacement model's MLPs
+REGIMES = {
+    Regime.REPLACEMENT: {"mlp": "replacement"},
+    Regime.FREEZE_ATTENTION: {"mlp": "replacement", "freeze_attention": True, "freeze_norms": True},
+    Regime.DIRECT_ONLY: {"constrained": True},
+}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_agrees_with_circuit_tracers_feature_intervention(arch, ct_python, ct_case, tmp_path):  # noqa: F811
+    model, model_dir, tc_dir, tset = ct_case(arch)
+    tokens = prompt_tokens(model, PROMPT)
+    clean = clean_run(model, tset, tokens)
+    n_pos = len(tokens)
+    active = clean.z[1][3].nonzero().flatten()  # an active layer-1 feature at position 3, to ablate
+    edits = [Edit("set", 1, int(active[0]), 3, 0.0), Edit("set", 0, 7, None, 2.0), Edit("set", 2, 11, n_pos - 1, 3.0)]
+    # on circuit-tracer's own, unmodified model: edits at the last layer have no MLP downstream, so its
+    # real-MLP model and our replacement model must agree with nothing frozen
+    last = [Edit("set", 2, 11, n_pos - 1, 3.0), Edit("set", 2, 4, None, 0.0)]
+    cases = [(edits, options) for options in REGIMES.values()] + [(last, {"mlp": "real"})]
+    theirs = circuit_tracer_logits(ct_python, model_dir, tc_dir, tokens, cases, tmp_path / "ct.npz")
+    ours = [run_edited(model, tset, tokens, edits, regime, clean).logits for regime in REGIMES]
+    ours.append(run_edited(model, tset, tokens, last, Regime.REPLACEMENT, clean).logits)
+    for name, mine, ref in zip([*REGIMES, "last layer, real MLPs"], ours, theirs):
+        assert float((ref - clean.logits).abs().max()) > 0.5  # the edits did something
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=2e-5 * float(ref.abs().max()), msg=lambda m: f"{name}: {m}")
