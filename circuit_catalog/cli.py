@@ -631,6 +631,149 @@ def export_neo4j_import(catalog_dir, out_dir):
 @main.command()
 @click.option("--model", required=True, help=MODEL_HELP)
 @click.option("--transcoders", required=True, type=click.Path(path_type=Path))
+@click.option("--prompt", "prompt_key", required=True, help="Prompt text, or with --catalog the id or exact text of a catalog prompt.")
+@click.option("--catalog", "catalog_dir", type=click.Path(path_type=Path), default=None,
+              help="Record the intervention in this catalog (interventions.parquet); needed for --validate.")
+@click.option("--set", "set_", multiple=True, metavar="L/I[@POS]=V", help="Set a feature's activation, e.g. L12/55@4=0 (0 ablates); POS an index, -1 the last, * (default) every position.")
+@click.option("--scale", multiple=True, metavar="L/I[@POS]=F", help="Scale a feature's activation by F.")
+@click.option("--add", multiple=True, metavar="L/I[@POS]=A", help="Add A to a feature's activation (steering).")
+@click.option("--freeze-attention", is_flag=True, help="Hold attention patterns and norm scales at their unmodified values.")
+@click.option("--direct-only", is_flag=True, help="Also hold every other feature fixed: only direct effects (the graph's regime).")
+@click.option("--target", "targets", multiple=True, help="A token whose logit change to report (repeatable; default: the top -k tokens).")
+@click.option("-k", type=click.IntRange(1), default=None, help="Top tokens shown [10]; with --validate, features ablated [20].")
+@click.option("--validate", is_flag=True, help="Ablate the prompt's k most influential features and strongest paths: graph prediction vs measured.")
+@click.option("--paths", "n_paths", type=click.IntRange(0), default=5, show_default=True, help="With --validate: strongest paths ablated.")
+@click.option("--generate", "n_generate", type=click.IntRange(1), default=None, help="Also continue the prompt N tokens, unedited and edited.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="Sampling temperature for --generate (0: greedy).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed for --generate.")
+@click.option("--layers", default="all", show_default=True, help="Transcoder layers to use.")
+@click.option("--trust-pickle", is_flag=True)
+@format_option
+def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, freeze_attention, direct_only, targets, k, validate,
+              n_paths, n_generate, temperature, seed, layers, trust_pickle, fmt):
+    """Run the local replacement model with feature edits: next-token probabilities before and after, each
+    target logit's change and KL; --validate compares a catalog prompt's graph with ablations; --generate steers.
+
+    Regimes: by default everything downstream responds (error terms held fixed, so no edit = the model
+    exactly); --freeze-attention freezes patterns and norm scales; --direct-only also every other feature."""
+    from ingest.interventions import InterventionError, Regime, parse_edit
+
+    edits = [parse_edit(op, text) for op, texts in (("set", set_), ("scale", scale), ("add", add)) for text in texts]
+    regime = Regime.DIRECT_ONLY if direct_only else Regime.FREEZE_ATTENTION if freeze_attention else Regime.REPLACEMENT
+    if validate and (catalog_dir is None or edits or n_generate):
+        raise InterventionError("--validate needs --catalog and takes no --set/--scale/--add or --generate")
+    if not validate and not edits:
+        raise InterventionError("nothing to do: give --set, --scale or --add (or --validate with --catalog)")
+    if n_generate and regime is not Regime.REPLACEMENT:
+        raise InterventionError("--generate runs the default regime only (no frozen values exist for generated tokens)")
+    if catalog_dir is not None:
+        from catalog.manifest import Manifest
+
+        manifest = Manifest.read(catalog_dir)
+    from ingest.models import load_model
+    from ingest.transcoder_formats import load_transcoders
+
+    tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
+    lm = load_model(model)
+    tset.validate_against(lm)
+    if validate:
+        from queries.validation import validate as validate_prompt
+
+        _print_validation(validate_prompt(lm, tset, catalog_dir, prompt_key, k or 20, n_paths), fmt)
+        return
+    _intervene(lm, tset, prompt_key, catalog_dir, manifest if catalog_dir is not None else None, edits, regime, targets,
+               k or 10, n_generate, temperature, seed, fmt)
+
+
+def _intervene(lm, tset, prompt_key, catalog_dir, manifest, edits, regime, targets, k, n_generate, temperature, seed, fmt) -> None:
+    import json as json_
+
+    import torch
+
+    from catalog import layout
+    from ingest.attribution import prompt_tokens, target_token
+    from ingest.interventions import intervene
+    from queries.neuronpedia import find_prompt_id
+
+    prompt_id, zero_bos = None, True
+    if catalog_dir is not None and (catalog_dir / layout.PROMPT_INDEX).is_file():
+        try:
+            prompt_id = find_prompt_id(catalog_dir, prompt_key)
+        except UserError:
+            prompt_id = None  # text that is not a catalog prompt: run as given
+    if prompt_id is not None:
+        info = json_.loads((layout.prompt_dir(catalog_dir, prompt_id) / "prompt.json").read_text())
+        tokens = torch.tensor(info["tokens"], dtype=torch.long, device=lm.cfg.device)
+        zero_bos = json_.loads(info["settings"]).get("zero_bos", True)
+    else:
+        tokens = prompt_tokens(lm, prompt_key)
+    target_ids = [target_token(lm, t) for t in targets]
+    result = intervene(lm, tset, tokens, edits, regime, target_ids, k, zero_bos)
+    generation = None
+    if n_generate:
+        from ingest.steering import generate
+
+        generation = generate(lm, tset, tokens, edits, n_generate, temperature, seed, zero_bos)
+    if catalog_dir is not None:
+        from ingest.intervention_log import add_intervention, intervention_row
+
+        settings = {"n": n_generate, "temperature": temperature, "seed": seed} if n_generate else None
+        row = intervention_row(manifest, tokens.tolist(), prompt_id, edits, result, generation, settings)
+        add_intervention(catalog_dir, row)
+    if fmt == "json":
+        _print_json({**asdict(result), "generation": asdict(generation) if generation else None,
+                     "prompt_id": prompt_id, "id": row["id"] if catalog_dir is not None else None})
+        return
+    out.print(f"{result.prompt!r} ({regime.value}): {'; '.join(result.edits)}", highlight=False, soft_wrap=True)
+    table = Table("before", "p", "after", "p", title="top next tokens")
+    for (a, pa), (b, pb) in zip(result.top_before, result.top_after):
+        table.add_row(repr(a), f"{pa:.4f}", repr(b), f"{pb:.4f}")
+    out.print(table)
+    table = Table("target", "logit before", "after", "change", title=f"target logits (KL {result.kl:.4f} nats)")
+    for t in result.targets:
+        table.add_row(repr(t.token), f"{t.before:.4f}", f"{t.after:.4f}", f"{t.change:+.4f}")
+    out.print(table)
+    if generation is not None:
+        out.print(Text(f"original: {generation.original}\nsteered:  {generation.steered}"))
+    if catalog_dir is not None:
+        out.print(f"recorded as intervention {row['id']} in {catalog_dir}", highlight=False)
+
+
+def _print_validation(v, fmt: str) -> None:
+    if fmt == "json":
+        _print_json({**asdict(v), "max_direct_error": v.max_direct_error})
+        return
+    table = Table("ablated", "predicted", "measured direct", "measured full",
+                  title=f"prompt {v.prompt_id}: change of logit {v.targets[0]!r} on ablation (graph prediction vs measured)")
+    for c in v.checks:
+        table.add_row(c.label, f"{c.predicted[0]:+.5f}", f"{c.direct[0]:+.5f}", f"{c.full[0]:+.5f}")
+    out.print(table)
+    out.print(f"largest |predicted - measured direct| over all {len(v.targets)} logit targets: {v.max_direct_error:.2e}")
+
+
+@main.command()
+@click.argument("feature")
+@store_options
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True)
+@format_option
+def interventions(feature, catalog_dir, store_uri, database, k, fmt):
+    """Recorded interventions that edited FEATURE (newest first): the edits, the prompt, what they did to the logits."""
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        found = lookups.interventions(feature, k)
+    if fmt == "json":
+        _print_json([asdict(u) for u in found])
+        return
+    table = Table("intervention", "prompt", "regime", "edits", "KL", "largest logit changes", title=f"interventions touching {feature}")
+    table.columns[0].no_wrap = True
+    for u in found:
+        changes = ", ".join(f"{t!r} {c:+.3f}" for t, c in u.changes[:3])
+        table.add_row(u.id, u.prompt_id or repr(u.prompt[:30]), u.regime, u.spec, f"{u.kl:.4f}", changes)
+    out.print(table)
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--transcoders", required=True, type=click.Path(path_type=Path))
 @click.option("--prompt", required=True)
 @click.option("--layers", default="all", show_default=True)
 @click.option("--pos", type=int, default=-1, show_default=True, help="Token position (negative counts from the end).")

@@ -32,7 +32,7 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) 
 @torch.no_grad()
 def generate(model, tset: TranscoderSet, tokens: torch.Tensor, edits: list[Edit], n_tokens: int,
              temperature: float = 0.0, seed: int = 0, zero_bos: bool = True) -> Generation:
-    """Greedy (temperature 0) or sampled continuations of `tokens`, unedited and edited, `n_tokens` each."""
+    """Greedy (temperature 0) or sampled continuations of `tokens`, unedited and edited, `n_tokens` each (EOS included)."""
     if len(tokens) + n_tokens > model.cfg.n_ctx:
         raise InterventionError(f"{len(tokens)} prompt tokens + {n_tokens} generated exceed the model's context of {model.cfg.n_ctx}")
     edits = resolve(edits, tset, len(tokens))
@@ -46,7 +46,5 @@ def generate(model, tset: TranscoderSet, tokens: torch.Tensor, edits: list[Edit]
             else:
                 logits = model(seq[None])[0, -1]
             seq = torch.cat([seq, torch.tensor([_pick(logits, temperature, generator)], device=seq.device)])
-            if model.tokenizer.eos_token_id is not None and int(seq[-1]) == model.tokenizer.eos_token_id:
-                break
         texts.append(model.tokenizer.decode(seq[len(tokens):].tolist()))
     return Generation(*texts)

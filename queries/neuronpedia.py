@@ -32,7 +32,7 @@ def cantor(x: int, y: int) -> int:
 def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
     catalog_dir = Path(catalog_dir)
     manifest = Manifest.read(catalog_dir)
-    folder = layout.prompt_dir(catalog_dir, _prompt_id(catalog_dir, pid))
+    folder = layout.prompt_dir(catalog_dir, find_prompt_id(catalog_dir, pid))
     info = json.loads((folder / "prompt.json").read_text())
     settings = json.loads(info["settings"])
     nodes, edges = _read(folder / "nodes.parquet"), _read(folder / "edges.parquet")
@@ -83,7 +83,7 @@ def _read(path: Path) -> list[dict]:
         raise CatalogDirError(f"{path}: unreadable ({first_line(exc)}); rerun the ingest to rewrite it") from None
 
 
-def _prompt_id(catalog_dir: Path, key: str) -> str:
+def find_prompt_id(catalog_dir: Path, key: str) -> str:
     """A prompt id from an id or an exact prompt text."""
     index = catalog_dir / layout.PROMPT_INDEX
     rows = pq.read_table(index, columns=["id", "text"]).to_pylist() if index.is_file() else []

@@ -161,3 +161,104 @@ def test_agrees_with_circuit_tracers_feature_intervention(arch, ct_python, ct_ca
     for name, mine, ref in zip([*REGIMES, "last layer, real MLPs"], ours, theirs):
         assert float((ref - clean.logits).abs().max()) > 0.5  # the edits did something
         torch.testing.assert_close(mine, ref, rtol=1e-4, atol=2e-5 * float(ref.abs().max()), msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------ the CLI: recorded, validated, steered, refused
+
+@pytest.fixture(scope="module")
+def cli_catalog(tmp_path_factory, gpt2, gpt2_dir):
+    """(model dir, transcoder dir, catalog dir, prompt id): a tiny GPT-2 catalog with one prompt's graph."""
+    from catalog.manifest import Manifest
+    from ingest.job import IngestSettings, build_manifest, run_ingest
+    from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+    from ingest.transcoder_formats import save_saelens
+
+    tc_dir = tmp_path_factory.mktemp("cli-tc")
+    for tc in random_transcoders(gpt2, d_sae=40, seed=3):
+        save_saelens(tc, tc_dir / f"layer_{tc.layer}")
+    tset = load_transcoders(tc_dir)
+    root = tmp_path_factory.mktemp("cli-catalog") / "catalog"
+    run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, str(tc_dir), IngestSettings(top_k=2, token_top_k=3)), progress=False)
+    (pid,) = run_prompts(gpt2, tset, root, [PromptSpec(PROMPT)], AttributionSettings(), progress=False)
+    assert Manifest.read(root).status == "complete"
+    return gpt2_dir, tc_dir, root, pid
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from circuit_catalog.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output, result.stdout  # output: stderr too (progress bars, errors)
+
+
+def catalog_files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_records_an_intervention_and_validates_a_graph(cli_catalog, gpt2):
+    import pyarrow.parquet as pq
+
+    model_dir, tc_dir, root, pid = cli_catalog
+    base = ["intervene", "--model", model_dir, "--transcoders", tc_dir, "--catalog", root]
+    code, output, stdout = cli(*base, "--prompt", pid, "--set", "L1/4@-1=0", "--add", "L2/7@*=3", "--target", "paris", "--format", "json")
+    assert code == 0, output
+    shown = json.loads(stdout)
+    rows = pq.read_table(root / "interventions.parquet").to_pylist()
+    assert [r["id"] for r in rows] == [shown["id"]] and rows[0]["prompt_id"] == pid
+    assert rows[0]["features"] == ["L1/4", "L2/7"] and rows[0]["target_tokens"] == ["paris"]
+    # the recorded change is the model's: the same edits run here, in-process
+    tokens = prompt_tokens(gpt2, PROMPT)
+    edits = resolve([parse_edit("set", "L1/4@-1=0"), parse_edit("add", "L2/7@*=3")], load_transcoders(tc_dir), len(tokens))
+    after = run_edited(gpt2, load_transcoders(tc_dir), tokens, edits).logits[-1]
+    paris = gpt2.tokenizer.convert_tokens_to_ids("paris")
+    with torch.no_grad():
+        before = gpt2(tokens[None])[0, -1]
+    assert rows[0]["logit_change"][0] == pytest.approx(float(after[paris] - before[paris]), abs=1e-4)
+    # a store built from the catalog answers `interventions FEATURE`
+    code, output, stdout = cli("interventions", "L2/7", "--catalog", root, "--format", "json")
+    assert code == 0, output
+    assert [u["id"] for u in json.loads(stdout)] == [shown["id"]]
+
+    code, output, stdout = cli(*base, "--prompt", pid, "--validate", "-k", "6", "--paths", "2", "--format", "json")
+    assert code == 0, output
+    v = json.loads(stdout)
+    assert len(v["checks"]) >= 6 and v["max_direct_error"] < 1e-4
+    assert any(abs(p) > 0.05 for c in v["checks"] for p in c["predicted"])  # real predictions, not zeros
+    assert any(abs(p - f) > 1e-3 for c in v["checks"] for p, f in zip(c["predicted"], c["full"]))  # and the full model differs
+
+
+def test_cli_steered_generation(cli_catalog, gpt2):
+    model_dir, tc_dir, _, _ = cli_catalog
+    code, output, stdout = cli("intervene", "--model", model_dir, "--transcoders", tc_dir, "--prompt", PROMPT, "--add", "L2/7@*=8",
+                       "--generate", "4", "--format", "json")
+    assert code == 0, output
+    generation = json.loads(stdout)["generation"]
+    tokens = prompt_tokens(gpt2, PROMPT)
+    with torch.no_grad():  # TransformerLens' own greedy generation is the unedited continuation
+        expected = gpt2.generate(tokens[None], max_new_tokens=4, do_sample=False, use_past_kv_cache=False, verbose=False, stop_at_eos=False)
+    assert generation["original"] == gpt2.tokenizer.decode(expected[0, len(tokens):].tolist())
+    assert generation["steered"] != generation["original"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "L1/99@2=0"], "has 40 features"),
+    (["--set", "L7/1=0"], "no transcoder at layer 7"),
+    (["--set", "L1/2@40=0"], "out of range"),
+    (["--set", "L1/2@x=y"], "malformed position"),
+    (["--scale", "L1/2@3=nan"], "not a finite"),
+    (["--add", "L1/2@3"], "malformed intervention"),
+    (["--direct-only", "--set", "L1/2=0", "--generate", "3"], "default regime only"),
+    (["--validate", "--set", "L1/2=0"], "--validate needs"),
+    (["--set", "L1/2=0", "--target", "paris france"], "2 tokens"),
+])
+def test_cli_bad_specs_are_one_line_and_write_nothing(cli_catalog, args, message):
+    model_dir, tc_dir, root, pid = cli_catalog
+    before = catalog_files(root)
+    code, output, _ = cli("intervene", "--model", model_dir, "--transcoders", tc_dir, "--catalog", root, "--prompt", pid, *args)
+    assert code == 1, output
+    assert "Traceback" not in output
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], output
+    assert catalog_files(root) == before
