@@ -120,22 +120,34 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--edge-threshold", type=click.FloatRange(0, 1), default=0.98, show_default=True, help="Pruning: keep edges carrying this share of influence.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Attribution targets per backward sweep.")
 @click.option("--bos-features", is_flag=True, help="Give position 0 (the BOS or other leading special token) feature nodes too; by default it has none and its MLP output is a constant in each target's bias.")
+@click.option("--target", "custom_tokens", multiple=True, help="Custom attribution target for every prompt without its own: the sum of these tokens' logits (repeatable).")
+@click.option("--contrast", multiple=True, help="With --target: minus these tokens' logits, e.g. --target ' Paris' --contrast ' London'.")
+@click.option("--direction", type=click.Path(path_type=Path), default=None, help="Custom target: a .npy vector of d_model values read after the final norm at the last position.")
+@click.option("--target-weight", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="The custom target's weight in pruning (as a logit's probability).")
 def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len,
            prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size,
-           bos_features):
+           bos_features, custom_tokens, contrast, direction, target_weight):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
     from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
     from ingest.models import load_model, resolve_model
-    from ingest.prompts import AttributionSettings, read_prompts, run_prompts
+    from ingest.prompts import AttributionSettings, check_prompt, read_prompts, run_prompts
     from ingest.transcoder_formats import load_transcoders
 
     specs = read_prompts(prompts_file) if prompts_file is not None else []
+    if custom_tokens or contrast or direction:
+        from dataclasses import replace
+
+        custom = dict(targets=tuple(custom_tokens), contrast=tuple(contrast), direction=None if direction is None else str(direction),
+                      target_weight=target_weight)
+        specs = [s if s.custom is not None else replace(s, **custom) for s in specs]
 
     spec = resolve_model(model)
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(spec)
     tset.validate_against(lm)
+    for prompt_spec in specs:  # bad prompts or targets are refused before anything is written
+        check_prompt(lm, prompt_spec)
     manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k))
     done = run_ingest(lm, tset, catalog_dir, manifest)
     if dataset is not None:

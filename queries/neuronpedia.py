@@ -43,7 +43,7 @@ def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
     out_nodes, js_id = [], {}
     first_logit = True
     for n, share in zip(nodes, cumulative):
-        if not n["kept"]:
+        if not n["kept"] or n["kind"] == "target":  # a custom target has no place in the viewer's format
             continue
         kind, layer, pos = n["kind"], n["layer"], n["pos"]
         node = {"ctx_idx": pos, "run_idx": 0, "reverse_ctx_idx": 0, "influence": share, "activation": n["activation"],
