@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ def intervention_row(manifest: Manifest, tokens: list[int], prompt_id: str | Non
     """The table row; its id hashes the model, transcoders, tokens, edits, regime and generation settings."""
     key = {"model": manifest.model_weights_sha256, "transcoders": manifest.transcoder_files, "tokens": tokens,
            "edits": result.edits, "regime": result.regime, "generate": generation_settings}
+    edits = [replace(e, pos=None if e.pos is None else e.pos % len(tokens)) for e in edits]  # -1 as the position it was
     features = list(dict.fromkeys(e.feature for e in edits))
     return {
         "id": hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16],

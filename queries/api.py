@@ -260,8 +260,15 @@ class Lookups:
     def interventions(self, fid: str, k: int = 20) -> list[InterventionUse]:
         """The k newest recorded interventions that edited the feature, with their logit changes."""
         self.check_feature(fid)
+        return self._interventions("interventions", id=fid, k=k)
+
+    def prompt_interventions(self, key: str, k: int = 20) -> list[InterventionUse]:
+        """The k newest recorded interventions on a prompt (by id or text); `edits` is the whole spec."""
+        return self._interventions("prompt_interventions", id=self.prompt(key).id, k=k)
+
+    def _interventions(self, name: str, **params) -> list[InterventionUse]:
         found: dict[str, InterventionUse] = {}
-        for r in self._q("interventions", id=fid, k=k):
+        for r in self._q(name, **params):
             use = found.setdefault(r["id"], InterventionUse(
                 r["id"], r["prompt_id"], r["prompt"], r["regime"], r["spec"], r["edits"], float(r["kl"]), [],
                 r["generated_original"], r["generated_steered"]))

@@ -262,3 +262,38 @@ def test_cli_bad_specs_are_one_line_and_write_nothing(cli_catalog, args, message
     lines = [line for line in output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], output
     assert catalog_files(root) == before
+
+
+def test_feature_card_and_prompt_report_show_interventions(stats_catalog, gpt2, tmp_path):
+    import shutil
+
+    from catalog.manifest import Manifest
+    from catalog.store import open_loaded_store
+    from ingest.intervention_log import add_intervention, intervention_row
+    from ingest.interventions import intervene
+    from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+    from queries.api import Lookups
+    from queries.reports.feature import write_feature_cards
+    from queries.reports.prompt import write_prompt_report
+    from tests.test_reports import Page
+
+    source, tset = stats_catalog
+    root = tmp_path / "catalog"
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("graph*"))
+    (pid,) = run_prompts(gpt2, tset, root, [PromptSpec(PROMPT)], AttributionSettings(), progress=False)
+    tokens = prompt_tokens(gpt2, PROMPT)
+    edits = [parse_edit("set", "L1/3@-1=0"), parse_edit("add", "L2/4=2")]
+    result = intervene(gpt2, tset, tokens, edits, Regime.FREEZE_ATTENTION, k=3)
+    row = intervention_row(Manifest.read(root), tokens.tolist(), pid, edits, result)
+    add_intervention(root, row)
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        (card,) = write_feature_cards(lookups, root, ["L1/3"], tmp_path / "out", k=5)
+        (blind,) = write_feature_cards(lookups, root, ["L1/3"], tmp_path / "out", k=5, blind=True)
+        report = write_prompt_report(lookups, root, pid, tmp_path / "out" / "p.html")
+    (rows,) = Page(card.read_text()).rows("interventions")
+    assert [r[:5] for r in rows] == [[row["id"], pid, "freeze-attention", "set L1/3@5=0", f"{row['kl']:.4f}"]]
+    biggest = max(zip(row["target_tokens"], row["logit_change"]), key=lambda tc: abs(tc[1]))
+    assert f"{biggest[1]:+.3f}" in rows[0][5]
+    assert not Page(blind.read_text()).rows("interventions")  # its prompt would unblind the card
+    (rows,) = Page(report.read_text()).rows("interventions")
+    assert [r[3] for r in rows] == [row["spec"]]
