@@ -150,16 +150,18 @@ def clean_run(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: bool =
     return CleanRun(logits[0], {name: cache[name] for name in frozen}, zs, errors)
 
 
-def _edited(z: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
+def _edited(z: torch.Tensor, edit_sets: list[list[Edit]]) -> torch.Tensor:
+    """z [B, n_pos, d_sae] with batch row b edited by edit_sets[b]."""
     z = z.clone()
-    for e in edits:
-        where = slice(None) if e.pos is None else e.pos
-        if e.op == "set":
-            z[where, e.index] = e.value
-        elif e.op == "scale":
-            z[where, e.index] *= e.value
-        else:
-            z[where, e.index] += e.value
+    for b, edits in enumerate(edit_sets):
+        for e in edits:
+            where = (b, slice(None) if e.pos is None else e.pos, e.index)
+            if e.op == "set":
+                z[where] = e.value
+            elif e.op == "scale":
+                z[where] *= e.value
+            else:
+                z[where] += e.value
     return z
 
 
@@ -173,38 +175,46 @@ class Run:
 def run_edited(model, tset: TranscoderSet, tokens: torch.Tensor, edits: list[Edit], regime: Regime = Regime.REPLACEMENT,
                clean: CleanRun | None = None, zero_bos: bool = True) -> Run:
     """One forward pass of the local replacement model with `edits` (already `resolve`d) in `regime`."""
+    logits, pre_acts = run_batch(model, tset, tokens, [edits], regime, clean, zero_bos)
+    return Run(logits[0], {layer: p[0] for layer, p in pre_acts.items()})
+
+
+@torch.no_grad()
+def run_batch(model, tset: TranscoderSet, tokens: torch.Tensor, edit_sets: list[list[Edit]], regime: Regime = Regime.REPLACEMENT,
+              clean: CleanRun | None = None, zero_bos: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Several interventions on one prompt in one batched forward pass: logits [B, n_pos, d_vocab] and
+    transcoder pre-activations per layer [B, n_pos, d_sae], row b edited by `edit_sets[b]`."""
     check_supported(model, tset)
     clean = clean or clean_run(model, tset, tokens, zero_bos)
-    by_layer: dict[int, list[Edit]] = {}
-    for e in edits:
-        by_layer.setdefault(e.layer, []).append(e)
+    n = len(edit_sets)
+    by_layer = {layer: [[e for e in edits if e.layer == layer] for edits in edit_sets] for layer in tset.layers}
     inputs: dict[int, torch.Tensor] = {}
     pre_acts: dict[int, torch.Tensor] = {}
 
     def read_input(value, hook, layer):
-        inputs[layer] = value[0]
-        pre_acts[layer] = tset[layer].pre_acts(value[0])
+        inputs[layer] = value
+        pre_acts[layer] = tset[layer].pre_acts(value)
         return value
 
     def mlp_out(value, hook, layer):
         if layer not in tset.by_layer:
-            return clean.errors[layer][None]
+            return clean.errors[layer].expand(n, -1, -1)
         tc, x = tset[layer], inputs[layer]
         if regime is Regime.DIRECT_ONLY:
-            z = clean.z[layer]
+            z = clean.z[layer].expand(n, -1, -1)
         else:
             z = tc.activate(pre_acts[layer])
             if zero_bos:
-                z[0] = 0
-        return (tc.decode(_edited(z, by_layer.get(layer, [])), x) + clean.errors[layer])[None]
+                z[:, 0] = 0
+        return tc.decode(_edited(z, by_layer[layer]), x) + clean.errors[layer]
 
     hooks = [(tc.cfg.hook_in, lambda v, hook, layer=tc.layer: read_input(v, hook, layer)) for tc in tset]
     hooks += [(f"blocks.{layer}.hook_mlp_out", lambda v, hook, layer=layer: mlp_out(v, hook, layer))
               for layer in range(model.cfg.n_layers)]
     if regime is not Regime.REPLACEMENT:
-        hooks += [(name, lambda v, hook: clean.cache[hook.name]) for name in clean.cache]
-    logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
-    return Run(logits, pre_acts)
+        hooks += [(name, lambda v, hook: clean.cache[hook.name].expand_as(v)) for name in clean.cache]
+    logits = model.run_with_hooks(tokens[None].expand(n, -1), fwd_hooks=hooks)
+    return logits, pre_acts
 
 
 @dataclass

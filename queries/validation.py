@@ -20,7 +20,7 @@ import torch
 
 from catalog import layout
 from catalog.errors import CatalogDirError
-from ingest.interventions import Edit, Regime, clean_run, run_edited
+from ingest.interventions import Edit, Regime, clean_run, run_batch
 from ingest.transcoder import TranscoderSet
 from queries.neuronpedia import find_prompt_id
 from queries.prompt_graph import PromptGraph, PromptInfo, strongest_paths
@@ -46,8 +46,9 @@ class Validation:
         return max((abs(p - d) for c in self.checks for p, d in zip(c.predicted, c.direct)), default=0.0)
 
 
-def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 20, n_paths: int = 5) -> Validation:
-    """Ablate the k most influential features and the features of the n_paths strongest paths, one check each."""
+def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 20, n_paths: int = 5, batch_size: int = 16) -> Validation:
+    """Ablate the k most influential features and the features of the n_paths strongest paths, one check each
+    (`batch_size` ablations per forward pass)."""
     catalog_dir = Path(catalog_dir)
     pid = find_prompt_id(catalog_dir, key)
     folder = layout.prompt_dir(catalog_dir, pid)
@@ -81,11 +82,12 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
             groups.append(group)
 
     checks = []
-    for group in groups:
-        edits = [Edit("set", by_id[n]["layer"], by_id[n]["feature"], by_id[n]["pos"], 0.0) for n in group]
-        predicted = [-sum(weights[n].get(t, 0.0) for n in group) for t in logit_ids]
-        direct = run_edited(model, tset, tokens, edits, Regime.DIRECT_ONLY, clean, zero_bos).logits[-1, token_ids] - before
-        full = run_edited(model, tset, tokens, edits, Regime.REPLACEMENT, clean, zero_bos).logits[-1, token_ids] - before
-        label = " + ".join(n.split(":", 1)[1] for n in group)
-        checks.append(Check(label, predicted, direct.tolist(), full.tolist()))
+    for start in range(0, len(groups), batch_size):  # one batched forward pass per regime and batch of ablations
+        batch = groups[start:start + batch_size]
+        edit_sets = [[Edit("set", by_id[n]["layer"], by_id[n]["feature"], by_id[n]["pos"], 0.0) for n in group] for group in batch]
+        direct = run_batch(model, tset, tokens, edit_sets, Regime.DIRECT_ONLY, clean, zero_bos)[0][:, -1, token_ids] - before
+        full = run_batch(model, tset, tokens, edit_sets, Regime.REPLACEMENT, clean, zero_bos)[0][:, -1, token_ids] - before
+        for group, d, f in zip(batch, direct.tolist(), full.tolist()):
+            predicted = [-sum(weights[n].get(t, 0.0) for n in group) for t in logit_ids]
+            checks.append(Check(" + ".join(n.split(":", 1)[1] for n in group), predicted, d, f))
     return Validation(pid, info["text"], [n["token"] for n in logits], checks)
