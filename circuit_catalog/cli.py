@@ -138,8 +138,8 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     if custom_tokens or contrast or direction:
         from dataclasses import replace
 
-        custom = dict(targets=tuple(custom_tokens), contrast=tuple(contrast), direction=None if direction is None else str(direction),
-                      target_weight=target_weight)
+        custom = {"targets": tuple(custom_tokens), "contrast": tuple(contrast),
+                  "direction": None if direction is None else str(direction), "target_weight": target_weight}
         specs = [s if s.custom is not None else replace(s, **custom) for s in specs]
 
     spec = resolve_model(model)

@@ -20,7 +20,7 @@ from ingest.interventions import Edit, InterventionError, Regime, clean_run, par
 from ingest.token_edges import top_logit_tokens
 from ingest.transcoder_formats import load_transcoders, save_circuit_tracer
 from tests.conftest import random_transcoders, with_skip
-from tests.test_circuit_tracer import ROOT, ct_python  # noqa: F401  (the circuit-tracer venv fixture)
+from tests.test_circuit_tracer import ROOT, ct_python  # noqa: F401 (registers the circuit-tracer venv fixture)
 
 PROMPT = "the capital of france is"
 RUNNER = ROOT / "bench" / "circuit_tracer" / "run_intervention.py"
@@ -123,12 +123,12 @@ def ct_case(request, tmp_path_factory):
     return get
 
 
-def circuit_tracer_logits(ct_python, model_dir, tc_dir, tokens, cases: list[tuple[list[Edit], dict]], out) -> list[torch.Tensor]:
+def circuit_tracer_logits(python, model_dir, tc_dir, tokens, cases: list[tuple[list[Edit], dict]], out) -> list[torch.Tensor]:
     """One circuit-tracer process for every case: (edits, options of run_intervention.py's case)."""
     spec = [{"interventions": [[e.layer, e.pos, e.index, e.value] for e in edits], **options} for edits, options in cases]
-    done = subprocess.run([str(ct_python), str(RUNNER), "--model", str(model_dir), "--transcoders", str(tc_dir),
+    done = subprocess.run([str(python), str(RUNNER), "--model", str(model_dir), "--transcoders", str(tc_dir),
                            "--token-ids", ",".join(map(str, tokens.tolist())), "--cases", json.dumps(spec), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     result = np.load(out)
     return [torch.from_numpy(result[f"logits_{i}"]) for i in range(len(cases))]
@@ -144,7 +144,8 @@ REGIMES = {
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_agrees_with_circuit_tracers_feature_intervention(arch, ct_python, ct_case, tmp_path):  # noqa: F811
+def test_agrees_with_circuit_tracers_feature_intervention(arch, ct_case, tmp_path, request):
+    python = request.getfixturevalue("ct_python")
     model, model_dir, tc_dir, tset = ct_case(arch)
     tokens = prompt_tokens(model, PROMPT)
     clean = clean_run(model, tset, tokens)
@@ -155,12 +156,12 @@ def test_agrees_with_circuit_tracers_feature_intervention(arch, ct_python, ct_ca
     # real-MLP model and our replacement model must agree with nothing frozen
     last = [Edit("set", 2, 11, n_pos - 1, 3.0), Edit("set", 2, 4, None, 0.0)]
     cases = [(edits, options) for options in REGIMES.values()] + [(last, {"mlp": "real"})]
-    theirs = circuit_tracer_logits(ct_python, model_dir, tc_dir, tokens, cases, tmp_path / "ct.npz")
+    theirs = circuit_tracer_logits(python, model_dir, tc_dir, tokens, cases, tmp_path / "ct.npz")
     ours = [run_edited(model, tset, tokens, edits, regime, clean).logits for regime in REGIMES]
     ours.append(run_edited(model, tset, tokens, last, Regime.REPLACEMENT, clean).logits)
     for name, mine, ref in zip([*REGIMES, "last layer, real MLPs"], ours, theirs):
         assert float((ref - clean.logits).abs().max()) > 0.5  # the edits did something
-        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=2e-5 * float(ref.abs().max()), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=2e-5 * float(ref.abs().max()), msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ------------------------------------------------------------ the CLI: recorded, validated, steered, refused

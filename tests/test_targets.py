@@ -12,7 +12,7 @@ import torch
 from catalog import layout
 from ingest.attribution import AttributionError, attribute, prompt_tokens, target_token
 from ingest.job import IngestSettings, build_manifest, run_ingest
-from ingest.prompts import AttributionSettings, PromptSpec, read_prompts, run_prompts
+from ingest.prompts import AttributionSettings, read_prompts, run_prompts
 from ingest.pruning import logit_weights
 from ingest.targets import custom_target
 from tests.conftest import random_transcoders
@@ -95,8 +95,8 @@ def test_ingest_cli_custom_target_and_refusals(gpt2_dir, tmp_path):
     from click.testing import CliRunner
 
     from circuit_catalog.cli import main
-    from ingest.transcoder_formats import save_saelens
     from ingest.models import load_model
+    from ingest.transcoder_formats import save_saelens
 
     model = load_model(str(gpt2_dir))
     for tc in random_transcoders(model, d_sae=16, seed=2):
