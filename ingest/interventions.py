@@ -120,6 +120,7 @@ class CleanRun:
     cache: dict[str, torch.Tensor]  # patterns and norm scales, by hook name
     z: dict[int, torch.Tensor]  # per transcoder layer [n_pos, d_sae], position 0 zeroed
     errors: list[torch.Tensor]  # per layer [n_pos, d]: MLP output minus reconstruction (the whole output without a transcoder)
+    final_normalised: torch.Tensor  # [d] the unembedding's input at the last position (custom targets read it)
 
 
 def _freeze_names(n_layers: int) -> list[str]:
@@ -134,6 +135,7 @@ def clean_run(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: bool =
     n_layers = model.cfg.n_layers
     frozen = set(_freeze_names(n_layers))
     wanted = frozen | {f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)} | {tc.cfg.hook_in for tc in tset}
+    wanted.add("ln_final.hook_normalized")
     logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in wanted)
     errors, zs = [], {}
     for layer in range(n_layers):
@@ -147,7 +149,7 @@ def clean_run(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: bool =
             zs[layer] = z
             out = out - tc.decode(z, x)
         errors.append(out)
-    return CleanRun(logits[0], {name: cache[name] for name in frozen}, zs, errors)
+    return CleanRun(logits[0], {name: cache[name] for name in frozen}, zs, errors, cache["ln_final.hook_normalized"][0, -1])
 
 
 def _edited(z: torch.Tensor, edit_sets: list[list[Edit]]) -> torch.Tensor:
@@ -167,29 +169,32 @@ def _edited(z: torch.Tensor, edit_sets: list[list[Edit]]) -> torch.Tensor:
 
 @dataclass
 class Run:
+    """One intervention's forward pass, or a batch of them (a leading batch dimension on every tensor)."""
+
     logits: torch.Tensor  # [n_pos, d_vocab]
     pre_acts: dict[int, torch.Tensor] = field(default_factory=dict)  # per transcoder layer [n_pos, d_sae]
+    final_normalised: torch.Tensor | None = None  # [d] the unembedding's input at the last position
 
 
 @torch.no_grad()
 def run_edited(model, tset: TranscoderSet, tokens: torch.Tensor, edits: list[Edit], regime: Regime = Regime.REPLACEMENT,
                clean: CleanRun | None = None, zero_bos: bool = True) -> Run:
     """One forward pass of the local replacement model with `edits` (already `resolve`d) in `regime`."""
-    logits, pre_acts = run_batch(model, tset, tokens, [edits], regime, clean, zero_bos)
-    return Run(logits[0], {layer: p[0] for layer, p in pre_acts.items()})
+    batch = run_batch(model, tset, tokens, [edits], regime, clean, zero_bos)
+    return Run(batch.logits[0], {layer: p[0] for layer, p in batch.pre_acts.items()}, batch.final_normalised[0])
 
 
 @torch.no_grad()
 def run_batch(model, tset: TranscoderSet, tokens: torch.Tensor, edit_sets: list[list[Edit]], regime: Regime = Regime.REPLACEMENT,
-              clean: CleanRun | None = None, zero_bos: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Several interventions on one prompt in one batched forward pass: logits [B, n_pos, d_vocab] and
-    transcoder pre-activations per layer [B, n_pos, d_sae], row b edited by `edit_sets[b]`."""
+              clean: CleanRun | None = None, zero_bos: bool = True) -> Run:
+    """Several interventions on one prompt in one batched forward pass, row b edited by `edit_sets[b]`."""
     check_supported(model, tset)
     clean = clean or clean_run(model, tset, tokens, zero_bos)
     n = len(edit_sets)
     by_layer = {layer: [[e for e in edits if e.layer == layer] for edits in edit_sets] for layer in tset.layers}
     inputs: dict[int, torch.Tensor] = {}
     pre_acts: dict[int, torch.Tensor] = {}
+    final: list[torch.Tensor] = []
 
     def read_input(value, hook, layer):
         inputs[layer] = value
@@ -213,8 +218,9 @@ def run_batch(model, tset: TranscoderSet, tokens: torch.Tensor, edit_sets: list[
               for layer in range(model.cfg.n_layers)]
     if regime is not Regime.REPLACEMENT:
         hooks += [(name, lambda v, hook: clean.cache[hook.name].expand_as(v)) for name in clean.cache]
+    hooks.append(("ln_final.hook_normalized", lambda v, hook: final.append(v[:, -1]) or v))
     logits = model.run_with_hooks(tokens[None].expand(n, -1), fwd_hooks=hooks)
-    return logits, pre_acts
+    return Run(logits, pre_acts, final[0])
 
 
 @dataclass
@@ -223,10 +229,7 @@ class TargetChange:
     token_id: int
     before: float  # logit at the last position
     after: float
-
-    @property
-    def change(self) -> float:
-        return self.after - self.before
+    change: float  # after - before
 
 
 @dataclass
@@ -254,7 +257,7 @@ def outcome(model, prompt: str, regime: Regime, edits: list[Edit], before: torch
         return [(decode([i]), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
 
     ids = target_ids or log_p.topk(min(k, len(log_p))).indices.tolist()
-    changes = [TargetChange(decode([t]), t, float(before[t]), float(after[t])) for t in ids]
+    changes = [TargetChange(decode([t]), t, float(before[t]), float(after[t]), float(after[t] - before[t])) for t in ids]
     return Outcome(prompt, regime.value, [e.spec for e in edits], top(log_p), top(log_q), changes, kl)
 
 

@@ -3,7 +3,7 @@
 For each of the k most influential feature nodes (by the graph's influence on the logits), and for the
 features of each of the strongest token -> logit paths of the pruned graph together, the graph predicts
 each logit target's change on ablation as minus the sum of the ablated nodes' edges to it (the full
-graph's edges, `edges_full.parquet`). Measured beside it: the change under `direct-only`, where the
+graph's edges, `edges_full.parquet`); a custom target (`ingest.targets`) is checked like a logit. Measured beside it: the change under `direct-only`, where the
 graph is exact (the two must agree to float precision: a check of the stored graph, not of a formula),
 and under the full replacement model, where the rest of the circuit responds (how linear it is).
 """
@@ -21,6 +21,7 @@ import torch
 from catalog import layout
 from catalog.errors import CatalogDirError
 from ingest.interventions import Edit, Regime, clean_run, run_batch
+from ingest.targets import custom_target
 from ingest.transcoder import TranscoderSet
 from queries.neuronpedia import find_prompt_id
 from queries.prompt_graph import PromptGraph, PromptInfo, strongest_paths
@@ -38,7 +39,7 @@ class Check:
 class Validation:
     prompt_id: str
     text: str
-    targets: list[str]  # logit target tokens, most probable first
+    targets: list[str]  # logit target tokens, most probable first, then a custom target's name
     checks: list[Check]
 
     @property
@@ -55,7 +56,9 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     info = json.loads((folder / "prompt.json").read_text())
     nodes = pq.read_table(folder / "nodes.parquet").to_pylist()
     by_id = {n["id"]: n for n in nodes}
+    # logit targets, most probable first, then a custom target; each read off the final-normed residual
     logits = sorted((n for n in nodes if n["kind"] == "logit"), key=lambda n: -n["probability"])
+    logits += [n for n in nodes if n["kind"] == "target"]
     logit_ids = [n["id"] for n in logits]
     weights: dict[str, dict[str, float]] = defaultdict(dict)  # source -> logit node -> direct effect
     for e in pq.read_table(folder / "edges_full.parquet", filters=[("dst", "in", logit_ids)]).to_pylist():
@@ -64,8 +67,8 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     tokens = torch.tensor(info["tokens"], dtype=torch.long, device=model.cfg.device)
     zero_bos = json.loads(info["settings"]).get("zero_bos", True)
     clean = clean_run(model, tset, tokens, zero_bos)
-    token_ids = torch.tensor([n["token_id"] for n in logits])
-    before = clean.logits[-1, token_ids]
+    readout, offset = _readout(model, info, logits)
+    before = clean.final_normalised @ readout + offset
     stored = torch.tensor([n["value"] for n in logits])
     if not torch.allclose(before, stored, rtol=1e-3, atol=1e-3 * float(stored.abs().max())):
         raise CatalogDirError(f"prompt {pid}: the model's logits differ from the catalog's graph; was it built with other weights or transcoders?")
@@ -85,9 +88,25 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     for start in range(0, len(groups), batch_size):  # one batched forward pass per regime and batch of ablations
         batch = groups[start:start + batch_size]
         edit_sets = [[Edit("set", by_id[n]["layer"], by_id[n]["feature"], by_id[n]["pos"], 0.0) for n in group] for group in batch]
-        direct = run_batch(model, tset, tokens, edit_sets, Regime.DIRECT_ONLY, clean, zero_bos)[0][:, -1, token_ids] - before
-        full = run_batch(model, tset, tokens, edit_sets, Regime.REPLACEMENT, clean, zero_bos)[0][:, -1, token_ids] - before
+        direct = run_batch(model, tset, tokens, edit_sets, Regime.DIRECT_ONLY, clean, zero_bos).final_normalised @ readout + offset - before
+        full = run_batch(model, tset, tokens, edit_sets, Regime.REPLACEMENT, clean, zero_bos).final_normalised @ readout + offset - before
         for group, d, f in zip(batch, direct.tolist(), full.tolist()):
             predicted = [-sum(weights[n].get(t, 0.0) for n in group) for t in logit_ids]
             checks.append(Check(" + ".join(n.split(":", 1)[1] for n in group), predicted, d, f))
     return Validation(pid, info["text"], [n["token"] for n in logits], checks)
+
+
+def _readout(model, info: dict, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[d, n_targets] directions and [n_targets] constants: a logit's unembedding column and bias, or the
+    custom target rebuilt from its definition in prompt.json."""
+    vectors, offsets = [], []
+    for n in targets:
+        if n["kind"] == "logit":
+            vectors.append(model.W_U[:, n["token_id"]].detach())
+            offsets.append(model.b_U[n["token_id"]].detach())
+        else:
+            d = info["custom_target"]
+            custom = custom_target(model, d.get("tokens", []), d.get("contrast", []), d.get("direction"), d["weight"])
+            vectors.append(custom.vector)
+            offsets.append(torch.tensor(custom.bias))
+    return torch.stack(vectors, 1), torch.stack(offsets)

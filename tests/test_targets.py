@@ -89,6 +89,12 @@ def test_custom_targets_are_stored_as_target_nodes(gpt2, tmp_path):
         assert target["id"] not in pq.read_table(folder / "links_token.parquet").column("src").to_pylist()
     plain = pq.read_table(layout.prompt_dir(root, ids[2]) / "nodes.parquet").column("kind").to_pylist()
     assert "target" not in plain
+    # --validate checks the custom target like a logit: ablations move it by minus the edges, exactly
+    from queries.validation import validate
+
+    v = validate(gpt2, tset, root, ids[0], k=6, n_paths=1)
+    assert v.targets[-1] == "'paris' - 'city'" and v.max_direct_error < 1e-4
+    assert max(abs(c.predicted[-1]) for c in v.checks) > 1e-2
 
 
 def test_ingest_cli_custom_target_and_refusals(gpt2_dir, tmp_path):
