@@ -17,9 +17,11 @@ forward pass exactly. Three regimes, the names the CLI uses:
 An edit's position is 0-based, `-1` for the last token or `*` for every position. As in the graphs,
 position 0 carries no feature activations (`trace_prompt`'s rule): its activations count as 0 there, so
 `set` writes the value's decoder vector on top of the position's fixed MLP output and `scale` does
-nothing. `scale` and `add` act on the activation as the run computes it (the unmodified one under
-`direct-only`). The same conventions as circuit-tracer's `feature_intervention` (whose `set` is ours),
-and `tests/test_interventions.py` holds the two to each other.
+nothing (with `zero_bos=False`, as for graphs built with `--bos-features`, position 0 is like any
+other). `scale` and `add` act on the activation as the run computes it (the unmodified one under
+`direct-only`). Positions and `set` follow circuit-tracer's `feature_intervention`; its MLPs stay the real
+MLPs where this model holds error terms fixed, and its `freeze_attention` freezes patterns only.
+`tests/test_interventions.py` holds the two to each other regime by regime (bench/circuit_tracer/NOTES.md).
 """
 
 from __future__ import annotations
