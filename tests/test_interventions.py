@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ingest.attribution import attribute, prompt_tokens
-from ingest.interventions import Edit, InterventionError, Regime, clean_run, parse_edit, resolve, run_edited
+from ingest.interventions import Edit, InterventionError, Regime, clean_run, parse_edit, resolve, run_batch, run_edited
 from ingest.token_edges import top_logit_tokens
 from ingest.transcoder_formats import load_transcoders, save_circuit_tracer
 from tests.conftest import random_transcoders, with_skip
@@ -71,6 +71,21 @@ def test_direct_only_ablation_moves_each_target_by_minus_its_edge(case):
             assert float(change) == pytest.approx(-float(graph.adjacency[t, group].sum()), abs=1e-5)
         checked += int((predicted.abs() > 1e-3).sum())
     assert checked > 10
+
+
+def test_a_batch_of_interventions_equals_each_run_alone(case):
+    """Validation batches its ablations: each row of a batched pass is that intervention's own pass, in every regime."""
+    model, tset, tokens = case
+    layer = tset.layers[-1]
+    edit_sets = [[Edit("set", layer, 3, None, 0.0)], [Edit("add", tset.layers[0], 5, 2, 4.0), Edit("scale", layer, 7, None, 2.0)], []]
+    clean = clean_run(model, tset, tokens)
+    for regime in Regime:
+        batch = run_batch(model, tset, tokens, edit_sets, regime, clean)
+        for b, edits in enumerate(edit_sets):
+            alone = run_edited(model, tset, tokens, edits, regime, clean)
+            torch.testing.assert_close(batch.logits[b], alone.logits, rtol=1e-4, atol=1e-4 * float(alone.logits.abs().max()))
+            torch.testing.assert_close(batch.final_normalised[b], alone.final_normalised, rtol=1e-4, atol=1e-4)
+        assert float((batch.logits[1] - batch.logits[2]).abs().max()) > 1e-2  # the rows differ: the edits took
 
 
 @torch.no_grad()
