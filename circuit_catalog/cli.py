@@ -678,10 +678,6 @@ def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, fre
         raise InterventionError("nothing to do: give --set, --scale or --add (or --validate with --catalog)")
     if n_generate and regime is not Regime.REPLACEMENT:
         raise InterventionError("--generate runs the default regime only (no frozen values exist for generated tokens)")
-    if catalog_dir is not None:
-        from catalog.manifest import Manifest
-
-        manifest = Manifest.read(catalog_dir)
     from ingest.models import load_model
     from ingest.transcoder_formats import load_transcoders
 
@@ -693,48 +689,12 @@ def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, fre
 
         _print_validation(validate_prompt(lm, tset, catalog_dir, prompt_key, k or 20, n_paths), fmt)
         return
-    _intervene(lm, tset, prompt_key, catalog_dir, manifest if catalog_dir is not None else None, edits, regime, targets,
-               k or 10, n_generate, temperature, seed, fmt)
+    from queries.intervention_runs import run_intervention
 
-
-def _intervene(lm, tset, prompt_key, catalog_dir, manifest, edits, regime, targets, k, n_generate, temperature, seed, fmt) -> None:
-    import json as json_
-
-    import torch
-
-    from catalog import layout
-    from ingest.attribution import prompt_tokens, target_token
-    from ingest.interventions import intervene
-    from queries.neuronpedia import find_prompt_id
-
-    prompt_id, zero_bos = None, True
-    if catalog_dir is not None and (catalog_dir / layout.PROMPT_INDEX).is_file():
-        try:
-            prompt_id = find_prompt_id(catalog_dir, prompt_key)
-        except UserError:
-            prompt_id = None  # text that is not a catalog prompt: run as given
-    if prompt_id is not None:
-        info = json_.loads((layout.prompt_dir(catalog_dir, prompt_id) / "prompt.json").read_text())
-        tokens = torch.tensor(info["tokens"], dtype=torch.long, device=lm.cfg.device)
-        zero_bos = json_.loads(info["settings"]).get("zero_bos", True)
-    else:
-        tokens = prompt_tokens(lm, prompt_key)
-    target_ids = [target_token(lm, t) for t in targets]
-    result = intervene(lm, tset, tokens, edits, regime, target_ids, k, zero_bos)
-    generation = None
-    if n_generate:
-        from ingest.steering import generate
-
-        generation = generate(lm, tset, tokens, edits, n_generate, temperature, seed, zero_bos)
-    if catalog_dir is not None:
-        from ingest.intervention_log import add_intervention, intervention_row
-
-        settings = {"n": n_generate, "temperature": temperature, "seed": seed} if n_generate else None
-        row = intervention_row(manifest, tokens.tolist(), prompt_id, edits, result, generation, settings)
-        add_intervention(catalog_dir, row)
+    done = run_intervention(lm, tset, prompt_key, edits, regime, list(targets), k or 10, catalog_dir, n_generate, temperature, seed)
+    result, generation = done.outcome, done.generation
     if fmt == "json":
-        _print_json({**asdict(result), "generation": asdict(generation) if generation else None,
-                     "prompt_id": prompt_id, "id": row["id"] if catalog_dir is not None else None})
+        _print_json({**asdict(result), "generation": asdict(generation) if generation else None, "prompt_id": done.prompt_id, "id": done.id})
         return
     out.print(f"{result.prompt!r} ({regime.value}): {'; '.join(result.edits)}", highlight=False, soft_wrap=True)
     table = Table("before", "p", "after", "p", title="top next tokens")
@@ -747,8 +707,8 @@ def _intervene(lm, tset, prompt_key, catalog_dir, manifest, edits, regime, targe
     out.print(table)
     if generation is not None:
         out.print(Text(f"original: {generation.original}\nsteered:  {generation.steered}"))
-    if catalog_dir is not None:
-        out.print(f"recorded as intervention {row['id']} in {catalog_dir}", highlight=False)
+    if done.id is not None:
+        out.print(f"recorded as intervention {done.id} in {catalog_dir}", highlight=False)
 
 
 def _print_validation(v, fmt: str) -> None:

@@ -10,7 +10,6 @@ and under the full replacement model, where the rest of the circuit responds (ho
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from catalog.errors import CatalogDirError
 from ingest.interventions import Edit, Regime, clean_run, run_batch
 from ingest.targets import custom_target
 from ingest.transcoder import TranscoderSet
-from queries.neuronpedia import find_prompt_id
+from queries.intervention_runs import catalog_prompt, graph_tokens
 from queries.prompt_graph import PromptGraph, PromptInfo, strongest_paths
 
 
@@ -51,9 +50,8 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     """Ablate the k most influential features and the features of the n_paths strongest paths, one check each
     (`batch_size` ablations per forward pass)."""
     catalog_dir = Path(catalog_dir)
-    pid = find_prompt_id(catalog_dir, key)
+    pid, info = catalog_prompt(catalog_dir, key)
     folder = layout.prompt_dir(catalog_dir, pid)
-    info = json.loads((folder / "prompt.json").read_text())
     nodes = pq.read_table(folder / "nodes.parquet").to_pylist()
     by_id = {n["id"]: n for n in nodes}
     # logit targets, most probable first, then a custom target; each read off the final-normed residual
@@ -64,8 +62,7 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     for e in pq.read_table(folder / "edges_full.parquet", filters=[("dst", "in", logit_ids)]).to_pylist():
         weights[e["src"]][e["dst"]] = e["weight"]
 
-    tokens = torch.tensor(info["tokens"], dtype=torch.long, device=model.cfg.device)
-    zero_bos = json.loads(info["settings"]).get("zero_bos", True)
+    tokens, zero_bos = graph_tokens(model, info)
     clean = clean_run(model, tset, tokens, zero_bos)
     readout, offset = _readout(model, info, logits)
     before = clean.final_normalised @ readout + offset
