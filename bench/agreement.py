@@ -64,8 +64,14 @@ def case(name: str, model, model_dir: Path, tc_dir: Path, prompt: str, cap: int 
     same = run_circuit_tracer(ct_python, model_dir, tc_dir, prompt, tmp / "same.npz", cap, "--graph", str(ours_file))
 
     features = own["active_features"][own["selected_features"]].tolist()
-    if graph.features.tolist() != features or graph.logit_tokens.tolist() != own["logit_tokens"].tolist():
-        print(f"{name}: the two tools chose different nodes; nothing compared")
+    if graph.tokens.tolist() != own["input_tokens"].tolist() or graph.logit_tokens.tolist() != own["logit_tokens"].tolist():
+        print(f"{name}: different tokens or logit targets (ours {graph.tokens.tolist()} -> {graph.logit_tokens.tolist()}, "
+              f"circuit-tracer's {own['input_tokens'].tolist()} -> {own['logit_tokens'].tolist()}); nothing compared")
+        return
+    if graph.features.tolist() != features:
+        shared = len(set(map(tuple, graph.features.tolist())) & set(map(tuple, features)))
+        print(f"{name}: the cap chose different features ({shared} of {len(features)} shared; {graph.n_active_features} "
+              f"active, ours {len(graph.features)}); nothing compared")
         return
     positional = model.cfg.positional_embedding_type == "standard"
     targets = torch.cat([torch.arange(graph.n_features), torch.arange(graph.logit_index(0), graph.n_nodes)])

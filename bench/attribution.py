@@ -7,6 +7,8 @@ transcoders already loaded). Cases: a tiny Llama-style model (as the tests build
 with the project's trained transcoders (run `bash scripts/demo.sh` first, or pass --transcoders).
 
     python bench/attribution.py [--transcoders data/smollm2-135m/transcoders] [--max-feature-nodes 1024]
+    python bench/attribution.py --smoke   # seconds: the tiny case, our side only (the suite runs this; its
+                                          # circuit-tracer side is run by tests/test_circuit_tracer.py)
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ def run_theirs(ct_python: Path, model_dir: Path, tc_dir: Path, prompt: str, args
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def case(name: str, model_dir: Path, tc_dir: Path, prompt: str, ct_python: Path, args, tmp: Path) -> None:
+def case(name: str, model_dir: Path, tc_dir: Path, prompt: str, ct_python: Path | None, args, tmp: Path) -> None:
     ours = run_ours(model_dir, tc_dir, prompt, args)
+    if ct_python is None:
+        print(f"{name}: ours {ours['wall_time_s']:.2f} s, peak RSS {ours['peak_rss_mb']:.0f} MiB (smoke: circuit-tracer not run)")
+        return
     theirs = run_theirs(ct_python, model_dir, tc_dir, prompt, args, tmp)
     ratio = ours["wall_time_s"] / theirs["wall_time_s"]
     print(f"{name}: {ours['n_features']} feature nodes of {ours['n_active']} active, {ours['n_logits']} logits, "
@@ -83,15 +88,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--ct-venv", type=Path, default=None, help="circuit-tracer venv (default: the cache's, created if missing)")
+    ap.add_argument("--smoke", action="store_true", help="tiny case only, 64 feature nodes, one repeat, our side only")
     args = ap.parse_args()
+    if args.smoke:
+        args.max_feature_nodes, args.batch_size, args.repeat = 64, 64, 1
 
     from ingest.models import _gguf_to_hf_dir, cache_root, resolve_model
     from ingest.transcoder_formats import load_transcoders, save_circuit_tracer
     from tests.conftest import build_hf_model, random_transcoders
 
     venv = args.ct_venv or cache_root() / "circuit-tracer-venv"
-    subprocess.run(["bash", str(ROOT / "bench" / "circuit_tracer" / "setup_venv.sh"), str(venv)], check=True)
-    ct_python = venv / "bin" / "python"
+    ct_python = None
+    if not args.smoke:
+        subprocess.run(["bash", str(ROOT / "bench" / "circuit_tracer" / "setup_venv.sh"), str(venv)], check=True)
+        ct_python = venv / "bin" / "python"
     with tempfile.TemporaryDirectory(prefix="bench-attr-") as t:
         tmp = Path(t)
         tiny_dir = build_hf_model(tmp / "tiny-llama", "llama", n_layers=4)
@@ -99,6 +109,8 @@ def main() -> None:
 
         save_circuit_tracer(random_transcoders(load_model(str(tiny_dir)), d_sae=256, seed=0), tmp / "tiny-tc")
         case("tiny Llama (4 layers, d_model 32, 4 x 256 features)", tiny_dir, tmp / "tiny-tc", TINY_PROMPT, ct_python, args, tmp)
+        if args.smoke:
+            return
         if not args.transcoders.is_dir():
             print(f"SmolLM2-135M skipped: no transcoders at {args.transcoders} (run `bash scripts/demo.sh` first)")
             return

@@ -6,6 +6,7 @@ write) over a stated fraction of the 66 layer pairs, torch's own large-matmul GF
 peak memory. Random transcoders: 12 layers x 24,576 features x d_model 768.
 
     .venv/bin/python bench/pullbacks.py [--pairs 3] [--loop-features 256]
+    .venv/bin/python bench/pullbacks.py --smoke   # seconds, small matrices: what the test suite runs
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ from catalog.parquet_io import write_atomic  # noqa: E402
 from ingest.job import IngestSettings, pullback_edges_table  # noqa: E402
 
 N_LAYERS, D_SAE, D_MODEL = 12, 24_576, 768
+SMOKE_D_SAE, SMOKE_D_MODEL = 1024, 64
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def matmul_gflops(seconds: float = 5.0) -> float:
-    """torch's large fp32 matmul rate here: [4096, 768] @ [768, 24576], the shape of one ingest block."""
-    a, b = torch.randn(4096, D_MODEL), torch.randn(D_MODEL, D_SAE)
+def matmul_gflops(d_model: int, d_sae: int, seconds: float = 5.0) -> float:
+    """torch's large fp32 matmul rate here: [4096, d_model] @ [d_model, d_sae], the shape of one ingest block."""
+    a, b = torch.randn(4096, d_model), torch.randn(d_model, d_sae)
     a @ b  # warm up
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -56,17 +58,21 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="layer pairs to time, of the 66 (default 3)")
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--loop-features", type=int, default=256, help="features timed in the per-feature loop")
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_D_SAE} features x d_model {SMOKE_D_MODEL}, 2 pairs: seconds")
     args = parser.parse_args()
+    d_sae, d_model, seconds = (SMOKE_D_SAE, SMOKE_D_MODEL, 0.2) if args.smoke else (D_SAE, D_MODEL, 5.0)
+    if args.smoke:
+        args.pairs, args.loop_features = 2, 16
 
     torch.manual_seed(0)
-    W_enc = [torch.randn(D_MODEL, D_SAE) / D_MODEL**0.5 for _ in range(N_LAYERS)]
-    W_dec = [torch.randn(D_SAE, D_MODEL) / D_MODEL**0.5 for _ in range(N_LAYERS)]
+    W_enc = [torch.randn(d_model, d_sae) / d_model**0.5 for _ in range(N_LAYERS)]
+    W_dec = [torch.randn(d_sae, d_model) / d_model**0.5 for _ in range(N_LAYERS)]
     all_pairs = [(lo, hi) for hi in range(N_LAYERS) for lo in range(hi)]
     pairs = all_pairs[:: max(1, len(all_pairs) // args.pairs)][: args.pairs]
     rss_before = peak_rss_gib()
     settings = IngestSettings(top_k=args.top_k)
 
-    reference = matmul_gflops()
+    reference = matmul_gflops(d_model, d_sae, seconds)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         edges = 0
@@ -75,17 +81,17 @@ def main() -> None:
             write_atomic(table, Path(tmp) / f"L{lo}_L{hi}.parquet")
             edges += table.num_rows
         ingest_s = time.perf_counter() - start
-    flops = len(pairs) * 2 * D_SAE * D_SAE * D_MODEL
+    flops = len(pairs) * 2 * d_sae * d_sae * d_model
     ingest = flops / ingest_s / 1e9
     per_pair = ingest_s / len(pairs)
-    loop_per_pair = seed_style_loop(W_dec[0], W_enc[1], args.top_k, args.loop_features) * D_SAE
+    loop_per_pair = seed_style_loop(W_dec[0], W_enc[1], args.top_k, args.loop_features) * d_sae
 
-    print(f"size: {N_LAYERS} layers x {D_SAE} features x d_model {D_MODEL}; timed {len(pairs)} of {len(all_pairs)} pairs {pairs}")
+    print(f"size: {N_LAYERS} layers x {d_sae} features x d_model {d_model}; timed {len(pairs)} of {len(all_pairs)} pairs {pairs}")
     print(f"ingest: {ingest_s:.1f} s for {edges:,} edges ({per_pair:.2f} s/pair, all 66 pairs ~{per_pair * 66 / 60:.1f} min)")
     print(f"achieved {ingest:.1f} GFLOP/s; torch large matmul {reference:.1f} GFLOP/s; ratio {ingest / reference:.2f} (target >= 0.7)")
     print(f"per-feature loop (seed style, {args.loop_features} features timed): {loop_per_pair:.1f} s/pair; "
           f"speed-up {loop_per_pair / per_pair:.0f}x (target >= 50x)")
-    print(f"peak RSS {peak_rss_gib():.2f} GiB (weights alone {2 * N_LAYERS * D_SAE * D_MODEL * 4 / 2**30:.2f} GiB; "
+    print(f"peak RSS {peak_rss_gib():.2f} GiB (weights alone {2 * N_LAYERS * d_sae * d_model * 4 / 2**30:.2f} GiB; "
           f"before the run {rss_before:.2f} GiB)")
 
 

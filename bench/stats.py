@@ -4,12 +4,14 @@ Both are measured in this run on the same tokens; the ratio of their times is th
 (target <= 1.25: statistics cost at most a quarter more than running the model).
 
     .venv/bin/python bench/stats.py --transcoders data/smollm2-135m/transcoders [--tokens 8192]
+    .venv/bin/python bench/stats.py --smoke   # seconds: the tests' tiny GPT-2 and random transcoders
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,20 +32,37 @@ def main() -> None:
     parser.add_argument("--dataset", default="brown")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--batch-contexts", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true", help="the tests' tiny GPT-2, random transcoders, 256 tokens")
     args = parser.parse_args()
 
-    model = load_model(args.model)
-    tset = load_transcoders(args.transcoders)
-    tokens = token_contexts(model.tokenizer, args.dataset, args.tokens, 128)
+    with tempfile.TemporaryDirectory(prefix="cc-bench-stats-") as tmp:
+        if args.smoke:
+            model, tset, args.dataset, args.tokens, ctx_len = tiny_case(Path(tmp))
+        else:
+            model, tset, ctx_len = load_model(args.model), load_transcoders(args.transcoders), 128
+        tokens = token_contexts(model.tokenizer, args.dataset, args.tokens, ctx_len)
+    measure(model, tset, tokens, args.batch_contexts)
+
+
+def tiny_case(tmp: Path):
+    """(model, transcoders, dataset, tokens, ctx_len) of the size the test suite builds."""
+    from tests.conftest import TEXT, build_hf_model, random_transcoders
+
+    model = load_model(str(build_hf_model(tmp / "tiny-gpt2", "gpt2")))
+    (tmp / "text.txt").write_text("\n\n".join([TEXT] * 20))
+    return model, random_transcoders(model, d_sae=256), str(tmp / "text.txt"), 256, 32
+
+
+def measure(model, tset, tokens: torch.Tensor, batch_contexts: int) -> None:
     last = max(tset.layers) + 1
     with torch.no_grad():
-        model(tokens[: args.batch_contexts], stop_at_layer=last)  # warm up
+        model(tokens[:batch_contexts], stop_at_layer=last)  # warm up
         start = time.perf_counter()
-        for i in range(0, len(tokens), args.batch_contexts):
-            model(tokens[i : i + args.batch_contexts], stop_at_layer=last)
+        for i in range(0, len(tokens), batch_contexts):
+            model(tokens[i : i + batch_contexts], stop_at_layer=last)
         bare = time.perf_counter() - start
     start = time.perf_counter()
-    collect_stats(model, tset, tokens, k=20, batch_contexts=args.batch_contexts, progress=False)
+    collect_stats(model, tset, tokens, k=20, batch_contexts=batch_contexts, progress=False)
     stats = time.perf_counter() - start
     n = tokens.numel()
     d_sae = tset[tset.layers[0]].cfg.d_sae

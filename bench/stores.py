@@ -7,6 +7,7 @@ Embedded (LadybugDB): 300k features, 10M pullback edges by default; prints bulk-
 against ArcadeDB (the Neo4j backend's stand-in here), whose size is printed.
 
     .venv/bin/python bench/stores.py [--features 300000 --edges 10000000] [--bolt --bolt-edges 200000]
+    .venv/bin/python bench/stores.py --smoke   # seconds: what the test suite runs, so the benchmark cannot rot
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ from queries.api import Lookups, named_query  # noqa: E402
 N_LAYERS, VOCAB, TOKEN_K = 12, 1000, 5
 
 
-def synthetic_catalog(root: Path, n_features: int, n_edges: int, seed: int = 0) -> list[str]:
-    """A catalog directory with the real layout: features, tokens, pullback parts per layer pair, token edges."""
+def synthetic_catalog(root: Path, n_features: int, n_edges: int, seed: int = 0, n_sample: int = 1000) -> list[str]:
+    """A catalog directory with the real layout: features, tokens, pullback parts per layer pair, token edges.
+
+    Feature rows carry every column of the store's Feature node (`catalog.graph_schema`), so a new
+    column there fails this benchmark's smoke run in the test suite instead of its next manual run.
+    """
     rng = np.random.default_rng(seed)
     per_layer = n_features // N_LAYERS
     ids = pa.concat_arrays([feature_ids(layer, pa.array(np.arange(per_layer))) for layer in range(N_LAYERS)])
@@ -46,6 +51,9 @@ def synthetic_catalog(root: Path, n_features: int, n_edges: int, seed: int = 0) 
         "transcoder": pa.array(["synthetic"] * n_features),
         **{col: pa.array([[f"tok{i % VOCAB}" for i in range(j, j + TOKEN_K)] for j in range(n_features)], pa.list_(pa.string()))
            for col in ("deembed_tokens", "deembed_ext_tokens", "logit_tokens")},
+        "frequency": pa.array(rng.random(n_features) * 0.01, pa.float64()),
+        "mean_act": pa.array(rng.random(n_features).astype(np.float32)),
+        "max_act": pa.array(rng.random(n_features).astype(np.float32) * 10),
     }), root / layout.FEATURES)
     write_atomic(pa.table({"id": pa.array(np.arange(VOCAB), pa.int64()), "text": pa.array([f"tok{i}" for i in range(VOCAB)])}), root / layout.TOKENS)
     pairs = [(lo, hi) for hi in range(N_LAYERS) for lo in range(hi)]
@@ -70,7 +78,7 @@ def synthetic_catalog(root: Path, n_features: int, n_edges: int, seed: int = 0) 
              top_k=None, min_weight=None, token_top_k=TOKEN_K, versions={}, status="complete", created=now(), completed=now(),
              counts={"pullback_edges": per_pair * len(pairs)}).write(root)
     later = [fid for fid in ids.to_pylist() if not fid.startswith("L0/")]
-    return [later[i] for i in rng.integers(0, len(later), 1000)]
+    return [later[i] for i in rng.integers(0, len(later), n_sample)]
 
 
 def latencies(store: GraphStore, sample: list[str]) -> tuple[list[float], list[float]]:
@@ -106,11 +114,11 @@ def report(name: str, root: Path, load_s: float, raw: list[float], full: list[fl
           f"full API call p50 {pct(full, 50):.2f} ms, p99 {pct(full, 99):.2f} ms (n={len(raw)})")
 
 
-def bench_embedded(root: Path, n_features: int, n_edges: int) -> None:
+def bench_embedded(root: Path, n_features: int, n_edges: int, n_sample: int) -> None:
     from catalog.ladybug_store import LadybugStore
 
     t = time.perf_counter()
-    sample = synthetic_catalog(root, n_features, n_edges)
+    sample = synthetic_catalog(root, n_features, n_edges, n_sample=n_sample)
     print(f"embedded: synthetic catalog {n_features:,} features, {n_edges:,} edges written in {time.perf_counter() - t:.1f} s")
     store = LadybugStore(root / "graph")
     t = time.perf_counter()
@@ -124,11 +132,13 @@ def bench_embedded(root: Path, n_features: int, n_edges: int) -> None:
     store.close()
 
 
-def bench_bolt(root: Path, n_features: int, n_edges: int) -> None:
+def bench_bolt(root: Path, n_features: int, n_edges: int, n_sample: int) -> None:
     """The Neo4j backend against ArcadeDB, run in its own process by the tests' launcher."""
     import subprocess
     import urllib.request
     from base64 import b64encode
+
+    import pyarrow.parquet as pq
 
     from catalog.neo4j_store import Neo4jStore
 
@@ -137,7 +147,7 @@ def bench_bolt(root: Path, n_features: int, n_edges: int) -> None:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    sample = synthetic_catalog(root, n_features, n_edges)
+    sample = synthetic_catalog(root, n_features, n_edges, n_sample=n_sample)
     bolt, http, password = free_port(), free_port(), "bench-password-1"
     launcher = Path(__file__).resolve().parents[1] / "tests" / "tools" / "arcadedb_server.py"
     (root / "arcadedb").mkdir()
@@ -146,14 +156,20 @@ def bench_bolt(root: Path, n_features: int, n_edges: int) -> None:
     try:
         assert proc.stdout.readline().strip() == "ready", "ArcadeDB did not start"
         auth = b64encode(f"root:{password}".encode()).decode()
-        urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{http}/api/v1/server", method="POST", data=b'{"command": "create database bench"}',
-            headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})).read()
+        for name in ("warmup", "bench"):
+            urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{http}/api/v1/server", method="POST", data=f'{{"command": "create database {name}"}}'.encode(),
+                headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})).read()
+        # the first load into a fresh JVM runs 2-3x slower while the server's code compiles: load once untimed
+        with Neo4jStore(f"bolt://127.0.0.1:{bolt}", database="warmup", auth=("root", password)) as warmup:
+            warmup.load(root, progress=False)
         store = Neo4jStore(f"bolt://127.0.0.1:{bolt}", database="bench", auth=("root", password))
         t = time.perf_counter()
         store.load(root, progress=False)
         load_s = time.perf_counter() - t
-        print(f"bolt (ArcadeDB stand-in): catalog of {n_features:,} features")
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in root.rglob("*.parquet"))  # nodes and relationships
+        print(f"bolt (ArcadeDB stand-in): catalog of {n_features:,} features; load {rows:,} rows in {load_s:.1f} s "
+              f"= {rows / load_s:,.0f} rows/s")
         raw, full = latencies(store, sample[:200])
         report("bolt", root, load_s, raw, full)
         store.close()
@@ -169,12 +185,16 @@ def main() -> None:
     parser.add_argument("--bolt", action="store_true", help="also measure the Neo4j backend over Bolt against ArcadeDB")
     parser.add_argument("--bolt-features", type=int, default=12_000)
     parser.add_argument("--bolt-edges", type=int, default=100_000)
+    parser.add_argument("--lookups", type=int, default=1000, help="random features timed")
+    parser.add_argument("--smoke", action="store_true", help="a tiny size that runs in seconds (the test suite's)")
     args = parser.parse_args()
+    if args.smoke:
+        args.features, args.edges, args.bolt_features, args.bolt_edges, args.lookups = 1_200, 20_000, 1_200, 5_000, 20
     tmp = Path(tempfile.mkdtemp(prefix="cc-bench-stores-"))
     try:
-        bench_embedded(tmp / "embedded", args.features, args.edges)
+        bench_embedded(tmp / "embedded", args.features, args.edges, args.lookups)
         if args.bolt:
-            bench_bolt(tmp / "bolt", args.bolt_features, args.bolt_edges)
+            bench_bolt(tmp / "bolt", args.bolt_features, args.bolt_edges, args.lookups)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -30,6 +30,14 @@ class CatalogDirError(UserError):
     """A catalog directory is missing, incomplete, or was built with other settings."""
 
 
+class OutputError(UserError):
+    """A file the user asked for cannot be written there (a directory, a path under a file, no permission)."""
+
+
+class CatalogBusy(UserError):
+    """Another process holds the catalog's writer lock."""
+
+
 class UnknownFeature(UserError):
     """A feature id that is malformed or not in the catalog."""
 

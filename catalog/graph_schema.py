@@ -21,6 +21,11 @@ class NodeSet:
     label: str
     columns: tuple[tuple[str, str], ...]  # (name, type) in load order; the first is the key
     files: str  # glob relative to the catalog directory
+    lookups: tuple[str, ...] = ()  # non-key properties named queries find nodes by: each gets an index
+
+    @property
+    def key(self) -> str:
+        return self.columns[0][0]
 
 
 @dataclass(frozen=True)
@@ -32,20 +37,26 @@ class RelSet:
     files: str
 
 
+def node_set(label: str) -> NodeSet:
+    return next(n for n in NODES if n.label == label)
+
+
 NODES = (
     # the top-token summaries ride on the node, so a lookup needs no second traversal to orient the reader
     NodeSet("Feature", (("id", "STRING"), ("layer", "INT64"), ("index", "INT64"), ("transcoder", "STRING"),
                         ("deembed_tokens", "STRING[]"), ("deembed_ext_tokens", "STRING[]"), ("logit_tokens", "STRING[]"),
                         ("frequency", "DOUBLE"), ("mean_act", "FLOAT"), ("max_act", "FLOAT")),  # null until stats exist
-            layout.FEATURES),
-    NodeSet("Token", (("id", "INT64"), ("text", "STRING")), layout.TOKENS),
+            layout.FEATURES, lookups=("layer",)),  # upstream/downstream --layer
+    NodeSet("Token", (("id", "INT64"), ("text", "STRING")), layout.TOKENS, lookups=("text",)),  # search, paths
     NodeSet("Prompt", (("id", "STRING"), ("text", "STRING"), ("target", "STRING"), ("n_tokens", "INT64"),
-                       ("replacement_score", "FLOAT"), ("completeness_score", "FLOAT")), layout.PROMPT_INDEX),
+                       ("replacement_score", "FLOAT"), ("completeness_score", "FLOAT")), layout.PROMPT_INDEX,
+            lookups=("text",)),  # a prompt is found by its text as well as its id
     # every node of every prompt's graph; `kept` marks the pruned graph, which is what ATTR edges hold
     NodeSet("PNode", (("id", "STRING"), ("prompt_id", "STRING"), ("kind", "STRING"), ("layer", "INT64"), ("pos", "INT64"),
                       ("feature", "INT64"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
                       ("value", "FLOAT"), ("bias", "FLOAT"), ("influence", "FLOAT"), ("probability", "FLOAT"),
-                      ("kept", "BOOLEAN")), f"{layout.PROMPTS}/*/nodes.parquet"),
+                      ("kept", "BOOLEAN")), f"{layout.PROMPTS}/*/nodes.parquet",
+            lookups=("prompt_id",)),  # one prompt's graph among every prompt's nodes
     # `intervene --catalog`: what was edited and what it did (per-target logit changes on CHANGES)
     NodeSet("Intervention", (("id", "STRING"), ("prompt_id", "STRING"), ("prompt", "STRING"), ("regime", "STRING"),
                              ("spec", "STRING"), ("kl", "DOUBLE"), ("top_before", "STRING[]"), ("top_after", "STRING[]"),
@@ -66,7 +77,9 @@ RELS = (
 
 
 def part_files(catalog_dir: Path, pattern: str) -> list[Path]:
-    return sorted(Path(catalog_dir).glob(pattern))
+    """The parts matching `pattern`, never a crash leftover: temporaries have hidden names (`.x.tmp-*`)."""
+    root = Path(catalog_dir)
+    return sorted(p for p in root.glob(pattern) if not any(s.startswith(".") for s in p.relative_to(root).parts))
 
 
 def catalog_signature(catalog_dir: Path) -> str:

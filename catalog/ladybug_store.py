@@ -3,8 +3,10 @@
 Loading builds a fresh database under a temporary name with `COPY ... FROM` the Parquet parts
 (row-by-row MERGE is ~300 rows/s there; COPY loads millions per second), then renames it into place
 and writes a marker with the catalog's signature. A crash mid-load leaves no marker, so the next
-load redoes it; a marker that no longer matches the catalog means the store is stale and is rebuilt.
-Queries open the database read-only, so user Cypher cannot write even past the clause check.
+load redoes it; a marker that no longer matches the catalog means the store is stale and is rebuilt,
+and so is a store that no longer opens (truncated, or left mid-checkpoint), which `load` tries first.
+Loading holds the catalog's writer lock; readers keep the old store open until the rename.
+Queries open the database read-only, behind the read-clause check in `catalog.store`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from catalog.errors import first_line
+from catalog.crash import crash_point
+from catalog.errors import CatalogBusy, first_line
 from catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, part_files
+from catalog.lock import writer_lock
+from catalog.parquet_io import check_parts
 from catalog.store import CypherError, GraphStore, Row, StoreError
 
 
@@ -35,18 +40,55 @@ class LadybugStore(GraphStore):
     # ------------------------------------------------------------ loading
 
     def is_current(self, catalog_dir: Path) -> bool:
+        """The marker says the store holds this catalog (whether it still opens is `verify`)."""
         try:
             return self.path.exists() and json.loads(self.marker.read_text())["signature"] == catalog_signature(catalog_dir)
         except (OSError, ValueError, KeyError):
             return False
 
+    def verify(self) -> None:
+        """Raise `StoreError` (saying "run load") unless the database opens and holds every table of the schema."""
+        rebuild = f"run `circuit-catalog load --catalog {self.path.parent}` to rebuild it"
+        try:
+            tables = {r["name"] for r in self._execute("CALL show_tables() RETURN name", None, write=False)}
+        except CypherError as exc:
+            self.close()
+            raise StoreError(f"cannot read the store {self.path} ({exc}); {rebuild}") from None
+        missing = sorted(({n.label for n in NODES} | {r.type for r in RELS}) - tables)
+        if missing:
+            self.close()
+            raise StoreError(f"the store {self.path} lacks the tables {', '.join(missing)}; {rebuild}")
+
     def load(self, catalog_dir: Path, progress: bool = True) -> bool:
+        with writer_lock(self.path.parent):  # the catalog directory, for the default DIR/graph
+            if self.is_current(catalog_dir):
+                try:
+                    self.verify()
+                    return False
+                except StoreError:
+                    pass  # damaged: rebuilt below
+            self._build(catalog_dir, progress)
+        return True
+
+    def prepare(self, catalog_dir: Path, progress: bool = True) -> None:
+        """Before lookups: (re)load a missing or stale store; while another process writes, use the store there.
+
+        A current store that does not open is not rebuilt here but reported ("run load"): a lookup
+        should not silently turn into a rebuild of a store someone may be inspecting.
+        """
         if self.is_current(catalog_dir):
-            return False
+            self.verify()
+            return
+        try:
+            self.load(catalog_dir, progress)
+        except CatalogBusy:
+            if not self.path.exists():
+                raise
+
+    def _build(self, catalog_dir: Path, progress: bool) -> None:
         self.close()
         signature = catalog_signature(catalog_dir)
         tmp = self.path.with_name(f".{self.path.name}.loading-{os.getpid()}")
-        _remove_db(tmp)
         import ladybug
 
         try:
@@ -58,7 +100,9 @@ class LadybugStore(GraphStore):
             # adjacency lists, so 16-file chunks took 19 s for 10M edges where one statement takes 11 s
             steps = [(_node_copy(n), part_files(catalog_dir, n.files)) for n in NODES]
             steps += [(_rel_copy(r), part_files(catalog_dir, r.files)) for r in RELS]
+            check_parts([f for _, files in steps for f in files])
             for copy, files in tqdm(steps, desc=f"loading {self.path}", unit="table", disable=not progress):
+                crash_point("load")
                 if files:
                     try:
                         conn.execute(copy(files))
@@ -67,12 +111,11 @@ class LadybugStore(GraphStore):
             conn.close()
             db.close()
             self.marker.unlink(missing_ok=True)
-            _remove_db(self.path)
-            os.replace(tmp, self.path)
+            _remove_db(self.path, keep_main=True)  # a damaged store's wal/shadow would be replayed into the new one
+            os.replace(tmp, self.path)  # atomic: a reader opens the old store or the new one, never none
             self.marker.write_text(json.dumps({"signature": signature, "catalog": str(Path(catalog_dir).resolve())}))
         finally:
             _remove_db(tmp)
-        return True
 
     # ------------------------------------------------------------ queries
 
@@ -87,12 +130,22 @@ class LadybugStore(GraphStore):
         try:
             self._db = ladybug.Database(str(self.path), read_only=not writable)
         except RuntimeError as exc:
-            raise StoreError(f"cannot open {self.path}: {first_line(exc)}") from None
+            raise StoreError(f"cannot open the store {self.path} ({first_line(exc)}); "
+                             f"run `circuit-catalog load --catalog {self.path.parent}` to rebuild it") from None
         self._conn = ladybug.Connection(self._db)
         self._writable = writable
         return self._conn
 
     def execute(self, query: str, params: dict[str, Any] | None, write: bool) -> list[Row]:
+        if write:  # a writer holds the catalog's lock, and closes the database so its changes are checkpointed
+            with writer_lock(self.path.parent):
+                try:
+                    return self._execute(query, params, write)
+                finally:
+                    self.close()
+        return self._execute(query, params, write)
+
+    def _execute(self, query: str, params: dict[str, Any] | None, write: bool) -> list[Row]:
         conn = self._connect(write)
         try:
             result = conn.execute(query, params or {})
@@ -143,8 +196,9 @@ def _quote(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _remove_db(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".wal")):
+def _remove_db(path: Path, keep_main: bool = False) -> None:
+    """A database's files: the main file and what LadybugDB keeps beside it while open or checkpointing."""
+    for p in [*([] if keep_main else [path]), *(path.with_name(f"{path.name}.{s}") for s in ("wal", "shadow"))]:
         if p.is_dir():
             shutil.rmtree(p)
         else:

@@ -30,6 +30,12 @@ INTERVENTIONS = "interventions.parquet"
 INTERVENTION_ON = "interventions_on.parquet"
 INTERVENTION_TOUCHES = "interventions_touches.parquet"
 INTERVENTION_CHANGES = "interventions_changes.parquet"
+GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
+WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
+
+# Crash leftovers: everything written under a temporary name has a hidden one, `.<name>.tmp-*`
+# (parts, the stats and prompt directories) or `.graph.loading-*` (a store being built)
+TEMPORARY = (".*.tmp-*", f".{GRAPH}.loading-*")
 
 # stats/features.parquet `log10_histogram`: counts of positive activations over HIST_BINS equal bins
 # of log10(activation) from HIST_LOG10_MIN to HIST_LOG10_MAX (values outside fall into the end bins)
@@ -75,6 +81,12 @@ INTERVENTION_SCHEMA = pa.schema([
 ])
 
 
+def temporaries(root: Path) -> list[Path]:
+    """Every temporary in the catalog: stale whenever no writer holds the lock."""
+    dirs = (root, root / PULLBACKS, root / DEEMBED, root / LOGITS, root / STATS, root / PROMPTS)
+    return sorted({p for d in dirs for pattern in TEMPORARY for p in d.glob(pattern)})
+
+
 def prompt_dir(root: Path, prompt_id: str) -> Path:
     return root / PROMPTS / prompt_id
 
@@ -91,7 +103,7 @@ def logit_part(root: Path, layer: int) -> Path:
     return root / LOGITS / f"L{layer:03d}.parquet"
 
 
-FEATURE_ID = re.compile(r"^L(\d+)/(\d+)$")
+FEATURE_ID = re.compile(r"L(\d{1,6})/(\d{1,12})")  # bounded: int() of 5,000 digits raises
 
 
 def feature_id(layer: int, index: int) -> str:
@@ -100,7 +112,7 @@ def feature_id(layer: int, index: int) -> str:
 
 def parse_feature_id(fid: str) -> tuple[int, int]:
     """'L8/355' -> (8, 355); anything else is a user error."""
-    m = FEATURE_ID.match(fid)
+    m = FEATURE_ID.fullmatch(fid)  # not match + $: that accepts a trailing newline
     if not m:
-        raise UnknownFeature(f"malformed feature id {fid!r}: expected L<layer>/<index>, e.g. L8/355")
+        raise UnknownFeature(f"malformed feature id {fid[:40]!r}: expected L<layer>/<index>, e.g. L8/355")
     return int(m.group(1)), int(m.group(2))

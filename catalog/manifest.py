@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from catalog.errors import CatalogDirError
+from catalog.errors import CatalogDirError, first_line
 from catalog.layout import MANIFEST
 from catalog.parquet_io import write_text_atomic
 
@@ -35,6 +35,7 @@ class Manifest:
     completed: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     definitions: dict[str, str] = field(default_factory=dict)  # what the stored weights mean, for a reader of the files
+    parts: dict[str, int] = field(default_factory=dict)  # finished part (relative path) -> rows, checked on resume
 
     def identity(self) -> dict:
         """The fields that decide the catalog's content."""
@@ -47,12 +48,16 @@ class Manifest:
     @classmethod
     def read(cls, root: Path) -> Manifest:
         path = root / MANIFEST
+        if root.exists() and not root.is_dir():
+            raise CatalogDirError(f"{root}: is a file, not a catalog directory")
         if not path.is_file():
             raise CatalogDirError(f"{root}: not a catalog directory (no {MANIFEST}); run `circuit-catalog ingest` first")
         try:
             return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise CatalogDirError(f"{path}: unreadable manifest ({exc})") from None
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+            raise CatalogDirError(f"{path}: unreadable manifest ({first_line(exc)})") from None
+        except OSError as exc:
+            raise CatalogDirError(f"{path}: unreadable manifest ({exc.strerror})") from None
 
 
 def now() -> str:

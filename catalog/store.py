@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from catalog import layout
+from catalog.cypher_check import NotReadOnly, check_read_only, check_size
 from catalog.errors import UserError
 
 Row = dict[str, Any]
@@ -23,17 +25,6 @@ class StoreError(UserError):
 
 class CypherError(UserError):
     """A Cypher statement is malformed, or writes where only reads are allowed."""
-
-
-# Clauses that change a graph; refused by `cypher()` unless write=True. Checked outside string literals.
-_WRITE = re.compile(r"\b(CREATE|MERGE|DELETE|DETACH|SET|REMOVE|DROP|COPY|ALTER|LOAD\s+CSV|FOREACH|INSTALL|ATTACH|IMPORT)\b", re.I)
-_STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`|//[^\n]*|/\*.*?\*/", re.S)
-
-
-def write_clause(query: str) -> str | None:
-    """The first write clause in `query` (ignoring literals, quoted names and comments), if any."""
-    m = _WRITE.search(_STRINGS.sub(" ", query))
-    return m.group(1).upper() if m else None
 
 
 class GraphStore(ABC):
@@ -54,10 +45,13 @@ class GraphStore(ABC):
         return self.execute(query, params, write=False)
 
     def cypher(self, query: str, params: dict[str, Any] | None = None, write: bool = False) -> list[Row]:
-        """Run user Cypher: read-only unless `write`; always parameterised, never interpolated."""
-        clause = None if write else write_clause(query)
-        if clause:
-            raise CypherError(f"{clause} changes the graph; queries are read-only unless --write is given")
+        """Run user Cypher: read clauses only unless `write`; always parameterised, never interpolated."""
+        try:
+            check_size(query)
+            if not write:
+                check_read_only(query)
+        except NotReadOnly as exc:
+            raise CypherError(str(exc)) from None
         return self.execute(query, params, write)
 
     @abstractmethod
@@ -75,7 +69,7 @@ def open_store(catalog_dir: Path, uri: str | None = None, database: str | None =
     if uri in (None, "", "embedded"):
         from catalog.ladybug_store import LadybugStore
 
-        return LadybugStore(Path(catalog_dir) / "graph")
+        return LadybugStore(Path(catalog_dir) / layout.GRAPH)
     if re.match(r"^(bolt|neo4j)(\+s|\+ssc)?://", uri):
         from catalog.neo4j_store import Neo4jStore
 
@@ -87,5 +81,5 @@ def open_loaded_store(catalog_dir: Path, uri: str | None = None, database: str |
     """A store ready for lookups: the embedded default is (re)loaded first if missing or older than the catalog."""
     store = open_store(catalog_dir, uri, database)
     if store.dialect == "ladybug":
-        store.load(catalog_dir, progress=progress)
+        store.prepare(catalog_dir, progress=progress)
     return store

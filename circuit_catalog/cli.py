@@ -7,6 +7,7 @@ are caught once, here, and printed as one line with exit code 1.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -22,13 +23,39 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _error(message: str, code: int) -> None:
+    """One line on stderr, whatever the message holds (user text can carry newlines)."""
+    err.print(Text.assemble(("error:", "bold red"), " ", " ".join(message.split())), highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        """Usage errors (exit 2) are one `error:` line too, not click's usage block."""
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare command or group asks for its help
+            click.echo(exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            _error(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _error("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(1)
+            _error(str(exc), 1)
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """click's float ranges let NaN through (every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -36,13 +63,17 @@ def parse_layers(text: str | None) -> list[int] | None:
     if text is None or text == "all":
         return None
     layers: list[int] = []
+    usage = f"{text[:40]!r}: expected e.g. 'all', '0-11', '0,4,8' or '0-28:4'"
     try:
         for item in text.split(","):
             span, _, step = item.partition(":")
             lo, _, hi = span.partition("-")
-            layers.extend(range(int(lo), int(hi or lo) + 1, int(step or 1)))
+            lo, hi, step = int(lo), int(hi or lo), int(step or 1)
+            if not 0 <= lo <= hi < 100_000 or step < 1:
+                raise click.BadParameter(f"{usage} (ranges run upwards from 0, steps from 1)", param_hint="'--layers'")
+            layers.extend(range(lo, hi + 1, step))
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected e.g. 'all', '0-11', '0,4,8' or '0-28:4'") from None
+        raise click.BadParameter(usage, param_hint="'--layers'") from None
     return sorted(set(layers))
 
 
@@ -66,8 +97,8 @@ MODEL_HELP = "TransformerLens name, local Hugging Face directory, .gguf file, or
 @click.option("--d-sae", type=click.IntRange(1), default=2304, show_default=True, help="Features per transcoder.")
 @click.option("--tokens", "n_tokens", type=click.IntRange(1), default=40_000, show_default=True, help="Training tokens (collected once, reused each epoch).")
 @click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--lr", type=float, default=4e-4, show_default=True, help="Adam learning rate (the seed's 4e-4).")
-@click.option("--l1", "l1_coefficient", type=float, default=0.02, show_default=True, help="L1 coefficient, in units where each layer's target has unit variance.")
+@click.option("--lr", type=float, callback=_finite, default=4e-4, show_default=True, help="Adam learning rate (the seed's 4e-4).")
+@click.option("--l1", "l1_coefficient", type=float, callback=_finite, default=0.02, show_default=True, help="L1 coefficient, in units where each layer's target has unit variance.")
 @click.option("--minibatch", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--ctx-len", type=click.IntRange(2), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -104,7 +135,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory to write (resumable).")
 @click.option("--layers", default="all", show_default=True, help="Transcoder layers to ingest.")
 @click.option("-k", "--top-k", type=click.IntRange(1), default=16, show_default=True, help="Pullback sources kept per (feature, earlier layer).")
-@click.option("--min-weight", type=click.FloatRange(0), default=None, help="Drop pullback edges with |weight| below this.")
+@click.option("--min-weight", type=click.FloatRange(0), callback=_finite, default=None, help="Drop pullback edges with |weight| below this.")
 @click.option("--token-top-k", type=click.IntRange(1), default=20, show_default=True, help="Tokens kept per feature for de-embedding and logit lens.")
 @click.option("--trust-pickle", is_flag=True, help="Allow the pickled original GPT-2 transcoder files (pickle can run code).")
 @click.option("--dataset", default=None, help="Also collect activation statistics over this dataset ('brown', files, HF name).")
@@ -115,9 +146,9 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--max-feature-nodes", type=click.IntRange(1), default=1024, show_default=True, help="Feature nodes per graph, chosen by estimated influence.")
 @click.option("--all-features", is_flag=True, help="No cap on feature nodes (every active feature).")
 @click.option("--max-n-logits", type=click.IntRange(1), default=10, show_default=True, help="Logit targets at most.")
-@click.option("--desired-logit-prob", type=click.FloatRange(0, 1), default=0.95, show_default=True, help="Logit targets up to this cumulative probability.")
-@click.option("--node-threshold", type=click.FloatRange(0, 1), default=0.8, show_default=True, help="Pruning: keep nodes carrying this share of influence.")
-@click.option("--edge-threshold", type=click.FloatRange(0, 1), default=0.98, show_default=True, help="Pruning: keep edges carrying this share of influence.")
+@click.option("--desired-logit-prob", type=click.FloatRange(0, 1), callback=_finite, default=0.95, show_default=True, help="Logit targets up to this cumulative probability.")
+@click.option("--node-threshold", type=click.FloatRange(0, 1), callback=_finite, default=0.8, show_default=True, help="Pruning: keep nodes carrying this share of influence.")
+@click.option("--edge-threshold", type=click.FloatRange(0, 1), callback=_finite, default=0.98, show_default=True, help="Pruning: keep edges carrying this share of influence.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Attribution targets per backward sweep.")
 @click.option("--bos-features", is_flag=True, help="Give position 0 (the BOS or other leading special token) feature nodes too; by default it has none and its MLP output is a constant in each target's bias.")
 @click.option("--target", "custom_tokens", multiple=True, help="Custom attribution target for every prompt without its own: the sum of these tokens' logits (repeatable).")
@@ -129,7 +160,7 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
            bos_features, custom_tokens, contrast, direction, target_weight):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
-    from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
+    from ingest.job import IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
     from ingest.models import load_model, resolve_model
     from ingest.prompts import AttributionSettings, check_prompt, read_prompts, run_prompts
     from ingest.transcoder_formats import load_transcoders
@@ -145,13 +176,14 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     spec = resolve_model(model)
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(spec)
-    tset.validate_against(lm)
-    for prompt_spec in specs:  # bad prompts or targets are refused before anything is written
-        check_prompt(lm, prompt_spec)
+    tset.bind(lm)
+    for prompt in specs:  # every refusal comes before the first write
+        check_prompt(lm, prompt)
     manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k))
+    stats_plan = plan_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len) if dataset is not None else None
     done = run_ingest(lm, tset, catalog_dir, manifest)
-    if dataset is not None:
-        run_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len)
+    if stats_plan is not None:
+        write_stats(lm, tset, catalog_dir, stats_plan)
     table = Table("part", "rows", title=f"catalog {catalog_dir}")
     for name, n in done.counts.items():
         table.add_row(name, f"{n:,}")
@@ -186,8 +218,9 @@ def _print_prompts(rows: list[dict]) -> None:
 def store_options(f):
     """--catalog, --store, --database: where the graph lives."""
     f = click.option("--database", default=None, help="Neo4j database name (server default if omitted).")(f)
-    f = click.option("--store", "store_uri", default="embedded", show_default=True,
-                     help="'embedded' (LadybugDB at CATALOG/graph) or a bolt:// / neo4j:// URI; credentials from NEO4J_USER / NEO4J_PASSWORD.")(f)
+    f = click.option("--store", "store_uri", default="embedded", show_default=True, envvar="CIRCUIT_CATALOG_STORE",
+                     help="'embedded' (LadybugDB at CATALOG/graph) or a bolt:// / neo4j:// URI (default from "
+                          "CIRCUIT_CATALOG_STORE); credentials from NEO4J_USER / NEO4J_PASSWORD.")(f)
     return click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory (from `ingest`).")(f)
 
 
@@ -215,12 +248,16 @@ def _edges_table(title: str, edges) -> Table:
 
 @main.command()
 @store_options
-def load(catalog_dir, store_uri, database):
+@click.option("--writers", type=click.IntRange(1), default=None,
+              help="Neo4j only: writer sessions loading parts that share no node at once (default 1).")
+def load(catalog_dir, store_uri, database, writers):
     """Load (or bring up to date) a graph store from a catalog directory; idempotent."""
-    from catalog.store import open_store
+    from catalog.store import StoreError, open_store
 
     with open_store(catalog_dir, store_uri, database) as store:
-        changed = store.load(catalog_dir)
+        if writers and store.dialect != "neo4j":
+            raise StoreError("--writers applies to Neo4j stores (--store bolt://...) only")
+        changed = store.load(catalog_dir, **({"writers": writers} if writers else {}))
     out.print(f"store {store_uri} {'loaded from' if changed else 'already up to date with'} {catalog_dir}")
 
 
@@ -228,7 +265,7 @@ def _edge_command(direction: str):
     @click.argument("feature")
     @store_options
     @click.option("-k", type=click.IntRange(1), default=10, show_default=True)
-    @click.option("--layer", type=int, default=None, help="Only edges from/to this layer.")
+    @click.option("--layer", type=click.IntRange(0, 99_999), default=None, help="Only edges from/to this layer.")
     @click.option("--sign", type=click.Choice(["+", "-"]), default=None, help="Only positive or negative weights.")
     @format_option
     def command(feature, catalog_dir, store_uri, database, k, layer, sign, fmt):
@@ -506,12 +543,13 @@ def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contex
     """Transcoder fidelity: FVU, L0, dead features, and next-token CE with MLPs replaced / zeroed / mean-ablated."""
     from ingest.datasets import token_contexts
     from ingest.evaluate import evaluate_transcoders
-    from ingest.models import load_model
+    from ingest.models import check_context, load_model
     from ingest.transcoder_formats import load_transcoders
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(model)
-    tset.validate_against(lm)
+    tset.bind(lm)
+    check_context(lm, ctx_len)
     tokens = token_contexts(lm.tokenizer, dataset, n_tokens, ctx_len, skip_contexts=skip_contexts)
     result = evaluate_transcoders(lm, tset, tokens)
     table = Table("layer", "FVU", "L0", "dead", "CE replaced", "CE zero", "CE mean", "recovered", "KL",
@@ -629,15 +667,20 @@ def report_overview(catalog_dir, out_file, eval_file):
 
 @main.command(name="export-neo4j-import")
 @click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-def export_neo4j_import(catalog_dir, out_dir):
-    """Write CSVs and headers for `neo4j-admin database import` (the route for very large catalogs)."""
-    from catalog.manifest import Manifest
-    from catalog.neo4j_store import write_admin_import
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory for the CSV files, e.g. data/neo4j-import (mounted at /import by docker-compose.yml).")
+@click.option("--import-dir", default="/import", show_default=True, help="The same directory as the Neo4j server sees it.")
+@click.option("--database", default="neo4j", show_default=True)
+def export_neo4j_import(catalog_dir, out_dir, import_dir, database):
+    """Write CSVs, headers and schema.cypher for `neo4j-admin database import full` (for very large catalogs)."""
+    from catalog.neo4j_import import write_admin_import
+    from catalog.parquet_io import make_output_dir
 
-    Manifest.read(catalog_dir)
-    command = write_admin_import(catalog_dir, out_dir, progress=lambda m: err.print(m))
-    out.print(f"copy {out_dir} into the server's import directory, stop the database, then run:\n  {command}")
+    make_output_dir(out_dir)
+    result = write_admin_import(catalog_dir, out_dir, import_dir, database, progress=lambda m: err.print(m))
+    out.print(f"With the server stopped, import (this replaces database {database}):\n  {result.import_command}\n"
+              f"then start the server and create the constraints and indexes (password from NEO4J_PASSWORD):\n"
+              f"  {result.schema_command}", markup=False, highlight=False, soft_wrap=True)
 
 
 @main.command()
@@ -683,7 +726,7 @@ def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, fre
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(model)
-    tset.validate_against(lm)
+    tset.bind(lm)
     if validate:
         from queries.validation import validate as validate_prompt
 
@@ -760,7 +803,7 @@ def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle):
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(model)
-    tset.validate_against(lm)
+    tset.bind(lm)
     found = top_active_features(lm, tset, prompt, pos, k)
     if fmt == "ids":
         out.print("\n".join(f.feature for f in found))

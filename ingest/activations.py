@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from catalog.layout import feature_id
+from ingest.attribution import AttributionError, prompt_tokens
 from ingest.transcoder import TranscoderSet
 
 
@@ -19,7 +20,7 @@ class ActiveFeature:
 @torch.no_grad()
 def feature_activations(model, tset: TranscoderSet, prompt: str) -> dict[int, torch.Tensor]:
     """layer -> [n_pos, d_sae] activations of that layer's transcoder on the prompt (BOS prepended)."""
-    tokens = model.to_tokens(prompt)
+    tokens = prompt_tokens(model, prompt)[None]
     hooks = [tc.cfg.hook_in for tc in tset]
     _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=max(tset.layers) + 1)
     return {tc.layer: tc.encode(cache[tc.cfg.hook_in][0]) for tc in tset}
@@ -29,6 +30,8 @@ def top_active_features(model, tset: TranscoderSet, prompt: str, pos: int = -1, 
     """The k largest activations at `pos` over all layers, largest first."""
     found = []
     for layer, acts in feature_activations(model, tset, prompt).items():
+        if not -len(acts) <= pos < len(acts):
+            raise AttributionError(f"position {pos} is outside the prompt's {len(acts)} tokens (BOS included)")
         row = acts[pos]
         top = row.topk(min(k, row.numel()))
         found += [ActiveFeature(feature_id(layer, int(i)), float(v)) for v, i in zip(top.values, top.indices) if v > 0]

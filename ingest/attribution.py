@@ -113,6 +113,7 @@ class PromptTrace:
 
 def check_supported(model, tset: TranscoderSet) -> None:
     """The sweep's algebra assumes pre-norm blocks with folded norms and MLP-replacing transcoders."""
+    tset.require_bound()
     cfg = model.cfg
     if cfg.normalization_type not in ("LNPre", "RMSPre"):
         raise ModelError(f"attribution needs folded norms (LNPre/RMSPre), the model has {cfg.normalization_type!r}; "
@@ -146,18 +147,20 @@ def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: boo
     names |= {tc.cfg.hook_in for tc in tset}
     logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
     errors = torch.stack([cache[f"blocks.{layer}.hook_mlp_out"][0] for layer in range(n_layers)])
-    active, activations, pre_acts = [], [], []
+    active, activations, pre_acts, xs, zs = [], [], [], {}, {}
     for tc in tset:
         x = cache[tc.cfg.hook_in][0]
         pre = tc.pre_acts(x)
         z = tc.activate(pre)
         if zero_bos:
             z[0] = 0
-        errors[tc.layer] -= tc.decode(z, x)
+        xs[tc.layer], zs[tc.layer] = x, z
         pos, index = z.nonzero(as_tuple=True)
         active.append(torch.stack([torch.full_like(pos, tc.layer), pos, index], 1))
         activations.append(z[pos, index])
         pre_acts.append(pre[pos, index])
+    for layer, recon in tset.reconstruct(zs, xs).items():  # with a CLT, earlier layers' features write here too
+        errors[layer] -= recon
     bos_mlp = None
     if zero_bos:
         bos_mlp = errors[:, 0].clone()
@@ -201,17 +204,19 @@ class Sweep:
         self.centre = centres(model)
         self.n_active = len(trace.active)
         self.n_cols = self.n_active + self.n_layers * self.n_pos + self.n_pos
-        # per layer: positions of its active features, decoder rows scaled by activation, column offsets
+        # per layer written into: the positions of the active features writing there (of that layer, and of
+        # earlier layers with a CLT), their decoder slices scaled by activation, and their column offsets
         self.writes: dict[int, list[tuple[int, torch.Tensor, slice]]] = {}
         layers, pos = trace.active[:, 0], trace.active[:, 1]
-        for tc in tset:
+        for layer in range(self.n_layers):
             per_pos = []
-            for p in range(self.n_pos):
-                idx = ((layers == tc.layer) & (pos == p)).nonzero().flatten()
-                if len(idx):  # active rows are sorted by (layer, pos, index): contiguous
-                    cols = slice(int(idx[0]), int(idx[-1]) + 1)
-                    per_pos.append((p, trace.activations[cols, None] * tc.W_dec[trace.active[cols, 2]], cols))
-            self.writes[tc.layer] = per_pos
+            for tc, W in tset.writes_into(layer):
+                for p in range(self.n_pos):
+                    idx = ((layers == tc.layer) & (pos == p)).nonzero().flatten()
+                    if len(idx):  # active rows are sorted by (layer, pos, index): contiguous
+                        cols = slice(int(idx[0]), int(idx[-1]) + 1)
+                        per_pos.append((p, trace.activations[cols, None] * W[trace.active[cols, 2]], cols))
+            self.writes[layer] = per_pos
         self.attn_bias, self.attn_out, self.attn_in = [], [], []
         for block in model.blocks:
             attn = block.attn
@@ -256,7 +261,7 @@ class Sweep:
         for layer in range(min(int(targets.layer.max()), self.n_layers - 1), -1, -1):
             # g: gradient at resid_post[layer]; sources writing here are this layer's features and error
             for p, vectors, cols in self.writes.get(layer, []):
-                rows[:, cols] = g[:, p] @ vectors.T
+                rows[:, cols] += g[:, p] @ vectors.T  # a CLT feature writes into several layers: its edge sums them
             rows[:, err0 + layer * self.n_pos: err0 + (layer + 1) * self.n_pos] = (g * t.errors[layer]).sum(-1)
             if t.bos_mlp is not None:
                 bias += g[:, 0] @ t.bos_mlp[layer]

@@ -53,6 +53,13 @@ def iter_texts(spec: str) -> Iterator[str]:
 
 
 def _file_texts(path: Path) -> Iterator[str]:
+    try:
+        yield from _decoded_texts(path)
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text") from None
+
+
+def _decoded_texts(path: Path) -> Iterator[str]:
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):

@@ -68,9 +68,12 @@ def _ce_and_kl(logits: torch.Tensor, tokens: torch.Tensor, reference: torch.Tens
 def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch_contexts: int = 8,
                          replacements: dict[int, Replacement] | None = None, progress: bool = True) -> EvalResult:
     """Evaluate on `tokens` [n_contexts, ctx_len]. `replacements` overrides how a layer's MLP output is
-    replaced (default: its transcoder); the tests use it to plug in exact stand-ins."""
-    replace = {tc.layer: (lambda x, y, tc=tc: tc.forward(x)) for tc in tset}
-    replace.update(replacements or {})
+    replaced (default: its transcoder); the tests use it to plug in exact stand-ins.
+
+    With a cross-layer transcoder, a layer's replacement is what every earlier layer's features (encoded from
+    that run's own inputs) write into it, so replacing layer L alone reads the clean earlier layers and
+    replacing all layers reads each layer's input in the replaced model, as circuit-tracer runs a CLT."""
+    replacements = replacements or {}
     layers = tset.layers
     hook_in = {layer: tset[layer].cfg.hook_in for layer in layers}
     hook_out = {layer: tset[layer].cfg.hook_out for layer in layers}
@@ -92,10 +95,11 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
         ce_original += ce.item()
         n_pred += batch[:, 2:].numel()
         n_recon += batch[:, 1:].numel()
+        xs = {layer: cache[hook_in[layer]][:, 1:] for layer in layers}
+        zs = {layer: tset[layer].encode(xs[layer]) for layer in layers}
         for layer in layers:
-            x, y = cache[hook_in[layer]][:, 1:], cache[hook_out[layer]][:, 1:]
-            z = tset[layer].encode(x)
-            recon = replace[layer](x, y) if layer in (replacements or {}) else tset[layer].decode(z, x)  # encode once
+            x, y, z = xs[layer], cache[hook_out[layer]][:, 1:], zs[layer]
+            recon = replacements[layer](x, y) if layer in replacements else tset.decode_into(layer, zs, xs)
             sq_err[layer] += (recon - y).pow(2).sum().item()
             y_sum[layer] += y.sum((0, 1), dtype=torch.float64)
             y_sq[layer] += y.pow(2).sum().item()
@@ -105,22 +109,30 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
 
     def run(batch: torch.Tensor, original: torch.Tensor, targets: list[int], how: str) -> tuple[float, float]:
         """One forward pass with `targets`' MLP outputs replaced (BOS position kept original)."""
-        captured: dict[int, torch.Tensor] = {}
+        xs: dict[int, torch.Tensor] = {}
+        zs: dict[int, torch.Tensor] = {}
+
+        def capture(act: torch.Tensor, layer: int) -> None:
+            xs[layer] = act
+            if how == "replace" and layer not in replacements:
+                zs[layer] = tset[layer].encode(act)
 
         def new_output(act: torch.Tensor, layer: int) -> torch.Tensor:
             if how == "zero":
                 out = torch.zeros_like(act)
             elif how == "mean":
                 out = means[layer].expand_as(act).clone()
+            elif layer in replacements:
+                out = replacements[layer](xs[layer], act)
             else:
-                out = replace[layer](captured[layer], act)
+                out = tset.decode_into(layer, zs, xs)
             out[:, 0] = act[:, 0]
             return out
 
-        hooks = []
-        for layer in targets:
-            hooks.append((hook_in[layer], lambda act, hook, layer=layer: captured.__setitem__(layer, act)))
-            hooks.append((hook_out[layer], lambda act, hook, layer=layer: new_output(act, layer)))
+        # every layer up to the last target is read: with a CLT, earlier features write into the targets
+        readers = [layer for layer in layers if layer <= max(targets)] if tset.cross_layer else targets
+        hooks = [(hook_in[layer], lambda act, hook, layer=layer: capture(act, layer)) for layer in readers]
+        hooks += [(hook_out[layer], lambda act, hook, layer=layer: new_output(act, layer)) for layer in targets]
         ce, kl = _ce_and_kl(model.run_with_hooks(batch, fwd_hooks=hooks), batch, original)
         return ce.item(), kl.item()
 

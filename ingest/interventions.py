@@ -139,18 +139,13 @@ def clean_run(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: bool =
     wanted = frozen | {f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)} | {tc.cfg.hook_in for tc in tset}
     wanted.add("ln_final.hook_normalized")
     logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in wanted)
-    errors, zs = [], {}
-    for layer in range(n_layers):
-        out = cache[f"blocks.{layer}.hook_mlp_out"][0]
-        if layer in tset.by_layer:
-            tc = tset[layer]
-            x = cache[tc.cfg.hook_in][0]
-            z = tc.encode(x)
-            if zero_bos:
-                z[0] = 0
-            zs[layer] = z
-            out = out - tc.decode(z, x)
-        errors.append(out)
+    xs = {tc.layer: cache[tc.cfg.hook_in][0] for tc in tset}
+    zs = {layer: tset[layer].encode(x) for layer, x in xs.items()}
+    if zero_bos:
+        for z in zs.values():
+            z[0] = 0
+    recon = tset.reconstruct(zs, xs)  # with a CLT, earlier layers' features write into a layer too
+    errors = [cache[f"blocks.{layer}.hook_mlp_out"][0] - recon.get(layer, 0) for layer in range(n_layers)]
     return CleanRun(logits[0], {name: cache[name] for name in frozen}, zs, errors, cache["ln_final.hook_normalized"][0, -1])
 
 
@@ -196,6 +191,7 @@ def run_batch(model, tset: TranscoderSet, tokens: torch.Tensor, edit_sets: list[
     by_layer = {layer: [[e for e in edits if e.layer == layer] for edits in edit_sets] for layer in tset.layers}
     inputs: dict[int, torch.Tensor] = {}
     pre_acts: dict[int, torch.Tensor] = {}
+    edited: dict[int, torch.Tensor] = {}  # each layer's edited activations, read by the layers its features write into
     final: list[torch.Tensor] = []
 
     def read_input(value, hook, layer):
@@ -206,14 +202,14 @@ def run_batch(model, tset: TranscoderSet, tokens: torch.Tensor, edit_sets: list[
     def mlp_out(value, hook, layer):
         if layer not in tset.by_layer:
             return clean.errors[layer].expand(n, -1, -1)
-        tc, x = tset[layer], inputs[layer]
         if regime is Regime.DIRECT_ONLY:
             z = clean.z[layer].expand(n, -1, -1)
         else:
-            z = tc.activate(pre_acts[layer])
+            z = tset[layer].activate(pre_acts[layer])
             if zero_bos:
                 z[:, 0] = 0
-        return tc.decode(_edited(z, by_layer[layer]), x) + clean.errors[layer]
+        edited[layer] = _edited(z, by_layer[layer])
+        return tset.decode_into(layer, edited, inputs) + clean.errors[layer]
 
     hooks = [(tc.cfg.hook_in, lambda v, hook, layer=tc.layer: read_input(v, hook, layer)) for tc in tset]
     hooks += [(f"blocks.{layer}.hook_mlp_out", lambda v, hook, layer=layer: mlp_out(v, hook, layer))

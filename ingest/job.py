@@ -7,6 +7,7 @@ loaded from this directory later and never written here.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -21,10 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog import layout
+from catalog.crash import crash_point
 from catalog.errors import CatalogDirError
 from catalog.manifest import Manifest, now
-from catalog.parquet_io import feature_ids, write_atomic
-from ingest.models import file_digest, weights_digest
+from catalog.lock import writer_lock
+from catalog.parquet_io import feature_ids, part_intact, part_rows, write_atomic
+from ingest.mapped_weights import release_mapped
+from ingest.models import check_context, file_digest, weights_digest
 from ingest.pullbacks import DEFINITION as PULLBACK_DEFINITION
 from ingest.pullbacks import select_edges
 from ingest.residual import as_read_by
@@ -73,61 +77,105 @@ def build_manifest(model, model_name: str, tset: TranscoderSet, transcoders: str
 
 
 def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool = True) -> Manifest:
-    """Compute every missing part of the catalog in `root`; returns the completed manifest."""
-    root.mkdir(parents=True, exist_ok=True)
-    if (root / layout.MANIFEST).is_file():
-        existing = Manifest.read(root)
-        if existing.identity() != manifest.identity():
-            changed = [k for k, v in manifest.identity().items() if existing.identity()[k] != v]
-            raise CatalogDirError(
-                f"{root} holds a catalog built with other {', '.join(changed)}; use a new --catalog directory"
-            )
-        manifest.created = existing.created
+    """Compute every missing part of the catalog in `root`; returns the completed manifest.
+
+    Holds the catalog's writer lock. A rerun with other settings is refused before anything is
+    written; a rerun of a complete catalog whose parts all check out writes nothing (so a loaded
+    store stays current). On resume each finished part is checked (readable footer, the row count
+    recorded when it was written) and recomputed if damaged.
+    """
+    tset.require_bound()
+    with writer_lock(root):
+        existing = _existing(root, manifest)
+        if existing is not None:
+            manifest.created, manifest.parts = existing.created, dict(existing.parts)
+            if existing.status == "complete" and all(_finished(root, manifest, p) for p in _all_parts(root, tset)):
+                return existing
+        manifest.status = "in-progress"
+        manifest.write(root)
+        _compute_parts(model, tset, root, manifest, progress)
+        write_features(root, tset)
+        _finished(root, manifest, root / layout.FEATURES)
+        manifest.counts = count_rows(root)
+        manifest.status, manifest.completed = "complete", now()
+        manifest.write(root)
+    return manifest
+
+
+def _existing(root: Path, manifest: Manifest) -> Manifest | None:
+    """The manifest already in `root`, if any; refuses one built with other settings."""
+    if not (root / layout.MANIFEST).is_file():
+        return None
+    existing = Manifest.read(root)
+    if existing.identity() != manifest.identity():
+        changed = [k for k, v in manifest.identity().items() if existing.identity()[k] != v]
+        raise CatalogDirError(f"{root} holds a catalog built with other {', '.join(changed)}; use a new --catalog directory")
+    return existing
+
+
+def _all_parts(root: Path, tset: TranscoderSet) -> list[Path]:
+    parts = [root / layout.TOKENS, root / layout.FEATURES]
+    parts += [p for tc in tset for p in (layout.deembed_part(root, tc.layer), layout.logit_part(root, tc.layer))]
+    return parts + [layout.pullback_part(root, lo, hi) for hi in tset.layers for lo in tset.layers if lo < hi]
+
+
+def _finished(root: Path, manifest: Manifest, path: Path) -> bool:
+    """A part is finished when its footer reads and its rows are those recorded; a damaged one is deleted."""
+    if not path.exists():
+        return False
+    key, rows = str(path.relative_to(root)), part_rows(path)
+    if rows is not None and manifest.parts.setdefault(key, rows) == rows:
+        return True
+    path.unlink()
+    manifest.parts.pop(key, None)
+    return False
+
+
+def _write_part(root: Path, manifest: Manifest, table: pa.Table, path: Path) -> None:
+    write_atomic(table, path)
+    manifest.parts[str(path.relative_to(root))] = table.num_rows
     manifest.write(root)
+    crash_point("part")
+
+
+def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool) -> None:
     settings = IngestSettings(manifest.top_k, manifest.min_weight, manifest.token_top_k)
-
     pairs = [(lo, hi) for hi in tset.layers for lo in tset.layers if lo < hi]
-    parts = ["tokens"] + [f"tokens->{layer}" for layer in tset.layers] + [f"{a}->{b}" for a, b in pairs]
-    bar = tqdm(total=len(parts), desc="ingest", unit="part", disable=not progress)
-
-    tokens_path = root / layout.TOKENS
-    if not tokens_path.exists():
-        write_atomic(_token_table(model), tokens_path)
+    bar = tqdm(total=1 + len(tset.layers) + len(pairs), desc="ingest", unit="part", disable=not progress)
+    if not _finished(root, manifest, root / layout.TOKENS):
+        _write_part(root, manifest, _token_table(model), root / layout.TOKENS)
     bar.update()
 
     ext: torch.Tensor | None = None
     for tc in tset:
         bar.set_postfix_str(f"token edges L{tc.layer}")
         d_path, l_path = layout.deembed_part(root, tc.layer), layout.logit_part(root, tc.layer)
-        if not d_path.exists():
+        if not _finished(root, manifest, d_path):
             if ext is None:
                 ext = extended_embedding(model)
             raw = top_tokens_into(model, tc, model.W_E, settings.token_top_k, normalise=False)
             extended = top_tokens_into(model, tc, extended_embedding_for(model, tc, ext), settings.token_top_k, normalise=True)
-            write_atomic(_deembed_table(tc.layer, raw, extended), d_path)
-        if not l_path.exists():
-            write_atomic(_logit_table(tc.layer, top_logit_tokens(model, tc, settings.token_top_k)), l_path)
+            _write_part(root, manifest, _deembed_table(tc.layer, raw, extended), d_path)
+        if not _finished(root, manifest, l_path):
+            logit_lens = top_logit_tokens(model, tset.total_write(tc.layer, model.cfg.n_layers), settings.token_top_k)
+            _write_part(root, manifest, _logit_table(tc.layer, logit_lens), l_path)
         bar.update()
 
     for lo, hi in pairs:
         path = layout.pullback_part(root, lo, hi)
         bar.set_postfix_str(f"pullbacks L{lo}->L{hi}")
-        if not path.exists():
-            write_atomic(pullback_table(model, tset, lo, hi, settings), path)
+        if not _finished(root, manifest, path):
+            _write_part(root, manifest, pullback_table(model, tset, lo, hi, settings), path)
+            release_mapped()  # one pair's encoder and decoder in memory at a time (see ingest.mapped_weights)
         bar.update()
     bar.close()
-
-    write_features(root, tset)
-    manifest.counts = count_rows(root)
-    manifest.status, manifest.completed = "complete", now()
-    manifest.write(root)
-    return manifest
 
 
 @torch.no_grad()
 def pullback_table(model, tset: TranscoderSet, lo: int, hi: int, settings: IngestSettings) -> pa.Table:
-    """All kept pullback edges from layer `lo` features into layer `hi` features."""
-    W_dec = as_read_by(model, tset[hi], tset[lo].W_dec)
+    """All kept pullback edges from layer `lo` features into layer `hi` features (a CLT feature's write into
+    layer `hi`'s input is the sum of its decoder slices into layers lo .. hi-1)."""
+    W_dec = as_read_by(model, tset[hi], tset.total_write(lo, hi))
     return pullback_edges_table(W_dec, tset[hi].W_enc, lo, hi, settings)
 
 
@@ -172,8 +220,9 @@ def _logit_table(layer: int, top: TopTokens) -> pa.Table:
     )
 
 
-def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10) -> None:
-    """features.parquet: one row per feature with its top de-embedding and logit-lens tokens (DuckDB join)."""
+def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10, stats_dir: Path | None = None) -> None:
+    """features.parquet: one row per feature with its top de-embedding and logit-lens tokens (DuckDB join),
+    and its statistics from `stats_dir` (default DIR/stats) where there are any."""
     import duckdb
 
     rows = pa.table({
@@ -185,7 +234,7 @@ def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10) -> None
     con = duckdb.connect()
     con.register("base", rows)
     d_glob, l_glob, t_path = (str(root / layout.DEEMBED / "*.parquet"), str(root / layout.LOGITS / "*.parquet"), str(root / layout.TOKENS))
-    stats_path = root / layout.STATS / "features.parquet"
+    stats_path = (stats_dir or root / layout.STATS) / "features.parquet"
     stats = (f"(SELECT id, frequency, mean_act, max_act FROM read_parquet('{_sql_literal(stats_path)}'))" if stats_path.is_file()
              else "(SELECT NULL::VARCHAR AS id, NULL::DOUBLE AS frequency, NULL::FLOAT AS mean_act, NULL::FLOAT AS max_act)")
     table = con.sql(
@@ -236,29 +285,79 @@ def count_rows(root: Path) -> dict[str, int]:
     }
 
 
+@dataclass
+class StatsPlan:
+    """What statistics a run would collect, decided (and checked against the catalog) before anything is written."""
+
+    tokens: torch.Tensor  # [n_contexts, ctx_len], the tokens actually collected
+    info: dict  # DIR/stats/info.json
+    done: bool  # the catalog already holds exactly these statistics, every part intact
+
+
+# info.json fields that decide the statistics; `dataset` (the name given) and `parts` only describe them
+_STATS_IDENTITY = ("tokens_sha256", "tokens", "ctx_len", "top_k", "layers", "quantile_bins", "per_bin")
+
+
+def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: int, ctx_len: int = 128,
+               top_k: int = 20) -> StatsPlan:
+    """Tokenise the dataset and compare with the statistics already in `root`.
+
+    Keyed by the tokens' content hash and count, not by the `--dataset` string: a changed file is
+    not taken for the old one, the same file by another path is, and `--tokens` beyond the file's
+    size records what was collected.
+    """
+    from ingest.datasets import token_contexts
+    from ingest.stats import PER_BIN, QUANTILE_BINS
+
+    check_context(model, ctx_len)
+    tokens = token_contexts(model.tokenizer, dataset, n_tokens, ctx_len)
+    info = {"dataset": dataset, "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+            "tokens": tokens.numel(), "ctx_len": ctx_len, "top_k": top_k, "layers": tset.layers,
+            "quantile_bins": QUANTILE_BINS, "per_bin": PER_BIN}
+    info_path = root / layout.STATS / "info.json"
+    if not info_path.is_file():
+        return StatsPlan(tokens, info, done=False)
+    try:
+        old = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        return StatsPlan(tokens, info, done=False)  # unreadable: collected anew
+    if any(old.get(k) != info[k] for k in _STATS_IDENTITY):
+        raise CatalogDirError(f"{root / layout.STATS} holds statistics collected with other settings or another dataset "
+                              "(or by an older version); remove it to collect anew")
+    intact = all(part_intact(root / layout.STATS / name, rows) for name, rows in old.get("parts", {}).items())
+    return StatsPlan(tokens, info, done=intact and bool(old.get("parts")))
+
+
+def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progress: bool = True) -> bool:
+    """Collect the planned statistics into `DIR/stats/` (all files appear together); False if already there."""
+    from ingest.stats import collect_stats, stats_tables
+
+    if plan.done:
+        return False
+    with writer_lock(root):
+        tables = stats_tables(tset, collect_stats(model, tset, plan.tokens, plan.info["top_k"], progress=progress), plan.tokens)
+        target = root / layout.STATS
+        tmp = Path(tempfile.mkdtemp(prefix=".stats.tmp-", dir=root))
+        try:
+            for name, table in tables.items():
+                write_atomic(table, tmp / f"{name}.parquet")
+            info = {**plan.info, "parts": {f"{name}.parquet": t.num_rows for name, t in tables.items()}}
+            (tmp / "info.json").write_text(json.dumps(info, indent=2))
+            crash_point("stats")
+            # feature rows (and so the stores' Feature nodes) gain frequency, mean_act, max_act; before
+            # the rename, so statistics in place always have their feature rows
+            write_features(root, tset, stats_dir=tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        manifest = Manifest.read(root)
+        manifest.parts[layout.FEATURES] = part_rows(root / layout.FEATURES)
+        manifest.write(root)
+    return True
+
+
 def run_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: int, ctx_len: int = 128, top_k: int = 20,
               progress: bool = True) -> bool:
-    """Collect activation statistics into `DIR/stats/` (all files appear together); False if already there."""
-    from ingest.datasets import token_contexts
-    from ingest.stats import PER_BIN, QUANTILE_BINS, collect_stats, stats_tables
-
-    info = {"dataset": dataset, "tokens": n_tokens, "ctx_len": ctx_len, "top_k": top_k, "layers": tset.layers,
-            "quantile_bins": QUANTILE_BINS, "per_bin": PER_BIN}
-    target = root / layout.STATS
-    if (target / "info.json").is_file():
-        if json.loads((target / "info.json").read_text()) == info:
-            return False
-        raise CatalogDirError(f"{target} holds statistics collected with other settings (or by an older version); remove it to collect anew")
-    tokens = token_contexts(model.tokenizer, dataset, n_tokens, ctx_len)
-    tables = stats_tables(tset, collect_stats(model, tset, tokens, top_k, progress=progress), tokens)
-    tmp = Path(tempfile.mkdtemp(prefix=".stats.tmp-", dir=root))
-    try:
-        for name, table in tables.items():
-            write_atomic(table, tmp / f"{name}.parquet")
-        (tmp / "info.json").write_text(json.dumps(info, indent=2))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_features(root, tset)  # feature rows (and so the stores' Feature nodes) gain frequency, mean_act, max_act
-    return True
+    """Plan and collect activation statistics; False if the catalog already holds them."""
+    return write_stats(model, tset, root, plan_stats(model, tset, root, dataset, n_tokens, ctx_len, top_k), progress)

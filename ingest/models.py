@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import json
 import logging
 import os
 import shutil
@@ -118,12 +119,20 @@ def _load_hf_dir(directory: Path, device: str):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.loading_from_pretrained import convert_hf_model_config, get_pretrained_state_dict
 
+    _read_config(directory)
     try:
         with _quiet():
-            hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+            hf_model, loading = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read Hugging Face model in {directory}: {first_line(exc)}") from None
+    except Exception as exc:  # a damaged directory fails in the parsers of four libraries, each with its own types
+        raise ModelError(f"cannot read Hugging Face model in {directory} ({type(exc).__name__}: {first_line(exc)[:200]})") from None
+    # transformers fills what config.json names but the weights lack with random values (a config
+    # without num_hidden_layers becomes 32 layers, 29 of them random): refuse instead
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if loading.get(kind):
+            names = sorted(str(k) for k in loading[kind])
+            raise ModelError(f"{directory}: config.json does not match the weights: {len(names)} {kind.replace('_', ' ')} "
+                             f"(e.g. {names[0]}); check its architecture fields (num_hidden_layers, hidden_size, ...)")
     # TL picks some architectures by substrings of the name ("llama", "gemma") before reading the
     # config; a neutral link name makes it always read config.json.
     with tempfile.TemporaryDirectory(prefix="cc-model-") as tmp:
@@ -134,13 +143,19 @@ def _load_hf_dir(directory: Path, device: str):
                 cfg_dict = convert_hf_model_config(str(link))
         except NotImplementedError as exc:
             raise ModelError(f"{directory}: TransformerLens 3.x cannot convert this architecture ({exc})") from None
-        except AttributeError as exc:  # TL's converters read fields some configs lack
-            raise ModelError(f"{directory}/config.json lacks a field TransformerLens needs ({exc})") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # TL's converters read fields some configs lack
+            raise ModelError(f"{directory}/config.json lacks a field TransformerLens needs, or holds one of the wrong type "
+                             f"({type(exc).__name__}: {first_line(exc)[:120]})") from None
     cfg_dict.pop("quantization_method", None)
     cfg_dict["tokenizer_name"] = str(directory)
     cfg = HookedTransformerConfig(**cfg_dict, device=device, dtype=torch.float32)
     with _quiet():
         state_dict = get_pretrained_state_dict(str(directory), cfg, hf_model=hf_model, dtype=torch.float32)
+        # the MLP-input norms, before folding removes them: transcoders trained on the Hugging Face modules
+        # read their output (see Transcoder.fold_into)
+        norms = {layer: tuple(None if t is None else t.detach().clone()
+                              for t in (state_dict[f"blocks.{layer}.ln2.w"], state_dict.get(f"blocks.{layer}.ln2.b")))
+                 for layer in range(cfg.n_layers) if f"blocks.{layer}.ln2.w" in state_dict}
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
         model.load_and_process_state_dict(
             state_dict,
@@ -151,8 +166,35 @@ def _load_hf_dir(directory: Path, device: str):
             refactor_factored_attn_matrices=False,
         )
         model.to(device)
+    model.mlp_input_norms = {layer: (w.to(device), None if b is None else b.to(device)) for layer, (w, b) in norms.items()}
     model.eval()
+    _check_finite(model, directory)
     return model
+
+
+def check_context(model, ctx_len: int) -> None:
+    """A context longer than the model's positions would fail deep inside the forward pass."""
+    if ctx_len > model.cfg.n_ctx:
+        raise ModelError(f"--ctx-len {ctx_len} exceeds the model's context of {model.cfg.n_ctx} tokens")
+
+
+def _read_config(directory: Path) -> dict:
+    """config.json as a JSON object, or one error naming the file."""
+    path = directory / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise ModelError(f"{path}: not a readable JSON file ({type(exc).__name__}: {first_line(exc)[:120]})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+def _check_finite(model: torch.nn.Module, source: Path) -> None:
+    """NaN or Inf in a weight would flow silently into every edge the catalog stores."""
+    for name, tensor in model.named_parameters():  # not buffers: the attention mask holds -inf on purpose
+        if not torch.isfinite(tensor).all():
+            raise ModelError(f"{source}: the weight {name} holds NaN or Inf values")
 
 
 def _gguf_to_hf_dir(gguf: Path) -> Path:

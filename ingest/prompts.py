@@ -23,7 +23,10 @@ from tqdm.auto import tqdm
 from catalog import layout
 from catalog.errors import CatalogDirError, DatasetError
 from catalog.manifest import Manifest, now
-from catalog.parquet_io import write_atomic
+from catalog.crash import crash_point
+from catalog.graph_schema import part_files
+from catalog.lock import writer_lock
+from catalog.parquet_io import part_intact, part_rows, write_atomic
 from ingest.attribution import AttributionGraph, attribute, prompt_tokens, target_token
 from ingest.pruning import Pruned, graph_scores, prune
 from ingest.targets import CustomTarget, custom_target
@@ -68,21 +71,31 @@ def read_prompts(path: Path) -> list[PromptSpec]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"prompt file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text") from None
     specs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
             try:
                 row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            # a null or a number is not a prompt: str() would store the text "None"
+            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("target"), (str, type(None)))):
+                raise DatasetError(f"{path}:{number}: expected a JSON object with a string 'prompt' (and optional string 'target')")
+            try:
                 contrast = row.get("contrast") or ()
                 specs.append(PromptSpec(
-                    str(row["prompt"]), None if row.get("target") is None else str(row["target"]),
-                    tuple(map(str, row.get("targets") or ())), (str(contrast),) if isinstance(contrast, str) else tuple(map(str, contrast)),
+                    row["prompt"], row.get("target"), tuple(map(str, row.get("targets") or ())),
+                    (str(contrast),) if isinstance(contrast, str) else tuple(map(str, contrast)),
                     None if row.get("direction") is None else str(row["direction"]), float(row.get("target_weight", 1.0))))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise DatasetError(f"{path}:{number}: expected a JSON object with a 'prompt' (and optional 'target', 'targets', "
-                                   "'contrast', 'direction', 'target_weight')") from None
+            except (TypeError, ValueError):
+                raise DatasetError(f"{path}:{number}: a custom target's 'targets', 'contrast' (token or list), 'direction' (.npy path) "
+                                   "or 'target_weight' (number) is malformed") from None
         else:
             specs.append(PromptSpec(line))
     if not specs:
@@ -108,6 +121,9 @@ def local_ids(graph: AttributionGraph) -> list[str]:
     if graph.custom_target is not None:
         ids.append("target")
     return ids
+
+
+PROMPT_PARTS = ("nodes", "edges", "edges_full", "links_feature", "links_token")
 
 
 def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> dict[str, pa.Table]:
@@ -153,26 +169,37 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
 def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec], settings: AttributionSettings,
                 progress: bool = True) -> list[str]:
     """Compute and write every prompt's graph not already in `root` with these settings; returns the ids."""
-    manifest = Manifest.read(root)
-    if manifest.status != "complete":
-        raise CatalogDirError(f"{root}: the ingest has not finished; rerun it before adding prompts")
-    wanted = json.dumps(asdict(settings), sort_keys=True)
-    ids = []
     for spec in specs:  # refuse bad prompts before anything is written
         check_prompt(model, spec)
-    manifest.status = "in-progress"  # stores refuse to load a half-added prompt set
-    manifest.write(root)
-    for spec in tqdm(specs, desc="prompts", unit="prompt", disable=not progress):
-        pid = prompt_id(manifest, spec)
-        ids.append(pid)
-        info_path = layout.prompt_dir(root, pid) / "prompt.json"
-        if info_path.is_file() and json.loads(info_path.read_text())["settings"] == wanted:
-            continue
-        write_prompt(model, tset, root, pid, spec, settings)
-    write_prompt_index(root)
-    manifest.status, manifest.completed = "complete", now()
-    manifest.write(root)
+    with writer_lock(root):
+        manifest = Manifest.read(root)
+        if manifest.status != "complete":
+            raise CatalogDirError(f"{root}: the ingest has not finished; rerun it before adding prompts")
+        wanted = json.dumps(asdict(settings), sort_keys=True)
+        ids = [prompt_id(manifest, spec) for spec in specs]
+        todo = [(pid, spec) for pid, spec in zip(ids, specs) if not _prompt_done(root, pid, wanted)]
+        if not todo and part_rows(root / layout.PROMPT_INDEX) == len(part_files(root, f"{layout.PROMPTS}/*/prompt.json")):
+            return ids  # nothing to add: the catalog (and a store loaded from it) stays as it is
+        manifest.status = "in-progress"  # stores refuse to load a half-added prompt set
+        manifest.write(root)
+        for pid, spec in tqdm(todo, desc="prompts", unit="prompt", disable=not progress):
+            write_prompt(model, tset, root, pid, spec, settings)
+        write_prompt_index(root)
+        manifest.status, manifest.completed = "complete", now()
+        manifest.write(root)
     return ids
+
+
+def _prompt_done(root: Path, pid: str, settings: str) -> bool:
+    """Done with these settings, every part readable with the rows it was written with (else computed again)."""
+    directory = layout.prompt_dir(root, pid)
+    try:
+        info = json.loads((directory / "prompt.json").read_text())
+    except (OSError, ValueError):
+        return False
+    recorded = info.get("parts", {})
+    names = [f"{name}.parquet" for name in PROMPT_PARTS]
+    return info.get("settings") == settings and all(part_intact(directory / n, recorded.get(n)) for n in names)
 
 
 def check_prompt(model, spec: PromptSpec) -> None:
@@ -203,6 +230,7 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
         "n_active_features": graph.n_active_features, "n_feature_nodes": graph.n_features, "capped": graph.capped,
         "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": tables["edges"].num_rows,
         "n_layers": graph.n_layers, "settings": json.dumps(asdict(settings), sort_keys=True),
+        "parts": {f"{name}.parquet": table.num_rows for name, table in tables.items()},  # checked on resume
         "custom_target": None if custom is None else {"name": custom.name, **custom.definition},
     }
     target = layout.prompt_dir(root, pid)
@@ -212,6 +240,7 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
         for name, table in tables.items():
             pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
         (tmp / "prompt.json").write_text(json.dumps(info, indent=2) + "\n")
+        crash_point("prompt")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     finally:
@@ -220,6 +249,6 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
 
 def write_prompt_index(root: Path) -> None:
     """prompts.parquet: one row per prompt directory present (prompts accumulate over runs)."""
-    rows = [json.loads(p.read_text()) for p in sorted((root / layout.PROMPTS).glob("*/prompt.json"))]
+    rows = [json.loads(p.read_text()) for p in part_files(root, f"{layout.PROMPTS}/*/prompt.json")]
     columns = {name: [row.get(name) for row in rows] for name in layout.PROMPT_SCHEMA.names}
     write_atomic(pa.table(columns, schema=layout.PROMPT_SCHEMA), root / layout.PROMPT_INDEX)

@@ -48,7 +48,7 @@ def partial_influence(rows: torch.Tensor, row_cols: torch.Tensor, weights: torch
     """
     norm = normalise(rows)
     has_row = row_cols >= 0
-    total = torch.zeros(rows.shape[1])
+    total = torch.zeros(rows.shape[1], device=rows.device)
     current = weights.clone()
     for _ in range(max_iter):
         spread = current @ norm
@@ -61,7 +61,7 @@ def partial_influence(rows: torch.Tensor, row_cols: torch.Tensor, weights: torch
 
 
 def logit_weights(graph: AttributionGraph) -> torch.Tensor:
-    w = torch.zeros(graph.n_nodes)
+    w = torch.zeros(graph.n_nodes, device=graph.adjacency.device)
     w[graph.logit_index(0):] = graph.logit_probabilities
     return w
 
@@ -79,9 +79,9 @@ def cutoff(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """
     ordered = scores.sort(descending=True).values
     if not ordered.numel() or ordered[0] <= 0:
-        return torch.tensor(float("inf"))
+        return torch.tensor(float("inf"), device=scores.device)
     cumulative = ordered.cumsum(0) / ordered.sum()
-    index = int(torch.searchsorted(cumulative, torch.tensor(fraction)))
+    index = int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype, device=cumulative.device)))
     return ordered[min(index, int((ordered > 0).sum()) - 1)]
 
 

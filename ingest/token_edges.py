@@ -60,19 +60,22 @@ def top_tokens_into(
 
 
 @torch.no_grad()
-def top_logit_tokens(model, tc: Transcoder, k: int, block: int = 1024) -> TopTokens:
-    """The K tokens whose logits each feature's decoder direction raises most."""
-    return _top_per_feature(as_read_by(model, None, tc.W_dec), model.W_U, k, block)
+def top_logit_tokens(model, W_dec: torch.Tensor, k: int, block: int = 1024) -> TopTokens:
+    """The K tokens whose logits each feature's decoder direction raises most.
+
+    W_dec [d_sae, d_model]: what a feature writes into the residual stream in all (`TranscoderSet.total_write`
+    up to the last layer: for a CLT, the sum of its decoder slices)."""
+    return _top_per_feature(as_read_by(model, None, W_dec), model.W_U, k, block)
 
 
 def _top_per_feature(left: torch.Tensor, right: torch.Tensor, k: int, block: int) -> TopTokens:
     """Row-wise top-K of `left @ right` ([n_features, vocab]), computed `block` features at a time."""
     n, vocab = left.shape[0], right.shape[1]
     k = min(k, vocab)
-    tokens = torch.empty(n, k, dtype=torch.int64)
-    weights = torch.empty(n, k, dtype=torch.float32)
+    tokens = torch.empty(n, k, dtype=torch.int64, device="cpu")  # bound for Parquet, whatever computes them
+    weights = torch.empty(n, k, dtype=torch.float32, device="cpu")
     for start in range(0, n, block):
-        top = (left[start : start + block] @ right).topk(k, dim=1)
-        tokens[start : start + block] = top.indices
-        weights[start : start + block] = top.values
+        top = (left[start : start + block] @ right.to(left.dtype)).topk(k, dim=1)
+        tokens[start : start + block] = top.indices.cpu()
+        weights[start : start + block] = top.values.float().cpu()
     return TopTokens(tokens, weights)

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from catalog.errors import TranscoderError
+from catalog.errors import OutputError, TranscoderError
 from ingest.datasets import token_contexts
+from ingest.models import check_context
 from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 from ingest.transcoder_formats import load_transcoders, save_saelens
 
@@ -142,6 +143,9 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
     bad = [layer for layer in cfg.layers if not 0 <= layer < model.cfg.n_layers]
     if bad:
         raise TranscoderError(f"layer(s) {bad} outside the model's 0..{model.cfg.n_layers - 1}")
+    if out_dir.exists() and not out_dir.is_dir():  # found out now, not after the training
+        raise OutputError(f"{out_dir}: is a file, not a directory for the transcoders")
+    check_context(model, cfg.ctx_len)
     torch.manual_seed(cfg.seed)
     tokens = token_contexts(model.tokenizer, cfg.dataset, cfg.n_tokens + cfg.eval_tokens, cfg.ctx_len)
     n_eval = max(1, -(-cfg.eval_tokens // cfg.ctx_len))

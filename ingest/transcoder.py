@@ -1,8 +1,14 @@
-"""The one in-memory representation of a per-layer transcoder, whatever format it came from.
+"""The one in-memory representation of transcoders, whatever format they came from.
 
 Shapes follow TransformerLens/SAELens: `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_out]`,
 `b_dec [d_out]`, optional `W_skip [d_in, d_out]` (files store it transposed; converted on load),
 optional JumpReLU `threshold [d_sae]`. Config is kept apart from the weights, as in SAELens.
+
+A cross-layer transcoder (CLT) is a set whose features, read at layer l, also write into the MLP
+outputs of later layers: `W_dec_later [d_sae, n_later, d_out]`, slice j writing into layer l + 1 + j
+(`W_dec` stays the write into layer l itself). A per-layer set is the case n_later = 0, so code that
+asks the set what writes into a layer (`TranscoderSet.writes_into`, `reconstruct`, `total_write`)
+serves both; code that reads `W_dec` alone is per-layer only and says so (`require_per_layer`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from pathlib import Path
 import torch
 
 from catalog.errors import TranscoderError
+from ingest.mapped_weights import release_mapped
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
 
@@ -30,6 +37,9 @@ class TranscoderConfig:
     activation: str = "relu"
     k: int | None = None  # TopK only
     model_name: str = ""
+    # trained on the Hugging Face modules: the MLP's input after the norm's weight (and bias), its output
+    # uncentred; `TranscoderSet.bind` re-expresses it in TransformerLens's terms (folded norms, centred writes)
+    hf_modules: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +61,7 @@ class Transcoder:
     W_skip: torch.Tensor | None = None
     threshold: torch.Tensor | None = None
     source: str = ""
+    W_dec_later: torch.Tensor | None = None  # [d_sae, n_later, d_out]: writes into layers layer+1 .. layer+n_later
 
     def __post_init__(self) -> None:
         self.check()
@@ -76,6 +87,12 @@ class Transcoder:
                 raise TranscoderError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
             if not torch.isfinite(t).all():
                 raise TranscoderError(f"{where}: {name} contains NaN or infinite values")
+        if self.W_dec_later is not None:
+            t = self.W_dec_later
+            if t.dim() != 3 or (t.shape[0], t.shape[2]) != (c.d_sae, c.d_out):
+                raise TranscoderError(f"{where}: cross-layer decoder has shape {tuple(t.shape)}, expected ({c.d_sae}, n_later, {c.d_out})")
+            if not torch.isfinite(t).all():
+                raise TranscoderError(f"{where}: cross-layer decoder contains NaN or infinite values")
         if c.activation == "jumprelu" and self.threshold is None:
             raise TranscoderError(f"{where}: JumpReLU transcoder without a threshold")
         if c.activation == "topk" and not c.k:
@@ -84,6 +101,18 @@ class Transcoder:
     @property
     def layer(self) -> int:
         return self.cfg.layer
+
+    @property
+    def n_later(self) -> int:
+        return 0 if self.W_dec_later is None else self.W_dec_later.shape[1]
+
+    def decoder_into(self, layer: int) -> torch.Tensor | None:
+        """[d_sae, d_out]: what one unit of each feature writes into `layer`'s MLP output (None: nothing)."""
+        if layer == self.layer:
+            return self.W_dec
+        if self.layer < layer <= self.layer + self.n_later:
+            return self.W_dec_later[:, layer - self.layer - 1]
+        return None
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] -> [..., d_sae] encoder pre-activations."""
@@ -101,7 +130,8 @@ class Transcoder:
         return self.activate(self.pre_acts(x))
 
     def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction; the skip path needs the input `x`."""
+        """Reconstruction of this layer's MLP output by this layer's features alone (all of it for a
+        per-layer transcoder; see `TranscoderSet.reconstruct` for a CLT); the skip path needs the input `x`."""
         out = z @ self.W_dec + self.b_dec
         if self.W_skip is not None:
             if x is None:
@@ -111,6 +141,40 @@ class Transcoder:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x)
+
+    @torch.no_grad()
+    def fold_into(self, model) -> None:
+        """Re-express a transcoder trained on the Hugging Face modules for the loaded model, exactly.
+
+        It was trained on `x' = x * w + b`, the norm's output with its weight w (and bias b), where the loaded
+        model's `ln2.hook_normalized` gives `x` (TransformerLens folds w and b into the next weights); so
+        `W_enc <- w * W_enc`, `b_enc <- b_enc + b @ W_enc`, and the same for a skip path (its `b @ W_skip` joins
+        `b_dec`). It predicts the MLP's output as the module writes it, which LayerNorm models loaded with
+        centred writes see centred: every write (decoder rows and slices, `b_dec`, skip) is centred too.
+        """
+        norms = getattr(model, "mlp_input_norms", None)
+        where = self.source or f"transcoder for layer {self.layer}"
+        if norms is None or self.layer not in norms:
+            raise TranscoderError(f"{where}: trained on the Hugging Face MLP input, and the model's norm weights are unknown "
+                                  "(load the model through circuit-catalog's loader from a local directory or GGUF)")
+        if not self.cfg.hook_in.endswith("ln2.hook_normalized"):
+            raise TranscoderError(f"{where}: trained on the Hugging Face MLP input but hooked at {self.cfg.hook_in}")
+        w, b = norms[self.layer]
+        if b is not None:
+            self.b_enc = self.b_enc + b @ self.W_enc
+        self.W_enc = w[:, None] * self.W_enc
+        if self.W_skip is not None:
+            if b is not None:
+                self.b_dec = self.b_dec + b @ self.W_skip
+            self.W_skip = w[:, None] * self.W_skip
+        if model.cfg.normalization_type in ("LN", "LNPre"):  # TransformerLens centred the writes
+            def centre(t: torch.Tensor) -> torch.Tensor:
+                return t - t.mean(-1, keepdim=True)
+            self.W_dec, self.b_dec = centre(self.W_dec), centre(self.b_dec)
+            self.W_skip = None if self.W_skip is None else centre(self.W_skip)
+            self.W_dec_later = None if self.W_dec_later is None else centre(self.W_dec_later)
+        self.cfg.hf_modules = False
+        self.check()
 
 
 @dataclass
@@ -131,14 +195,75 @@ class TranscoderSet:
     def __iter__(self):
         return (self.by_layer[layer] for layer in self.layers)
 
+    @property
+    def cross_layer(self) -> bool:
+        return any(tc.n_later for tc in self)
+
+    def require_per_layer(self, what: str) -> None:
+        """One-line refusal for computations not yet defined for cross-layer transcoders."""
+        if self.cross_layer:
+            raise TranscoderError(f"{what} does not support cross-layer transcoders yet")
+
+    def writes_into(self, layer: int) -> list[tuple[Transcoder, torch.Tensor]]:
+        """Every transcoder whose features write into `layer`'s MLP output, with that decoder slice."""
+        out = []
+        for tc in self:
+            W = tc.decoder_into(layer)
+            if W is not None:
+                out.append((tc, W))
+        return out
+
+    def total_write(self, layer: int, before: int) -> torch.Tensor:
+        """[d_sae, d_out]: what one unit of each feature of `layer` writes into the residual stream
+        in the layers from `layer` up to (not including) `before`: the sum of its decoder slices (each
+        slice's mapped pages handed back once added, so a CLT's many slices never sit in memory together)."""
+        tc = self[layer]
+        total = tc.W_dec.clone()
+        for lay in range(layer + 1, before):
+            W = tc.decoder_into(lay)
+            if W is not None:
+                total += W
+                release_mapped()
+        return total
+
+    def decode_into(self, layer: int, z: dict[int, torch.Tensor], x: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Layer `layer`'s reconstructed MLP output from the activations `z` of every layer writing into it
+        (and its input `x[layer]`, for a skip path): its `b_dec`, its skip path, and every decoder slice."""
+        tc = self[layer]
+        recon = tc.b_dec + (x[layer] @ tc.W_skip if tc.W_skip is not None else 0)
+        for src, W in self.writes_into(layer):
+            recon = recon + z[src.layer] @ W
+        return recon
+
+    def reconstruct(self, z: dict[int, torch.Tensor], x: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Every layer's reconstructed MLP output (`decode_into` for each)."""
+        return {layer: self.decode_into(layer, z, x) for layer in self.layers}
+
     def select(self, layers: list[int] | None) -> TranscoderSet:
         """The subset for `layers` (None: all); unknown layers are a user error."""
         if layers is None:
             return self
+        if self.cross_layer and sorted(layers) != self.layers:
+            raise TranscoderError("a cross-layer transcoder is used whole: its features write into every later layer")
         missing = sorted(set(layers) - set(self.by_layer))
         if missing:
             raise TranscoderError(f"no transcoder for layer(s) {missing}; available: {self.layers}")
         return TranscoderSet({layer: self.by_layer[layer] for layer in layers}, self.files, self.format)
+
+    def bind(self, model) -> None:
+        """Check the set fits `model`, then express every transcoder trained on the Hugging Face modules in the
+        loaded model's terms (`Transcoder.fold_into`), once."""
+        self.validate_against(model)
+        for tc in self:
+            if tc.cfg.hf_modules:
+                tc.fold_into(model)
+
+    def require_bound(self) -> None:
+        """Computations on a model need `bind(model)` first where a transcoder was trained on the HF modules."""
+        unbound = [tc.layer for tc in self if tc.cfg.hf_modules]
+        if unbound:
+            raise TranscoderError(f"transcoders of layers {unbound} were trained on the Hugging Face modules; "
+                                  "bind them to the model first (TranscoderSet.bind)")
 
     def validate_against(self, model) -> None:
         """Layer range, widths and hook names must fit the model."""

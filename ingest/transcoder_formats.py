@@ -9,6 +9,8 @@
 - the original GPT-2 transcoders of the transcoder paper: pickled `.pt` files holding `cfg` and
   `state_dict`, with an input pre-bias `b_dec` (folded into `b_enc` here) and output bias `b_dec_out`.
   Pickle runs code, so these load only when the caller passes `trust_pickle=True`.
+- the public releases (Gemma Scope 2 and its CLTs, Gemma Scope, EleutherAI sparsify / clt-training) and
+  `hf://` fetching: `ingest/release_formats.py`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from catalog.errors import TranscoderError
+from ingest.mapped_weights import read_mapped, release_mapped
 from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -43,19 +45,38 @@ _SAELENS_ARCH = {
 
 
 def load_transcoders(path: str | Path, trust_pickle: bool = False) -> TranscoderSet:
-    """Detect the format of `path` and load every transcoder in it."""
+    """Detect the format of `path` (a local file or folder, or `hf://owner/repo[/path][@revision]`) and load
+    every transcoder in it. Safetensors files stay mapped: the pages each file's validation touched are
+    handed back, so a set larger than memory loads."""
+    try:
+        return _load_transcoders(path, trust_pickle)
+    finally:
+        release_mapped()
+
+
+def _load_transcoders(path: str | Path, trust_pickle: bool) -> TranscoderSet:
+    from ingest import release_formats  # it builds on this module's helpers
+
+    if str(path).startswith(release_formats.HF_PREFIX):
+        fetched = release_formats.fetch_hub(str(path))
+        if len(fetched) > 1:
+            return release_formats.load_release_paths(fetched, str(path))
+        path = fetched[0]
     path = Path(path)
     if not path.exists():
         raise TranscoderError(f"transcoders not found: {path}")
+    if path.is_file() and SEED_PATTERN.search(path.name):
+        return _load_seed([path], trust_pickle)
+    if path.is_dir() and (path / CT_CONFIG).is_file():
+        return load_circuit_tracer(path)
+    if (release := release_formats.load_release(path)) is not None:
+        return release
     if path.is_file():
-        if SEED_PATTERN.search(path.name):
-            return _load_seed([path], trust_pickle)
-        raise TranscoderError(f"{path}: not a transcoder directory or an original GPT-2 transcoder .pt file")
+        raise TranscoderError(
+            f"{path}: not a transcoder directory, a Gemma Scope params.npz or an original GPT-2 transcoder .pt file")
     if (path / SAELENS_CFG).is_file():
         tc = load_saelens(path)
         return TranscoderSet({tc.layer: tc}, _files(path), "saelens")
-    if (path / CT_CONFIG).is_file():
-        return load_circuit_tracer(path)
     subdirs = sorted(p for p in path.iterdir() if (p / SAELENS_CFG).is_file())
     if subdirs:
         by_layer: dict[int, Transcoder] = {}
@@ -70,7 +91,8 @@ def load_transcoders(path: str | Path, trust_pickle: bool = False) -> Transcoder
         return _load_seed(seeds, trust_pickle)
     raise TranscoderError(
         f"{path}: no transcoders found (expected SAELens cfg.json dirs, a circuit-tracer config.yaml, "
-        "or final_sparse_autoencoder_*.pt files)"
+        "final_sparse_autoencoder_*.pt files, Gemma Scope params.safetensors or params.npz folders, "
+        "or sparsify cfg.json + sae.safetensors folders)"
     )
 
 
@@ -81,8 +103,10 @@ def load_saelens(directory: Path) -> Transcoder:
     cfg_path, weights_path = directory / SAELENS_CFG, directory / SAELENS_WEIGHTS
     try:
         raw = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TranscoderError(f"{cfg_path}: unreadable config ({exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise TranscoderError(f"{cfg_path}: unreadable config ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise TranscoderError(f"{cfg_path}: expected a JSON object, found {type(raw).__name__}")
     arch = raw.get("architecture", "transcoder")
     if arch not in _SAELENS_ARCH:
         raise TranscoderError(f"{cfg_path}: architecture {arch!r} is not a transcoder ({', '.join(_SAELENS_ARCH)})")
@@ -106,6 +130,9 @@ def load_saelens(directory: Path) -> Transcoder:
         _require(w, ("W_skip",), weights_path)
     if activation == "jumprelu":
         _require(w, ("threshold",), weights_path)
+    for name, dims in (("W_enc", 2), ("W_dec", 2), ("b_enc", 1), ("b_dec", 1)):
+        if w[name].dim() != dims:
+            raise TranscoderError(f"{weights_path}: {name} has {w[name].dim()} dimension(s), expected {dims}")
     for key, name in (("d_in", "W_enc"), ("d_sae", "b_enc"), ("d_out", "b_dec")):
         if raw.get(key) is not None and int(raw[key]) != w[name].shape[0]:
             raise TranscoderError(f"{weights_path}: {name} has {w[name].shape[0]} rows but cfg.json says {key}={raw[key]}")
@@ -195,6 +222,8 @@ def save_saelens(tc: Transcoder, directory: Path) -> None:
     c = tc.cfg
     if c.activation == "topk":
         raise TranscoderError("SAELens has no TopK transcoder architecture; save TopK transcoders another way")
+    if tc.n_later:
+        raise TranscoderError("SAELens has no cross-layer transcoder architecture; save CLTs with save_circuit_tracer_clt")
     arch = ("jumprelu_" if c.activation == "jumprelu" else "") + ("skip_" if tc.W_skip is not None else "") + "transcoder"
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {"W_enc": tc.W_enc, "b_enc": tc.b_enc, "W_dec": tc.W_dec, "b_dec": tc.b_dec}
@@ -219,21 +248,30 @@ def save_saelens(tc: Transcoder, directory: Path) -> None:
 
 
 def load_circuit_tracer(directory: Path) -> TranscoderSet:
+    """circuit-tracer's `config.yaml`: its own layouts, or a list of Gemma Scope files (`params.npz`, Gemma
+    Scope 2 `params.safetensors`), local or `hf://`, read with the config's hooks."""
+    from ingest.release_formats import GS1_WEIGHTS, GS2_WEIGHTS, load_gemma_scope_files  # they build on this module
+
     cfg_path = directory / CT_CONFIG
     try:
         raw = yaml.safe_load(cfg_path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise TranscoderError(f"{cfg_path}: unreadable config ({exc})") from None
-    if raw.get("model_kind", "transcoder_set") != "transcoder_set":
-        raise TranscoderError(f"{cfg_path}: model_kind {raw.get('model_kind')!r} is not supported (per-layer transcoder_set only)")
+    kind = raw.get("model_kind", "transcoder_set")
+    if kind not in ("transcoder_set", "cross_layer_transcoder"):
+        raise TranscoderError(f"{cfg_path}: model_kind {kind!r} is not supported (transcoder_set or cross_layer_transcoder)")
     hook_in, hook_out = raw.get("feature_input_hook"), raw.get("feature_output_hook")
     if not hook_in or not hook_out:
         raise TranscoderError(f"{cfg_path}: needs feature_input_hook and feature_output_hook")
-    layer_files = {}
-    for entry in raw.get("transcoders") or []:
-        p = Path(entry.removeprefix("file://"))
-        p = p if p.is_absolute() else directory / p
-        layer_files[len(layer_files)] = p
+    entries = [_config_entry(entry, directory) for entry in raw.get("transcoders") or []]
+    if entries and all(p.name in (GS1_WEIGHTS, GS2_WEIGHTS) for p in entries):  # circuit-tracer's Gemma Scope configs
+        tset = load_gemma_scope_files(entries)
+        for tc in tset:
+            tc.cfg.hook_in, tc.cfg.hook_out = f"blocks.{tc.layer}.{hook_in}", f"blocks.{tc.layer}.{hook_out}"
+        return TranscoderSet(tset.by_layer, [cfg_path, *tset.files], tset.format)
+    if kind == "cross_layer_transcoder":
+        return _load_circuit_tracer_clt(directory, raw, hook_in, hook_out)
+    layer_files = dict(enumerate(entries))
     if not layer_files:
         for p in directory.glob("layer_*.safetensors"):
             layer_files[int(p.stem.split("_")[1])] = p
@@ -258,8 +296,79 @@ def load_circuit_tracer(directory: Path) -> TranscoderSet:
     return TranscoderSet(by_layer, [cfg_path, *layer_files.values()], "circuit-tracer")
 
 
+def _config_entry(entry: str, directory: Path) -> Path:
+    """A `transcoders:` entry of a circuit-tracer config: `hf://` fetched, `file://` or a path relative to the config."""
+    from ingest.release_formats import HF_PREFIX, fetch_hub
+
+    if entry.startswith(HF_PREFIX):
+        found = fetch_hub(entry)
+        if len(found) != 1:
+            raise TranscoderError(f"{entry}: a transcoders: entry names one file, this matches {len(found)}")
+        return found[0]
+    p = Path(entry.removeprefix("file://"))
+    return p if p.is_absolute() else directory / p
+
+
+def _load_circuit_tracer_clt(directory: Path, raw: dict, hook_in: str, hook_out: str) -> TranscoderSet:
+    """circuit-tracer's CLT layout: per source layer i, `W_enc_{i}.safetensors` (W_enc_{i} [d_sae, d_model],
+    b_enc_{i}, b_dec_{i}, optional threshold_{i}) and `W_dec_{i}.safetensors` (W_dec_{i} [d_sae, n_layers - i,
+    d_model], slice 0 writing into layer i itself)."""
+    n_layers = len(list(directory.glob("W_enc_*.safetensors")))
+    if not n_layers:
+        raise TranscoderError(f"{directory}: a cross_layer_transcoder config.yaml but no W_enc_*.safetensors files")
+    by_layer, files = {}, []
+    for i in range(n_layers):
+        enc_path, dec_path = directory / f"W_enc_{i}.safetensors", directory / f"W_dec_{i}.safetensors"
+        for p in (enc_path, dec_path):
+            if not p.is_file():
+                raise TranscoderError(f"{p}: missing (a CLT of {n_layers} layers needs W_enc_0..{n_layers - 1} and W_dec_0..{n_layers - 1})")
+        enc, dec = _read_safetensors(enc_path), _read_safetensors(dec_path)
+        _require(enc, (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"), enc_path)
+        _require(dec, (f"W_dec_{i}",), dec_path)
+        W_enc, W_dec = enc[f"W_enc_{i}"].T.contiguous(), dec[f"W_dec_{i}"]
+        if W_dec.dim() != 3 or W_dec.shape[1] != n_layers - i:
+            raise TranscoderError(f"{dec_path}: W_dec_{i} has shape {tuple(W_dec.shape)}, expected (d_sae, {n_layers - i}, d_model)")
+        threshold = enc.get(f"threshold_{i}")
+        d_in, d_sae = W_enc.shape
+        cfg = TranscoderConfig(
+            layer=i, d_in=d_in, d_sae=d_sae, d_out=enc[f"b_dec_{i}"].shape[0],
+            hook_in=f"blocks.{i}.{hook_in}", hook_out=f"blocks.{i}.{hook_out}",
+            activation="jumprelu" if threshold is not None else "relu", model_name=raw.get("model_name", ""),
+        )
+        by_layer[i] = Transcoder(cfg, W_enc, enc[f"b_enc_{i}"], W_dec[:, 0].contiguous(), enc[f"b_dec_{i}"],
+                                 threshold=None if threshold is None else threshold.reshape(-1), source=str(enc_path),
+                                 W_dec_later=W_dec[:, 1:].contiguous() if n_layers - i > 1 else None)
+        files += [enc_path, dec_path]
+    return TranscoderSet(by_layer, [directory / CT_CONFIG, *files], "circuit-tracer-clt")
+
+
+def save_circuit_tracer_clt(tset: TranscoderSet, directory: Path, model_name: str = "") -> None:
+    """Write a cross-layer set (layers 0..n-1, each writing into every later layer) as circuit-tracer's CLT layout."""
+    n = len(tset.layers)
+    if tset.layers != list(range(n)) or any(tc.n_later != n - 1 - tc.layer for tc in tset):
+        raise TranscoderError("circuit-tracer's CLT layout needs layers 0..n-1, each writing into every later layer")
+    if any(tc.cfg.activation == "topk" or tc.W_skip is not None for tc in tset):
+        raise TranscoderError("circuit-tracer's CLT layout has no TopK activation and no skip path")
+    first = tset[0].cfg
+    rel_in, rel_out = (h.split(".", 2)[2] for h in (first.hook_in, first.hook_out))
+    directory.mkdir(parents=True, exist_ok=True)
+    for tc in tset:
+        i = tc.layer
+        enc = {f"W_enc_{i}": tc.W_enc.T, f"b_enc_{i}": tc.b_enc, f"b_dec_{i}": tc.b_dec}
+        if tc.threshold is not None:
+            enc[f"threshold_{i}"] = tc.threshold
+        W_dec = tc.W_dec[:, None] if tc.W_dec_later is None else torch.cat([tc.W_dec[:, None], tc.W_dec_later], 1)
+        save_file({k: v.detach().float().contiguous() for k, v in enc.items()}, directory / f"W_enc_{i}.safetensors")
+        save_file({f"W_dec_{i}": W_dec.detach().float().contiguous()}, directory / f"W_dec_{i}.safetensors")
+    config = {"model_kind": "cross_layer_transcoder", "model_name": model_name or first.model_name,
+              "scan": model_name or first.model_name or directory.name, "feature_input_hook": rel_in, "feature_output_hook": rel_out}
+    (directory / CT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 def save_circuit_tracer(tset: TranscoderSet, directory: Path, model_name: str = "") -> None:
     """Write a set as circuit-tracer's local `transcoder_set` layout (layers must be 0..n-1)."""
+    if tset.cross_layer:
+        raise TranscoderError("a cross-layer set is written with save_circuit_tracer_clt")
     if tset.layers != list(range(len(tset.layers))):
         raise TranscoderError(f"circuit-tracer needs transcoders for layers 0..n-1, got {tset.layers}")
     if any(tc.cfg.activation == "topk" for tc in tset):  # it would be read back as ReLU
@@ -340,12 +449,14 @@ def _load_seed(paths: list[Path], trust_pickle: bool) -> TranscoderSet:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A file's tensors as float32 views of its mapped pages (float32 files are not copied: see `mapped_weights`).
+
+    Loaders read their files one after another, so the pages the previous file's validation touched are
+    handed back first: loading holds about one file in memory."""
     if not path.is_file():
         raise TranscoderError(f"{path}: file not found")
-    try:
-        return {k: v.float() for k, v in load_file(path).items()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise TranscoderError(f"{path}: unreadable safetensors ({str(exc)[:120]}); truncated or corrupt?") from None
+    release_mapped()
+    return {k: v.float() for k, v in read_mapped(path).items()}
 
 
 def _require(tensors: dict, keys: tuple[str, ...], where: Path) -> None:

@@ -238,19 +238,14 @@ class Lookups:
         `token_text=False` names token inputs by position only (for blind case studies).
         """
         self.check_feature(fid)
-        uses: dict[tuple[str, int], FeatureUse] = {}
-        for r in self._q("feature_inputs", id=fid):
-            key = (r["prompt"], r["pos"])
-            if key not in uses:
-                if len(uses) == k:
-                    continue
-                uses[key] = FeatureUse(r["prompt"], int(r["pos"]), float(r["activation"]), float(r["influence"]), [])
-            use = uses[key]
-            if len(use.inputs) < n_inputs:
-                local = r["src"].split(":", 1)[1]
-                name = f"{r['token']!r}{local[3:]}" if r["kind"] == "token" and token_text else local
-                use.inputs.append((name, float(r["weight"])))
-        return list(uses.values())
+        uses = []
+        for r in self._q("feature_inputs", id=fid, k=k, n_inputs=n_inputs):
+            inputs = []
+            for i in r["inputs"]:
+                local = i["src"].split(":", 1)[1]
+                inputs.append((f"{i['token']!r}{local[3:]}" if i["kind"] == "token" and token_text else local, float(i["weight"])))
+            uses.append(FeatureUse(r["prompt"], int(r["pos"]), float(r["activation"]), float(r["influence"]), inputs))
+        return uses
 
     def recurring(self, k: int = 20) -> list[Recurring]:
         """Features found in the most prompts' pruned graphs."""

@@ -1,7 +1,11 @@
 """Read-only SQL over a catalog directory's Parquet files with DuckDB.
 
 Views: `features`, `tokens`, `pullbacks`, `deembed`, `logits` and, once statistics are collected,
-`stats` (per feature), `top_examples`, `quantile_examples` and `dataset_tokens`. Only SELECT-like statements run.
+`stats` (per feature), `top_examples`, `quantile_examples` and `dataset_tokens`.
+
+User SQL is hostile until proven otherwise, so two independent fences hold it: the statement's kind
+is parsed (one SELECT, or EXPLAIN of one), and the connection it runs in can read exactly the files
+behind the views and nothing else: no other file, no writes, no extensions, no settings changes.
 """
 
 from __future__ import annotations
@@ -12,42 +16,87 @@ import duckdb
 
 from catalog import layout
 from catalog.errors import UserError, first_line
+from catalog.graph_schema import part_files
 from catalog.manifest import Manifest
+from catalog.parquet_io import check_parts
 
-READ_ONLY = {"SELECT", "EXPLAIN"}
+MAX_QUERY_CHARS = 100_000  # DuckDB's parser recurses per nesting level: bound what it is given
 
 
 class SqlError(UserError):
     """A statement that is malformed or not read-only."""
 
 
-def views(root: Path) -> dict[str, str]:
-    candidates = {
-        "features": root / layout.FEATURES, "tokens": root / layout.TOKENS,
-        "pullbacks": root / layout.PULLBACKS / "*.parquet", "deembed": root / layout.DEEMBED / "*.parquet",
-        "logits": root / layout.LOGITS / "*.parquet", "stats": root / layout.STATS / "features.parquet",
-        "top_examples": root / layout.STATS / "top_examples.parquet",
-        "quantile_examples": root / layout.STATS / "quantile_examples.parquet", "dataset_tokens": root / layout.STATS / "tokens.parquet",
+def views(root: Path) -> dict[str, list[Path]]:
+    """View name -> the Parquet parts behind it (views without parts are left out)."""
+    patterns = {
+        "features": layout.FEATURES, "tokens": layout.TOKENS, "pullbacks": f"{layout.PULLBACKS}/*.parquet",
+        "deembed": f"{layout.DEEMBED}/*.parquet", "logits": f"{layout.LOGITS}/*.parquet",
+        "stats": f"{layout.STATS}/features.parquet", "top_examples": f"{layout.STATS}/top_examples.parquet",
+        "quantile_examples": f"{layout.STATS}/quantile_examples.parquet", "dataset_tokens": f"{layout.STATS}/tokens.parquet",
     }
-    return {name: str(path) for name, path in candidates.items() if list(path.parent.glob(path.name))}
+    found = {name: part_files(root, pattern) for name, pattern in patterns.items()}
+    return {name: files for name, files in found.items() if files}
 
 
 def connect(root: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB whose only data are the catalog's views, sealed before any user text runs."""
     Manifest.read(root)
+    parts = views(root)
+    check_parts([f for files in parts.values() for f in files])
     con = duckdb.connect()
-    for name, path in views(root).items():
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path.replace(chr(39), chr(39) * 2)}')")
+    for name, files in parts.items():
+        listed = ", ".join(_literal(str(f)) for f in files)
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}])")
+    # the order matters: each setting below is refused once external access is off or the configuration locked
+    con.execute("SET temp_directory = ''")  # no spill files: nothing a query does reaches the disk
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute(f"SET allowed_paths = [{', '.join(_literal(str(f)) for files in parts.values() for f in files)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
+
+
+def check_read_only(query: str) -> None:
+    """Refuse anything but one SELECT (or EXPLAIN of one), judged by DuckDB's own parser."""
+    if len(query) > MAX_QUERY_CHARS:
+        raise SqlError(f"query of {len(query):,} characters; at most {MAX_QUERY_CHARS:,}")
+    statements = _parse(query)
+    if len(statements) != 1:
+        raise SqlError("only one SELECT statement at a time (the catalog is read-only here)")
+    statement = statements[0]
+    kind = statement.type.name
+    if kind == "EXPLAIN":
+        kind = _explained_kind(statement.query)
+    if kind != "SELECT":
+        raise SqlError(f"{kind} statements are refused: only SELECT runs here (the catalog is read-only)")
+
+
+def _explained_kind(text: str) -> str:
+    """The kind of statement an EXPLAIN [ANALYZE] [(options)] wraps: the first suffix DuckDB parses alone."""
+    tokens = [offset for offset, kind in duckdb.tokenize(text) if kind != duckdb.token_type.comment]
+    for offset in tokens[1:]:  # past the EXPLAIN keyword
+        try:
+            inner = duckdb.extract_statements(text[offset:])
+        except duckdb.Error:
+            continue
+        return inner[0].type.name if len(inner) == 1 else "MULTI"
+    return "EXPLAIN"
+
+
+def _parse(query: str) -> list:
+    try:
+        return duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise SqlError(first_line(exc)) from None
+    except RecursionError:
+        raise SqlError("query nested too deeply") from None
 
 
 def run_sql(root: Path, query: str) -> tuple[list[str], list[tuple]]:
     """(column names, rows) of one read-only statement."""
-    try:
-        statements = duckdb.extract_statements(query)
-    except duckdb.Error as exc:
-        raise SqlError(first_line(exc)) from None
-    if len(statements) != 1 or statements[0].type.name not in READ_ONLY:
-        raise SqlError("only one SELECT statement at a time (the catalog is read-only here)")
+    check_read_only(query)
     con = connect(root)
     try:
         result = con.execute(query)
@@ -56,3 +105,7 @@ def run_sql(root: Path, query: str) -> tuple[list[str], list[tuple]]:
         raise SqlError(first_line(exc)) from None
     finally:
         con.close()
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

@@ -47,8 +47,9 @@ def build_tokenizer(path: Path):
     return tok
 
 
-def build_hf_model(path: Path, arch: str, n_layers: int = 3) -> Path:
-    """Save a random tiny GPT-2 or Llama in HF layout (config.json, safetensors, tokenizer)."""
+def build_hf_model(path: Path, arch: str, n_layers: int = 3, random_norms: bool = False) -> Path:
+    """Save a random tiny GPT-2 or Llama in HF layout (config.json, safetensors, tokenizer); with
+    `random_norms`, norm weights (and biases) that are not 1 (and 0)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed({"gpt2": 1, "llama": 2}[arch])
@@ -63,9 +64,11 @@ def build_hf_model(path: Path, arch: str, n_layers: int = 3) -> Path:
                           tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger-than-default weights so layers do something visible
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(4.0)
+            elif random_norms and "norm" in name or random_norms and ".ln_" in name:
+                p.copy_(torch.rand(p.shape) + 0.5 if name.endswith("weight") else torch.randn(p.shape) * 0.2)
     model.save_pretrained(path)
     return path
 
@@ -89,12 +92,41 @@ def random_transcoders(model, d_sae: int = 40, seed: int = 0, layers=None, **kw)
     return TranscoderSet(out)
 
 
+def random_clt(model, d_sae: int = 40, seed: int = 0):
+    """A random cross-layer transcoder: `random_transcoders` plus decoder slices into every later layer."""
+    tset = random_transcoders(model, d_sae=d_sae, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    n, d = model.cfg.n_layers, model.cfg.d_model
+    for tc in tset:
+        if tc.layer < n - 1:
+            tc.W_dec_later = torch.randn(d_sae, n - 1 - tc.layer, d, generator=g) / d**0.5
+            tc.check()
+    return tset
+
+
 def with_skip(tset, seed: int = 5):
     """Give every transcoder of `tset` a random skip path (x @ W_skip), in place."""
     g = torch.Generator().manual_seed(seed)
     for tc in tset:
         tc.W_skip = torch.randn(tc.cfg.d_in, tc.cfg.d_out, generator=g) * 0.05
     return tset
+
+
+@pytest.fixture(scope="session")
+def ct_python() -> Path:
+    """circuit-tracer's own venv (bench/circuit_tracer/setup_venv.sh; scripts/test.sh builds it first): the
+    comparisons with circuit-tracer fail, naming the reason, when it cannot be had."""
+    import subprocess
+
+    from ingest.models import cache_root
+
+    venv = Path(os.environ.get("CIRCUIT_CATALOG_CT_VENV", cache_root() / "circuit-tracer-venv"))
+    setup = Path(__file__).resolve().parent.parent / "bench" / "circuit_tracer" / "setup_venv.sh"
+    done = subprocess.run(["bash", str(setup), str(venv)], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.fail(f"circuit-tracer could not be installed in its own venv ({reason})")
+    return venv / "bin" / "python"
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ token edges are not compared.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import torch
 
 from ingest.attribution import AttributionGraph, attribute
 from ingest.job import IngestSettings, build_manifest, run_ingest
-from ingest.models import cache_root
 from ingest.pruning import graph_scores, prune
 from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
 from ingest.transcoder_formats import load_transcoders, save_circuit_tracer
@@ -33,21 +31,10 @@ from queries.neuronpedia import export_neuronpedia
 from tests.conftest import random_transcoders
 
 ROOT = Path(__file__).resolve().parent.parent
-SETUP = ROOT / "bench" / "circuit_tracer" / "setup_venv.sh"
 RUNNER = ROOT / "bench" / "circuit_tracer" / "run_attribute.py"
 PROMPT = "the jury said the city election was good"
 # node thresholds 0.5, 0.8, 0.95 against edge thresholds 0.9, 0.98; the default (0.8, 0.98) first
 THRESHOLDS = [(0.8, 0.98), (0.5, 0.9), (0.5, 0.98), (0.8, 0.9), (0.95, 0.9), (0.95, 0.98)]
-
-
-@pytest.fixture(scope="session")
-def ct_python() -> Path:
-    venv = Path(os.environ.get("CIRCUIT_CATALOG_CT_VENV", cache_root() / "circuit-tracer-venv"))
-    done = subprocess.run(["bash", str(SETUP), str(venv)], capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.fail(f"circuit-tracer could not be installed in its own venv ({reason})")
-    return venv / "bin" / "python"
 
 
 def run_circuit_tracer(ct_python: Path, model_dir: Path, tc_dir: Path, out: Path, *args: str, prompt: str = PROMPT) -> dict:

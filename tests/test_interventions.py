@@ -19,17 +19,18 @@ from ingest.attribution import attribute, prompt_tokens
 from ingest.interventions import Edit, InterventionError, Regime, clean_run, parse_edit, resolve, run_batch, run_edited
 from ingest.token_edges import top_logit_tokens
 from ingest.transcoder_formats import load_transcoders, save_circuit_tracer
-from tests.conftest import random_transcoders, with_skip
-from tests.test_circuit_tracer import ROOT, ct_python  # noqa: F401 (registers the circuit-tracer venv fixture)
+from tests.conftest import random_clt, random_transcoders, with_skip
+from tests.test_circuit_tracer import ROOT
 
 PROMPT = "the capital of france is"
 RUNNER = ROOT / "bench" / "circuit_tracer" / "run_intervention.py"
 
 
-@pytest.fixture(scope="module", params=["plain", "skip", "subset"])
+@pytest.fixture(scope="module", params=["plain", "skip", "subset", "clt"])
 def case(request, tiny):
+    """Per-layer transcoders on every layer, with skip paths, on some layers only, and a cross-layer transcoder."""
     layers = [0, 2] if request.param == "subset" else None
-    tset = random_transcoders(tiny, d_sae=40, seed=3, layers=layers)
+    tset = random_clt(tiny, d_sae=40, seed=3) if request.param == "clt" else random_transcoders(tiny, d_sae=40, seed=3, layers=layers)
     if request.param == "skip":
         with_skip(tset)
     return tiny, tset, prompt_tokens(tiny, PROMPT)
@@ -94,7 +95,7 @@ def test_steering_a_last_layer_feature_moves_logits_by_its_logit_lens_row(tiny):
     tokens = prompt_tokens(tiny, PROMPT)
     last = tiny.cfg.n_layers - 1
     tc, index, amount = tset[last], 7, 2.5
-    lens = top_logit_tokens(tiny, tc, k=tiny.cfg.d_vocab)  # the catalog's logit lens, every token
+    lens = top_logit_tokens(tiny, tc.W_dec, k=tiny.cfg.d_vocab)  # the catalog's logit lens, every token
     row = torch.zeros(tiny.cfg.d_vocab).scatter(0, lens.token[index], lens.weight[index])
     _, cache = tiny.run_with_cache(tokens[None])
     scale = float(cache["ln_final.hook_scale"][0, -1, 0])
@@ -159,8 +160,8 @@ REGIMES = {
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_agrees_with_circuit_tracers_feature_intervention(arch, ct_case, tmp_path, request):
-    python = request.getfixturevalue("ct_python")
+def test_agrees_with_circuit_tracers_feature_intervention(arch, ct_case, tmp_path, ct_python):
+    python = ct_python
     model, model_dir, tc_dir, tset = ct_case(arch)
     tokens = prompt_tokens(model, PROMPT)
     clean = clean_run(model, tset, tokens)

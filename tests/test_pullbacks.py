@@ -147,3 +147,27 @@ def test_stored_pullback_is_the_direct_path_under_intervention(tiny, skip):
         changed, _ = _direct_path_pre_acts(tiny, tset, lo, hi, tokens, pos, tset[lo].W_dec[i])
         expected = torch.tensor([stored[(f"L{lo}/{i}", f"L{hi}/{f}")] for f in range(d_sae)])
         torch.testing.assert_close((changed - base) * scale, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k, min_weight", [(8, None), (None, 1.0), (8, 0.8)])
+def test_bf16_scores_choose_candidates_and_float32_weights_are_stored(top_k, min_weight):
+    """bfloat16 scores pick the candidates; the stored weights are float32 recomputations, and the kept set is
+    float32's except for weights within bf16's error of the cut (here: of the K-th weight, or of min_weight)."""
+    g = torch.Generator().manual_seed(3)
+    W_dec, W_enc = torch.randn(300, 64, generator=g), torch.randn(64, 40, generator=g) / 4
+    full = W_dec @ W_enc
+    bound = 2**-7 * (W_dec.abs() @ W_enc.abs())  # |bf16 score - float32 score| stays under this
+    exact = {(int(s), int(d)): float(w) for b in select_edges(W_dec, W_enc, top_k, min_weight, block=16)
+             for s, d, w in zip(b.src, b.dst, b.weight)}
+    rough = {(int(s), int(d)): float(w) for b in select_edges(W_dec, W_enc, top_k, min_weight, block=16, score_dtype=torch.bfloat16)
+             for s, d, w in zip(b.src, b.dst, b.weight)}
+    for (s, d), w in rough.items():
+        assert w == pytest.approx(float(full[s, d]), rel=1e-5, abs=1e-6)  # float32, not bf16
+    differing = set(exact) ^ set(rough)
+    assert len(differing) <= 0.05 * len(exact)
+    for s, d in differing:
+        column = full[:, d].abs()
+        cut = column.topk(top_k).values[-1] if top_k is not None else torch.tensor(min_weight)
+        if top_k is not None and min_weight is not None:
+            cut = torch.maximum(cut, torch.tensor(min_weight))
+        assert abs(float(column[s]) - float(cut)) <= 2 * float(bound[:, d].max()), (s, d)

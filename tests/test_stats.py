@@ -120,7 +120,7 @@ def test_feature_stats_card_and_sql(stats_catalog):
     assert columns == ["n"] and rows == [(24,)]
     columns, rows = run_sql(root, "SELECT count(*) FROM dataset_tokens")
     assert rows[0][0] == torch.Size([38, CTX]).numel()
-    with pytest.raises(SqlError, match="only one SELECT"):
+    with pytest.raises(SqlError, match="only SELECT runs here"):
         run_sql(root, "DELETE FROM stats")
     with pytest.raises(SqlError, match="only one SELECT"):
         run_sql(root, "SELECT 1; COPY stats TO '/tmp/x.csv'")

@@ -7,20 +7,24 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from catalog import layout
-from catalog.errors import UnknownFeature
+from catalog.errors import CatalogDirError, UnknownFeature
 from catalog.ladybug_store import LadybugStore
-from catalog.store import CypherError, StoreError, write_clause
+from catalog.store import CypherError, StoreError
 from ingest.job import IngestSettings, build_manifest, run_ingest
 from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
 from queries.api import Lookups, UnknownPrompt, named_query, query_names, token_texts
@@ -74,40 +78,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def bolt_server(tmp_path_factory):
+def _start_arcadedb(root: Path, bolt: int, http: int) -> subprocess.Popen:
     """ArcadeDB with its Bolt plugin on 127.0.0.1, in a child process: a real server speaking Neo4j's protocol."""
     pytest.importorskip("arcadedb_embedded", reason="arcadedb-embedded is installed by the set-up")
-    root = tmp_path_factory.mktemp("arcadedb")
-    bolt, http = _free_port(), _free_port()
-    log = open(root / "server.log", "w")
+    log = open(root / "server.log", "a")
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).parent / "tools" / "arcadedb_server.py"), str(root), PASSWORD, str(bolt), str(http)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
     )
+    log.close()
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
         pytest.fail(f"ArcadeDB did not start; see {root / 'server.log'}")
-    names = itertools.count()
-    auth = base64.b64encode(f"root:{PASSWORD}".encode()).decode()
+    return proc
 
-    def new_database() -> str:
-        name = f"catalog{next(names)}"
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{http}/api/v1/server", method="POST",
-            data=json.dumps({"command": f"create database {name}"}).encode(),
-            headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"},
-        )
-        urllib.request.urlopen(request, timeout=30).read()
-        return name
 
-    yield f"bolt://127.0.0.1:{bolt}", new_database
+def _stop_arcadedb(proc: subprocess.Popen) -> None:
     proc.stdin.close()
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+
+
+def _create_database(http: int) -> str:
+    name = f"catalog{next(_names)}"
+    auth = base64.b64encode(f"root:{PASSWORD}".encode()).decode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http}/api/v1/server", method="POST",
+        data=json.dumps({"command": f"create database {name}"}).encode(),
+        headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(request, timeout=30).read()
+    return name
+
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def bolt_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arcadedb")
+    bolt, http = _free_port(), _free_port()
+    proc = _start_arcadedb(root, bolt, http)
+    yield f"bolt://127.0.0.1:{bolt}", lambda: _create_database(http)
+    _stop_arcadedb(proc)
 
 
 def _bolt_store(bolt_server):
@@ -380,16 +395,10 @@ def test_bolt_interrupted_load_resumes_without_duplicates(bolt_server, catalog_d
 def test_cypher_is_read_only_unless_asked(store):
     rows = store.cypher("MATCH (f:Feature {id: $id}) RETURN f.layer AS layer", {"id": "L2/3"})
     assert rows == [{"layer": 2}]
-    with pytest.raises(CypherError, match="DETACH changes the graph"):
+    with pytest.raises(CypherError, match="DETACH is not a read clause"):
         store.cypher("MATCH (f:Feature) DETACH DELETE f")
     with pytest.raises(CypherError, match="CREATE"):
         store.cypher("create (:Feature {id: 'x'})")
-
-
-def test_write_clause_detection_ignores_literals():
-    assert write_clause("MATCH (f) WHERE f.id = 'CREATE' RETURN f.`SET`") is None
-    assert write_clause("MATCH (f) RETURN f // DELETE later") is None
-    assert write_clause("MATCH (f) SET f.x = 1") == "SET"
 
 
 def test_syntax_error_is_one_clean_line(store):
@@ -432,25 +441,6 @@ def test_named_queries_exist_for_both_dialects():
             assert "$" in named_query(name, dialect), f"{name} must be parameterised"
 
 
-def test_admin_import_files(catalog_dir, ref, tmp_path):
-    """The neo4j-admin route: headers name ids, types and label groups; every Parquet row becomes a CSV line."""
-    import csv
-
-    from catalog.neo4j_store import write_admin_import
-
-    command = write_admin_import(catalog_dir, tmp_path, progress=lambda _: None)
-    assert "--nodes=Feature=Feature.header.csv,Feature.csv" in command and "--array-delimiter=U+001F" in command
-    assert (tmp_path / "Feature.header.csv").read_text().startswith("id:ID(Feature),layer:long,index:long")
-    assert (tmp_path / "PULLBACK.header.csv").read_text().strip() == ":START_ID(Feature),:END_ID(Feature),weight:float"
-    with open(tmp_path / "PULLBACK.csv", newline="") as f:
-        lines = list(csv.reader(f))
-    assert len(lines) == len(ref["pullbacks"])
-    assert {(a, b) for a, b, _ in lines} == {(r["src"], r["dst"]) for r in ref["pullbacks"]}
-    with open(tmp_path / "Feature.csv", newline="") as f:
-        row = next(r for r in csv.reader(f) if r[0] == "L1/42")
-    assert row[5].split("\x1f") == ref["features"]["L1/42"]["deembed_ext_tokens"]
-
-
 def test_damaged_part_is_one_error_and_the_old_store_stays(catalog_dir, tmp_path):
     import shutil
 
@@ -463,12 +453,382 @@ def test_damaged_part_is_one_error_and_the_old_store_stays(catalog_dir, tmp_path
     nodes = next((copy / layout.PROMPTS).glob("*/nodes.parquet"))
     nodes.write_bytes(nodes.read_bytes()[: nodes.stat().st_size // 2])  # truncated
     s.marker.unlink()  # the catalog changed behind the store's back: the next load rebuilds
-    with pytest.raises(StoreError, match="cannot load") as info:
+    with pytest.raises(CatalogDirError, match="damaged Parquet part") as info:
         s.load(copy, progress=False)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and str(nodes) in str(info.value)
     assert not list(copy.glob(".graph.loading-*"))  # the half-built database is gone
     assert _counts(s) == before  # and the store that was there still answers
     s.close()
+
+
+# ---------------------------------------------------------------- the Neo4j backend over a real Bolt server
+
+
+def test_feature_uses(store, ref):
+    """The k most influential occurrences of a feature in prompt graphs, each with its strongest inputs, cut in Cypher."""
+    uses: dict[str, list] = defaultdict(list)
+    for n in ref["pnodes"]:
+        if n["kept"] and n["kind"] == "feature":
+            uses[n["feature_id"]].append(n)
+    fid = max(uses, key=lambda f: (len(uses[f]), f))
+    inputs = defaultdict(list)
+    for e in ref["attr"]:
+        inputs[e["dst"]].append(e)
+    nodes = {n["id"]: n for n in ref["pnodes"]}
+    occurrences = sorted((n for n in uses[fid] if inputs[n["id"]]), key=lambda n: (-n["influence"], n["prompt_id"], n["pos"]))[:2]
+    got = Lookups(store).feature_uses(fid, k=2, n_inputs=3, token_text=False)
+    assert [(u.prompt, u.pos) for u in got] == [(n["prompt_id"], n["pos"]) for n in occurrences]
+    for use, n in zip(got, occurrences):
+        strongest = sorted(inputs[n["id"]], key=lambda e: (-abs(e["weight"]), e["src"]))[:3]
+        assert [name for name, _ in use.inputs] == [e["src"].split(":", 1)[1] for e in strongest]
+        assert [w for _, w in use.inputs] == pytest.approx([e["weight"] for e in strongest], rel=1e-6)
+        assert all(nodes[e["src"]]["prompt_id"] == n["prompt_id"] for e in strongest)
+
+
+@pytest.mark.parametrize("store", ["bolt"], indirect=True)
+def test_bolt_lookups_seek_their_index(store):
+    """ArcadeDB's EXPLAIN names the index each lookup seeks: the prompt's nodes by prompt_id, tokens by text."""
+    params = {"id": "p", "key": "p", "texts": [" Paris"], "variant": "extended", "k": 5, "n_inputs": 5}
+    expected = {"prompt_nodes": "pnode_prompt_id", "prompt_edges": "pnode_prompt_id", "search_logit": "token_text",
+                "search_deembed": "token_text", "path_starts": "token_text", "path_ends": "token_text",
+                "feature": "Feature[id]", "upstream": "Feature[id]", "feature_inputs": "Feature[id]"}
+    for name, index in expected.items():
+        plan = store.driver.execute_query("EXPLAIN " + named_query(name, "neo4j"), params, database_=store.database).summary.plan
+        text = plan["args"]["string-representation"]
+        assert f"index={index}" in text, (name, text)
+
+
+@pytest.mark.parametrize("store", ["bolt"], indirect=True)
+def test_bolt_user_cypher_is_held_to_read_only(store):
+    before = _counts(store)
+    for admin in ("RENAME USER a TO b", "STOP DATABASE neo4j", "START DATABASE neo4j", "TERMINATE TRANSACTIONS 'x'",
+                  "GRANT ROLE admin TO bob", "// comment\n  deny read {*} on graph * to bob", "USE system REVOKE ROLE a FROM b"):
+        with pytest.raises(CypherError, match="administration command"):
+            store.cypher(admin)
+    # past the clause check (as a procedure that writes would be): the server reports a write, the transaction is rolled back
+    with pytest.raises(CypherError, match="rolled back: the server ran this as a write-only query"):
+        store.execute("CREATE (:Feature {id: 'L9/9'})", None, write=False)
+    assert _counts(store) == before and store.cypher("MATCH (f:Feature {id: 'L9/9'}) RETURN count(f) AS n") == [{"n": 0}]
+    assert store.cypher("MATCH (t:Token) WHERE t.text = $t RETURN t.id AS id", {"t": "the"}) != []
+
+
+def test_bolt_missing_index_is_created_and_awaited_on_a_loaded_store(bolt_server, catalog_dir):
+    """A store loaded before an index existed gains it at the next `load`, which waits for it to come online."""
+    s = _bolt_store(bolt_server)
+    assert s.load(catalog_dir, progress=False)
+    s.execute("DROP INDEX pnode_prompt_id", None, write=True)
+    assert "pnode_prompt_id" not in {r["name"] for r in s.run("SHOW INDEXES YIELD name RETURN name")}
+    assert s.load(catalog_dir, progress=False) is False  # already current, yet the schema is brought up to date
+    assert "pnode_prompt_id" in {r["name"] for r in s.run("SHOW INDEXES YIELD name, state WHERE state = 'ONLINE' RETURN name")}
+    s.close()
+
+
+def test_bolt_load_from_the_cli_with_two_writers(bolt_server, catalog_dir, ref, monkeypatch, tmp_path):
+    """`load --writers 2`: two sessions on parts that share no node; the graph is whole and has no duplicates."""
+    from click.testing import CliRunner
+
+    from circuit_catalog.cli import main
+
+    uri, new_database = bolt_server
+    database = new_database()
+    monkeypatch.setenv("NEO4J_USER", "root")
+    monkeypatch.setenv("NEO4J_PASSWORD", PASSWORD)
+    result = CliRunner().invoke(main, ["load", "--catalog", str(catalog_dir), "--store", uri, "--database", database, "--writers", "2"])
+    assert result.exit_code == 0, result.output
+    s = _bolt_store((uri, lambda: database))
+    assert _counts(s) == (len(ref["features"]), len(ref["tokens"]), len(ref["pullbacks"]), len(ref["deembed"]), len(ref["logits"]))
+    assert s.run("MATCH ()-[e:ATTR]->() RETURN count(e) AS n")[0]["n"] == len(ref["attr"])
+    s.close()
+    result = CliRunner().invoke(main, ["load", "--catalog", str(catalog_dir), "--store", "embedded", "--writers", "2"])
+    assert result.exit_code == 1 and "--writers applies to Neo4j stores" in result.output
+
+
+def test_parts_sharing_a_node_never_load_at_once():
+    """The writers' scheduler: every part runs once, two parts with a common node never together, a failure stops it."""
+    from catalog.neo4j_store import _run_disjoint
+
+    footprints = {"a": frozenset({1, 2}), "b": frozenset({2, 3}), "c": frozenset({4}), "d": frozenset(), "e": frozenset({3}),
+                  "f": frozenset({1, 4})}
+    active, done, overlaps = set(), [], []
+    lock = threading.Lock()
+
+    def work(name, path, stop):
+        with lock:
+            overlaps.extend((name, other) for other in active if footprints[name] & footprints[other])
+            active.add(name)
+        time.sleep(0.02)  # time for the other writers to start something alongside
+        with lock:
+            active.discard(name)
+            done.append(name)
+
+    _run_disjoint([(n, Path(n), fp) for n, fp in footprints.items()], work, writers=4)
+    assert sorted(done) == sorted(footprints) and overlaps == []
+
+    def fail_on_b(name, path, stop):
+        if name == "b":
+            raise StoreError("b broke")
+        work(name, path, stop)
+
+    done.clear()
+    with pytest.raises(StoreError, match="b broke"):
+        _run_disjoint([(n, Path(n), fp) for n, fp in footprints.items()], fail_on_b, writers=1)
+    assert done == ["a"]  # one writer: a ran, b failed, nothing after it started
+
+
+def test_bolt_lost_connection_is_one_error_and_the_next_load_resumes(catalog_dir, ref, tmp_path):
+    """The server dies mid-load: one line naming the part; after a restart the next `load` finishes it, no duplicates."""
+    from catalog.neo4j_store import STATE_READ, Neo4jStore
+
+    bolt, http = _free_port(), _free_port()
+    proc = _start_arcadedb(tmp_path, bolt, http)
+    uri, database = f"bolt://127.0.0.1:{bolt}", _create_database(http)
+    store, watcher = (Neo4jStore(uri, database=database, auth=("root", PASSWORD)) for _ in range(2))
+
+    def kill_once_a_part_is_done() -> None:
+        while not (state := watcher.run(STATE_READ, {"id": "catalog"})) or not state[0]["parts"]:
+            time.sleep(0.05)
+        proc.kill()
+
+    killer = threading.Thread(target=kill_once_a_part_is_done, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(StoreError) as info:
+            store.load(catalog_dir, progress=False, batch_rows=200, writers=2)
+        message = str(info.value)
+        assert "\n" not in message and "lost the connection while loading" in message and "rerun `load` to resume" in message
+        assert message.split("while loading ")[1].split(":")[0].endswith(".parquet")
+        killer.join(timeout=60)
+        proc.wait(timeout=60)
+        store.close()
+        watcher.close()
+        proc = _start_arcadedb(tmp_path, bolt, http)
+        store = Neo4jStore(uri, database=database, auth=("root", PASSWORD))
+        state = store.run(STATE_READ, {"id": "catalog"})[0]
+        assert state["parts"] and set(state["started"]) - set(state["parts"])  # some finished, some cut short
+        assert store.load(catalog_dir, progress=False) is True
+        assert _counts(store) == (len(ref["features"]), len(ref["tokens"]), len(ref["pullbacks"]), len(ref["deembed"]), len(ref["logits"]))
+        assert store.run("MATCH (n:PNode) RETURN count(n) AS n")[0]["n"] == len(ref["pnodes"])
+        assert store.run("MATCH ()-[e:ATTR]->() RETURN count(e) AS n")[0]["n"] == len(ref["attr"])
+        store.close()
+    finally:
+        if proc.poll() is None:
+            _stop_arcadedb(proc)
+
+
+# ---------------------------------------------------------------- the neo4j-admin import route
+
+# The options of `neo4j-admin database import full` in Neo4j 5 (operations manual, "Import", options table:
+# https://neo4j.com/docs/operations-manual/5/tools/neo4j-admin/neo4j-admin-import/), and the token shape
+# they take: `neo4j-admin database import full <database> [options]`, the database first since 5.19.
+IMPORT_FULL_OPTIONS = {
+    "--additional-config", "--array-delimiter", "--auto-skip-subsequent-headers", "--bad-tolerance", "--delimiter",
+    "--expand-commands", "--format", "--high-parallel-io", "--id-type", "--ignore-empty-strings", "--ignore-extra-columns",
+    "--input-encoding", "--input-type", "--legacy-style-quoting", "--max-off-heap-memory", "--multiline-fields",
+    "--multiline-fields-format", "--nodes", "--normalize-types", "--overwrite-destination", "--quote", "--read-buffer-size",
+    "--relationships", "--report-file", "--schema", "--skip-bad-entries-logging", "--skip-bad-relationships",
+    "--skip-duplicate-nodes", "--strict", "--threads", "--trim-strings", "--verbose",
+}
+JAVA_FLOAT = re.compile(r"[+-]?(NaN|Infinity|(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)")  # what Double.parseDouble reads
+
+
+def read_import_csv(text: str) -> list[list[tuple[str, bool]]]:
+    """A strict reader with the importer's rules (manual, "CSV header format" and --quote): `,` between fields,
+    `"` around text with `""` for a quote inside, no backslash escapes, newlines allowed inside quotes.
+    Each field comes back with whether it was quoted (an unquoted empty field is null, a quoted one "")."""
+    rows, row, i = [], [], 0
+    while i < len(text):
+        if text[i] == '"':
+            parts, j = [], i + 1
+            while True:
+                k = text.index('"', j)  # ValueError: unterminated quote
+                parts.append(text[j:k])
+                if text[k + 1:k + 2] == '"':
+                    parts.append('"')
+                    j = k + 2
+                    continue
+                i = k + 1
+                break
+            row.append(("".join(parts), True))
+        else:
+            k = i
+            while k < len(text) and text[k] not in ",\n":
+                assert text[k] != '"', f"a quote inside an unquoted field at {k}"
+                k += 1
+            row.append((text[i:k], False))
+            i = k
+        assert i < len(text), "the last line has no newline"
+        if text[i] == "\n":
+            rows.append(row)
+            row = []
+        else:
+            assert text[i] == ",", f"{text[i]!r} after a closing quote at {i}"
+        i += 1
+    return rows
+
+
+def typed(field: tuple[str, bool], kind: str):
+    """A field as the importer types it by its header type; asserts the text is what that type accepts."""
+    value, quoted = field
+    if kind == "ref":
+        return int(value) if not quoted and re.fullmatch(r"-?\d+", value) else value
+    if kind.startswith("string"):
+        assert quoted or value == "", f"unquoted text {value!r}"  # quoted: leading spaces survive
+        if not quoted:
+            return None
+        return value.split("\x1f") if kind == "string[]" else value
+    assert not quoted, f"quoted {kind} {value!r}"
+    if value == "":
+        return None
+    if kind == "long":
+        assert re.fullmatch(r"-?\d+", value), value
+        return int(value)
+    if kind in ("float", "double"):
+        assert JAVA_FLOAT.fullmatch(value), f"Java cannot parse {value!r}"
+        return float(value.replace("Infinity", "inf"))
+    assert kind == "boolean" and value in ("true", "false"), value
+    return value == "true"
+
+
+def _header_types(header: str) -> list[tuple[str, str]]:
+    """(name or role, type) per header field: `id:ID(Token){id-type:long}` -> ('id', 'long')."""
+    out = []
+    for field in header.strip().split(","):
+        name, kind = field.split(":", 1)
+        if kind.startswith("ID"):
+            out.append((name, "long" if "{id-type:long}" in kind else "string"))
+        elif kind.startswith(("START_ID", "END_ID")):  # typed by the group they refer to
+            out.append((kind.split("(")[0], "ref"))
+        else:
+            out.append((name, kind))
+    return out
+
+
+@pytest.fixture(scope="module")
+def awkward_catalog(catalog_dir, tmp_path_factory):
+    """The test catalog with what breaks naive CSV: NaN and infinities, texts with leading spaces, newlines, quotes."""
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+
+    root = tmp_path_factory.mktemp("awkward")
+    shutil.copytree(catalog_dir, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("graph*"))
+    features = pq.read_table(root / layout.FEATURES)
+    max_act = features["max_act"].to_numpy(zero_copy_only=False).astype(np.float32)
+    max_act[:3] = [np.nan, np.inf, -np.inf]
+    pq.write_table(features.set_column(features.schema.get_field_index("max_act"), "max_act", pa.array(max_act)), root / layout.FEATURES)
+    tokens = pq.read_table(root / layout.TOKENS)
+    texts = tokens["text"].to_pylist()
+    texts[5:8] = [" Paris", "\n", "  "]
+    pq.write_table(tokens.set_column(1, "text", pa.array(texts)), root / layout.TOKENS)
+    prompts = pq.read_table(root / layout.PROMPT_INDEX)
+    texts = prompts["text"].to_pylist()
+    texts[0] = 'she said "hi",\nthen left \\ '
+    pq.write_table(prompts.set_column(prompts.schema.get_field_index("text"), "text", pa.array(texts)), root / layout.PROMPT_INDEX)
+    return root
+
+
+def test_admin_import_files_parse_by_the_importers_rules(awkward_catalog, tmp_path):
+    from catalog.graph_schema import NODES, RELS, catalog_signature, part_files
+    from catalog.neo4j_import import schema_script, write_admin_import
+
+    out = tmp_path / "it's out"  # a quote in the path: never pasted into SQL unescaped
+    result = write_admin_import(awkward_catalog, out, progress=lambda _: None)
+    args = result.import_args
+    # the manual's order: neo4j-admin database import full <database>, then options only
+    assert args[:5] == ["neo4j-admin", "database", "import", "full", "neo4j"]
+    assert all(a.startswith("--") and a.split("=", 1)[0] in IMPORT_FULL_OPTIONS for a in args[5:])
+    for needed in ("--multiline-fields=true", "--trim-strings=false", "--overwrite-destination=true", "--array-delimiter=U+001F"):
+        assert needed in args
+    ids: dict[str, set] = {}
+    for arg in args[5:]:
+        if not arg.startswith(("--nodes=", "--relationships=")):
+            continue
+        group, files = arg.split("=", 1)[1].split("=", 1)
+        header_path, data_path = files.split(",")
+        assert header_path.startswith("/import/") and data_path.startswith("/import/")  # the container's path
+        header = _header_types((out / Path(header_path).name).read_text())
+        rows = read_import_csv((out / Path(data_path).name).read_text(encoding="utf-8"))
+        assert all(len(r) == len(header) for r in rows)
+        values = [[typed(f, kind) for f, (_, kind) in zip(r, header)] for r in rows]
+        if arg.startswith("--nodes="):
+            n = next(n for n in NODES if n.label == group)
+            ref_rows = [r for f in part_files(awkward_catalog, n.files) for r in pq.read_table(f).to_pylist()]
+            assert len(values) == len(ref_rows)
+            ids[n.label] = {v[0] for v in values}
+            by_key = {v[0]: dict(zip([c for c, _ in n.columns], v)) for v in values}
+            for r in ref_rows:
+                got = by_key[r[n.key]]
+                for c, t in n.columns:
+                    want = r[c]
+                    if t == "FLOAT" and want is not None:
+                        assert np.float32(got[c]) == np.float32(want) or (np.isnan(want) and np.isnan(got[c])), (c, got[c], want)
+                    elif t == "STRING[]" and want == []:
+                        assert got[c] is None  # CSV cannot tell an empty array from none (manual, property data types)
+                    elif t == "DOUBLE" and want is not None:
+                        assert got[c] == pytest.approx(want, nan_ok=True), (c, got[c], want)
+                    else:
+                        assert got[c] == want, (c, got[c], want)
+        else:
+            name = Path(header_path).name.removesuffix(".header.csv")
+            r = next(r for r in RELS if r.type == group and name in (r.type, f"{r.type}-{r.target}"))
+            assert len(values) == sum(pq.ParquetFile(f).metadata.num_rows for f in part_files(awkward_catalog, r.files))
+            assert {v[0] for v in values} <= ids[r.source] and {v[1] for v in values} <= ids[r.target]  # endpoints exist
+    assert all(isinstance(t, int) for t in ids["Token"])  # Token ids stay integers: a later `load` finds the same nodes
+    token_rows = read_import_csv((out / "Token.csv").read_text(encoding="utf-8"))
+    assert [(int(i), text) for (i, _), (text, quoted) in token_rows[5:8] if quoted] == [(5, " Paris"), (6, "\n"), (7, "  ")]
+    prompts = [typed(r[1], "string") for r in read_import_csv((out / "Prompt.csv").read_text(encoding="utf-8"))]
+    assert 'she said "hi",\nthen left \\ ' in prompts
+    features = read_import_csv((out / "Feature.csv").read_text(encoding="utf-8"))
+    assert {f[-1][0] for f in features} >= {"NaN", "Infinity", "-Infinity"}
+    parts = sorted(str(f.relative_to(awkward_catalog)) for s in (*NODES, *RELS) for f in part_files(awkward_catalog, s.files))
+    script = (out / "schema.cypher").read_text()
+    assert sorted(_state_parts(script)) == parts  # `load` finds the imported store current
+    assert script == schema_script(catalog_signature(awkward_catalog), _state_parts(script))
+    assert result.schema_args == ["cypher-shell", "-d", "neo4j", "-f", "/import/schema.cypher"]
+    assert not list(out.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def _state_parts(script: str) -> list[str]:
+    line = next(s for s in script.splitlines() if s.startswith("MERGE (s:CatalogState"))
+    return re.findall(r"'([^']*)'", line.split("s.parts = [")[1].split("]")[0])
+
+
+def test_admin_import_refuses_an_unfinished_catalog(catalog_dir, tmp_path):
+    import shutil
+
+    from catalog.errors import CatalogDirError
+    from catalog.manifest import Manifest
+    from catalog.neo4j_import import write_admin_import
+
+    partial = tmp_path / "partial"
+    shutil.copytree(catalog_dir, partial, ignore=shutil.ignore_patterns("graph*"))
+    manifest = Manifest.read(partial)
+    manifest.status = "in-progress"
+    manifest.write(partial)
+    with pytest.raises(CatalogDirError, match="has not finished"):
+        write_admin_import(partial, tmp_path / "out", progress=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_neo4j_import_cli(catalog_dir, tmp_path):
+    """The command prints the import command (database right after `full`) and the schema command; a directory that
+    is no catalog is one error line, and nothing is written."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from circuit_catalog.cli import main
+
+    result = CliRunner().invoke(main, ["export-neo4j-import", "--catalog", str(catalog_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    command = shlex.split(next(line for line in lines if line.startswith("neo4j-admin")))
+    assert command[:5] == ["neo4j-admin", "database", "import", "full", "neo4j"] and "--nodes=Feature=/import/Feature.header.csv,/import/Feature.csv" in command
+    assert "cypher-shell -d neo4j -f /import/schema.cypher" in lines
+    result = CliRunner().invoke(main, ["export-neo4j-import", "--catalog", str(tmp_path / "nothing"), "--out", str(tmp_path / "out2")])
+    assert result.exit_code == 1 and "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out2").exists()
 
 
 def test_interventions_round_trip(store, catalog_dir):

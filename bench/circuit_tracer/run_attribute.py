@@ -81,7 +81,7 @@ def hf4_compatible(directory: Path, tmp: Path) -> Path:
     tok_path = directory / "tokenizer_config.json"
     tok = json.loads(tok_path.read_text()) if tok_path.is_file() else {}
     rope = cfg.get("rope_parameters")
-    patch_cfg = isinstance(rope, dict) and "rope_theta" not in cfg
+    patch_cfg = isinstance(rope, dict) and cfg.get("rope_theta") is None  # written as null by transformers 5
     patch_tok = tok.get("tokenizer_class") == "TokenizersBackend"
     if not (patch_cfg or patch_tok):
         return directory
@@ -130,6 +130,10 @@ def load_hooked_transformer(directory: Path, processing: str, n_ctx: int | None 
     hf_model = AutoModelForCausalLM.from_pretrained(link, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(link)
     cfg_dict = convert_hf_model_config(str(link))
+    # TransformerLens 3.2's Llama conversion ignores rope_theta (3.9 reads it): SmolLM2's 100000 became 10000
+    rope_theta = json.loads((link / "config.json").read_text()).get("rope_theta")
+    if cfg_dict.get("positional_embedding_type") == "rotary" and "rotary_base" not in cfg_dict and rope_theta:
+        cfg_dict["rotary_base"] = rope_theta
     cfg_dict.pop("quantization_method", None)
     cfg_dict["tokenizer_name"] = str(link)
     if n_ctx:
@@ -144,7 +148,8 @@ def load_hooked_transformer(directory: Path, processing: str, n_ctx: int | None 
 
 
 def load_transcoder_dir(directory: Path):
-    """circuit-tracer TranscoderSet from a local config.yaml + layer_*.safetensors directory."""
+    """circuit-tracer TranscoderSet (config.yaml + layer_*.safetensors) or CrossLayerTranscoder
+    (config.yaml + W_enc_*/W_dec_*.safetensors) from a local directory."""
     import torch
     import yaml
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
@@ -153,11 +158,19 @@ def load_transcoder_dir(directory: Path):
     if not cfg_path.is_file():
         fail(f"{directory}: no config.yaml (expected a circuit-tracer transcoder_set directory)")
     config = yaml.safe_load(cfg_path.read_text()) or {}
-    if config.get("model_kind") != "transcoder_set":
-        fail(f"{cfg_path}: model_kind {config.get('model_kind')!r}; only transcoder_set is supported")
     for key in ("feature_input_hook", "feature_output_hook"):
         if not config.get(key):
             fail(f"{cfg_path}: missing {key}")
+    scan = config.get("scan") or config.get("model_name") or directory.name
+    if config.get("model_kind") == "cross_layer_transcoder":
+        from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+        clt = load_clt(str(directory), feature_input_hook=config["feature_input_hook"],
+                       feature_output_hook=config["feature_output_hook"], scan=scan, device=torch.device("cpu"),
+                       dtype=torch.float32, lazy_decoder=False, lazy_encoder=False)
+        return clt, config
+    if config.get("model_kind") != "transcoder_set":
+        fail(f"{cfg_path}: model_kind {config.get('model_kind')!r}; transcoder_set or cross_layer_transcoder")
     entries = config.get("transcoders")
     if entries:
         paths = {}
@@ -172,7 +185,6 @@ def load_transcoder_dir(directory: Path):
     missing = [p for p in paths.values() if not Path(p).is_file()]
     if not paths or missing:
         fail(f"{directory}: transcoder files missing: {missing or 'none listed'}")
-    scan = config.get("scan") or config.get("model_name") or directory.name
     tset = load_transcoder_set(
         paths, scan=scan, feature_input_hook=config["feature_input_hook"],
         feature_output_hook=config["feature_output_hook"], device=torch.device("cpu"), dtype=torch.float32,

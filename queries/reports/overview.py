@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from catalog import layout
 from catalog.errors import ReportError
 from catalog.manifest import Manifest
+from catalog.parquet_io import check_parts
 from queries.reports import svg
 from queries.reports.feature import OVERVIEW
 from queries.reports.prompt import report_file
@@ -90,6 +91,7 @@ def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None =
     if cards_dir is not None and cards_dir.is_dir():
         result.cards = sorted((p.name for p in cards_dir.glob("L*_*.html")), key=_card_order)
     if (root / layout.PROMPT_INDEX).is_file():
+        check_parts([root / layout.PROMPT_INDEX])
         result.prompts = pq.read_table(root / layout.PROMPT_INDEX).to_pylist()
         for row in result.prompts:
             name = report_file(row["id"])

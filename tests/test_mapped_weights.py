@@ -1,0 +1,43 @@
+"""Memory-mapped safetensors: the same tensors as safetensors' own reader, damaged files as one error,
+and released pages read back unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from catalog.errors import TranscoderError
+from ingest.mapped_weights import read_mapped, release_mapped
+
+
+def test_mapped_tensors_equal_safetensors_own_reader(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "W_enc": torch.randn(7, 5, generator=g), "half": torch.randn(3, 4, generator=g).half(),
+        "brain": torch.randn(6, generator=g).bfloat16(), "ids": torch.arange(9).reshape(3, 3),
+        "mask": torch.rand(5, generator=g) > 0.5, "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, path)
+    mapped, reference = read_mapped(path), load_file(path)
+    assert set(mapped) == set(reference)
+    for name, t in reference.items():
+        assert mapped[name].dtype == t.dtype and mapped[name].shape == t.shape
+        assert torch.equal(mapped[name], t), name
+    mapped["W_enc"].mul_(2)  # copy-on-write: the file keeps its values, the tensor its change
+    assert torch.equal(load_file(path)["W_enc"], tensors["W_enc"])
+    release_mapped()
+    assert torch.equal(mapped["W_enc"], 2 * tensors["W_enc"])  # a released modified page is not lost
+    assert torch.equal(mapped["ids"], tensors["ids"])  # released clean pages are read again from the file
+
+
+@pytest.mark.parametrize("cut", [4, 20, -3])
+def test_truncated_files_are_one_error(tmp_path, cut):
+    path = tmp_path / "w.safetensors"
+    save_file({"W": torch.ones(16, 16)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut > 0 else data[:cut])
+    with pytest.raises(TranscoderError, match="truncated") as info:
+        read_mapped(path)
+    assert "\n" not in str(info.value)
