@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from catalog import layout
 from catalog.errors import CatalogDirError, UnknownFeature
+from catalog.lock import writer_lock
 from catalog.manifest import Manifest, now
 from catalog.parquet_io import write_atomic
 from ingest.interventions import Edit, Outcome
@@ -48,19 +49,21 @@ def intervention_row(manifest: Manifest, tokens: list[int], prompt_id: str | Non
 
 
 def add_intervention(root: Path, row: dict) -> None:
-    """Append (or replace) one row, then rebuild the link parts."""
+    """Append (or replace) one row, then rebuild the link parts, holding the catalog's writer lock."""
     root = Path(root)
-    if Manifest.read(root).status != "complete":
-        raise CatalogDirError(f"{root}: the ingest has not finished; rerun it before recording interventions")
-    known = set(pq.read_table(root / layout.FEATURES, columns=["id"], filters=[("id", "in", row["features"])]).column("id").to_pylist())
-    missing = [f for f in row["features"] if f not in known]
-    if missing:  # a TOUCHES link to a feature the stores do not hold would break their load
-        raise UnknownFeature(f"unknown feature {missing[0]}: not in the catalog {root} (ingested with other layers?)")
-    path = root / layout.INTERVENTIONS
-    rows = [r for r in pq.read_table(path).to_pylist() if r["id"] != row["id"]] if path.is_file() else []
-    table = pa.Table.from_pylist([*rows, row], schema=layout.INTERVENTION_SCHEMA)
-    write_atomic(table, path)
-    write_links(root, table)
+    Manifest.read(root)  # a directory that is no catalog is refused before the lock would create its lock file
+    with writer_lock(root):
+        if Manifest.read(root).status != "complete":
+            raise CatalogDirError(f"{root}: the ingest has not finished; rerun it before recording interventions")
+        features = pq.read_table(root / layout.FEATURES, columns=["id"], filters=[("id", "in", row["features"])])
+        missing = [f for f in row["features"] if f not in set(features.column("id").to_pylist())]
+        if missing:  # a TOUCHES link to a feature the stores do not hold would break their load
+            raise UnknownFeature(f"unknown feature {missing[0]}: not in the catalog {root} (ingested with other layers?)")
+        path = root / layout.INTERVENTIONS
+        rows = [r for r in pq.read_table(path).to_pylist() if r["id"] != row["id"]] if path.is_file() else []
+        table = pa.Table.from_pylist([*rows, row], schema=layout.INTERVENTION_SCHEMA)
+        write_atomic(table, path)
+        write_links(root, table)
 
 
 def write_links(root: Path, table: pa.Table) -> None:
