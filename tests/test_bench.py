@@ -16,6 +16,7 @@ EXPECTED = {  # benchmark -> a line its report must print
     "pullbacks.py": "achieved",
     "stats.py": "with statistics:",
     "attribution.py": "tiny Llama",
+    "interventions.py": "--validate -k 20",
 }
 
 
