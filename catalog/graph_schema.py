@@ -57,6 +57,11 @@ NODES = (
                       ("value", "FLOAT"), ("bias", "FLOAT"), ("influence", "FLOAT"), ("probability", "FLOAT"),
                       ("kept", "BOOLEAN")), f"{layout.PROMPTS}/*/nodes.parquet",
             lookups=("prompt_id",)),  # one prompt's graph among every prompt's nodes
+    # `intervene --catalog`: what was edited and what it did (per-target logit changes on CHANGES)
+    NodeSet("Intervention", (("id", "STRING"), ("prompt_id", "STRING"), ("prompt", "STRING"), ("regime", "STRING"),
+                             ("spec", "STRING"), ("kl", "DOUBLE"), ("top_before", "STRING[]"), ("top_after", "STRING[]"),
+                             ("generated_original", "STRING"), ("generated_steered", "STRING"), ("created", "STRING")),
+            layout.INTERVENTIONS),
 )
 RELS = (
     RelSet("PULLBACK", "Feature", "Feature", (("weight", "FLOAT"),), f"{layout.PULLBACKS}/*.parquet"),
@@ -65,6 +70,9 @@ RELS = (
     RelSet("ATTR", "PNode", "PNode", (("weight", "FLOAT"),), f"{layout.PROMPTS}/*/edges.parquet"),
     RelSet("INSTANCE_OF", "PNode", "Feature", (), f"{layout.PROMPTS}/*/links_feature.parquet"),
     RelSet("INSTANCE_OF", "PNode", "Token", (), f"{layout.PROMPTS}/*/links_token.parquet"),
+    RelSet("ON", "Intervention", "Prompt", (), layout.INTERVENTION_ON),
+    RelSet("TOUCHES", "Intervention", "Feature", (("edits", "STRING"),), layout.INTERVENTION_TOUCHES),
+    RelSet("CHANGES", "Intervention", "Token", (("before", "FLOAT"), ("after", "FLOAT"), ("change", "FLOAT")), layout.INTERVENTION_CHANGES),
 )
 
 
@@ -83,6 +91,9 @@ def catalog_signature(catalog_dir: Path) -> str:
     stats = stats_info.read_text() if stats_info.is_file() else None
     index = Path(catalog_dir) / layout.PROMPT_INDEX
     prompts = hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None
+    interventions = Path(catalog_dir) / layout.INTERVENTION_CHANGES  # written last of the intervention parts
     blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts, "stats": stats,
                        "prompts": prompts}, sort_keys=True)
+    if interventions.is_file():
+        blob += hashlib.sha256(interventions.read_bytes() + (Path(catalog_dir) / layout.INTERVENTIONS).read_bytes()).hexdigest()
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

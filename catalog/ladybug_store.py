@@ -172,7 +172,7 @@ def _ddl() -> list[str]:
         group = [r for r in RELS if r.type == rel_type]
         pairs = ", ".join(f"FROM {r.source} TO {r.target}" for r in group)
         props = "".join(f", `{name}` {typ}" for name, typ in group[0].properties)
-        statements.append(f"CREATE REL TABLE {rel_type}({pairs}{props})")
+        statements.append(f"CREATE REL TABLE `{rel_type}`({pairs}{props})")  # quoted: ON is a keyword there
     return statements
 
 
@@ -189,7 +189,7 @@ def _rel_copy(r: RelSet) -> Callable[[list[Path]], str]:
 def _copy(table: str, columns: list[str], files: list[Path]) -> str:
     """COPY matches columns by position, so project exactly the schema's columns in order."""
     paths = "[" + ", ".join(_quote(str(f)) for f in files) + "]"
-    return f"COPY {table} FROM (LOAD FROM {paths} RETURN {', '.join(f'`{c}`' for c in columns)})"
+    return f"COPY `{table}` FROM (LOAD FROM {paths} RETURN {', '.join(f'`{c}`' for c in columns)})"
 
 
 def _quote(text: str) -> str:

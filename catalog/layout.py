@@ -24,6 +24,12 @@ EVAL = "eval.json"  # optional: `circuit-catalog eval --out DIR/eval.json`, read
 REPORTS = "reports"  # default directory for HTML reports
 PROMPTS = "prompts"  # prompts/<prompt_id>/{prompt.json, nodes.parquet, edges.parquet, edges_full.parquet, links_*.parquet}
 PROMPT_INDEX = "prompts.parquet"
+# `intervene --catalog`: one row per intervention (INTERVENTION_SCHEMA), and the store's links derived from it:
+# (:Intervention)-[:ON]->(:Prompt), -[:TOUCHES {edits}]->(:Feature), -[:CHANGES {before, after, change}]->(:Token)
+INTERVENTIONS = "interventions.parquet"
+INTERVENTION_ON = "interventions_on.parquet"
+INTERVENTION_TOUCHES = "interventions_touches.parquet"
+INTERVENTION_CHANGES = "interventions_changes.parquet"
 GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
 WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
 
@@ -63,6 +69,15 @@ PROMPT_SCHEMA = pa.schema([
     ("replacement_score", pa.float32()), ("completeness_score", pa.float32()), ("n_active_features", pa.int32()),
     ("n_feature_nodes", pa.int32()), ("capped", pa.bool_()), ("n_kept_nodes", pa.int32()), ("n_kept_edges", pa.int32()),
     ("settings", pa.string()),
+])
+
+INTERVENTION_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()), ("regime", pa.string()),
+    ("spec", pa.string()), ("features", pa.list_(pa.string())), ("feature_edits", pa.list_(pa.string())),
+    ("target_ids", pa.list_(pa.int64())), ("target_tokens", pa.list_(pa.string())),
+    ("logit_before", pa.list_(pa.float32())), ("logit_after", pa.list_(pa.float32())), ("logit_change", pa.list_(pa.float32())),
+    ("kl", pa.float64()), ("top_before", pa.list_(pa.string())), ("top_after", pa.list_(pa.string())),
+    ("generated_original", pa.string()), ("generated_steered", pa.string()), ("created", pa.string()),
 ])
 
 

@@ -151,9 +151,13 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--edge-threshold", type=click.FloatRange(0, 1), callback=_finite, default=0.98, show_default=True, help="Pruning: keep edges carrying this share of influence.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Attribution targets per backward sweep.")
 @click.option("--bos-features", is_flag=True, help="Give position 0 (the BOS or other leading special token) feature nodes too; by default it has none and its MLP output is a constant in each target's bias.")
+@click.option("--target", "custom_tokens", multiple=True, help="Custom attribution target for every prompt without its own: the sum of these tokens' logits (repeatable).")
+@click.option("--contrast", multiple=True, help="With --target: minus these tokens' logits, e.g. --target ' Paris' --contrast ' London'.")
+@click.option("--direction", type=click.Path(path_type=Path), default=None, help="Custom target: a .npy vector of d_model values read after the final norm at the last position.")
+@click.option("--target-weight", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="The custom target's weight in pruning (as a logit's probability).")
 def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len,
            prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size,
-           bos_features):
+           bos_features, custom_tokens, contrast, direction, target_weight):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
     from ingest.job import IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
@@ -162,6 +166,12 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     from ingest.transcoder_formats import load_transcoders
 
     specs = read_prompts(prompts_file) if prompts_file is not None else []
+    if custom_tokens or contrast or direction:
+        from dataclasses import replace
+
+        custom = {"targets": tuple(custom_tokens), "contrast": tuple(contrast),
+                  "direction": None if direction is None else str(direction), "target_weight": target_weight}
+        specs = [s if s.custom is not None else replace(s, **custom) for s in specs]
 
     spec = resolve_model(model)
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
@@ -669,6 +679,109 @@ def export_neo4j_import(catalog_dir, out_dir, import_dir, database):
     out.print(f"With the server stopped, import (this replaces database {database}):\n  {result.import_command}\n"
               f"then start the server and create the constraints and indexes (password from NEO4J_PASSWORD):\n"
               f"  {result.schema_command}", markup=False, highlight=False, soft_wrap=True)
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--transcoders", required=True, type=click.Path(path_type=Path))
+@click.option("--prompt", "prompt_key", required=True, help="Prompt text, or with --catalog the id or exact text of a catalog prompt.")
+@click.option("--catalog", "catalog_dir", type=click.Path(path_type=Path), default=None,
+              help="Record the intervention in this catalog (interventions.parquet); needed for --validate.")
+@click.option("--set", "set_", multiple=True, metavar="L/I[@POS]=V", help="Set a feature's activation, e.g. L12/55@4=0 (0 ablates); POS an index, -1 the last, * (default) every position.")
+@click.option("--scale", multiple=True, metavar="L/I[@POS]=F", help="Scale a feature's activation by F.")
+@click.option("--add", multiple=True, metavar="L/I[@POS]=A", help="Add A to a feature's activation (steering).")
+@click.option("--freeze-attention", is_flag=True, help="Hold attention patterns and norm scales at their unmodified values.")
+@click.option("--direct-only", is_flag=True, help="Also hold every other feature fixed: only direct effects (the graph's regime).")
+@click.option("--target", "targets", multiple=True, help="A token whose logit change to report (repeatable; default: the top -k tokens).")
+@click.option("-k", type=click.IntRange(1), default=None, help="Top tokens shown [10]; with --validate, features ablated [20].")
+@click.option("--validate", is_flag=True, help="Ablate the prompt's k most influential features and strongest paths: graph prediction vs measured.")
+@click.option("--paths", "n_paths", type=click.IntRange(0), default=5, show_default=True, help="With --validate: strongest paths ablated.")
+@click.option("--generate", "n_generate", type=click.IntRange(1), default=None, help="Also continue the prompt N tokens, unedited and edited.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="Sampling temperature for --generate (0: greedy).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed for --generate.")
+@click.option("--layers", default="all", show_default=True, help="Transcoder layers to use.")
+@click.option("--trust-pickle", is_flag=True)
+@format_option
+def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, freeze_attention, direct_only, targets, k, validate,
+              n_paths, n_generate, temperature, seed, layers, trust_pickle, fmt):
+    """Run the local replacement model with feature edits: next-token probabilities before and after, each
+    target logit's change and KL; --validate compares a catalog prompt's graph with ablations; --generate steers.
+
+    Regimes: by default everything downstream responds (error terms held fixed, so no edit = the model
+    exactly); --freeze-attention freezes patterns and norm scales; --direct-only also every other feature."""
+    from ingest.interventions import InterventionError, Regime, parse_edit
+
+    edits = [parse_edit(op, text) for op, texts in (("set", set_), ("scale", scale), ("add", add)) for text in texts]
+    regime = Regime.DIRECT_ONLY if direct_only else Regime.FREEZE_ATTENTION if freeze_attention else Regime.REPLACEMENT
+    if validate and (catalog_dir is None or edits or n_generate):
+        raise InterventionError("--validate needs --catalog and takes no --set/--scale/--add or --generate")
+    if not validate and not edits:
+        raise InterventionError("nothing to do: give --set, --scale or --add (or --validate with --catalog)")
+    if n_generate and regime is not Regime.REPLACEMENT:
+        raise InterventionError("--generate runs the default regime only (no frozen values exist for generated tokens)")
+    from ingest.models import load_model
+    from ingest.transcoder_formats import load_transcoders
+
+    tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
+    lm = load_model(model)
+    tset.bind(lm)
+    if validate:
+        from queries.validation import validate as validate_prompt
+
+        _print_validation(validate_prompt(lm, tset, catalog_dir, prompt_key, k or 20, n_paths), fmt)
+        return
+    from queries.intervention_runs import run_intervention
+
+    done = run_intervention(lm, tset, prompt_key, edits, regime, list(targets), k or 10, catalog_dir, n_generate, temperature, seed)
+    result, generation = done.outcome, done.generation
+    if fmt == "json":
+        _print_json({**asdict(result), "generation": asdict(generation) if generation else None, "prompt_id": done.prompt_id, "id": done.id})
+        return
+    out.print(f"{result.prompt!r} ({regime.value}): {'; '.join(result.edits)}", highlight=False, soft_wrap=True)
+    table = Table("before", "p", "after", "p", title="top next tokens")
+    for (a, pa), (b, pb) in zip(result.top_before, result.top_after):
+        table.add_row(repr(a), f"{pa:.4f}", repr(b), f"{pb:.4f}")
+    out.print(table)
+    table = Table("target", "logit before", "after", "change", title=f"target logits (KL {result.kl:.4f} nats)")
+    for t in result.targets:
+        table.add_row(repr(t.token), f"{t.before:.4f}", f"{t.after:.4f}", f"{t.change:+.4f}")
+    out.print(table)
+    if generation is not None:
+        out.print(Text(f"original: {generation.original}\nsteered:  {generation.steered}"))
+    if done.id is not None:
+        out.print(f"recorded as intervention {done.id} in {catalog_dir}", highlight=False)
+
+
+def _print_validation(v, fmt: str) -> None:
+    if fmt == "json":
+        _print_json({**asdict(v), "max_direct_error": v.max_direct_error})
+        return
+    table = Table("ablated", "predicted", "measured direct", "measured full",
+                  title=f"prompt {v.prompt_id}: change of logit {v.targets[0]!r} on ablation (graph prediction vs measured)")
+    for c in v.checks:
+        table.add_row(c.label, f"{c.predicted[0]:+.5f}", f"{c.direct[0]:+.5f}", f"{c.full[0]:+.5f}")
+    out.print(table)
+    out.print(f"largest |predicted - measured direct| over all {len(v.targets)} logit targets: {v.max_direct_error:.2e}")
+
+
+@main.command()
+@click.argument("feature")
+@store_options
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True)
+@format_option
+def interventions(feature, catalog_dir, store_uri, database, k, fmt):
+    """Recorded interventions that edited FEATURE (newest first): the edits, the prompt, what they did to the logits."""
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        found = lookups.interventions(feature, k)
+    if fmt == "json":
+        _print_json([asdict(u) for u in found])
+        return
+    table = Table("intervention", "prompt", "regime", "edits", "KL", "largest logit changes", title=f"interventions touching {feature}")
+    table.columns[0].no_wrap = True
+    for u in found:
+        changes = ", ".join(f"{t!r} {c:+.3f}" for t, c in u.changes[:3])
+        table.add_row(u.id, u.prompt_id or repr(u.prompt[:30]), u.regime, u.spec, f"{u.kl:.4f}", changes)
+    out.print(table)
 
 
 @main.command()

@@ -18,6 +18,7 @@ Node order, as circuit-tracer's `Graph`: selected features | errors (layer-major
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +27,9 @@ from catalog.errors import ModelError, TranscoderError, UserError
 from ingest.pruning import partial_influence
 from ingest.residual import centres, reads_normalised
 from ingest.transcoder import TranscoderSet
+
+if TYPE_CHECKING:  # ingest.targets imports this module for target_token
+    from ingest.targets import CustomTarget
 
 
 class AttributionError(UserError):
@@ -48,14 +52,15 @@ class AttributionGraph:
     n_layers: int
     features: torch.Tensor  # [n_feat, 3] (layer, pos, index) of the feature nodes
     activations: torch.Tensor  # [n_feat]
-    logit_tokens: torch.Tensor  # [n_logits]
-    logit_probabilities: torch.Tensor  # [n_logits]
+    logit_tokens: torch.Tensor  # [n_logits] (a custom target, if any, comes after them and has no token)
+    logit_probabilities: torch.Tensor  # [n_logits (+1)]: the pruning weights of the logits and the custom target
     adjacency: torch.Tensor  # [n_nodes, n_nodes], rows = targets, columns = sources
     value: torch.Tensor  # [n_nodes] target pre-activation / logit in the unmodified model (NaN for sources)
     bias: torch.Tensor  # [n_nodes]
     dropped: torch.Tensor  # [n_nodes]
     n_active_features: int  # before the cap
     settings: dict = field(default_factory=dict)
+    custom_target: str | None = None  # the name of the custom target, the last node, if there is one
 
     @property
     def n_pos(self) -> int:
@@ -103,6 +108,7 @@ class PromptTrace:
     pre_acts: torch.Tensor  # [n_active] encoder pre-activations
     logits: torch.Tensor  # [d_vocab] at the last position
     bos_mlp: torch.Tensor | None = None  # [n_layers, d] constant MLP output at a zeroed position 0
+    final_normalised: torch.Tensor | None = None  # [d] the unembedding's input at the last position (custom targets read it)
 
 
 def check_supported(model, tset: TranscoderSet) -> None:
@@ -134,7 +140,7 @@ def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: boo
     error node stands for a constant.
     """
     n_layers = model.cfg.n_layers
-    names = {"blocks.0.hook_resid_pre", "ln_final.hook_scale"}
+    names = {"blocks.0.hook_resid_pre", "ln_final.hook_scale", "ln_final.hook_normalized"}
     for layer in range(n_layers):
         names |= {f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale",
                   f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.hook_mlp_out"}
@@ -172,6 +178,7 @@ def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: boo
         activations=torch.cat(activations) if activations else torch.zeros(0),
         pre_acts=torch.cat(pre_acts) if pre_acts else torch.zeros(0),
         logits=logits[0, -1],
+        final_normalised=cache["ln_final.hook_normalized"][0, -1],
     )
 
 
@@ -327,12 +334,14 @@ def attribute(
     update_interval: int = 4,
     zero_bos: bool = True,
     progress: bool = False,
+    custom: CustomTarget | None = None,
 ) -> AttributionGraph:
     """The attribution graph of `prompt` (BOS prepended as the model does) with the transcoders in `tset`.
 
     With more active features than `max_feature_nodes`, features are expanded in order of their
     estimated influence on the logits, refreshed every `update_interval` batches (circuit-tracer's
-    scheme); the rest are left out and their effect is recorded per target in `dropped`.
+    scheme); the rest are left out and their effect is recorded per target in `dropped`. A `custom`
+    target (`ingest.targets`) is one more target after the logits, weighted in pruning by its `weight`.
     """
     check_supported(model, tset)
     tokens = prompt_tokens(model, prompt)
@@ -342,9 +351,14 @@ def attribute(
 
     logit_ids = logit_targets(trace.logits, max_n_logits, desired_logit_prob, extra_targets or [])
     W_U, b_U = model.W_U.detach(), model.b_U.detach()
-    logit_rows, logit_bias = sweep.rows(Targets(
-        torch.full((len(logit_ids),), n_layers), torch.full((len(logit_ids),), n_pos - 1), W_U[:, logit_ids].T, b_U[logit_ids]))
+    vectors, own, values = W_U[:, logit_ids].T, b_U[logit_ids], trace.logits[logit_ids]
     probabilities = trace.logits.softmax(-1)[logit_ids]
+    if custom is not None:
+        vectors, own = torch.cat([vectors, custom.vector[None]]), torch.cat([own, own.new_tensor([custom.bias])])
+        values = torch.cat([values, (trace.final_normalised @ custom.vector + custom.bias)[None]])
+        probabilities = torch.cat([probabilities, probabilities.new_tensor([custom.weight])])
+    n_out = len(vectors)
+    logit_rows, logit_bias = sweep.rows(Targets(torch.full((n_out,), n_layers), torch.full((n_out,), n_pos - 1), vectors, own))
 
     budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     feature_rows = torch.zeros(budget, sweep.n_cols)
@@ -370,7 +384,7 @@ def attribute(
             pending = torch.argsort(trace.active[:, 0], stable=True)
         else:
             rows = torch.cat([logit_rows, feature_rows[:done]])
-            row_cols = torch.cat([torch.full((len(logit_ids),), -1), order[:done]])
+            row_cols = torch.cat([torch.full((n_out,), -1), order[:done]])
             weights = torch.cat([probabilities, torch.zeros(done)])
             influence = partial_influence(rows, row_cols, weights)[:n_active]
             ranked = torch.argsort(influence, descending=True)
@@ -379,20 +393,22 @@ def attribute(
             expand(pending[start:start + batch_size])
             bar.update(len(pending[start:start + batch_size]))
     bar.close()
-    return _assemble(prompt, trace, n_layers, logit_ids, probabilities, logit_rows, logit_bias,
-                     feature_rows, feature_bias, order,
-                     {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob, "max_feature_nodes": max_feature_nodes,
-                      "zero_bos": zero_bos})
+    graph = _assemble(prompt, trace, n_layers, logit_ids, probabilities, values, logit_rows, logit_bias,
+                      feature_rows, feature_bias, order,
+                      {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob, "max_feature_nodes": max_feature_nodes,
+                       "zero_bos": zero_bos})
+    graph.custom_target = None if custom is None else custom.name
+    return graph
 
 
-def _assemble(prompt, trace: PromptTrace, n_layers, logit_ids, probabilities, logit_rows, logit_bias,
+def _assemble(prompt, trace: PromptTrace, n_layers, logit_ids, probabilities, values, logit_rows, logit_bias,
               feature_rows, feature_bias, order, settings) -> AttributionGraph:
     """Lay the computed rows out in the fixed node order; columns of features left out go to `dropped`."""
     n_active, n_pos = len(trace.active), len(trace.tokens)
     selected = order.sort().values  # keep the features' (layer, pos, index) order
     rank = torch.empty(n_active, dtype=torch.long)
     rank[order] = torch.arange(len(order))
-    n_feat, n_logits = len(selected), len(logit_ids)
+    n_feat, n_logits = len(selected), len(logit_rows)
     keep_cols = torch.cat([selected, torch.arange(n_active, logit_rows.shape[1])])
     left_out = torch.ones(n_active, dtype=torch.bool)
     left_out[selected] = False
@@ -408,7 +424,7 @@ def _assemble(prompt, trace: PromptTrace, n_layers, logit_ids, probabilities, lo
     dropped[:n_feat] = f_rows[:, :n_active][:, left_out].sum(1)
     dropped[n_nodes - n_logits:] = logit_rows[:, :n_active][:, left_out].sum(1)
     value[:n_feat] = trace.pre_acts[selected]
-    value[n_nodes - n_logits:] = trace.logits[logit_ids]
+    value[n_nodes - n_logits:] = values
     return AttributionGraph(
         prompt=prompt, tokens=trace.tokens, n_layers=n_layers, features=trace.active[selected],
         activations=trace.activations[selected], logit_tokens=logit_ids, logit_probabilities=probabilities,

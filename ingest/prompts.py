@@ -29,6 +29,7 @@ from catalog.lock import writer_lock
 from catalog.parquet_io import part_intact, part_rows, write_atomic
 from ingest.attribution import AttributionGraph, attribute, prompt_tokens, target_token
 from ingest.pruning import Pruned, graph_scores, prune
+from ingest.targets import CustomTarget, custom_target
 from ingest.transcoder import TranscoderSet
 
 
@@ -36,6 +37,20 @@ from ingest.transcoder import TranscoderSet
 class PromptSpec:
     text: str
     target: str | None = None  # a token the graph must include as a logit target
+    # a custom target (`ingest.targets`): these tokens' logits summed (`target` alone when only contrasts are
+    # given) minus the contrasts', or a .npy direction; weighted in pruning as a logit of probability target_weight
+    targets: tuple[str, ...] = ()
+    contrast: tuple[str, ...] = ()
+    direction: str | None = None
+    target_weight: float = 1.0
+
+    @property
+    def custom(self) -> dict | None:
+        """The custom target's definition, or None when the prompt has none."""
+        tokens = self.targets or ((self.target,) if self.contrast and self.target is not None else ())
+        if not (tokens or self.contrast or self.direction):
+            return None
+        return {"tokens": list(tokens), "contrast": list(self.contrast), "direction": self.direction, "weight": self.target_weight}
 
 
 @dataclass
@@ -51,7 +66,8 @@ class AttributionSettings:
 
 
 def read_prompts(path: Path) -> list[PromptSpec]:
-    """One prompt per line (.txt), or JSON lines with `prompt` and an optional `target` (.jsonl)."""
+    """One prompt per line (.txt), or JSON lines with `prompt` and optional `target`, and for a custom target
+    `targets` (list), `contrast` (token or list), `direction` (.npy path) and `target_weight` (.jsonl)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"prompt file not found: {path}")
@@ -71,7 +87,15 @@ def read_prompts(path: Path) -> list[PromptSpec]:
             # a null or a number is not a prompt: str() would store the text "None"
             if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("target"), (str, type(None)))):
                 raise DatasetError(f"{path}:{number}: expected a JSON object with a string 'prompt' (and optional string 'target')")
-            specs.append(PromptSpec(row["prompt"], row.get("target")))
+            try:
+                contrast = row.get("contrast") or ()
+                specs.append(PromptSpec(
+                    row["prompt"], row.get("target"), tuple(map(str, row.get("targets") or ())),
+                    (str(contrast),) if isinstance(contrast, str) else tuple(map(str, contrast)),
+                    None if row.get("direction") is None else str(row["direction"]), float(row.get("target_weight", 1.0))))
+            except (TypeError, ValueError):
+                raise DatasetError(f"{path}:{number}: a custom target's 'targets', 'contrast' (token or list), 'direction' (.npy path) "
+                                   "or 'target_weight' (number) is malformed") from None
         else:
             specs.append(PromptSpec(line))
     if not specs:
@@ -83,6 +107,8 @@ def prompt_id(manifest: Manifest, spec: PromptSpec) -> str:
     key = {"model": manifest.model_weights_sha256, "transcoders": manifest.transcoder_files, "text": spec.text}
     if spec.target is not None:
         key["target"] = spec.target
+    if spec.custom is not None:
+        key["custom"] = spec.custom
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -92,6 +118,8 @@ def local_ids(graph: AttributionGraph) -> list[str]:
     ids += [f"err:L{layer}@{pos}" for layer in range(graph.n_layers) for pos in range(graph.n_pos)]
     ids += [f"tok@{pos}" for pos in range(graph.n_pos)]
     ids += [f"logit:{t}" for t in graph.logit_tokens.tolist()]
+    if graph.custom_target is not None:
+        ids.append("target")
     return ids
 
 
@@ -100,13 +128,14 @@ PROMPT_PARTS = ("nodes", "edges", "edges_full", "links_feature", "links_token")
 
 def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> dict[str, pa.Table]:
     """nodes, pruned edges, full edges, and INSTANCE_OF links, as the store loads them."""
-    n_feat, n_err, n_pos, n_logit = graph.n_features, graph.n_errors, graph.n_pos, len(graph.logit_tokens)
+    n_feat, n_err, n_pos, n_logit = graph.n_features, graph.n_errors, graph.n_pos, len(graph.logit_probabilities)
+    n_custom = int(graph.custom_target is not None)
     ids = [f"{pid}:{local}" for local in local_ids(graph)]
-    kind = ["feature"] * n_feat + ["error"] * n_err + ["token"] * n_pos + ["logit"] * n_logit
+    kind = ["feature"] * n_feat + ["error"] * n_err + ["token"] * n_pos + ["logit"] * (n_logit - n_custom) + ["target"] * n_custom
     layer = graph.features[:, 0].tolist() + [lay for lay in range(graph.n_layers) for _ in range(n_pos)] + [-1] * n_pos + [graph.n_layers] * n_logit
     pos = graph.features[:, 1].tolist() + list(range(n_pos)) * graph.n_layers + list(range(n_pos)) + [n_pos - 1] * n_logit
     feature = graph.features[:, 2].tolist() + [None] * (n_err + n_pos + n_logit)
-    token_ids = [None] * (n_feat + n_err) + graph.tokens.tolist() + graph.logit_tokens.tolist()
+    token_ids = [None] * (n_feat + n_err) + graph.tokens.tolist() + graph.logit_tokens.tolist() + [None] * n_custom
     targets = ~torch.isnan(graph.value)
 
     def where(mask: torch.Tensor, values: torch.Tensor) -> list:
@@ -116,7 +145,7 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
     nodes = pa.table({
         "id": ids, "prompt_id": [pid] * graph.n_nodes, "kind": kind, "layer": layer, "pos": pos, "feature": feature,
         "feature_id": [f"L{a}/{b}" for a, _, b in graph.features.tolist()] + [None] * (n_err + n_pos + n_logit),
-        "token_id": token_ids, "token": [None if t is None else decode([t]) for t in token_ids],
+        "token_id": token_ids, "token": [None if t is None else decode([t]) for t in token_ids[:graph.n_nodes - n_custom]] + [graph.custom_target] * n_custom,
         "activation": graph.activations.tolist() + [None] * (n_err + n_pos + n_logit),
         "value": where(targets, graph.value), "bias": where(targets, graph.bias), "dropped": where(targets, graph.dropped),
         "probability": probability, "influence": pruned.influence.tolist(), "kept": pruned.node_mask.tolist(),
@@ -133,7 +162,7 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
         "edges": edges(pruned.edge_mask),
         "edges_full": edges(graph.adjacency != 0),
         "links_feature": pa.table({"src": ids[:n_feat], "dst": nodes["feature_id"].to_pylist()[:n_feat]}),
-        "links_token": pa.table({"src": ids[n_feat + n_err:], "dst": pa.array(token_ids[n_feat + n_err:], pa.int64())}),
+        "links_token": pa.table({"src": ids[n_feat + n_err:graph.n_nodes - n_custom], "dst": pa.array(token_ids[n_feat + n_err:graph.n_nodes - n_custom], pa.int64())}),
     }
 
 
@@ -177,24 +206,32 @@ def check_prompt(model, spec: PromptSpec) -> None:
     prompt_tokens(model, spec.text)
     if spec.target is not None:
         target_token(model, spec.target)
+    _custom(model, spec)
+
+
+def _custom(model, spec: PromptSpec) -> CustomTarget | None:
+    c = spec.custom
+    return None if c is None else custom_target(model, c["tokens"], c["contrast"], c["direction"], c["weight"])
 
 
 def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptSpec, settings: AttributionSettings) -> None:
-    extra = [target_token(model, spec.target)] if spec.target is not None else []
+    custom = _custom(model, spec)
+    extra = [target_token(model, spec.target)] if spec.target is not None and custom is None else []
     graph = attribute(model, tset, spec.text, extra_targets=extra, max_n_logits=settings.max_n_logits,
                       desired_logit_prob=settings.desired_logit_prob, max_feature_nodes=settings.max_feature_nodes,
-                      batch_size=settings.batch_size, zero_bos=settings.zero_bos)
+                      batch_size=settings.batch_size, zero_bos=settings.zero_bos, custom=custom)
     pruned = prune(graph, settings.node_threshold, settings.edge_threshold)
     replacement, completeness = graph_scores(graph)
     tables = graph_tables(graph, pruned, pid, model.tokenizer.decode)
     info = {
-        "id": pid, "text": spec.text, "target": spec.target, "n_tokens": graph.n_pos, "tokens": graph.tokens.tolist(),
+        "id": pid, "text": spec.text, "target": spec.target if custom is None else custom.name, "n_tokens": graph.n_pos, "tokens": graph.tokens.tolist(),
         "decoded": model.tokenizer.decode(graph.tokens.tolist()),  # the tokens as text, BOS included (the viewer's prompt)
         "replacement_score": replacement, "completeness_score": completeness,
         "n_active_features": graph.n_active_features, "n_feature_nodes": graph.n_features, "capped": graph.capped,
         "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": tables["edges"].num_rows,
         "n_layers": graph.n_layers, "settings": json.dumps(asdict(settings), sort_keys=True),
         "parts": {f"{name}.parquet": table.num_rows for name, table in tables.items()},  # checked on resume
+        "custom_target": None if custom is None else {"name": custom.name, **custom.definition},
     }
     target = layout.prompt_dir(root, pid)
     target.parent.mkdir(parents=True, exist_ok=True)

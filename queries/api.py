@@ -99,6 +99,22 @@ class FeatureUse:
     inputs: list[tuple[str, float]]  # (source node's local id, or 'token' text for tokens; edge weight)
 
 
+@dataclass
+class InterventionUse:
+    """One recorded intervention that edited a feature, and each target logit's change."""
+
+    id: str
+    prompt_id: str | None
+    prompt: str
+    regime: str
+    spec: str  # every edit of the intervention
+    edits: str  # this feature's edits
+    kl: float
+    changes: list[tuple[str, float]]  # (token, logit change)
+    generated_original: str | None = None
+    generated_steered: str | None = None
+
+
 class Lookups:
     def __init__(self, store: GraphStore):
         self.store = store
@@ -235,3 +251,24 @@ class Lookups:
         """Features found in the most prompts' pruned graphs."""
         return [Recurring(r["feature"], int(r["prompts"]), float(r["influence"]), list(r["tokens"] or [])[:5],
                           list(r["logit_tokens"] or [])[:5]) for r in self._q("recurring", k=k)]
+
+    def interventions(self, fid: str, k: int = 20) -> list[InterventionUse]:
+        """The k newest recorded interventions that edited the feature, with their logit changes."""
+        self.check_feature(fid)
+        return self._interventions("interventions", id=fid, k=k)
+
+    def prompt_interventions(self, key: str, k: int = 20) -> list[InterventionUse]:
+        """The k newest recorded interventions on a prompt (by id or text); `edits` is the whole spec."""
+        return self._interventions("prompt_interventions", id=self.prompt(key).id, k=k)
+
+    def _interventions(self, name: str, **params) -> list[InterventionUse]:
+        found: dict[str, InterventionUse] = {}
+        for r in self._q(name, **params):
+            use = found.setdefault(r["id"], InterventionUse(
+                r["id"], r["prompt_id"], r["prompt"], r["regime"], r["spec"], r["edits"], float(r["kl"]), [],
+                r["generated_original"], r["generated_steered"]))
+            if r["token"] is not None:
+                use.changes.append((r["token"], float(r["change"])))
+        for use in found.values():
+            use.changes.sort(key=lambda c: -abs(c[1]))
+        return list(found.values())

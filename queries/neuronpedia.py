@@ -32,7 +32,7 @@ def cantor(x: int, y: int) -> int:
 def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
     catalog_dir = Path(catalog_dir)
     manifest = Manifest.read(catalog_dir)
-    folder = layout.prompt_dir(catalog_dir, _prompt_id(catalog_dir, pid))
+    folder = layout.prompt_dir(catalog_dir, find_prompt_id(catalog_dir, pid))
     info = json.loads((folder / "prompt.json").read_text())
     settings = json.loads(info["settings"])
     nodes, edges = _read(folder / "nodes.parquet"), _read(folder / "edges.parquet")
@@ -43,7 +43,7 @@ def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
     out_nodes, js_id = [], {}
     first_logit = True
     for n, share in zip(nodes, cumulative):
-        if not n["kept"]:
+        if not n["kept"] or n["kind"] == "target":  # a custom target has no place in the viewer's format
             continue
         kind, layer, pos = n["kind"], n["layer"], n["pos"]
         node = {"ctx_idx": pos, "run_idx": 0, "reverse_ctx_idx": 0, "influence": share, "activation": n["activation"],
@@ -83,7 +83,7 @@ def _read(path: Path) -> list[dict]:
         raise CatalogDirError(f"{path}: unreadable ({first_line(exc)}); rerun the ingest to rewrite it") from None
 
 
-def _prompt_id(catalog_dir: Path, key: str) -> str:
+def find_prompt_id(catalog_dir: Path, key: str) -> str:
     """A prompt id from an id or an exact prompt text."""
     index = catalog_dir / layout.PROMPT_INDEX
     rows = pq.read_table(index, columns=["id", "text"]).to_pylist() if index.is_file() else []

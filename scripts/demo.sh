@@ -44,7 +44,14 @@ $cc paths --catalog "$out/catalog" --prompt "$prompt" --from-token France --to-l
 $cc recurring --catalog "$out/catalog" -k 5
 $cc prompts-using "$feature" --catalog "$out/catalog"
 
-echo "== 9. HTML reports: a feature card for $feature (and its neighbours' cards), the prompt's attribution graph,"
+echo "== 9. test the circuit: ablate the graph's 20 most influential features (and its strongest paths' features)"
+echo "      one check at a time: the graph's predicted logit change beside the change measured with only direct effects"
+echo "      (equal: the graph is exact there) and in the full model; then ablate $feature at the last token (recorded)"
+$cc intervene --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --prompt "$prompt" --validate -k 20
+$cc intervene --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --prompt "$prompt" \
+    --set "$feature@-1=0" --target " Paris" -k 5
+
+echo "== 10. HTML reports: a feature card for $feature (and its neighbours' cards), the prompt's attribution graph,"
 echo "      then the catalog overview"
 $cc report feature "$feature" --catalog "$out/catalog" --with-neighbours > /dev/null
 prompt_report=$($cc report prompt "$prompt" --catalog "$out/catalog")

@@ -92,6 +92,7 @@ ING = ["ingest", "--model", "{model}", "--transcoders", "{tc}", "--catalog", "{n
 ACT = ["active", "--model", "{model}", "--transcoders", "{tc}", "--prompt", "the capital of france is"]
 EVAL = ["eval", "--model", "{model}", "--transcoders", "{tc}", "--dataset", "{txt}", "--tokens", "16"]
 CAT = ["--catalog", "{cat}"]
+INT = ["intervene", "--model", "{model}", "--transcoders", "{tc}", *CAT, "--prompt", "{pid}"]
 
 CASES = [  # (id, arguments, exit code, a fragment of the error line)
     # ---- models
@@ -205,6 +206,16 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("report overview into a directory", ["report", "overview", *CAT, "--out", "{dir}"], 1, "a_dir"),
     ("neo4j import out is a file", ["export-neo4j-import", *CAT, "--out", "{file}"], 1, "file.txt"),
     ("neo4j import catalog missing", ["export-neo4j-import", "--catalog", "{tmp}/nope", "--out", "{tmp}/imp"], 1, "not a catalog"),
+    # ---- interventions (recorded in the catalog when they succeed: refused ones write nothing)
+    ("intervene unknown feature", [*INT, "--set", "L1/99=0"], 1, "has 8 features"),
+    ("intervene layer without transcoder", [*INT, "--set", "L7/1=0"], 1, "no transcoder at layer 7"),
+    ("intervene position out of range", [*INT, "--set", "L1/2@40=0"], 1, "out of range"),
+    ("intervene malformed spec", [*INT, "--set", "L1/2@x=y"], 1, "malformed position"),
+    ("intervene NaN value", [*INT, "--add", "L1/2=nan"], 1, "not a finite"),
+    ("intervene multi-token target", [*INT, "--set", "L1/2=0", "--target", "paris france"], 1, "2 tokens"),
+    ("intervene nothing to do", [*INT], 1, "nothing to do"),
+    ("intervene validate unknown prompt", [*INT[:-1], "nope", "--validate"], 1, "unknown prompt"),
+    ("interventions unknown feature", ["interventions", "L2/99", *CAT], 1, "unknown feature"),
     # ---- usage
     ("unknown command", ["frobnicate"], 2, "frobnicate"),
     ("missing argument", ["show", *CAT], 2, "FEATURE"),

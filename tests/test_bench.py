@@ -18,6 +18,7 @@ EXPECTED = {  # benchmark -> a line its report must print
     "attribution.py": "tiny Llama",
     "agreement.py": "prune masks at 6 threshold pairs",
     "mapped_pullbacks.py": "x the set on disk",
+    "interventions.py": "--validate -k 20",
 }
 
 

@@ -44,8 +44,28 @@ def catalog_dir(tmp_path_factory, gpt2) -> Path:
     tset = random_transcoders(gpt2, d_sae=200, seed=7)
     settings = IngestSettings(top_k=4, token_top_k=5)
     run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", settings), progress=False)
-    run_prompts(gpt2, tset, root, PROMPTS, AttributionSettings(max_feature_nodes=250, node_threshold=0.6), progress=False)
+    ids = run_prompts(gpt2, tset, root, PROMPTS, AttributionSettings(max_feature_nodes=250, node_threshold=0.6), progress=False)
+    record_interventions(gpt2, tset, root, ids[0])
     return root
+
+
+def record_interventions(model, tset, root: Path, pid: str) -> None:
+    """Two interventions on a catalog prompt (one touching two features) and one on a prompt outside it."""
+    from catalog.manifest import Manifest
+    from ingest.attribution import prompt_tokens
+    from ingest.intervention_log import add_intervention, intervention_row
+    from ingest.interventions import Regime, intervene, parse_edit
+
+    manifest = Manifest.read(root)
+    for text, prompt_id, specs, regime in [
+        (PROMPTS[0].text, pid, [("set", "L1/5@-1=0"), ("scale", "L2/7=3")], Regime.REPLACEMENT),
+        (PROMPTS[0].text, pid, [("add", "L1/5@*=2")], Regime.DIRECT_ONLY),
+        ("the river was cold", None, [("set", "L2/7@2=1")], Regime.FREEZE_ATTENTION),
+    ]:
+        tokens = prompt_tokens(model, text)
+        edits = [parse_edit(op, spec) for op, spec in specs]
+        result = intervene(model, tset, tokens, edits, regime, k=3)
+        add_intervention(root, intervention_row(manifest, tokens.tolist(), prompt_id, edits, result))
 
 
 PROMPTS = [PromptSpec("the capital of france is"), PromptSpec("the jury said the city", target="election"),
@@ -809,3 +829,26 @@ def test_export_neo4j_import_cli(catalog_dir, tmp_path):
     result = CliRunner().invoke(main, ["export-neo4j-import", "--catalog", str(tmp_path / "nothing"), "--out", str(tmp_path / "out2")])
     assert result.exit_code == 1 and "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out2").exists()
+
+
+def test_interventions_round_trip(store, catalog_dir):
+    """`interventions FEATURE` equals the rows of interventions.parquet that edit it, with every logit change."""
+    rows = pq.read_table(catalog_dir / layout.INTERVENTIONS).to_pylist()
+    assert len(rows) == 3
+    lookups = Lookups(store)  # not `with`: that would close the session's store
+    found = lookups.interventions("L1/5")
+    newest_first = sorted(sorted(rows, key=lambda r: r["id"]), key=lambda r: r["created"], reverse=True)
+    assert [u.id for u in found] == [r["id"] for r in newest_first if "L1/5" in r["features"]]
+    for use in found:
+        row = next(r for r in rows if r["id"] == use.id)
+        assert (use.prompt_id, use.regime, use.spec, use.kl) == (row["prompt_id"], row["regime"], row["spec"], pytest.approx(row["kl"]))
+        assert use.edits == row["feature_edits"][row["features"].index("L1/5")]
+        expected = sorted(zip(row["target_tokens"], row["logit_change"]))
+        assert [t for t, _ in sorted(use.changes)] == [t for t, _ in expected]
+        assert [c for _, c in sorted(use.changes)] == pytest.approx([c for _, c in expected])
+    assert [u.prompt_id for u in lookups.interventions("L2/7")].count(None) == 1
+    assert lookups.interventions("L0/0") == []
+    with pytest.raises(UnknownFeature):
+        lookups.interventions("L9/0")
+    on = store.run("MATCH (i:Intervention)-[:`ON`]->(p:Prompt) RETURN i.id AS i, p.id AS p")  # ON is a keyword in LadybugDB
+    assert sorted((r["i"], r["p"]) for r in on) == sorted((r["id"], r["prompt_id"]) for r in rows if r["prompt_id"])

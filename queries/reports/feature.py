@@ -20,7 +20,7 @@ from pathlib import Path
 from catalog import layout
 from catalog.layout import histogram_log10_edges, parse_feature_id
 from catalog.manifest import Manifest
-from queries.api import Edge, FeatureTokens, FeatureUse, Lookups
+from queries.api import Edge, FeatureTokens, FeatureUse, InterventionUse, Lookups
 from queries.reports import svg
 from queries.reports.html import (
     Markup,
@@ -50,6 +50,7 @@ class FeatureCard:
     downstream: list[Edge]
     stats: FeatureStats | None  # None when the catalog has no activation statistics
     uses: list[FeatureUse] = field(default_factory=list)  # occurrences in prompts' attribution graphs
+    interventions: list[InterventionUse] = field(default_factory=list)  # recorded interventions that edited it
 
 
 def card_file(fid: str, blind: bool = False) -> str:
@@ -64,7 +65,8 @@ def feature_card(lookups: Lookups, root: Path, fid: str, k: int = 10, blind: boo
     if blind and stats is not None:
         stats = blinded(stats)
     uses = lookups.feature_uses(fid, k, token_text=not blind)
-    return FeatureCard(fid, tokens, lookups.upstream(fid, k), lookups.downstream(fid, k), stats, uses)
+    interventions = [] if blind else lookups.interventions(fid, k)  # their prompts and texts would unblind the card
+    return FeatureCard(fid, tokens, lookups.upstream(fid, k), lookups.downstream(fid, k), stats, uses, interventions)
 
 
 def blinded(stats: FeatureStats) -> FeatureStats:
@@ -104,6 +106,8 @@ def render_feature(card: FeatureCard, manifest: Manifest, href: Callable[[str], 
     layer, index = parse_feature_id(card.id)
     subtitle = f"layer {layer}, feature {index} · {manifest.model} · transcoders {manifest.transcoders}"
     circuit = [_tokens_section(card.tokens), _circuit_section(card, href), _uses_section(card.uses, blind)]
+    if not blind:
+        circuit.append(interventions_section(card.interventions, "this feature's edits"))
     if card.stats is None:
         observed = [section("Activations", note="No activation statistics in this catalog: run `circuit-catalog ingest ... --dataset D --tokens N`.")]
     elif not card.stats.fired:
@@ -201,6 +205,19 @@ def _uses_section(uses: list[FeatureUse], blind: bool) -> Markup:
         note += " Blind mode: token inputs are named by position only."
     return section("In attribution graphs", table(["prompt", "position", "activation", "influence", "strongest inputs"], rows,
                                                   numeric=(1, 2, 3), cls="uses"), note=note)
+
+
+def interventions_section(uses: list[InterventionUse], edits_column: str) -> Markup:
+    """Recorded interventions (`circuit-catalog intervene --catalog`): what was edited and what it did."""
+    if not uses:
+        return section("Interventions", note="None recorded in this catalog (`circuit-catalog intervene ... --catalog DIR`).")
+    rows = [[u.id, u.prompt_id or u.prompt, u.regime, u.edits, f"{u.kl:.4f}",
+             join((join([token(t), " ", signed(c)]) for t, c in u.changes[:5]), " · "),
+             "" if u.generated_steered is None else f"{u.generated_original!r} → {u.generated_steered!r}"] for u in uses]
+    return section("Interventions", table(["intervention", "prompt", "regime", edits_column, "KL", "largest logit changes", "generation"],
+                                          rows, numeric=(4,), cls="interventions"),
+                   note="Tests of the circuit: feature edits run on the local replacement model and the change they made to "
+                        "each target logit (KL: of the next-token distribution, before || after).")
 
 
 def _edge_table(edges: list[Edge], href: Callable[[str], str | None]) -> Markup:

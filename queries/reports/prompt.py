@@ -12,10 +12,10 @@ from pathlib import Path
 
 from catalog import layout
 from catalog.manifest import Manifest
-from queries.api import Lookups
+from queries.api import InterventionUse, Lookups
 from queries.prompt_graph import NodePath, PromptGraph, strongest_paths
 from queries.reports import svg
-from queries.reports.feature import OVERVIEW, card_file
+from queries.reports.feature import OVERVIEW, card_file, interventions_section
 from queries.reports.html import Markup, figures, join, link, page, section, signed, table, token, write_page
 
 
@@ -35,11 +35,12 @@ def write_prompt_report(lookups: Lookups, root: Path, key: str, out: Path | None
         return card_file(fid) if (out.parent / card_file(fid)).is_file() else None
 
     nav = [(OVERVIEW, "catalog overview")] if (out.parent / OVERVIEW).is_file() else []
-    return write_page(out, render_prompt(graph, paths, top_logit.id, Manifest.read(root), href, max_nodes, max_links, k, nav))
+    interventions = lookups.prompt_interventions(graph.info.id, k)
+    return write_page(out, render_prompt(graph, paths, top_logit.id, Manifest.read(root), href, max_nodes, max_links, k, nav, interventions))
 
 
 def render_prompt(graph: PromptGraph, paths: list[NodePath], path_logit: str, manifest: Manifest, href,
-                  max_nodes: int, max_links: int, k: int, nav) -> str:
+                  max_nodes: int, max_links: int, k: int, nav, interventions: list[InterventionUse] = ()) -> str:
     info = graph.info
     kinds = {kind: graph.of_kind(kind) for kind in ("token", "feature", "error", "logit")}
     n_edges = sum(len(v) for v in graph.edges.values())
@@ -47,7 +48,7 @@ def render_prompt(graph: PromptGraph, paths: list[NodePath], path_logit: str, ma
                     ("completeness score", f"{info.completeness_score:.3f}"), ("feature nodes", len(kinds["feature"])),
                     ("error nodes", len(kinds["error"])), ("edges", f"{n_edges:,}")])
     parts = [head, _picture(graph, href, max_nodes, max_links), _logits(kinds["logit"]), _paths(graph, paths, path_logit, href),
-             _top_nodes(graph, href, k)]
+             _top_nodes(graph, href, k), interventions_section(list(interventions), "edits")]
     subtitle = f"{info.text!r} · {manifest.model} · transcoders {manifest.transcoders} · prompt {info.id}"
     return page("Attribution graph", join(parts), subtitle, nav, meta={"circuit-catalog-report": "prompt"})
 
