@@ -20,10 +20,24 @@ from catalog import layout
 from catalog.errors import CatalogBusy, CatalogDirError
 
 
+_HELD: dict[Path, int] = {}  # catalogs this process holds the lock of -> nesting depth
+
+
 @contextmanager
 def writer_lock(root: Path) -> Iterator[None]:
-    """Hold the catalog's writer lock (creating the directory if needed) or raise `CatalogBusy`."""
+    """Hold the catalog's writer lock (creating the directory if needed) or raise `CatalogBusy`.
+
+    Re-entrant within a process, so a command that runs several writing steps (ingest: parts, statistics,
+    prompts) holds it from the first to the last, and no other writer slips in between."""
     root = Path(root)
+    key = root.resolve()
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
     if root.exists() and not root.is_dir():
         raise CatalogDirError(f"{root}: is a file, not a catalog directory")
     try:
@@ -40,8 +54,10 @@ def writer_lock(root: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         remove_temporaries(root)
+        _HELD[key] = 1
         yield
     finally:
+        _HELD.pop(key, None)
         os.close(fd)
 
 

@@ -160,6 +160,8 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
            bos_features, custom_tokens, contrast, direction, target_weight):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
+    from catalog.crash import crash_point
+    from catalog.lock import writer_lock
     from ingest.job import IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
     from ingest.models import load_model, resolve_model
     from ingest.prompts import AttributionSettings, check_prompt, read_prompts, run_prompts
@@ -181,18 +183,21 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
         check_prompt(lm, prompt)
     manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k))
     stats_plan = plan_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len) if dataset is not None else None
-    done = run_ingest(lm, tset, catalog_dir, manifest)
-    if stats_plan is not None:
-        write_stats(lm, tset, catalog_dir, stats_plan)
-    table = Table("part", "rows", title=f"catalog {catalog_dir}")
-    for name, n in done.counts.items():
-        table.add_row(name, f"{n:,}")
-    out.print(table)
-    if specs:
-        settings = AttributionSettings(None if all_features else max_feature_nodes, max_n_logits, desired_logit_prob,
-                                       node_threshold, edge_threshold, batch_size, not bos_features)
-        run_prompts(lm, tset, catalog_dir, specs, settings)
-        _print_prompts(_prompt_rows(catalog_dir))
+    settings = AttributionSettings(max_feature_nodes=None if all_features else max_feature_nodes, max_n_logits=max_n_logits,
+                                   desired_logit_prob=desired_logit_prob, node_threshold=node_threshold,
+                                   edge_threshold=edge_threshold, batch_size=batch_size, zero_bos=not bos_features)
+    with writer_lock(catalog_dir):  # parts, statistics and prompts under one hold: no other writer in between
+        done = run_ingest(lm, tset, catalog_dir, manifest)
+        crash_point("phase")  # between the parts and the statistics (tests: the lock is held there too)
+        if stats_plan is not None:
+            write_stats(lm, tset, catalog_dir, stats_plan)
+        table = Table("part", "rows", title=f"catalog {catalog_dir}")
+        for name, n in done.counts.items():
+            table.add_row(name, f"{n:,}")
+        out.print(table)
+        if specs:
+            run_prompts(lm, tset, catalog_dir, specs, settings)
+            _print_prompts(_prompt_rows(catalog_dir))
 
 
 def _prompt_rows(catalog_dir: Path) -> list[dict]:

@@ -136,6 +136,20 @@ def test_one_writer_at_a_time_and_readers_keep_working(inputs, copy, clean):
     assert_loads_and_answers(copy, clean)
 
 
+def test_an_ingest_holds_the_lock_between_its_steps(inputs, tmp_path):
+    """Parts, statistics and prompts are one hold: stopped between the parts and the statistics, the ingest
+    still keeps every other writer out (each step used to take the lock on its own)."""
+    root = tmp_path / "catalog"
+    proc = run_until("phase:1:STOP", ingest_args(inputs, root), wait=False)
+    try:
+        assert _stopped(proc)
+        for args in (ingest_args(inputs, root), ["load", "--catalog", root]):
+            assert f"catalog is being written by PID {proc.pid}" in one_line_error(*cli(*args))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 # ---------------------------------------------------------------- leftovers and damaged parts
 
 
