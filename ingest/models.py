@@ -108,9 +108,11 @@ def _load_official(name: str, device: str):
         raise ModelError(f"unknown model {name!r}: not a TransformerLens official name; {OFFLINE_HINT}") from None
     try:
         with _quiet():
-            return HookedTransformer.from_pretrained(name, device=device, dtype=torch.float32)
+            model = HookedTransformer.from_pretrained(name, device=device, dtype=torch.float32)
     except Exception as exc:  # hub unreachable, offline mode, missing files: the hub client raises many types
         raise ModelError(f"cannot download {name!r} from the hub ({type(exc).__name__}: {first_line(exc)[:120]}); {OFFLINE_HINT}") from None
+    _check_finite(model, Path(name))
+    return model
 
 
 def _load_hf_dir(directory: Path, device: str):
