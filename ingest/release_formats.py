@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from catalog.errors import TranscoderError, first_line
-from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
+from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet, check_tensors
 from ingest.transcoder_formats import _read_safetensors, _require
 
 GS2_WEIGHTS, GS2_CONFIG = "params.safetensors", "config.json"
@@ -147,7 +147,7 @@ def _gs2_transcoder(layer: int, folder: Path, w: dict[str, torch.Tensor], n_laye
     d_in, d_sae = _shape2(w, "w_enc", where)
     d_out = w["b_dec"].shape[0]
     dec_shape = (d_sae, d_out) if n_layers is None else (d_sae, n_layers, d_out)
-    _check(w, {"w_enc": (d_in, d_sae), "b_enc": (d_sae,), "threshold": (d_sae,), "b_dec": (d_out,), "w_dec": dec_shape,
+    check_tensors(w, {"w_enc": (d_in, d_sae), "b_enc": (d_sae,), "threshold": (d_sae,), "b_dec": (d_out,), "w_dec": dec_shape,
                "affine_skip_connection": (d_in, d_out)}, where)
     W_dec, later = w["w_dec"], None
     if n_layers is not None:
@@ -190,7 +190,7 @@ def load_gemma_scope_v1(paths: list[Path]) -> TranscoderSet:
         _require(w, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), path)
         _known(w, lambda name: name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), path)
         d_in, d_sae = _shape2(w, "W_enc", path)
-        _check(w, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "threshold": (d_sae,), "W_dec": (d_sae, w["b_dec"].shape[0]),
+        check_tensors(w, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "threshold": (d_sae,), "W_dec": (d_sae, w["b_dec"].shape[0]),
                    "b_dec": (w["b_dec"].shape[0],)}, path)
         by_layer[layer] = _jumprelu(layer, w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w["threshold"], path)
     return TranscoderSet(by_layer, list(paths), "gemma-scope")
@@ -282,7 +282,7 @@ def _sparsify_targets(layer: int, folder: Path, cfg: dict, w: dict[str, torch.Te
     where, n, d = folder / SPARSIFY_WEIGHTS, cfg["num_latents"], cfg["d_in"]
     _require(w, ("encoder.weight", "encoder.bias"), where)
     _known(w, _SPARSIFY_TENSOR.fullmatch, where)
-    _check(w, {"encoder.weight": (n, d), "encoder.bias": (n,)}, where)
+    check_tensors(w, {"encoder.weight": (n, d), "encoder.bias": (n,)}, where)
     multi = cfg["n_targets"] > 0
     if layer + max(cfg["n_targets"], 1) - 1 > last:
         raise TranscoderError(f"{folder / SPARSIFY_CFG}: n_targets={cfg['n_targets']} reaches past the last hook point (layer {last})")
@@ -291,7 +291,7 @@ def _sparsify_targets(layer: int, folder: Path, cfg: dict, w: dict[str, torch.Te
         keys = _sparsify_keys(t if multi else None)
         _require(w, (keys["dec"], keys["bias"]) + ((keys["skip"],) if cfg["skip_connection"] else ())
                  + ((keys["scale"],) if cfg["post_encoder_scale"] else ()), where)
-        _check(w, {keys["dec"]: (n, d), keys["bias"]: (d,), keys["skip"]: (d, d), keys["post"]: (n,), keys["scale"]: (n,)}, where)
+        check_tensors(w, {keys["dec"]: (n, d), keys["bias"]: (d,), keys["skip"]: (d, d), keys["post"]: (n,), keys["scale"]: (n,)}, where)
         if keys["post"] in w and w[keys["post"]].any():
             raise TranscoderError(
                 f"{where}: {keys['post']} is nonzero: it is added to active latents only, which no linear decoder carries")
@@ -316,7 +316,7 @@ def _io_scales(cfg: dict, w: dict[str, torch.Tensor], where: Path) -> tuple[floa
     if not cfg["normalize_io"]:
         return 1.0, 1.0
     _require(w, ("in_norm", "out_norm"), where)
-    _check(w, {"in_norm": (1,), "out_norm": (1,)}, where)
+    check_tensors(w, {"in_norm": (1,), "out_norm": (1,)}, where)
     root = cfg["d_in"] ** 0.5
     return root / float(w["in_norm"]), float(w["out_norm"]) / root
 
@@ -364,18 +364,6 @@ def _shape2(w: dict[str, torch.Tensor], name: str, where: Path) -> tuple[int, in
     if w[name].dim() != 2:
         raise TranscoderError(f"{where}: {name} has shape {tuple(w[name].shape)}, expected 2 dimensions")
     return tuple(w[name].shape)
-
-
-def _check(w: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], where: Path) -> None:
-    """Each of these tensors that is present has its expected shape and finite values (named as in the file)."""
-    for name, shape in shapes.items():
-        t = w.get(name)
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise TranscoderError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
-        if not torch.isfinite(t).all():
-            raise TranscoderError(f"{where}: {name} contains NaN or infinite values")
 
 
 def _known(w: dict[str, torch.Tensor], understood, where: Path) -> None:

@@ -24,6 +24,18 @@ from ingest.mapped_weights import release_mapped
 ACTIVATIONS = ("relu", "jumprelu", "topk")
 
 
+def check_tensors(tensors: dict[str, torch.Tensor | None], shapes: dict[str, tuple[int, ...]], where: object) -> None:
+    """Each of these tensors that is present has its expected shape and finite values; one-line error otherwise."""
+    for name, shape in shapes.items():
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise TranscoderError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
+        if not torch.isfinite(t).all():
+            raise TranscoderError(f"{where}: {name} contains NaN or infinite values")
+
+
 @dataclass
 class TranscoderConfig:
     """What a transcoder reads and writes, and how it activates."""
@@ -79,14 +91,7 @@ class Transcoder:
             "W_skip": (c.d_in, c.d_out),
             "threshold": (c.d_sae,),
         }
-        for name, shape in expected.items():
-            t = getattr(self, name)
-            if t is None:
-                continue
-            if tuple(t.shape) != shape:
-                raise TranscoderError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
-            if not torch.isfinite(t).all():
-                raise TranscoderError(f"{where}: {name} contains NaN or infinite values")
+        check_tensors({name: getattr(self, name) for name in expected}, expected, where)
         if self.W_dec_later is not None:
             t = self.W_dec_later
             if t.dim() != 3 or (t.shape[0], t.shape[2]) != (c.d_sae, c.d_out):

@@ -129,6 +129,17 @@ def ct_python() -> Path:
     return venv / "bin" / "python"
 
 
+@pytest.fixture()
+def saelens_dir(tmp_path, gpt2) -> Path:
+    """Random transcoders for the tiny GPT-2, saved in SAELens layout (one folder per layer)."""
+    from ingest.transcoder_formats import save_saelens
+
+    d = tmp_path / "tc"
+    for tc in random_transcoders(gpt2, d_sae=8):
+        save_saelens(tc, d / f"layer_{tc.layer}")
+    return d
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     return build_hf_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")

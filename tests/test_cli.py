@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
@@ -12,14 +11,6 @@ from safetensors.torch import load_file, save_file
 from circuit_catalog.cli import main, parse_layers
 from ingest.transcoder_formats import save_saelens
 from tests.conftest import random_transcoders
-
-
-@pytest.fixture()
-def saelens_dir(tmp_path, gpt2):
-    d = tmp_path / "tc"
-    for tc in random_transcoders(gpt2, d_sae=8):
-        save_saelens(tc, d / f"layer_{tc.layer}")
-    return d
 
 
 def run(*args):

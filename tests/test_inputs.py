@@ -13,7 +13,6 @@ from catalog.errors import CatalogDirError, DatasetError, ModelError
 from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
 from ingest.models import load_model
 from ingest.prompts import read_prompts
-from ingest.transcoder_formats import save_saelens
 from tests.conftest import STATS_CTX, STATS_TOKENS, TEXT, random_transcoders
 from tests.test_security import cli, one_line_error
 
@@ -69,14 +68,6 @@ def test_a_prompt_that_is_not_text_is_refused(tmp_path, line):
     path.write_text(line + "\n")
     with pytest.raises(DatasetError, match="string 'prompt'"):
         read_prompts(path)
-
-
-@pytest.fixture()
-def saelens_dir(tmp_path, gpt2):
-    d = tmp_path / "tc"
-    for tc in random_transcoders(gpt2, d_sae=8):
-        save_saelens(tc, d / f"layer_{tc.layer}")
-    return d
 
 
 def test_an_over_long_prompt_is_refused_before_anything_is_written(tmp_path, gpt2_dir, saelens_dir):
