@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,45 +70,55 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--clt", action="store_true", help="a cross-layer transcoder instead of a per-layer set")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape, seconds")
+    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the measuring child process, on a written set
     args = ap.parse_args()
     if args.smoke:
         args.layers, args.model_layers, args.d_model, args.d_sae = 3, 3, 64, 256
-
-    from ingest.job import IngestSettings, pullback_edges_table
-    from ingest.mapped_weights import release_mapped
-    from ingest.transcoder_formats import load_transcoders
-
-    settings = IngestSettings(top_k=args.top_k)
+    if args.measure:
+        measure(args, args.measure)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-mapped-") as tmp:
         directory = Path(tmp) / "set"
         start = time.perf_counter()
         size = write_set(directory, args.layers, args.model_layers, args.d_model, args.d_sae, args.clt)
         print(f"wrote {size / 2**30:.2f} GiB ({'CLT' if args.clt else 'per-layer set'}, {args.layers} of "
-              f"{args.model_layers} layers, d_model {args.d_model}, {args.d_sae} features) in {time.perf_counter() - start:.0f} s")
-        base = peak_rss_mb()
-        tset = load_transcoders(directory)
-        print(f"loaded: peak RSS {peak_rss_mb():.0f} MiB (before loading {base:.0f} MiB)")
-        pairs = [(lo, hi) for hi in range(1, args.layers) for lo in range(hi)][: max(3, args.layers)]
-        seconds = 0.0
-        for lo, hi in pairs:
-            start = time.perf_counter()
-            pullback_edges_table(tset.total_write(lo, hi), tset[hi].W_enc, lo, hi, settings)
-            release_mapped()
-            seconds += time.perf_counter() - start
-        flops = 2.0 * args.d_sae * args.d_sae * args.d_model * len(pairs)
-        ours = flops / seconds / 1e9
-        a, b = torch.randn(2048, args.d_model), torch.randn(args.d_model, args.d_sae)
+              f"{args.model_layers} layers, d_model {args.d_model}, {args.d_sae} features) in {time.perf_counter() - start:.0f} s",
+              flush=True)
+        # measured in a fresh process, so its peak RSS is the ingest's own, not the writing's
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--measure", str(directory)], check=True)
+
+
+def measure(args, directory: Path) -> None:
+    from ingest.job import IngestSettings, pullback_edges_table
+    from ingest.mapped_weights import release_mapped
+    from ingest.transcoder_formats import load_transcoders
+
+    settings = IngestSettings(top_k=args.top_k)
+    size = sum(p.stat().st_size for p in directory.iterdir())
+    base = peak_rss_mb()
+    tset = load_transcoders(directory)
+    print(f"loaded: peak RSS {peak_rss_mb():.0f} MiB (before loading {base:.0f} MiB)")
+    pairs = [(lo, hi) for hi in range(1, args.layers) for lo in range(hi)][: max(3, args.layers)]
+    seconds = 0.0
+    for lo, hi in pairs:
+        start = time.perf_counter()
+        pullback_edges_table(tset.total_write(lo, hi), tset[hi].W_enc, lo, hi, settings)
+        release_mapped()
+        seconds += time.perf_counter() - start
+    flops = 2.0 * args.d_sae * args.d_sae * args.d_model * len(pairs)
+    ours = flops / seconds / 1e9
+    a, b = torch.randn(2048, args.d_model), torch.randn(args.d_model, args.d_sae)
+    torch.matmul(a, b)
+    start, reps = time.perf_counter(), 0
+    while time.perf_counter() - start < 2.0:
         torch.matmul(a, b)
-        start, reps = time.perf_counter(), 0
-        while time.perf_counter() - start < 2.0:
-            torch.matmul(a, b)
-            reps += 1
-        reference = 2.0 * 2048 * args.d_model * args.d_sae * reps / (time.perf_counter() - start) / 1e9
-        all_pairs = args.model_layers * (args.model_layers - 1) // 2
-        peak = peak_rss_mb()
-        print(f"pullbacks: {len(pairs)} pairs in {seconds:.1f} s, {ours:.1f} GFLOP/s; torch matmul {reference:.1f} GFLOP/s; "
-              f"ratio {ours / reference:.2f} (target >= 0.8); all {all_pairs} pairs ~{seconds / len(pairs) * all_pairs / 60:.1f} min")
-        print(f"peak RSS {peak:.0f} MiB, {peak * 2**20 / size:.2f} x the set on disk (target < 0.5)")
+        reps += 1
+    reference = 2.0 * 2048 * args.d_model * args.d_sae * reps / (time.perf_counter() - start) / 1e9
+    all_pairs = args.model_layers * (args.model_layers - 1) // 2
+    peak = peak_rss_mb()
+    print(f"pullbacks: {len(pairs)} pairs in {seconds:.1f} s, {ours:.1f} GFLOP/s; torch matmul {reference:.1f} GFLOP/s; "
+          f"ratio {ours / reference:.2f} (target >= 0.8); all {all_pairs} pairs ~{seconds / len(pairs) * all_pairs / 60:.1f} min")
+    print(f"peak RSS {peak:.0f} MiB, {peak * 2**20 / size:.2f} x the set on disk (target < 0.5)")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def _gs2_transcoder(layer: int, folder: Path, w: dict[str, torch.Tensor], n_laye
     if n_layers is not None:
         if W_dec[:, :layer].any():
             raise TranscoderError(f"{where}: w_dec[:, :{layer}] is nonzero: it would write into layers before {layer}")
-        W_dec, later = W_dec[:, layer].contiguous(), (W_dec[:, layer + 1:].contiguous() if layer + 1 < n_layers else None)
+        W_dec, later = W_dec[:, layer], (W_dec[:, layer + 1:] if layer + 1 < n_layers else None)  # views of the mapped file
     return _jumprelu(layer, w["w_enc"], w["b_enc"], W_dec, w["b_dec"], w["threshold"], where,
                      W_skip=w.get("affine_skip_connection"), W_dec_later=later)
 

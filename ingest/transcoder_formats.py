@@ -282,7 +282,7 @@ def load_circuit_tracer(directory: Path) -> TranscoderSet:
         w = _read_safetensors(p)
         _require(w, ("W_enc", "b_enc", "W_dec", "b_dec"), p)
         threshold = w.get("activation_function.threshold", w.get("threshold"))
-        W_enc = w["W_enc"].T.contiguous()
+        W_enc = w["W_enc"].T  # a view: the file's pages stay mapped (see mapped_weights)
         d_in, d_sae = W_enc.shape
         cfg = TranscoderConfig(
             layer=layer, d_in=d_in, d_sae=d_sae, d_out=w["b_dec"].shape[0],
@@ -325,7 +325,7 @@ def _load_circuit_tracer_clt(directory: Path, raw: dict, hook_in: str, hook_out:
         enc, dec = _read_safetensors(enc_path), _read_safetensors(dec_path)
         _require(enc, (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"), enc_path)
         _require(dec, (f"W_dec_{i}",), dec_path)
-        W_enc, W_dec = enc[f"W_enc_{i}"].T.contiguous(), dec[f"W_dec_{i}"]
+        W_enc, W_dec = enc[f"W_enc_{i}"].T, dec[f"W_dec_{i}"]  # views of the mapped files, not copies
         if W_dec.dim() != 3 or W_dec.shape[1] != n_layers - i:
             raise TranscoderError(f"{dec_path}: W_dec_{i} has shape {tuple(W_dec.shape)}, expected (d_sae, {n_layers - i}, d_model)")
         threshold = enc.get(f"threshold_{i}")
@@ -335,9 +335,9 @@ def _load_circuit_tracer_clt(directory: Path, raw: dict, hook_in: str, hook_out:
             hook_in=f"blocks.{i}.{hook_in}", hook_out=f"blocks.{i}.{hook_out}",
             activation="jumprelu" if threshold is not None else "relu", model_name=raw.get("model_name", ""),
         )
-        by_layer[i] = Transcoder(cfg, W_enc, enc[f"b_enc_{i}"], W_dec[:, 0].contiguous(), enc[f"b_dec_{i}"],
+        by_layer[i] = Transcoder(cfg, W_enc, enc[f"b_enc_{i}"], W_dec[:, 0], enc[f"b_dec_{i}"],
                                  threshold=None if threshold is None else threshold.reshape(-1), source=str(enc_path),
-                                 W_dec_later=W_dec[:, 1:].contiguous() if n_layers - i > 1 else None)
+                                 W_dec_later=W_dec[:, 1:] if n_layers - i > 1 else None)
         files += [enc_path, dec_path]
     return TranscoderSet(by_layer, [directory / CT_CONFIG, *files], "circuit-tracer-clt")
 
@@ -466,7 +466,7 @@ def _require(tensors: dict, keys: tuple[str, ...], where: Path) -> None:
 
 
 def _transposed(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.T.contiguous()
+    return None if t is None else t.T
 
 
 def _layer_of(hook: str, where: Path) -> int:
