@@ -364,10 +364,10 @@ def test_embedded_partial_load_is_redone(catalog_dir, tmp_path):
     s.close()
 
 
-def test_unfinished_catalog_is_not_loaded(catalog_dir, tmp_path):
+def unfinished_copy(catalog_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the catalog (without its store) whose manifest says the ingest has not finished."""
     import shutil
 
-    from catalog.errors import CatalogDirError
     from catalog.manifest import Manifest
 
     partial = tmp_path / "partial"
@@ -375,6 +375,13 @@ def test_unfinished_catalog_is_not_loaded(catalog_dir, tmp_path):
     manifest = Manifest.read(partial)
     manifest.status = "in-progress"
     manifest.write(partial)
+    return partial
+
+
+def test_unfinished_catalog_is_not_loaded(catalog_dir, tmp_path):
+    from catalog.errors import CatalogDirError
+
+    partial = unfinished_copy(catalog_dir, tmp_path)
     with pytest.raises(CatalogDirError, match="has not finished"):
         LadybugStore(tmp_path / "graph").load(partial, progress=False)
 
@@ -795,17 +802,10 @@ def _state_parts(script: str) -> list[str]:
 
 
 def test_admin_import_refuses_an_unfinished_catalog(catalog_dir, tmp_path):
-    import shutil
-
     from catalog.errors import CatalogDirError
-    from catalog.manifest import Manifest
     from catalog.neo4j_import import write_admin_import
 
-    partial = tmp_path / "partial"
-    shutil.copytree(catalog_dir, partial, ignore=shutil.ignore_patterns("graph*"))
-    manifest = Manifest.read(partial)
-    manifest.status = "in-progress"
-    manifest.write(partial)
+    partial = unfinished_copy(catalog_dir, tmp_path)
     with pytest.raises(CatalogDirError, match="has not finished"):
         write_admin_import(partial, tmp_path / "out", progress=lambda _: None)
     assert not (tmp_path / "out").exists()
