@@ -41,7 +41,7 @@ def run_circuit_tracer(ct_python: Path, model_dir: Path, tc_dir: Path, prompt: s
 
 
 def mask_differences(graph, ref: dict) -> tuple[int, int]:
-    from ingest.pruning import prune
+    from circuit_catalog.ingest.pruning import prune
 
     nodes = edges = 0
     for i, (n, e) in enumerate(THRESHOLDS):
@@ -52,9 +52,9 @@ def mask_differences(graph, ref: dict) -> tuple[int, int]:
 
 
 def case(name: str, model, model_dir: Path, tc_dir: Path, prompt: str, cap: int | None, ct_python: Path, tmp: Path) -> None:
-    from ingest.attribution import attribute
-    from ingest.pruning import graph_scores
-    from ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest.attribution import attribute
+    from circuit_catalog.ingest.pruning import graph_scores
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     graph = attribute(model, load_transcoders(tc_dir), prompt, max_feature_nodes=cap, batch_size=64)
     own = run_circuit_tracer(ct_python, model_dir, tc_dir, prompt, tmp / "own.npz", cap)
@@ -99,8 +99,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny models only (seconds)")
     args = ap.parse_args()
 
-    from ingest.models import _gguf_to_hf_dir, cache_root, load_model, resolve_model
-    from ingest.transcoder_formats import load_transcoders, save_circuit_tracer
+    from circuit_catalog.ingest.models import _gguf_to_hf_dir, cache_root, load_model, resolve_model
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_circuit_tracer
+
     from tests.conftest import build_hf_model, random_transcoders
 
     venv = cache_root() / "circuit-tracer-venv"

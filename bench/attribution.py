@@ -36,9 +36,9 @@ def rss_mb() -> float:
 
 def worker(model: str, transcoders: str, prompt: str, max_feature_nodes: int, batch_size: int, repeat: int) -> None:
     """Our side, in a fresh process: load, then time attribute() alone; one JSON line on stdout."""
-    from ingest.attribution import attribute
-    from ingest.models import load_model
-    from ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest.attribution import attribute
+    from circuit_catalog.ingest.models import load_model
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     lm = load_model(model)
     tset = load_transcoders(transcoders)
@@ -93,8 +93,9 @@ def main() -> None:
     if args.smoke:
         args.max_feature_nodes, args.batch_size, args.repeat = 64, 64, 1
 
-    from ingest.models import _gguf_to_hf_dir, cache_root, resolve_model
-    from ingest.transcoder_formats import load_transcoders, save_circuit_tracer
+    from circuit_catalog.ingest.models import _gguf_to_hf_dir, cache_root, resolve_model
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_circuit_tracer
+
     from tests.conftest import build_hf_model, random_transcoders
 
     venv = args.ct_venv or cache_root() / "circuit-tracer-venv"
@@ -105,7 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-attr-") as t:
         tmp = Path(t)
         tiny_dir = build_hf_model(tmp / "tiny-llama", "llama", n_layers=4)
-        from ingest.models import load_model
+        from circuit_catalog.ingest.models import load_model
 
         save_circuit_tracer(random_transcoders(load_model(str(tiny_dir)), d_sae=256, seed=0), tmp / "tiny-tc")
         case("tiny Llama (4 layers, d_model 32, 4 x 256 features)", tiny_dir, tmp / "tiny-tc", TINY_PROMPT, ct_python, args, tmp)

@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def case(name: str, model, tset, prompt: str, k: int, max_feature_nodes: int, repeat: int, tmp: Path) -> None:
-    from ingest.attribution import attribute
-    from ingest.prompts import AttributionSettings, PromptSpec, write_prompt, write_prompt_index
-    from queries.validation import validate
+    from circuit_catalog.ingest.attribution import attribute
+    from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, write_prompt, write_prompt_index
+    from circuit_catalog.queries.validation import validate
 
     settings = AttributionSettings(max_feature_nodes=max_feature_nodes)
     root = tmp / name.split()[0]
@@ -61,8 +61,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
 
-    from ingest.models import load_model
-    from ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest.models import load_model
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
+
     from tests.conftest import build_hf_model, random_transcoders
 
     with tempfile.TemporaryDirectory(prefix="bench-interventions-") as t:

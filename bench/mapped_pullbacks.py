@@ -89,9 +89,9 @@ def main() -> None:
 
 
 def measure(args, directory: Path) -> None:
-    from ingest.job import IngestSettings, pullback_edges_table
-    from ingest.mapped_weights import release_mapped
-    from ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest.job import IngestSettings, pullback_edges_table
+    from circuit_catalog.ingest.mapped_weights import release_mapped
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     settings = IngestSettings(top_k=args.top_k)
     size = sum(p.stat().st_size for p in directory.iterdir())

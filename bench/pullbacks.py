@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catalog.parquet_io import write_atomic  # noqa: E402
-from ingest.job import IngestSettings, pullback_edges_table  # noqa: E402
+from circuit_catalog.catalog.parquet_io import write_atomic  # noqa: E402
+from circuit_catalog.ingest.job import IngestSettings, pullback_edges_table  # noqa: E402
 
 N_LAYERS, D_SAE, D_MODEL = 12, 24_576, 768
 SMOKE_D_SAE, SMOKE_D_MODEL = 1024, 64

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ingest.datasets import token_contexts  # noqa: E402
-from ingest.models import load_model  # noqa: E402
-from ingest.stats import collect_stats  # noqa: E402
-from ingest.transcoder_formats import load_transcoders  # noqa: E402
+from circuit_catalog.ingest.datasets import token_contexts  # noqa: E402
+from circuit_catalog.ingest.models import load_model  # noqa: E402
+from circuit_catalog.ingest.stats import collect_stats  # noqa: E402
+from circuit_catalog.ingest.transcoder_formats import load_transcoders  # noqa: E402
 
 
 def main() -> None:

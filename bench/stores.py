@@ -26,11 +26,11 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catalog import layout  # noqa: E402
-from catalog.manifest import Manifest, now  # noqa: E402
-from catalog.parquet_io import feature_ids, write_atomic  # noqa: E402
-from catalog.store import GraphStore  # noqa: E402
-from queries.api import Lookups, named_query  # noqa: E402
+from circuit_catalog.catalog import layout  # noqa: E402
+from circuit_catalog.catalog.manifest import Manifest, now  # noqa: E402
+from circuit_catalog.catalog.parquet_io import feature_ids, write_atomic  # noqa: E402
+from circuit_catalog.catalog.store import GraphStore  # noqa: E402
+from circuit_catalog.queries.api import Lookups, named_query  # noqa: E402
 
 N_LAYERS, VOCAB, TOKEN_K = 12, 1000, 5
 
@@ -115,7 +115,7 @@ def report(name: str, root: Path, load_s: float, raw: list[float], full: list[fl
 
 
 def bench_embedded(root: Path, n_features: int, n_edges: int, n_sample: int) -> None:
-    from catalog.ladybug_store import LadybugStore
+    from circuit_catalog.catalog.ladybug_store import LadybugStore
 
     t = time.perf_counter()
     sample = synthetic_catalog(root, n_features, n_edges, n_sample=n_sample)
@@ -139,8 +139,7 @@ def bench_bolt(root: Path, n_features: int, n_edges: int, n_sample: int) -> None
     from base64 import b64encode
 
     import pyarrow.parquet as pq
-
-    from catalog.neo4j_store import Neo4jStore
+    from circuit_catalog.catalog.neo4j_store import Neo4jStore
 
     def free_port() -> int:
         with socket.socket() as s:

@@ -11,9 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from catalog import layout
-from catalog.errors import CatalogDirError
-from catalog.manifest import Manifest
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.manifest import Manifest
+
+from circuit_catalog.errors import CatalogDirError
 
 
 @dataclass(frozen=True)

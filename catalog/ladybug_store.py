@@ -18,14 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from circuit_catalog.catalog.crash import crash_point
+from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, part_files
+from circuit_catalog.catalog.lock import writer_lock
+from circuit_catalog.catalog.parquet_io import check_parts
+from circuit_catalog.catalog.store import GraphStore, Row
 from tqdm.auto import tqdm
 
-from catalog.crash import crash_point
-from catalog.errors import CatalogBusy, first_line
-from catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, part_files
-from catalog.lock import writer_lock
-from catalog.parquet_io import check_parts
-from catalog.store import CypherError, GraphStore, Row, StoreError
+from circuit_catalog.errors import CatalogBusy, CypherError, StoreError, first_line
 
 
 class LadybugStore(GraphStore):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from catalog.errors import UnknownFeature
+from circuit_catalog.errors import UnknownFeature
 
 MANIFEST = "manifest.json"
 FEATURES = "features.parquet"

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from catalog import layout
-from catalog.errors import CatalogBusy, CatalogDirError
+from circuit_catalog.catalog import layout
 
+from circuit_catalog.errors import CatalogBusy, CatalogDirError
 
 _HELD: dict[Path, int] = {}  # catalogs this process holds the lock of -> nesting depth
 

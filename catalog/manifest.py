@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from catalog.errors import CatalogDirError, first_line
-from catalog.layout import MANIFEST
-from catalog.parquet_io import write_text_atomic
+from circuit_catalog.catalog.layout import MANIFEST
+from circuit_catalog.catalog.parquet_io import write_text_atomic
+
+from circuit_catalog.errors import CatalogDirError, first_line
 
 
 @dataclass

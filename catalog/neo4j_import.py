@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from catalog.errors import CatalogDirError
-from catalog.graph_schema import NODES, RELS, catalog_signature, node_set, part_files
-from catalog.neo4j_store import INDEX_WAIT_S, STATE_ID, schema_statements
-from catalog.parquet_io import make_output_dir
+from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature, node_set, part_files
+from circuit_catalog.catalog.neo4j_store import INDEX_WAIT_S, STATE_ID, schema_statements
+from circuit_catalog.catalog.parquet_io import make_output_dir
+
+from circuit_catalog.errors import CatalogDirError
 
 ARRAY_DELIMITER = "\x1f"
 HEADER_TYPES = {"INT64": "long", "FLOAT": "float", "DOUBLE": "double", "STRING": "string", "STRING[]": "string[]",

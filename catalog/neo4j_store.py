@@ -31,11 +31,11 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, node_set, part_files
+from circuit_catalog.catalog.store import GraphStore, Row
 from tqdm.auto import tqdm
 
-from catalog.errors import first_line
-from catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, node_set, part_files
-from catalog.store import CypherError, GraphStore, Row, StoreError
+from circuit_catalog.errors import CypherError, StoreError, first_line
 
 BATCH_ROWS = 20_000  # rows per transaction: large enough to amortise the round trip, small enough for the heap
 WRITERS = 1  # writer sessions, one part each: raise on a Neo4j server with cores to spare (ArcadeDB here: 1 is fastest)

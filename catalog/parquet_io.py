@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.errors import CatalogDirError, OutputError
+from circuit_catalog.errors import CatalogDirError, OutputError
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:

@@ -12,19 +12,12 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from catalog import layout
-from catalog.cypher_check import NotReadOnly, check_read_only, check_size
-from catalog.errors import UserError
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.cypher_check import NotReadOnly, check_read_only, check_size
+
+from circuit_catalog.errors import CypherError, StoreError
 
 Row = dict[str, Any]
-
-
-class StoreError(UserError):
-    """A store cannot be reached, authenticated against, or loaded."""
-
-
-class CypherError(UserError):
-    """A Cypher statement is malformed, or writes where only reads are allowed."""
 
 
 class GraphStore(ABC):
@@ -67,11 +60,11 @@ class GraphStore(ABC):
 def open_store(catalog_dir: Path, uri: str | None = None, database: str | None = None) -> GraphStore:
     """`uri` None or 'embedded': LadybugDB at DIR/graph; bolt:// or neo4j:// URIs: the Neo4j backend."""
     if uri in (None, "", "embedded"):
-        from catalog.ladybug_store import LadybugStore
+        from circuit_catalog.catalog.ladybug_store import LadybugStore
 
         return LadybugStore(Path(catalog_dir) / layout.GRAPH)
     if re.match(r"^(bolt|neo4j)(\+s|\+ssc)?://", uri):
-        from catalog.neo4j_store import Neo4jStore
+        from circuit_catalog.catalog.neo4j_store import Neo4jStore
 
         return Neo4jStore(uri, database=database)
     raise StoreError(f"unknown store {uri!r}: use 'embedded' or a bolt:// / neo4j:// URI")

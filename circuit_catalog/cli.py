@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from catalog.errors import UserError
+from circuit_catalog.errors import UserError
 
 out = Console()
 err = Console(stderr=True)
@@ -107,8 +107,8 @@ MODEL_HELP = "TransformerLens name, local Hugging Face directory, .gguf file, or
 @click.option("--force", is_flag=True, help="Retrain even if OUT already holds a run with the same settings.")
 def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, minibatch, ctx_len, seed, skip, out_dir, force):
     """Train one ReLU transcoder per layer (ln2.hook_normalized -> hook_mlp_out), saved in SAELens format."""
-    from ingest.models import load_model, resolve_model
-    from ingest.train import TrainConfig, reusable, train_transcoders
+    from circuit_catalog.ingest.models import load_model, resolve_model
+    from circuit_catalog.ingest.train import TrainConfig, reusable, train_transcoders
 
     spec = resolve_model(model)
     lm = load_model(spec)
@@ -160,12 +160,12 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
            bos_features, custom_tokens, contrast, direction, target_weight):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
-    from catalog.crash import crash_point
-    from catalog.lock import writer_lock
-    from ingest.job import IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
-    from ingest.models import load_model, resolve_model
-    from ingest.prompts import AttributionSettings, check_prompt, read_prompts, run_prompts
-    from ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.catalog.crash import crash_point
+    from circuit_catalog.catalog.lock import writer_lock
+    from circuit_catalog.ingest.job import IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
+    from circuit_catalog.ingest.models import load_model, resolve_model
+    from circuit_catalog.ingest.prompts import AttributionSettings, check_prompt, read_prompts, run_prompts
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     specs = read_prompts(prompts_file) if prompts_file is not None else []
     if custom_tokens or contrast or direction:
@@ -203,7 +203,7 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
 def _prompt_rows(catalog_dir: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from catalog.layout import PROMPT_INDEX
+    from circuit_catalog.catalog.layout import PROMPT_INDEX
 
     path = Path(catalog_dir) / PROMPT_INDEX
     return pq.read_table(path).to_pylist() if path.is_file() else []
@@ -234,8 +234,8 @@ def format_option(f):
 
 
 def _lookups(catalog_dir: Path, store_uri: str, database: str | None):
-    from catalog.store import open_loaded_store
-    from queries.api import Lookups
+    from circuit_catalog.catalog.store import open_loaded_store
+    from circuit_catalog.queries.api import Lookups
 
     return Lookups(open_loaded_store(catalog_dir, store_uri, database))
 
@@ -257,7 +257,8 @@ def _edges_table(title: str, edges) -> Table:
               help="Neo4j only: writer sessions loading parts that share no node at once (default 1).")
 def load(catalog_dir, store_uri, database, writers):
     """Load (or bring up to date) a graph store from a catalog directory; idempotent."""
-    from catalog.store import StoreError, open_store
+    from circuit_catalog.catalog.store import open_store
+    from circuit_catalog.errors import StoreError
 
     with open_store(catalog_dir, store_uri, database) as store:
         if writers and store.dialect != "neo4j":
@@ -373,7 +374,7 @@ def paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, max
 
 
 def _prompt_paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, k, greedy, iters, branches, fmt):
-    from queries.prompt_graph import greedy_paths, strongest_paths
+    from circuit_catalog.queries.prompt_graph import greedy_paths, strongest_paths
 
     with _lookups(catalog_dir, store_uri, database) as lookups:
         graph = lookups.prompt_graph(prompt_id)
@@ -479,7 +480,7 @@ def graph(catalog_dir, store_uri, database, prompt_id, k, fmt):
               help="Graph JSON to write (Neuronpedia / circuit-tracer viewer format); graph-metadata.json beside it lists it.")
 def export(catalog_dir, prompt_id, out_file):
     """Export a prompt's pruned attribution graph for circuit-tracer's local viewer or Neuronpedia."""
-    from queries.neuronpedia import export_neuronpedia
+    from circuit_catalog.queries.neuronpedia import export_neuronpedia
 
     graph = export_neuronpedia(catalog_dir, prompt_id, out_file)
     out.print(f"wrote {out_file}: {len(graph['nodes'])} nodes, {len(graph['links'])} links "
@@ -504,7 +505,7 @@ def _parse_param(text: str) -> tuple[str, object]:
 @format_option
 def cypher(query, catalog_dir, store_uri, database, params, write, fmt):
     """Run a Cypher QUERY with parameters; read-only unless --write."""
-    from catalog.store import open_loaded_store
+    from circuit_catalog.catalog.store import open_loaded_store
 
     with open_loaded_store(catalog_dir, store_uri, database) as store:
         rows = store.cypher(query, dict(_parse_param(p) for p in params), write=write)
@@ -546,10 +547,10 @@ def show(feature, catalog_dir, store_uri, database, k, fmt):
 @click.option("--trust-pickle", is_flag=True)
 def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contexts, out_file, trust_pickle):
     """Transcoder fidelity: FVU, L0, dead features, and next-token CE with MLPs replaced / zeroed / mean-ablated."""
-    from ingest.datasets import token_contexts
-    from ingest.evaluate import evaluate_transcoders
-    from ingest.models import check_context, load_model
-    from ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest.datasets import token_contexts
+    from circuit_catalog.ingest.evaluate import evaluate_transcoders
+    from circuit_catalog.ingest.models import check_context, load_model
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(model)
@@ -566,7 +567,7 @@ def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contex
                       f"{ab.ce_replaced:.4f}", f"{ab.ce_zero:.4f}", f"{ab.ce_mean:.4f}", f"{rec:.3f}", f"{ab.kl_replaced:.4f}")
     out.print(table)
     if out_file is not None:
-        from catalog.parquet_io import write_text_atomic
+        from circuit_catalog.catalog.parquet_io import write_text_atomic
 
         write_text_atomic(json.dumps(asdict(result), indent=2), out_file)
 
@@ -579,7 +580,7 @@ def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contex
 def stats(feature, catalog_dir, k, fmt):
     """FEATURE's activation statistics, top activating examples and examples from each activation
     interval (DuckDB over DIR/stats/)."""
-    from queries.stats import feature_stats
+    from circuit_catalog.queries.stats import feature_stats
 
     card = feature_stats(catalog_dir, feature, k)
     if fmt == "json":
@@ -608,7 +609,7 @@ def stats(feature, catalog_dir, k, fmt):
 def sql(query, catalog_dir, fmt):
     """Run a read-only SQL QUERY (DuckDB) over the catalog's Parquet: views features, tokens, pullbacks,
     deembed, logits, stats, top_examples, quantile_examples, dataset_tokens."""
-    from queries.sql import run_sql
+    from circuit_catalog.queries.sql import run_sql
 
     columns, rows = run_sql(catalog_dir, query)
     if fmt == "json":
@@ -634,7 +635,7 @@ def report() -> None:
 @click.option("--blind", is_flag=True, help="Blind case study: leave out every example's text (cards named L8_355.blind.html).")
 def report_feature(features, catalog_dir, store_uri, database, out_dir, k, with_neighbours, blind):
     """Feature cards (e.g. L8/355 -> L8_355.html): histogram, top and per-interval examples, tokens, upstream/downstream."""
-    from queries.reports.feature import write_feature_cards
+    from circuit_catalog.queries.reports.feature import write_feature_cards
 
     with _lookups(catalog_dir, store_uri, database) as lookups:
         written = write_feature_cards(lookups, catalog_dir, features, out_dir, k, blind, with_neighbours)
@@ -650,7 +651,7 @@ def report_feature(features, catalog_dir, store_uri, database, out_dir, k, with_
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Paths and nodes per table.")
 def report_prompt(prompt, catalog_dir, store_uri, database, out_file, max_nodes, k):
     """A prompt's attribution graph (PROMPT: id or exact text): picture, scores, logits, strongest paths."""
-    from queries.reports.prompt import write_prompt_report
+    from circuit_catalog.queries.reports.prompt import write_prompt_report
 
     with _lookups(catalog_dir, store_uri, database) as lookups:
         path = write_prompt_report(lookups, catalog_dir, prompt, out_file, max_nodes=max_nodes, k=k)
@@ -664,7 +665,7 @@ def report_prompt(prompt, catalog_dir, store_uri, database, out_file, max_nodes,
               help="`eval --out` JSON for FVU per layer (default CATALOG/eval.json if present).")
 def report_overview(catalog_dir, out_file, eval_file):
     """The catalog overview: per-layer features, live/dead, L0, FVU, and the pullback weight distribution."""
-    from queries.reports.overview import write_overview
+    from circuit_catalog.queries.reports.overview import write_overview
 
     path = write_overview(catalog_dir, out_file, eval_file)
     out.print(str(path), highlight=False, soft_wrap=True)
@@ -678,7 +679,7 @@ def report_overview(catalog_dir, out_file, eval_file):
 @click.option("--database", default="neo4j", show_default=True)
 def export_neo4j_import(catalog_dir, out_dir, import_dir, database):
     """Write CSVs, headers and schema.cypher for `neo4j-admin database import full` (for very large catalogs)."""
-    from catalog.neo4j_import import write_admin_import
+    from circuit_catalog.catalog.neo4j_import import write_admin_import
 
     result = write_admin_import(catalog_dir, out_dir, import_dir, database, progress=lambda m: err.print(m))
     out.print(f"With the server stopped, import (this replaces database {database}):\n  {result.import_command}\n"
@@ -714,7 +715,8 @@ def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, fre
 
     Regimes: by default everything downstream responds (error terms held fixed, so no edit = the model
     exactly); --freeze-attention freezes patterns and norm scales; --direct-only also every other feature."""
-    from ingest.interventions import InterventionError, Regime, parse_edit
+    from circuit_catalog.errors import InterventionError
+    from circuit_catalog.ingest.interventions import Regime, parse_edit
 
     edits = [parse_edit(op, text) for op, texts in (("set", set_), ("scale", scale), ("add", add)) for text in texts]
     regime = Regime.DIRECT_ONLY if direct_only else Regime.FREEZE_ATTENTION if freeze_attention else Regime.REPLACEMENT
@@ -724,18 +726,18 @@ def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, fre
         raise InterventionError("nothing to do: give --set, --scale or --add (or --validate with --catalog)")
     if n_generate and regime is not Regime.REPLACEMENT:
         raise InterventionError("--generate runs the default regime only (no frozen values exist for generated tokens)")
-    from ingest.models import load_model
-    from ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest.models import load_model
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(model)
     tset.bind(lm)
     if validate:
-        from queries.validation import validate as validate_prompt
+        from circuit_catalog.queries.validation import validate as validate_prompt
 
         _print_validation(validate_prompt(lm, tset, catalog_dir, prompt_key, k or 20, n_paths), fmt)
         return
-    from queries.intervention_runs import run_intervention
+    from circuit_catalog.queries.intervention_runs import run_intervention
 
     done = run_intervention(lm, tset, prompt_key, edits, regime, list(targets), k or 10, catalog_dir, n_generate, temperature, seed)
     result, generation = done.outcome, done.generation
@@ -800,9 +802,9 @@ def interventions(feature, catalog_dir, store_uri, database, k, fmt):
 @click.option("--trust-pickle", is_flag=True)
 def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle):
     """The most active transcoder features at one position of a prompt (a real forward pass)."""
-    from ingest.activations import top_active_features
-    from ingest.models import load_model
-    from ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest.activations import top_active_features
+    from circuit_catalog.ingest.models import load_model
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
     lm = load_model(model)

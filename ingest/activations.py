@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from circuit_catalog.catalog.layout import feature_id
+from circuit_catalog.ingest.attribution import prompt_tokens
+from circuit_catalog.ingest.transcoder import TranscoderSet
 
-from catalog.layout import feature_id
-from ingest.attribution import AttributionError, prompt_tokens
-from ingest.transcoder import TranscoderSet
+from circuit_catalog.errors import AttributionError
 
 
 @dataclass

@@ -21,19 +21,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from circuit_catalog.ingest.pruning import partial_influence
+from circuit_catalog.ingest.residual import centres, reads_normalised
+from circuit_catalog.ingest.transcoder import TranscoderSet
 from tqdm.auto import tqdm
 
-from catalog.errors import ModelError, TranscoderError, UserError
-from ingest.pruning import partial_influence
-from ingest.residual import centres, reads_normalised
-from ingest.transcoder import TranscoderSet
+from circuit_catalog.errors import AttributionError, ModelError, TranscoderError
 
-if TYPE_CHECKING:  # ingest.targets imports this module for target_token
-    from ingest.targets import CustomTarget
-
-
-class AttributionError(UserError):
-    """A prompt or target the attribution cannot use (empty prompt, multi-token target, ...)."""
+if TYPE_CHECKING:  # circuit_catalog.ingest.targets imports this module for target_token
+    from circuit_catalog.ingest.targets import CustomTarget
 
 
 @dataclass

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from circuit_catalog.ingest.models import cache_root
 
-from catalog.errors import DatasetError
-from ingest.models import cache_root
+from circuit_catalog.errors import DatasetError
 
 BROWN = "brown"
 _BROWN_FILE = re.compile(r"^c[a-r]\d\d$")

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from circuit_catalog.ingest.transcoder import TranscoderSet
 from tqdm.auto import tqdm
-
-from ingest.transcoder import TranscoderSet
 
 Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (mlp input, mlp output) -> new output
 

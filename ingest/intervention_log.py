@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.lock import writer_lock
+from circuit_catalog.catalog.manifest import Manifest, now
+from circuit_catalog.catalog.parquet_io import write_atomic
+from circuit_catalog.ingest.interventions import Edit, Outcome
+from circuit_catalog.ingest.steering import Generation
 
-from catalog import layout
-from catalog.errors import CatalogDirError, UnknownFeature
-from catalog.lock import writer_lock
-from catalog.manifest import Manifest, now
-from catalog.parquet_io import write_atomic
-from ingest.interventions import Edit, Outcome
-from ingest.steering import Generation
+from circuit_catalog.errors import CatalogDirError, UnknownFeature
 
 
 def intervention_row(manifest: Manifest, tokens: list[int], prompt_id: str | None, edits: list[Edit], result: Outcome,

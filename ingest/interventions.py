@@ -32,15 +32,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
+from circuit_catalog.catalog.layout import parse_feature_id
+from circuit_catalog.ingest.attribution import check_supported
+from circuit_catalog.ingest.transcoder import TranscoderSet
 
-from catalog.errors import UserError
-from catalog.layout import parse_feature_id
-from ingest.attribution import check_supported
-from ingest.transcoder import TranscoderSet
-
-
-class InterventionError(UserError):
-    """A malformed or impossible intervention (unknown feature, position out of range, NaN value, ...)."""
+from circuit_catalog.errors import InterventionError, UserError
 
 
 class Regime(str, Enum):

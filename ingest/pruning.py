@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # attribution imports this module for partial_influence
-    from ingest.attribution import AttributionGraph
+    from circuit_catalog.ingest.attribution import AttributionGraph
 
 
 def normalise(adjacency: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 DEFINITION = ("p[i] = W_dec^(l)[i] . W_enc^(L)[:, f] (norm centring applied): the change in f's pre-activation per unit "
               "of i along the direct residual path, with attention and the MLPs and skip paths of layers between l and L "
               "left out, and f's norm scale left out")

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet, check_tensors
+from circuit_catalog.ingest.transcoder_formats import _read_safetensors, _require
 
-from catalog.errors import TranscoderError, first_line
-from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet, check_tensors
-from ingest.transcoder_formats import _read_safetensors, _require
+from circuit_catalog.errors import TranscoderError, first_line
 
 GS2_WEIGHTS, GS2_CONFIG = "params.safetensors", "config.json"
 GS1_WEIGHTS = "params.npz"

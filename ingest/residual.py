@@ -9,8 +9,7 @@ pullback exactly the frozen-scale gradient times the scale. RMSNorm models have 
 from __future__ import annotations
 
 import torch
-
-from ingest.transcoder import Transcoder
+from circuit_catalog.ingest.transcoder import Transcoder
 
 NORMALISED_INPUTS = ("ln2.hook_normalized", "mlp.hook_in")
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from circuit_catalog.catalog.layout import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, histogram_log10_edges
+from circuit_catalog.ingest.streaming import QuantileSamples, marked, power_of_two, rank_within_cells
+from circuit_catalog.ingest.transcoder import TranscoderSet
 from tqdm.auto import tqdm
-
-from catalog.layout import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, histogram_log10_edges
-from ingest.streaming import QuantileSamples, marked, power_of_two, rank_within_cells
-from ingest.transcoder import TranscoderSet
 
 LIVE_FREQUENCY = 1e-4  # the seed's threshold: live = fires more often than once in 10,000 tokens
 QUANTILE_BINS, PER_BIN = 12, 5  # intervals of (0, max] (between 7 and 12 of them) and examples kept per interval
@@ -125,8 +124,7 @@ WINDOW_BEFORE, WINDOW_AFTER = 8, 4  # context tokens kept around each example
 def stats_tables(tset: TranscoderSet, stats: dict[int, LayerStats], tokens: torch.Tensor) -> dict:
     """Arrow tables for `DIR/stats/`, by file name: features, top_examples, quantile_examples, tokens."""
     import pyarrow as pa
-
-    from catalog.parquet_io import feature_ids
+    from circuit_catalog.catalog.parquet_io import feature_ids
 
     n_contexts, ctx_len = tokens.shape
     n_counted = n_contexts * (ctx_len - 1)
@@ -166,8 +164,7 @@ def quantile_table(layer: int, samples: QuantileSamples, flat_tokens: np.ndarray
     """One row per sampled example: its feature, interval (`bin`, `lower` < activation <= `upper`,
     `bin_count` firing tokens in it), `rank` by activation within the interval, then the example columns."""
     import pyarrow as pa
-
-    from catalog.parquet_io import feature_ids
+    from circuit_catalog.catalog.parquet_io import feature_ids
 
     feature, bin_, slot = (samples.index >= 0).nonzero(as_tuple=True)
     values = samples.value[feature, bin_, slot]

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from circuit_catalog.ingest.interventions import Edit, Regime, clean_run, resolve, run_edited
+from circuit_catalog.ingest.transcoder import TranscoderSet
 
-from ingest.interventions import Edit, InterventionError, Regime, clean_run, resolve, run_edited
-from ingest.transcoder import TranscoderSet
+from circuit_catalog.errors import InterventionError
 
 
 @dataclass

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from circuit_catalog.ingest.attribution import target_token
 
-from ingest.attribution import AttributionError, target_token
+from circuit_catalog.errors import AttributionError
 
 
 @dataclass

@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from ingest.residual import as_read_by, normalise_as_read_by
-from ingest.transcoder import Transcoder
+from circuit_catalog.ingest.residual import as_read_by, normalise_as_read_by
+from circuit_catalog.ingest.transcoder import Transcoder
 
 
 @dataclass

@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from circuit_catalog.ingest.datasets import token_contexts
+from circuit_catalog.ingest.models import check_context
+from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
+from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_saelens
 from tqdm.auto import tqdm
 
-from catalog.errors import OutputError, TranscoderError
-from ingest.datasets import token_contexts
-from ingest.models import check_context
-from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
-from ingest.transcoder_formats import load_transcoders, save_saelens
+from circuit_catalog.errors import OutputError, TranscoderError
 
 TRAINING_RECORD = "training.json"
 BUFFER_LIMIT_BYTES = 12 << 30

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from circuit_catalog.ingest.mapped_weights import release_mapped
 
-from catalog.errors import TranscoderError
-from ingest.mapped_weights import release_mapped
+from circuit_catalog.errors import TranscoderError
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from circuit_catalog.ingest.mapped_weights import read_mapped, release_mapped
+from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 from safetensors.torch import save_file
 
-from catalog.errors import TranscoderError
-from ingest.mapped_weights import read_mapped, release_mapped
-from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
+from circuit_catalog.errors import TranscoderError
 
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SAELENS_SCALER = "activation_scaler.json"  # SAELens's trainer writes it into every checkpoint directory
@@ -55,7 +55,7 @@ def load_transcoders(path: str | Path, trust_pickle: bool = False) -> Transcoder
 
 
 def _load_transcoders(path: str | Path, trust_pickle: bool) -> TranscoderSet:
-    from ingest import release_formats  # it builds on this module's helpers
+    from circuit_catalog.ingest import release_formats  # it builds on this module's helpers
 
     if str(path).startswith(release_formats.HF_PREFIX):
         fetched = release_formats.fetch_hub(str(path))
@@ -250,7 +250,11 @@ def save_saelens(tc: Transcoder, directory: Path) -> None:
 def load_circuit_tracer(directory: Path) -> TranscoderSet:
     """circuit-tracer's `config.yaml`: its own layouts, or a list of Gemma Scope files (`params.npz`, Gemma
     Scope 2 `params.safetensors`), local or `hf://`, read with the config's hooks."""
-    from ingest.release_formats import GS1_WEIGHTS, GS2_WEIGHTS, load_gemma_scope_files  # they build on this module
+    from circuit_catalog.ingest.release_formats import (  # they build on this module
+        GS1_WEIGHTS,
+        GS2_WEIGHTS,
+        load_gemma_scope_files,
+    )
 
     cfg_path = directory / CT_CONFIG
     try:
@@ -298,7 +302,7 @@ def load_circuit_tracer(directory: Path) -> TranscoderSet:
 
 def _config_entry(entry: str, directory: Path) -> Path:
     """A `transcoders:` entry of a circuit-tracer config: `hf://` fetched, `file://` or a path relative to the config."""
-    from ingest.release_formats import HF_PREFIX, fetch_hub
+    from circuit_catalog.ingest.release_formats import HF_PREFIX, fetch_hub
 
     if entry.startswith(HF_PREFIX):
         found = fetch_hub(entry)

@@ -13,10 +13,18 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from catalog.errors import UnknownFeature
-from catalog.layout import parse_feature_id
-from catalog.store import GraphStore, Row
-from queries.prompt_graph import NodePath, PromptGraph, PromptInfo, UnknownPrompt, greedy_paths, strongest_paths, token_texts
+from circuit_catalog.catalog.layout import parse_feature_id
+from circuit_catalog.catalog.store import GraphStore, Row
+from circuit_catalog.queries.prompt_graph import (
+    NodePath,
+    PromptGraph,
+    PromptInfo,
+    greedy_paths,
+    strongest_paths,
+    token_texts,
+)
+
+from circuit_catalog.errors import UnknownFeature, UnknownPrompt
 
 CYPHER_DIR = Path(__file__).with_name("cypher")
 

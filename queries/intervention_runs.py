@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.manifest import Manifest
+from circuit_catalog.ingest.attribution import prompt_tokens, target_token
+from circuit_catalog.ingest.intervention_log import add_intervention, intervention_row
+from circuit_catalog.ingest.interventions import Edit, Outcome, Regime, intervene
+from circuit_catalog.ingest.steering import Generation, generate
+from circuit_catalog.ingest.transcoder import TranscoderSet
+from circuit_catalog.queries.neuronpedia import find_prompt_id
 
-from catalog import layout
-from catalog.errors import UserError
-from catalog.manifest import Manifest
-from ingest.attribution import prompt_tokens, target_token
-from ingest.intervention_log import add_intervention, intervention_row
-from ingest.interventions import Edit, Outcome, Regime, intervene
-from ingest.steering import Generation, generate
-from ingest.transcoder import TranscoderSet
-from queries.neuronpedia import find_prompt_id
+from circuit_catalog.errors import UserError
 
 
 @dataclass

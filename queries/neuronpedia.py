@@ -17,12 +17,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.manifest import Manifest
+from circuit_catalog.catalog.parquet_io import write_text_atomic
+from circuit_catalog.ingest.pruning import cumulative_influence
 
-from catalog import layout
-from catalog.errors import CatalogDirError, first_line
-from catalog.manifest import Manifest
-from catalog.parquet_io import write_text_atomic
-from ingest.pruning import cumulative_influence
+from circuit_catalog.errors import CatalogDirError, first_line
 
 
 def cantor(x: int, y: int) -> int:

@@ -20,7 +20,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from catalog.errors import UserError
+from circuit_catalog.errors import UnknownPrompt
 
 
 @dataclass
@@ -31,10 +31,6 @@ class PromptInfo:
     n_tokens: int
     replacement_score: float
     completeness_score: float
-
-
-class UnknownPrompt(UserError):
-    """A prompt id, token or logit that is not in the catalog's graphs."""
 
 
 def token_texts(text: str) -> list[str]:

@@ -13,18 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.graph_schema import part_files
+from circuit_catalog.catalog.manifest import Manifest
+from circuit_catalog.catalog.parquet_io import check_parts
 
-from catalog import layout
-from catalog.errors import UserError, first_line
-from catalog.graph_schema import part_files
-from catalog.manifest import Manifest
-from catalog.parquet_io import check_parts
+from circuit_catalog.errors import SqlError, first_line
 
 MAX_QUERY_CHARS = 100_000  # DuckDB's parser recurses per nesting level: bound what it is given
-
-
-class SqlError(UserError):
-    """A statement that is malformed or not read-only."""
 
 
 def views(root: Path) -> dict[str, list[Path]]:

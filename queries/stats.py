@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catalog import layout
-from catalog.errors import CatalogDirError, UnknownFeature
-from catalog.layout import parse_feature_id
-from queries.sql import connect, views
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.layout import parse_feature_id
+from circuit_catalog.queries.sql import connect, views
+
+from circuit_catalog.errors import CatalogDirError, UnknownFeature
 
 
 @dataclass
@@ -46,7 +47,7 @@ class FeatureStats:
     q50: float
     q90: float
     q99: float
-    log10_histogram: list[int]  # counts over catalog.layout.histogram_log10_edges()
+    log10_histogram: list[int]  # counts circuit_catalog.over catalog.layout.histogram_log10_edges()
     examples: list[Example] = field(default_factory=list)
     intervals: list[Interval] = field(default_factory=list)  # highest first
 

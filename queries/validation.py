@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from circuit_catalog.catalog import layout
+from circuit_catalog.ingest.interventions import Edit, Regime, clean_run, run_batch
+from circuit_catalog.ingest.targets import custom_target
+from circuit_catalog.ingest.transcoder import TranscoderSet
+from circuit_catalog.queries.intervention_runs import catalog_prompt, graph_tokens
+from circuit_catalog.queries.prompt_graph import PromptGraph, PromptInfo, strongest_paths
 
-from catalog import layout
-from catalog.errors import CatalogDirError
-from ingest.interventions import Edit, Regime, clean_run, run_batch
-from ingest.targets import custom_target
-from ingest.transcoder import TranscoderSet
-from queries.intervention_runs import catalog_prompt, graph_tokens
-from queries.prompt_graph import PromptGraph, PromptInfo, strongest_paths
+from circuit_catalog.errors import CatalogDirError
 
 
 @dataclass

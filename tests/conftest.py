@@ -75,7 +75,7 @@ def build_hf_model(path: Path, arch: str, n_layers: int = 3, random_norms: bool 
 
 def random_transcoders(model, d_sae: int = 40, seed: int = 0, layers=None, **kw):
     """A TranscoderSet of random ReLU transcoders reading ln2.hook_normalized, one per layer."""
-    from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
+    from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 
     g = torch.Generator().manual_seed(seed)
     d = model.cfg.d_model
@@ -118,7 +118,7 @@ def ct_python() -> Path:
     comparisons with circuit-tracer fail, naming the reason, when it cannot be had."""
     import subprocess
 
-    from ingest.models import cache_root
+    from circuit_catalog.ingest.models import cache_root
 
     venv = Path(os.environ.get("CIRCUIT_CATALOG_CT_VENV", cache_root() / "circuit-tracer-venv"))
     setup = Path(__file__).resolve().parent.parent / "bench" / "circuit_tracer" / "setup_venv.sh"
@@ -132,7 +132,7 @@ def ct_python() -> Path:
 @pytest.fixture()
 def saelens_dir(tmp_path, gpt2) -> Path:
     """Random transcoders for the tiny GPT-2, saved in SAELens layout (one folder per layer)."""
-    from ingest.transcoder_formats import save_saelens
+    from circuit_catalog.ingest.transcoder_formats import save_saelens
 
     d = tmp_path / "tc"
     for tc in random_transcoders(gpt2, d_sae=8):
@@ -152,14 +152,14 @@ def llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2(gpt2_dir):
-    from ingest.models import load_model
+    from circuit_catalog.ingest.models import load_model
 
     return load_model(str(gpt2_dir))
 
 
 @pytest.fixture(scope="session")
 def llama(llama_dir):
-    from ingest.models import load_model
+    from circuit_catalog.ingest.models import load_model
 
     return load_model(str(llama_dir))
 
@@ -183,7 +183,7 @@ STATS_TOKENS, STATS_CTX = 600, 16  # the statistics of `stats_catalog`: 38 conte
 @pytest.fixture(scope="session")
 def stats_catalog(tmp_path_factory, gpt2, text_file):
     """(catalog dir, transcoders): the tiny GPT-2 with random transcoders, ingested with activation statistics."""
-    from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
+    from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
 
     root = tmp_path_factory.mktemp("stats-catalog")
     tset = random_transcoders(gpt2, d_sae=24, seed=11)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from circuit_catalog.ingest.attribution import AttributionGraph, attribute, target_token
+from circuit_catalog.ingest.job import IngestSettings, pullback_table
 from conftest import random_transcoders, with_skip
-from ingest.attribution import AttributionError, AttributionGraph, attribute, target_token
-from ingest.job import IngestSettings, pullback_table
+
+from circuit_catalog.errors import AttributionError
 
 PROMPT = "the capital of france is"
 

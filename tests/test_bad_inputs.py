@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from circuit_catalog.catalog import layout
+from circuit_catalog.ingest.transcoder_formats import save_saelens
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from catalog import layout
 from circuit_catalog.cli import main
-from ingest.transcoder_formats import save_saelens
 from tests.conftest import random_transcoders
 from tests.test_security import digest
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from circuit_catalog.ingest.attribution import AttributionGraph, attribute
+from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
+from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.ingest.pruning import graph_scores, prune
+from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_circuit_tracer
+from circuit_catalog.queries.neuronpedia import export_neuronpedia
 
-from ingest.attribution import AttributionGraph, attribute
-from ingest.job import IngestSettings, build_manifest, run_ingest
-from ingest.pruning import graph_scores, prune
-from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-from ingest.transcoder_formats import load_transcoders, save_circuit_tracer
-from queries.neuronpedia import export_neuronpedia
 from tests.conftest import random_transcoders
 
 ROOT = Path(__file__).resolve().parent.parent

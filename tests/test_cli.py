@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
+from circuit_catalog.ingest.transcoder_formats import save_saelens
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from circuit_catalog.cli import main, parse_layers
-from ingest.transcoder_formats import save_saelens
 from tests.conftest import random_transcoders
 
 

@@ -7,19 +7,19 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import torch
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.store import open_loaded_store
+from circuit_catalog.ingest.attribution import attribute
+from circuit_catalog.ingest.datasets import token_contexts
+from circuit_catalog.ingest.evaluate import evaluate_transcoders
+from circuit_catalog.ingest.job import IngestSettings, build_manifest, pullback_table, run_ingest, run_stats
+from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_circuit_tracer, save_circuit_tracer_clt
+from circuit_catalog.queries.api import Lookups
+from circuit_catalog.queries.reports.prompt import report_file, write_prompt_report
 from safetensors.torch import load_file
 
-from catalog import layout
-from catalog.errors import TranscoderError
-from catalog.store import open_loaded_store
-from ingest.attribution import attribute
-from ingest.datasets import token_contexts
-from ingest.evaluate import evaluate_transcoders
-from ingest.job import IngestSettings, build_manifest, pullback_table, run_ingest, run_stats
-from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-from ingest.transcoder_formats import load_transcoders, save_circuit_tracer, save_circuit_tracer_clt
-from queries.api import Lookups
-from queries.reports.prompt import report_file, write_prompt_report
+from circuit_catalog.errors import TranscoderError
 from tests.conftest import random_clt
 from tests.test_attribution import assert_complete, assert_values_are_the_models, hf_model_dir
 from tests.test_circuit_tracer import assert_same_nodes, run_circuit_tracer

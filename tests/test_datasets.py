@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from circuit_catalog.ingest.datasets import iter_texts, token_contexts
 
-from catalog.errors import DatasetError
-from ingest.datasets import iter_texts, token_contexts
+from circuit_catalog.errors import DatasetError
 
 
 def test_brown_tags_are_stripped(tmp_path):

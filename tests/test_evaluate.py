@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from circuit_catalog.ingest.datasets import token_contexts
+from circuit_catalog.ingest.evaluate import evaluate_transcoders
+from circuit_catalog.ingest.models import load_model
+from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 
-from ingest.datasets import token_contexts
-from ingest.evaluate import evaluate_transcoders
-from ingest.models import load_model
-from ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 from tests.conftest import build_hf_model, random_transcoders
 
 

@@ -7,13 +7,14 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from circuit_catalog.catalog import layout
+from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
+from circuit_catalog.ingest.residual import normalise_as_read_by
+from circuit_catalog.ingest.token_edges import extended_embedding, extended_embedding_for
 
-from catalog import layout
-from catalog.errors import CatalogDirError
-from ingest.job import IngestSettings, build_manifest, run_ingest
-from ingest.residual import normalise_as_read_by
-from ingest.token_edges import extended_embedding, extended_embedding_for
+from circuit_catalog.errors import CatalogDirError
 from tests.conftest import random_transcoders
+
 
 def ingest(model, tset, root, **kw):
     settings = IngestSettings(**{"top_k": 4, "token_top_k": 5, **kw})

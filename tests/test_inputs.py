@@ -6,13 +6,13 @@ import json
 import shutil
 
 import pytest
+from circuit_catalog.catalog import layout
+from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
+from circuit_catalog.ingest.models import load_model
+from circuit_catalog.ingest.prompts import read_prompts
 from safetensors.torch import load_file, save_file
 
-from catalog import layout
-from catalog.errors import CatalogDirError, DatasetError, ModelError
-from ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
-from ingest.models import load_model
-from ingest.prompts import read_prompts
+from circuit_catalog.errors import CatalogDirError, DatasetError, ModelError
 from tests.conftest import STATS_CTX, STATS_TOKENS, TEXT, random_transcoders
 from tests.test_security import cli, one_line_error
 

@@ -14,11 +14,12 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from circuit_catalog.ingest.attribution import attribute, prompt_tokens
+from circuit_catalog.ingest.interventions import Edit, Regime, clean_run, parse_edit, resolve, run_batch, run_edited
+from circuit_catalog.ingest.token_edges import top_logit_tokens
+from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_circuit_tracer
 
-from ingest.attribution import attribute, prompt_tokens
-from ingest.interventions import Edit, InterventionError, Regime, clean_run, parse_edit, resolve, run_batch, run_edited
-from ingest.token_edges import top_logit_tokens
-from ingest.transcoder_formats import load_transcoders, save_circuit_tracer
+from circuit_catalog.errors import InterventionError
 from tests.conftest import random_clt, random_transcoders, with_skip
 from tests.test_circuit_tracer import ROOT
 
@@ -185,10 +186,10 @@ def test_agrees_with_circuit_tracers_feature_intervention(arch, ct_case, tmp_pat
 @pytest.fixture(scope="module")
 def cli_catalog(tmp_path_factory, gpt2, gpt2_dir):
     """(model dir, transcoder dir, catalog dir, prompt id): a tiny GPT-2 catalog with one prompt's graph."""
-    from catalog.manifest import Manifest
-    from ingest.job import IngestSettings, build_manifest, run_ingest
-    from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-    from ingest.transcoder_formats import save_saelens
+    from circuit_catalog.catalog.manifest import Manifest
+    from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
+    from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+    from circuit_catalog.ingest.transcoder_formats import save_saelens
 
     tc_dir = tmp_path_factory.mktemp("cli-tc")
     for tc in random_transcoders(gpt2, d_sae=40, seed=3):
@@ -284,14 +285,15 @@ def test_cli_bad_specs_are_one_line_and_write_nothing(cli_catalog, args, message
 def test_feature_card_and_prompt_report_show_interventions(stats_catalog, gpt2, tmp_path):
     import shutil
 
-    from catalog.manifest import Manifest
-    from catalog.store import open_loaded_store
-    from ingest.intervention_log import add_intervention, intervention_row
-    from ingest.interventions import intervene
-    from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-    from queries.api import Lookups
-    from queries.reports.feature import write_feature_cards
-    from queries.reports.prompt import write_prompt_report
+    from circuit_catalog.catalog.manifest import Manifest
+    from circuit_catalog.catalog.store import open_loaded_store
+    from circuit_catalog.ingest.intervention_log import add_intervention, intervention_row
+    from circuit_catalog.ingest.interventions import intervene
+    from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+    from circuit_catalog.queries.api import Lookups
+    from circuit_catalog.queries.reports.feature import write_feature_cards
+    from circuit_catalog.queries.reports.prompt import write_prompt_report
+
     from tests.test_reports import Page
 
     source, tset = stats_catalog

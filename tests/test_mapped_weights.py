@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from circuit_catalog.ingest.mapped_weights import read_mapped, release_mapped
 from safetensors.torch import load_file, save_file
 
-from catalog.errors import TranscoderError
-from ingest.mapped_weights import read_mapped, release_mapped
+from circuit_catalog.errors import TranscoderError
 
 
 def test_mapped_tensors_equal_safetensors_own_reader(tmp_path):

@@ -6,9 +6,9 @@ import importlib.util
 
 import pytest
 import torch
+from circuit_catalog.ingest.models import load_model, resolve_model
 
-from catalog.errors import ModelError
-from ingest.models import load_model, resolve_model
+from circuit_catalog.errors import ModelError
 
 
 @pytest.mark.parametrize("arch_dir", ["gpt2_dir", "llama_dir"])

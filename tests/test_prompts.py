@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from circuit_catalog.catalog import layout
+from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
+from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, prompt_id, read_prompts, run_prompts
+from circuit_catalog.ingest.transcoder_formats import save_saelens
+from circuit_catalog.queries.neuronpedia import export_neuronpedia
+from circuit_catalog.queries.prompt_graph import PromptGraph, PromptInfo, greedy_paths
 
-from catalog import layout
-from ingest.job import IngestSettings, build_manifest, run_ingest
-from ingest.prompts import AttributionSettings, PromptSpec, prompt_id, read_prompts, run_prompts
-from ingest.transcoder_formats import save_saelens
-from queries.neuronpedia import export_neuronpedia
-from queries.prompt_graph import PromptGraph, PromptInfo, greedy_paths
 from tests.conftest import random_transcoders
 from tests.test_cli import assert_one_line_error, run, run_json
 
@@ -96,7 +96,7 @@ def test_ids_are_stable_and_finished_prompts_are_skipped(prompt_catalog):
     again = run_prompts(model, tset, root, SPECS, AttributionSettings(max_feature_nodes=None), progress=False)
     assert again == ids
     assert {pid: (layout.prompt_dir(root, pid) / "prompt.json").stat().st_mtime_ns for pid in ids} == stamp
-    from catalog.manifest import Manifest
+    from circuit_catalog.catalog.manifest import Manifest
 
     manifest = Manifest.read(root)
     assert prompt_id(manifest, PromptSpec("the capital of france is ")) != ids[0]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import torch
+from circuit_catalog.catalog.layout import pullback_part
+from circuit_catalog.ingest.job import IngestSettings, pullback_table
+from circuit_catalog.ingest.pullbacks import select_edges
 
-from catalog.layout import pullback_part
-from ingest.job import IngestSettings, pullback_table
-from ingest.pullbacks import select_edges
 from tests.conftest import random_transcoders, with_skip
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.crash import ENV
+from circuit_catalog.ingest.transcoder_formats import save_saelens
 from click.testing import CliRunner
 
-from catalog import layout
-from catalog.crash import ENV
 from circuit_catalog.cli import main
-from ingest.transcoder_formats import save_saelens
 from tests.conftest import random_transcoders
 from tests.test_security import cli, digest, one_line_error
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from circuit_catalog.ingest.attribution import attribute
+from circuit_catalog.ingest.transcoder_formats import load_transcoders
 from safetensors.torch import save_file
 
-from catalog.errors import TranscoderError
-from ingest.attribution import attribute
-from ingest.transcoder_formats import load_transcoders
+from circuit_catalog.errors import TranscoderError
 from tests.test_attribution import assert_complete
 
 D, N_LAT, N, K = 16, 24, 7, 5
@@ -345,11 +345,11 @@ def write_release(kind: str, root: Path, d: int, n: int) -> Path:
 @pytest.mark.parametrize("kind", ["gemma-scope-2", "gemma-scope-2-clt", "gemma-scope", "sparsify", "sparsify-multi-target"])
 def test_each_release_goes_through_the_catalog(kind, gpt2, tmp_path):
     """ingest -> load -> upstream -> a prompt graph -> its report, for every release format."""
-    from catalog.store import open_loaded_store
-    from ingest.job import IngestSettings, build_manifest, run_ingest
-    from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-    from queries.api import Lookups
-    from queries.reports.prompt import report_file, write_prompt_report
+    from circuit_catalog.catalog.store import open_loaded_store
+    from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
+    from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+    from circuit_catalog.queries.api import Lookups
+    from circuit_catalog.queries.reports.prompt import report_file, write_prompt_report
 
     path = write_release(kind, tmp_path / "release", gpt2.cfg.d_model, gpt2.cfg.n_layers)
     tset = load_transcoders(path)
@@ -373,9 +373,9 @@ def test_releases_are_bound_to_the_models_norms_and_centred_writes(arch, tmp_pat
     (after that weight) and predicts the module's output: bound to the loaded model (folded norms, centred
     writes for LayerNorm), its activations and reconstruction equal the format's formula on the HF model's
     own MLP input and output."""
+    from circuit_catalog.ingest.models import load_model
     from transformers import AutoModelForCausalLM
 
-    from ingest.models import load_model
     from tests.conftest import build_hf_model
 
     model_dir = build_hf_model(tmp_path / "model", arch, random_norms=True)

@@ -13,18 +13,18 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow.parquet as pq
 import pytest
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.manifest import Manifest
+from circuit_catalog.catalog.store import open_loaded_store
+from circuit_catalog.ingest.datasets import token_contexts
+from circuit_catalog.ingest.evaluate import evaluate_transcoders
+from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.queries.api import Lookups
+from circuit_catalog.queries.reports.feature import card_file, feature_card, render_feature, write_feature_cards
+from circuit_catalog.queries.reports.overview import write_overview
+from circuit_catalog.queries.reports.prompt import report_file, write_prompt_report
+from circuit_catalog.queries.stats import feature_stats
 
-from catalog import layout
-from catalog.manifest import Manifest
-from catalog.store import open_loaded_store
-from ingest.datasets import token_contexts
-from ingest.evaluate import evaluate_transcoders
-from queries.api import Lookups
-from queries.reports.feature import card_file, feature_card, render_feature, write_feature_cards
-from queries.reports.overview import write_overview
-from queries.reports.prompt import report_file, write_prompt_report
-from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-from queries.stats import feature_stats
 from tests.test_cli import assert_one_line_error, run
 from tests.tools.browser import PACKAGES, Browser, find_driver
 

@@ -11,17 +11,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.cypher_check import NotReadOnly, check_read_only
+from circuit_catalog.catalog.ladybug_store import LadybugStore
+from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
+from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.queries.api import named_query, query_names
+from circuit_catalog.queries.sql import connect, run_sql
 from click.testing import CliRunner
 
-from catalog import layout
-from catalog.cypher_check import NotReadOnly, check_read_only
-from catalog.ladybug_store import LadybugStore
-from catalog.store import CypherError
 from circuit_catalog.cli import main
-from ingest.job import IngestSettings, build_manifest, run_ingest
-from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-from queries.api import named_query, query_names
-from queries.sql import SqlError, connect, run_sql
+from circuit_catalog.errors import CypherError, SqlError
 from tests.conftest import random_transcoders
 
 

@@ -8,16 +8,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from circuit_catalog.catalog import layout
+from circuit_catalog.ingest.datasets import token_contexts
+from circuit_catalog.ingest.job import run_stats
+from circuit_catalog.ingest.stats import PER_BIN, QUANTILE_BINS, bin_edges
+from circuit_catalog.queries.sql import run_sql
+from circuit_catalog.queries.stats import feature_stats
 from click.testing import CliRunner
 
-from catalog import layout
-from catalog.errors import CatalogDirError
 from circuit_catalog.cli import main
-from ingest.datasets import token_contexts
-from ingest.job import run_stats
-from ingest.stats import PER_BIN, QUANTILE_BINS, bin_edges
-from queries.sql import SqlError, run_sql
-from queries.stats import feature_stats
+from circuit_catalog.errors import CatalogDirError, SqlError
 from tests.conftest import STATS_CTX, STATS_TOKENS
 
 N_TOKENS, CTX = STATS_TOKENS, STATS_CTX
@@ -142,7 +142,7 @@ def test_cli_stats_and_sql(stats_catalog):
 
 
 def test_store_feature_nodes_carry_statistics(stats_catalog, tmp_path):
-    from catalog.ladybug_store import LadybugStore
+    from circuit_catalog.catalog.ladybug_store import LadybugStore
 
     root, _ = stats_catalog
     expected = {r["id"]: r for r in pq.read_table(root / layout.STATS / "features.parquet").to_pylist()}

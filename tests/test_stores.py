@@ -20,15 +20,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ladybug_store import LadybugStore
+from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
+from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.queries.api import Lookups, named_query, query_names, token_texts
+from circuit_catalog.queries.prompt_graph import PromptGraph
 
-from catalog import layout
-from catalog.errors import CatalogDirError, UnknownFeature
-from catalog.ladybug_store import LadybugStore
-from catalog.store import CypherError, StoreError
-from ingest.job import IngestSettings, build_manifest, run_ingest
-from ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-from queries.api import Lookups, UnknownPrompt, named_query, query_names, token_texts
-from queries.prompt_graph import PromptGraph
+from circuit_catalog.errors import CatalogDirError, CypherError, StoreError, UnknownFeature, UnknownPrompt
 from tests.conftest import random_transcoders
 
 PASSWORD = "test-root-password"
@@ -51,10 +50,10 @@ def catalog_dir(tmp_path_factory, gpt2) -> Path:
 
 def record_interventions(model, tset, root: Path, pid: str) -> None:
     """Two interventions on a catalog prompt (one touching two features) and one on a prompt outside it."""
-    from catalog.manifest import Manifest
-    from ingest.attribution import prompt_tokens
-    from ingest.intervention_log import add_intervention, intervention_row
-    from ingest.interventions import Regime, intervene, parse_edit
+    from circuit_catalog.catalog.manifest import Manifest
+    from circuit_catalog.ingest.attribution import prompt_tokens
+    from circuit_catalog.ingest.intervention_log import add_intervention, intervention_row
+    from circuit_catalog.ingest.interventions import Regime, intervene, parse_edit
 
     manifest = Manifest.read(root)
     for text, prompt_id, specs, regime in [
@@ -126,7 +125,7 @@ def bolt_server(tmp_path_factory):
 
 
 def _bolt_store(bolt_server):
-    from catalog.neo4j_store import Neo4jStore
+    from circuit_catalog.catalog.neo4j_store import Neo4jStore
 
     uri, new_database = bolt_server
     return Neo4jStore(uri, database=new_database(), auth=("root", PASSWORD))
@@ -368,7 +367,7 @@ def unfinished_copy(catalog_dir: Path, tmp_path: Path) -> Path:
     """A copy of the catalog (without its store) whose manifest says the ingest has not finished."""
     import shutil
 
-    from catalog.manifest import Manifest
+    from circuit_catalog.catalog.manifest import Manifest
 
     partial = tmp_path / "partial"
     shutil.copytree(catalog_dir, partial, ignore=shutil.ignore_patterns("graph*"))
@@ -379,7 +378,7 @@ def unfinished_copy(catalog_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_unfinished_catalog_is_not_loaded(catalog_dir, tmp_path):
-    from catalog.errors import CatalogDirError
+    from circuit_catalog.errors import CatalogDirError
 
     partial = unfinished_copy(catalog_dir, tmp_path)
     with pytest.raises(CatalogDirError, match="has not finished"):
@@ -427,7 +426,7 @@ def test_hostile_text_is_data(store, ref, hostile):
 
 
 def test_bolt_auth_failure(bolt_server):
-    from catalog.neo4j_store import Neo4jStore
+    from circuit_catalog.catalog.neo4j_store import Neo4jStore
 
     uri, _ = bolt_server
     with pytest.raises(StoreError, match="authentication failed") as info:
@@ -436,7 +435,7 @@ def test_bolt_auth_failure(bolt_server):
 
 
 def test_unreachable_server():
-    from catalog.neo4j_store import Neo4jStore
+    from circuit_catalog.catalog.neo4j_store import Neo4jStore
 
     with pytest.raises(StoreError, match="cannot reach"):
         Neo4jStore(f"bolt://127.0.0.1:{_free_port()}", auth=("neo4j", "x"))
@@ -552,7 +551,7 @@ def test_bolt_load_from_the_cli_with_two_writers(bolt_server, catalog_dir, ref, 
 
 def test_parts_sharing_a_node_never_load_at_once():
     """The writers' scheduler: every part runs once, two parts with a common node never together, a failure stops it."""
-    from catalog.neo4j_store import _run_disjoint
+    from circuit_catalog.catalog.neo4j_store import _run_disjoint
 
     footprints = {"a": frozenset({1, 2}), "b": frozenset({2, 3}), "c": frozenset({4}), "d": frozenset(), "e": frozenset({3}),
                   "f": frozenset({1, 4})}
@@ -584,7 +583,7 @@ def test_parts_sharing_a_node_never_load_at_once():
 
 def test_bolt_lost_connection_is_one_error_and_the_next_load_resumes(catalog_dir, ref, tmp_path):
     """The server dies mid-load: one line naming the part; after a restart the next `load` finishes it, no duplicates."""
-    from catalog.neo4j_store import STATE_READ, Neo4jStore
+    from circuit_catalog.catalog.neo4j_store import STATE_READ, Neo4jStore
 
     bolt, http = _free_port(), _free_port()
     proc = _start_arcadedb(tmp_path, bolt, http)
@@ -736,8 +735,8 @@ def awkward_catalog(catalog_dir, tmp_path_factory):
 
 
 def test_admin_import_files_parse_by_the_importers_rules(awkward_catalog, tmp_path):
-    from catalog.graph_schema import NODES, RELS, catalog_signature, part_files
-    from catalog.neo4j_import import schema_script, write_admin_import
+    from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature, part_files
+    from circuit_catalog.catalog.neo4j_import import schema_script, write_admin_import
 
     out = tmp_path / "it's out"  # a quote in the path: never pasted into SQL unescaped
     result = write_admin_import(awkward_catalog, out, progress=lambda _: None)
@@ -802,8 +801,9 @@ def _state_parts(script: str) -> list[str]:
 
 
 def test_admin_import_refuses_an_unfinished_catalog(catalog_dir, tmp_path):
-    from catalog.errors import CatalogDirError
-    from catalog.neo4j_import import write_admin_import
+    from circuit_catalog.catalog.neo4j_import import write_admin_import
+
+    from circuit_catalog.errors import CatalogDirError
 
     partial = unfinished_copy(catalog_dir, tmp_path)
     with pytest.raises(CatalogDirError, match="has not finished"):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from ingest.streaming import QuantileSamples, covering_exponent, rank_within_cells
+from circuit_catalog.ingest.streaming import QuantileSamples, covering_exponent, rank_within_cells
 
 N_BINS, PER_BIN = 12, 5
 

@@ -8,13 +8,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from circuit_catalog.catalog import layout
+from circuit_catalog.ingest.attribution import attribute, prompt_tokens, target_token
+from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
+from circuit_catalog.ingest.prompts import AttributionSettings, read_prompts, run_prompts
+from circuit_catalog.ingest.pruning import logit_weights
+from circuit_catalog.ingest.targets import custom_target
 
-from catalog import layout
-from ingest.attribution import AttributionError, attribute, prompt_tokens, target_token
-from ingest.job import IngestSettings, build_manifest, run_ingest
-from ingest.prompts import AttributionSettings, read_prompts, run_prompts
-from ingest.pruning import logit_weights
-from ingest.targets import custom_target
+from circuit_catalog.errors import AttributionError
 from tests.conftest import random_transcoders
 
 PROMPT = "the capital of france is"
@@ -90,7 +91,7 @@ def test_custom_targets_are_stored_as_target_nodes(gpt2, tmp_path):
     plain = pq.read_table(layout.prompt_dir(root, ids[2]) / "nodes.parquet").column("kind").to_pylist()
     assert "target" not in plain
     # --validate checks the custom target like a logit: ablations move it by minus the edges, exactly
-    from queries.validation import validate
+    from circuit_catalog.queries.validation import validate
 
     v = validate(gpt2, tset, root, ids[0], k=6, n_paths=1)
     assert v.targets[-1] == "'paris' - 'city'" and v.max_direct_error < 1e-4
@@ -98,11 +99,11 @@ def test_custom_targets_are_stored_as_target_nodes(gpt2, tmp_path):
 
 
 def test_ingest_cli_custom_target_and_refusals(gpt2_dir, tmp_path):
+    from circuit_catalog.ingest.models import load_model
+    from circuit_catalog.ingest.transcoder_formats import save_saelens
     from click.testing import CliRunner
 
     from circuit_catalog.cli import main
-    from ingest.models import load_model
-    from ingest.transcoder_formats import save_saelens
 
     model = load_model(str(gpt2_dir))
     for tc in random_transcoders(model, d_sae=16, seed=2):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-
-from ingest.datasets import token_contexts
-from ingest.train import TrainConfig, reusable, train_transcoders
-from ingest.transcoder_formats import load_transcoders
+from circuit_catalog.ingest.datasets import token_contexts
+from circuit_catalog.ingest.train import TrainConfig, reusable, train_transcoders
+from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
 
 def test_train_saves_reports_and_reuses(gpt2, text_file, tmp_path):

@@ -10,10 +10,10 @@ import types
 import pytest
 import torch
 import yaml
+from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_circuit_tracer, save_saelens
 from safetensors.torch import save_file
 
-from catalog.errors import TranscoderError
-from ingest.transcoder_formats import load_transcoders, save_circuit_tracer, save_saelens
+from circuit_catalog.errors import TranscoderError
 
 D, D_SAE, N = 16, 24, 7
 

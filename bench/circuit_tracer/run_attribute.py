@@ -14,7 +14,7 @@ circuit-tracer's own `from_pretrained_and_transcoders` (--processing native: no 
 and the result is loaded into a `ReplacementModel.from_config(...)`.
 
 --transcoders is a circuit-tracer `transcoder_set` directory (config.yaml + layer_{i}.safetensors),
-as written by ingest.transcoder_formats.save_circuit_tracer. Paths listed in config.yaml are taken
+as circuit_catalog.written by ingest.transcoder_formats.save_circuit_tracer. Paths listed in config.yaml are taken
 relative to that directory (circuit-tracer itself would take them relative to the working directory).
 
 Prints one JSON line; see NOTES.md for what the arrays in the .npz mean.
@@ -277,9 +277,10 @@ def main() -> None:
     if args.repeat < 1:
         fail("--repeat must be >= 1")
 
+    from importlib.metadata import version
+
     import numpy as np
     import torch
-    from importlib.metadata import version
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from catalog import layout
-from catalog.layout import histogram_log10_edges, parse_feature_id
-from catalog.manifest import Manifest
-from queries.api import Edge, FeatureTokens, FeatureUse, InterventionUse, Lookups
-from queries.reports import svg
-from queries.reports.html import (
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.layout import histogram_log10_edges, parse_feature_id
+from circuit_catalog.catalog.manifest import Manifest
+from circuit_catalog.queries.api import Edge, FeatureTokens, FeatureUse, InterventionUse, Lookups
+from circuit_catalog.queries.reports import svg
+from circuit_catalog.queries.reports.html import (
     Markup,
     banner,
     figures,
@@ -37,7 +37,7 @@ from queries.reports.html import (
     token_window,
     write_page,
 )
-from queries.stats import FeatureStats, feature_stats
+from circuit_catalog.queries.stats import FeatureStats, feature_stats
 
 OVERVIEW = "overview.html"
 

@@ -11,7 +11,7 @@ import html
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from catalog.parquet_io import write_text_atomic
+from circuit_catalog.catalog.parquet_io import write_text_atomic
 
 
 class Markup(str):

@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.manifest import Manifest
+from circuit_catalog.catalog.parquet_io import check_parts
+from circuit_catalog.queries.reports import svg
+from circuit_catalog.queries.reports.feature import OVERVIEW
+from circuit_catalog.queries.reports.html import Markup, figures, join, link, page, section, table, tag, write_page
+from circuit_catalog.queries.reports.prompt import report_file
+from circuit_catalog.queries.sql import connect, views
 
-from catalog import layout
-from catalog.errors import ReportError
-from catalog.manifest import Manifest
-from catalog.parquet_io import check_parts
-from queries.reports import svg
-from queries.reports.feature import OVERVIEW
-from queries.reports.prompt import report_file
-from queries.reports.html import Markup, figures, join, link, page, section, table, tag, write_page
-from queries.sql import connect, views
+from circuit_catalog.errors import ReportError
 
 WEIGHT_BINS = 60
 COUNT_LABELS = {"tokens": "vocabulary", "deembed_edges": "de-embedding edges"}

@@ -10,13 +10,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from catalog import layout
-from catalog.manifest import Manifest
-from queries.api import InterventionUse, Lookups
-from queries.prompt_graph import NodePath, PromptGraph, strongest_paths
-from queries.reports import svg
-from queries.reports.feature import OVERVIEW, card_file, interventions_section
-from queries.reports.html import Markup, figures, join, link, page, section, signed, table, token, write_page
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.manifest import Manifest
+from circuit_catalog.queries.api import InterventionUse, Lookups
+from circuit_catalog.queries.prompt_graph import NodePath, PromptGraph, strongest_paths
+from circuit_catalog.queries.reports import svg
+from circuit_catalog.queries.reports.feature import OVERVIEW, card_file, interventions_section
+from circuit_catalog.queries.reports.html import (
+    Markup,
+    figures,
+    join,
+    link,
+    page,
+    section,
+    signed,
+    table,
+    token,
+    write_page,
+)
 
 
 def report_file(pid: str) -> str:

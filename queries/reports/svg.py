@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
-from queries.reports.html import Markup, join, tag
+from circuit_catalog.queries.reports.html import Markup, join, tag
 
 
 def _f(x: float) -> str:

@@ -44,3 +44,27 @@ class UnknownFeature(UserError):
 
 class ReportError(UserError):
     """A report cannot be made from what was given (e.g. an unreadable evaluation file)."""
+
+
+class InterventionError(UserError):
+    """A malformed or impossible intervention (unknown feature, position out of range, NaN value, ...)."""
+
+
+class AttributionError(UserError):
+    """A prompt or target the attribution cannot use (empty prompt, multi-token target, ...)."""
+
+
+class StoreError(UserError):
+    """A store cannot be reached, authenticated against, or loaded."""
+
+
+class CypherError(UserError):
+    """A Cypher statement is malformed, or writes where only reads are allowed."""
+
+
+class SqlError(UserError):
+    """A statement that is malformed or not read-only."""
+
+
+class UnknownPrompt(UserError):
+    """A prompt id, token or logit that is not in the catalog's graphs."""
