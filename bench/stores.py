@@ -30,7 +30,7 @@ from circuit_catalog.catalog import layout  # noqa: E402
 from circuit_catalog.catalog.manifest import Manifest, now  # noqa: E402
 from circuit_catalog.catalog.parquet_io import feature_ids, write_atomic  # noqa: E402
 from circuit_catalog.catalog.store import GraphStore  # noqa: E402
-from circuit_catalog.queries.api import Lookups, named_query  # noqa: E402
+from circuit_catalog.queries.lookups import Lookups, named_query  # noqa: E402
 
 N_LAYERS, VOCAB, TOKEN_K = 12, 1000, 5
 

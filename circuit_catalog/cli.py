@@ -6,6 +6,7 @@ are caught once, here, and printed as one line with exit code 1.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -107,21 +108,14 @@ MODEL_HELP = "TransformerLens name, local Hugging Face directory, .gguf file, or
 @click.option("--force", is_flag=True, help="Retrain even if OUT already holds a run with the same settings.")
 def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, minibatch, ctx_len, seed, skip, out_dir, force):
     """Train one ReLU transcoder per layer (ln2.hook_normalized -> hook_mlp_out), saved in SAELens format."""
-    from circuit_catalog.ingest.models import load_model, resolve_model
-    from circuit_catalog.ingest.train import TrainConfig, reusable, train_transcoders
+    from circuit_catalog.ingest.pipeline import train as train_
+    from circuit_catalog.ingest.train import TrainConfig
 
-    spec = resolve_model(model)
-    lm = load_model(spec)
-    cfg = TrainConfig(
-        model=spec.name, dataset=dataset, layers=parse_layers(layers) or list(range(lm.cfg.n_layers)),
-        d_sae=d_sae, n_tokens=n_tokens, epochs=epochs, lr=lr, l1_coefficient=l1_coefficient,
-        minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip,
-    )
-    result = None if force else reusable(out_dir, cfg)
-    if result is not None:
+    cfg = TrainConfig(model=model, dataset=dataset, layers=parse_layers(layers) or [], d_sae=d_sae, n_tokens=n_tokens,
+                      epochs=epochs, lr=lr, l1_coefficient=l1_coefficient, minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip)
+    result, reused = train_(model, out_dir, cfg, force=force)
+    if reused:
         err.print(f"reusing transcoders in {out_dir} (same settings; --force retrains)")
-    else:
-        result = train_transcoders(lm, cfg, out_dir)
     table = Table("layer", "FVU", "L0", "dead", title=f"transcoders in {out_dir}")
     for m in result.metrics:
         table.add_row(str(m.layer), f"{m.fvu:.3f}", f"{m.l0:.1f}", f"{m.dead_fraction:.1%}")
@@ -134,7 +128,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--transcoders", required=True, type=click.Path(path_type=Path), help="SAELens dir(s), circuit-tracer dir, or original GPT-2 .pt files.")
 @click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory to write (resumable).")
 @click.option("--layers", default="all", show_default=True, help="Transcoder layers to ingest.")
-@click.option("-k", "--top-k", type=click.IntRange(1), default=16, show_default=True, help="Pullback sources kept per (feature, earlier layer).")
+@click.option("--top-k", type=click.IntRange(1), default=16, show_default=True, help="Pullback sources kept per (feature, earlier layer).")
 @click.option("--min-weight", type=click.FloatRange(0), callback=_finite, default=None, help="Drop pullback edges with |weight| below this.")
 @click.option("--token-top-k", type=click.IntRange(1), default=20, show_default=True, help="Tokens kept per feature for de-embedding and logit lens.")
 @click.option("--trust-pickle", is_flag=True, help="Allow the pickled original GPT-2 transcoder files (pickle can run code).")
@@ -160,68 +154,62 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
            bos_features, custom_tokens, contrast, direction, target_weight):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
-    from circuit_catalog.catalog.crash import crash_point
-    from circuit_catalog.catalog.lock import writer_lock
-    from circuit_catalog.ingest.job import IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
-    from circuit_catalog.ingest.models import load_model, resolve_model
-    from circuit_catalog.ingest.prompts import AttributionSettings, check_prompt, read_prompts, run_prompts
-    from circuit_catalog.ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest.job import IngestSettings
+    from circuit_catalog.ingest.pipeline import ingest as ingest_
+    from circuit_catalog.ingest.pipeline import with_custom_target
+    from circuit_catalog.ingest.prompts import AttributionSettings, read_prompts
 
-    specs = read_prompts(prompts_file) if prompts_file is not None else []
-    if custom_tokens or contrast or direction:
-        from dataclasses import replace
-
-        custom = {"targets": tuple(custom_tokens), "contrast": tuple(contrast),
-                  "direction": None if direction is None else str(direction), "target_weight": target_weight}
-        specs = [s if s.custom is not None else replace(s, **custom) for s in specs]
-
-    spec = resolve_model(model)
-    tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
-    lm = load_model(spec)
-    tset.bind(lm)
-    for prompt in specs:  # every refusal comes before the first write
-        check_prompt(lm, prompt)
-    manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k))
-    stats_plan = plan_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len) if dataset is not None else None
-    settings = AttributionSettings(max_feature_nodes=None if all_features else max_feature_nodes, max_n_logits=max_n_logits,
-                                   desired_logit_prob=desired_logit_prob, node_threshold=node_threshold,
-                                   edge_threshold=edge_threshold, batch_size=batch_size, zero_bos=not bos_features)
-    with writer_lock(catalog_dir):  # parts, statistics and prompts under one hold: no other writer in between
-        done = run_ingest(lm, tset, catalog_dir, manifest)
-        crash_point("phase")  # between the parts and the statistics (tests: the lock is held there too)
-        if stats_plan is not None:
-            write_stats(lm, tset, catalog_dir, stats_plan)
-        table = Table("part", "rows", title=f"catalog {catalog_dir}")
-        for name, n in done.counts.items():
-            table.add_row(name, f"{n:,}")
-        out.print(table)
-        if specs:
-            run_prompts(lm, tset, catalog_dir, specs, settings)
-            _print_prompts(_prompt_rows(catalog_dir))
+    specs = with_custom_target(read_prompts(prompts_file) if prompts_file is not None else [], custom_tokens, contrast,
+                               None if direction is None else str(direction), target_weight)
+    attribution = AttributionSettings(max_feature_nodes=None if all_features else max_feature_nodes, max_n_logits=max_n_logits,
+                                      desired_logit_prob=desired_logit_prob, node_threshold=node_threshold,
+                                      edge_threshold=edge_threshold, batch_size=batch_size, zero_bos=not bos_features)
+    result = ingest_(model, transcoders, catalog_dir, layers=parse_layers(layers), trust_pickle=trust_pickle,
+                     settings=IngestSettings(top_k=top_k, min_weight=min_weight, token_top_k=token_top_k),
+                     dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len, prompts=specs, attribution=attribution)
+    table = Table("part", "rows", title=f"catalog {catalog_dir}")
+    for name, n in result.counts.items():
+        table.add_row(name, f"{n:,}")
+    out.print(table)
+    if specs:
+        _print_prompts(result.prompts)
 
 
-def _prompt_rows(catalog_dir: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    from circuit_catalog.catalog.layout import PROMPT_INDEX
-
-    path = Path(catalog_dir) / PROMPT_INDEX
-    return pq.read_table(path).to_pylist() if path.is_file() else []
-
-
-def _print_prompts(rows: list[dict]) -> None:
-    """Prompt rows from prompts.parquet (with node counts) or from a store (without)."""
-    counts = bool(rows) and "n_feature_nodes" in rows[0]
-    table = Table("prompt", "tokens", "replacement", "completeness", *(["feature nodes"] if counts else []), "text", title="attribution graphs")
+def _print_prompts(rows) -> None:
+    """PromptInfo rows: from the catalog's files (with node counts) or from a store (without)."""
+    counts = bool(rows) and rows[0].n_feature_nodes is not None
+    table = Table("prompt", "tokens", "replacement", "completeness", *(["feature nodes"] if counts else []), "target", "text",
+                  title="attribution graphs")
     table.columns[0].no_wrap, table.columns[0].min_width = True, 16  # ids are what the other commands take: never cut
     for r in rows:
-        nodes = [f"{r['n_feature_nodes']}" + (f" of {r['n_active_features']}" if r["capped"] else "")] if counts else []
-        table.add_row(r["id"], str(r["n_tokens"]), f"{r['replacement_score']:.3f}", f"{r['completeness_score']:.3f}", *nodes, r["text"][:60])
+        nodes = [f"{r.n_feature_nodes}" + (f" of {r.n_active_features}" if r.capped else "")] if counts else []
+        table.add_row(r.id, str(r.n_tokens), f"{r.replacement_score:.3f}", f"{r.completeness_score:.3f}", *nodes,
+                      "" if r.target is None else repr(r.target), r.text[:60])
     out.print(table)
+
+
+def _with_catalog(f):
+    """Turn --catalog/--store/--database into one `cat` argument: a Catalog, closed when the command ends."""
+
+    @functools.wraps(f)
+    def command(*args, catalog_dir, store_uri="embedded", database=None, **kwargs):
+        from circuit_catalog.queries.catalog import Catalog
+
+        with Catalog(catalog_dir, store_uri, database) as cat:
+            return f(*args, cat=cat, **kwargs)
+
+    return command
+
+
+def catalog_option(f):
+    """--catalog alone: commands that read the directory's files and need no store."""
+    return click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path),
+                        help="Catalog directory (from `ingest`).")(_with_catalog(f))
 
 
 def store_options(f):
     """--catalog, --store, --database: where the graph lives."""
+    f = _with_catalog(f)
     f = click.option("--database", default=None, help="Neo4j database name (server default if omitted).")(f)
     f = click.option("--store", "store_uri", default="embedded", show_default=True, envvar="CIRCUIT_CATALOG_STORE",
                      help="'embedded' (LadybugDB at CATALOG/graph) or a bolt:// / neo4j:// URI (default from "
@@ -233,15 +221,10 @@ def format_option(f):
     return click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)(f)
 
 
-def _lookups(catalog_dir: Path, store_uri: str, database: str | None):
-    from circuit_catalog.catalog.store import open_loaded_store
-    from circuit_catalog.queries.api import Lookups
-
-    return Lookups(open_loaded_store(catalog_dir, store_uri, database))
-
-
 def _print_json(value) -> None:
-    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+    from circuit_catalog.queries.rows import plain
+
+    click.echo(json.dumps(plain(value), indent=2, ensure_ascii=False, default=str))
 
 
 def _edges_table(title: str, edges) -> Table:
@@ -255,28 +238,21 @@ def _edges_table(title: str, edges) -> Table:
 @store_options
 @click.option("--writers", type=click.IntRange(1), default=None,
               help="Neo4j only: writer sessions loading parts that share no node at once (default 1).")
-def load(catalog_dir, store_uri, database, writers):
+def load(cat, writers):
     """Load (or bring up to date) a graph store from a catalog directory; idempotent."""
-    from circuit_catalog.catalog.store import open_store
-    from circuit_catalog.errors import StoreError
-
-    with open_store(catalog_dir, store_uri, database) as store:
-        if writers and store.dialect != "neo4j":
-            raise StoreError("--writers applies to Neo4j stores (--store bolt://...) only")
-        changed = store.load(catalog_dir, **({"writers": writers} if writers else {}))
-    out.print(f"store {store_uri} {'loaded from' if changed else 'already up to date with'} {catalog_dir}")
+    changed = cat.load(writers)
+    out.print(f"store {cat.store_uri} {'loaded from' if changed else 'already up to date with'} {cat.directory}")
 
 
 def _edge_command(direction: str):
     @click.argument("feature")
     @store_options
-    @click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+    @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Edges shown.")
     @click.option("--layer", type=click.IntRange(0, 99_999), default=None, help="Only edges from/to this layer.")
     @click.option("--sign", type=click.Choice(["+", "-"]), default=None, help="Only positive or negative weights.")
     @format_option
-    def command(feature, catalog_dir, store_uri, database, k, layer, sign, fmt):
-        with _lookups(catalog_dir, store_uri, database) as lookups:
-            edges = getattr(lookups, direction)(feature, k, layer, None if sign is None else (1 if sign == "+" else -1))
+    def command(feature, cat, k, layer, sign, fmt):
+        edges = getattr(cat, direction)(feature, k, layer, None if sign is None else (1 if sign == "+" else -1))
         if fmt == "json":
             _print_json([{"feature": e.feature, "weight": e.weight} for e in edges])
         else:
@@ -300,14 +276,13 @@ _edge_command("downstream")
 @main.command()
 @click.argument("feature")
 @store_options
-@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Tokens shown per list.")
 @format_option
-def tokens(feature, catalog_dir, store_uri, database, k, fmt):
+def tokens(feature, cat, k, fmt):
     """FEATURE's de-embedding (raw and extended) and logit-lens tokens."""
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        card = lookups.tokens(feature, k)
+    card = cat.tokens(feature, k)
     if fmt == "json":
-        _print_json(asdict(card))
+        _print_json(card)
     else:
         out.print(_tokens_table(card, k))
 
@@ -317,7 +292,7 @@ def _tokens_table(card, k: int) -> Table:
     for i in range(k):
         row = []
         for pairs in (card.deembed, card.deembed_extended, card.logits):
-            row += [repr(pairs[i][0]), f"{pairs[i][1]:+.3f}"] if i < len(pairs) else ["", ""]
+            row += [repr(pairs[i].token), f"{pairs[i].weight:+.3f}"] if i < len(pairs) else ["", ""]
         table.add_row(*row)
     return table
 
@@ -325,14 +300,13 @@ def _tokens_table(card, k: int) -> Table:
 @main.command()
 @click.argument("token")
 @store_options
-@click.option("-k", type=click.IntRange(1), default=20, show_default=True)
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True, help="Features shown per kind.")
 @format_option
-def search(token, catalog_dir, store_uri, database, k, fmt):
+def search(token, cat, k, fmt):
     """Features whose top de-embedding or logit-lens tokens include TOKEN (with or without a leading space)."""
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        hits = lookups.search(token, k)
+    hits = cat.search(token, k)
     if fmt == "json":
-        _print_json([asdict(h) for h in hits])
+        _print_json(hits)
         return
     table = Table("feature", "via", "token", "weight", title=f"features mentioning {token!r}")
     for h in hits:
@@ -342,30 +316,37 @@ def search(token, catalog_dir, store_uri, database, k, fmt):
 
 @main.command()
 @store_options
-@click.option("--prompt", "prompt_id", default=None, help="Search this prompt's attribution graph (id or exact text) instead of the weights graph.")
+@click.option("--prompt", "prompt_key", default=None, help="Search this prompt's attribution graph (id or exact text) instead of the weights graph.")
 @click.option("--from-token", default=None, help="Input token text (with --prompt: also a position; omit for every token).")
 @click.option("--to-logit", required=True, help="Output token text.")
 @click.option("--max-hops", type=click.IntRange(0), default=2, show_default=True, help="Weights graph: pullback edges between first and last feature.")
-@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Paths shown.")
 @click.option("--beam", type=click.IntRange(1), default=256, show_default=True, help="Weights graph: partial paths kept per hop.")
 @click.option("--greedy", is_flag=True, help="With --prompt: the seed's greedy search back from the logit (see --iters, --branches).")
 @click.option("--iters", type=click.IntRange(1), default=3, show_default=True, help="Greedy search: path length in edges.")
 @click.option("--branches", type=click.IntRange(1), default=5, show_default=True, help="Greedy search: paths kept per iteration.")
 @format_option
-def paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, max_hops, k, beam, greedy, iters, branches, fmt):
+def paths(cat, prompt_key, from_token, to_logit, max_hops, k, beam, greedy, iters, branches, fmt):
     """Strongest token -> feature (-> feature ...) -> logit paths, in the weights graph or (--prompt) a prompt's graph.
 
     In a prompt's graph a path's strength is the product of its edges' weights per unit of each
     source's activation: the effect of the token on the logit through exactly that path.
     """
-    if prompt_id is not None:
-        return _prompt_paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, k, greedy, iters, branches, fmt)
+    if prompt_key is not None:
+        found = cat.prompt_paths(prompt_key, to_logit, from_token, k, greedy, iters, branches)
+        if fmt == "json":
+            _print_json(found)
+            return
+        table = Table("strength", "path", title=f"prompt {prompt_key}: {'greedy paths' if greedy else 'strongest paths'} to {to_logit!r}")
+        for p in found:
+            table.add_row(f"{p.strength:+.4g}", " -> ".join(p.labels))
+        out.print(table)
+        return
     if from_token is None:
         raise click.UsageError("--from-token is required for the weights graph (without --prompt)")
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        found = lookups.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam)
+    found = cat.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam)
     if fmt == "json":
-        _print_json([{"nodes": p.nodes, "weights": p.weights, "strength": p.strength} for p in found])
+        _print_json(found)
         return
     table = Table("strength", "path", title=f"paths {from_token!r} -> {to_logit!r}")
     for p in found:
@@ -373,34 +354,12 @@ def paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, max
     out.print(table)
 
 
-def _prompt_paths(catalog_dir, store_uri, database, prompt_id, from_token, to_logit, k, greedy, iters, branches, fmt):
-    from circuit_catalog.queries.prompt_graph import greedy_paths, strongest_paths
-
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        graph = lookups.prompt_graph(prompt_id)
-    logit = graph.logit_node(to_logit)
-    if greedy:
-        found = greedy_paths(graph, logit, iters, branches)
-    else:
-        found = strongest_paths(graph, graph.token_nodes(from_token), {logit}, k)
-    labels = {i: n.label for i, n in graph.nodes.items()}
-    if fmt == "json":
-        _print_json([{"nodes": [graph.nodes[i].local for i in p.nodes], "labels": [labels[i] for i in p.nodes], "strength": p.strength}
-                     for p in found])
-        return
-    table = Table("strength", "path", title=f"prompt {prompt_id}: {'greedy paths' if greedy else 'strongest paths'} to {to_logit!r}")
-    for p in found:
-        table.add_row(f"{p.strength:+.4g}", " -> ".join(labels[i] for i in p.nodes))
-    out.print(table)
-
-
 @main.command(name="prompts")
 @store_options
 @format_option
-def list_prompts(catalog_dir, store_uri, database, fmt):
-    """The prompts with attribution graphs in the catalog, with their replacement and completeness scores."""
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        rows = [asdict(p) for p in lookups.prompts()]
+def list_prompts(cat, fmt):
+    """The prompts with attribution graphs in the catalog, with their targets, replacement and completeness scores."""
+    rows = cat.prompts()
     if fmt == "json":
         _print_json(rows)
         return
@@ -410,14 +369,13 @@ def list_prompts(catalog_dir, store_uri, database, fmt):
 @main.command(name="prompts-using")
 @click.argument("feature")
 @store_options
-@click.option("-k", type=click.IntRange(1), default=20, show_default=True)
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True, help="Prompts shown.")
 @format_option
-def prompts_using(feature, catalog_dir, store_uri, database, k, fmt):
+def prompts_using(feature, cat, k, fmt):
     """Prompts whose pruned attribution graph contains FEATURE, by its influence on their logits."""
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        found = lookups.prompts_using(feature, k)
+    found = cat.prompts_using(feature, k)
     if fmt == "json":
-        _print_json([asdict(u) for u in found])
+        _print_json(found)
         return
     table = Table("prompt", "influence", "activation", "positions", "text", title=f"prompts using {feature}")
     for u in found:
@@ -427,14 +385,13 @@ def prompts_using(feature, catalog_dir, store_uri, database, k, fmt):
 
 @main.command()
 @store_options
-@click.option("-k", type=click.IntRange(1), default=20, show_default=True)
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True, help="Features shown.")
 @format_option
-def recurring(catalog_dir, store_uri, database, k, fmt):
+def recurring(cat, k, fmt):
     """Features that appear in the most prompts' pruned attribution graphs."""
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        found = lookups.recurring(k)
+    found = cat.recurring(k)
     if fmt == "json":
-        _print_json([asdict(r) for r in found])
+        _print_json(found)
         return
     table = Table("feature", "prompts", "influence", "extended de-embedding", "logit lens", title="recurring features")
     for r in found:
@@ -444,45 +401,39 @@ def recurring(catalog_dir, store_uri, database, k, fmt):
 
 @main.command()
 @store_options
-@click.option("--prompt", "prompt_id", required=True, help="Prompt id or exact text.")
+@click.option("--prompt", "prompt_key", required=True, help="Prompt id or exact text.")
 @click.option("-k", type=click.IntRange(1), default=15, show_default=True, help="Nodes to list by influence.")
 @format_option
-def graph(catalog_dir, store_uri, database, prompt_id, k, fmt):
+def graph(cat, prompt_key, k, fmt):
     """A prompt's pruned attribution graph: scores, node and edge counts, the most influential nodes."""
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        g = lookups.prompt_graph(prompt_id)
-    info = g.info
-    kinds = {kind: len(g.of_kind(kind)) for kind in ("token", "feature", "error", "logit")}
-    n_edges = sum(len(v) for v in g.edges.values())
-    top = sorted((n for n in g.nodes.values() if n.kind in ("feature", "error")), key=lambda n: -(n.influence or 0))[:k]
+    g = cat.graph_summary(prompt_key, k)
+    info = g.prompt
     if fmt == "json":
-        _print_json({"prompt": asdict(info), "nodes": kinds, "edges": n_edges,
-                     "logits": [{"token": n.token, "probability": n.probability} for n in g.of_kind("logit")],
-                     "top": [{"node": n.local, "influence": n.influence, "activation": n.activation} for n in top]})
+        _print_json({"prompt": info, "nodes": g.nodes, "edges": g.edges,
+                     "logits": [{"token": n.token, "probability": n.probability} for n in g.logits],
+                     "top": [{"node": n.local, "influence": n.influence, "activation": n.activation} for n in g.top]})
         return
     out.print(f"prompt {info.id}: {info.text!r} ({info.n_tokens} tokens)\n"
               f"replacement score {info.replacement_score:.3f}, completeness score {info.completeness_score:.3f}\n"
-              f"pruned graph: {', '.join(f'{v} {k_}' for k_, v in kinds.items())} nodes, {n_edges} edges")
+              f"pruned graph: {', '.join(f'{v} {kind}' for kind, v in g.nodes.items())} nodes, {g.edges} edges")
     logits = Table("logit", "probability", title="logit targets")
-    for n in sorted(g.of_kind("logit"), key=lambda n: -(n.probability or 0)):
+    for n in g.logits:
         logits.add_row(repr(n.token), f"{n.probability:.3f}")
     out.print(logits)
     table = Table("node", "influence", "activation", title="most influential nodes")
-    for n in top:
+    for n in g.top:
         table.add_row(n.label, f"{n.influence:.4f}", "" if n.activation is None else f"{n.activation:.3f}")
     out.print(table)
 
 
 @main.command()
-@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--prompt", "prompt_id", required=True)
+@catalog_option
+@click.option("--prompt", "prompt_key", required=True, help="Prompt id or exact text.")
 @click.option("--neuronpedia", "out_file", required=True, type=click.Path(path_type=Path),
               help="Graph JSON to write (Neuronpedia / circuit-tracer viewer format); graph-metadata.json beside it lists it.")
-def export(catalog_dir, prompt_id, out_file):
+def export(cat, prompt_key, out_file):
     """Export a prompt's pruned attribution graph for circuit-tracer's local viewer or Neuronpedia."""
-    from circuit_catalog.queries.neuronpedia import export_neuronpedia
-
-    graph = export_neuronpedia(catalog_dir, prompt_id, out_file)
+    graph = cat.export_neuronpedia(prompt_key, out_file)
     out.print(f"wrote {out_file}: {len(graph['nodes'])} nodes, {len(graph['links'])} links "
               f"(serve {out_file.parent} with circuit-tracer's local viewer)")
 
@@ -497,25 +448,26 @@ def _parse_param(text: str) -> tuple[str, object]:
         return name, raw
 
 
+def _rows_table(rows) -> Table:
+    table = Table(*(rows.columns or ["(no rows)"]))
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    return table
+
+
 @main.command()
 @click.argument("query")
 @store_options
 @click.option("--param", "params", multiple=True, help="name=value (JSON values, else a string); use $name in QUERY.")
 @click.option("--write", is_flag=True, help="Allow clauses that change the graph.")
 @format_option
-def cypher(query, catalog_dir, store_uri, database, params, write, fmt):
+def cypher(query, cat, params, write, fmt):
     """Run a Cypher QUERY with parameters; read-only unless --write."""
-    from circuit_catalog.catalog.store import open_loaded_store
-
-    with open_loaded_store(catalog_dir, store_uri, database) as store:
-        rows = store.cypher(query, dict(_parse_param(p) for p in params), write=write)
+    rows = cat.cypher(query, dict(_parse_param(p) for p in params), write=write)
     if fmt == "json":
         _print_json(rows)
-        return
-    table = Table(*(rows[0].keys() if rows else ["(no rows)"]))
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    out.print(table)
+    else:
+        out.print(_rows_table(rows))
 
 
 @main.command()
@@ -523,15 +475,14 @@ def cypher(query, catalog_dir, store_uri, database, params, write, fmt):
 @store_options
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Edges and tokens to show.")
 @format_option
-def show(feature, catalog_dir, store_uri, database, k, fmt):
+def show(feature, cat, k, fmt):
     """A feature card: tokens, then what feeds it and what it feeds."""
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        card, up, down = lookups.tokens(feature, k), lookups.upstream(feature, k), lookups.downstream(feature, k)
+    card = cat.show(feature, k)
     if fmt == "json":
-        _print_json({"tokens": asdict(card), "upstream": [asdict(e) for e in up], "downstream": [asdict(e) for e in down]})
+        _print_json({"tokens": card.tokens, "upstream": card.upstream, "downstream": card.downstream})
         return
-    out.print(_tokens_table(card, k))
-    for title, edges in (("upstream: what feeds it", up), ("downstream: what it feeds", down)):
+    out.print(_tokens_table(card.tokens, k))
+    for title, edges in (("upstream: what feeds it", card.upstream), ("downstream: what it feeds", card.downstream)):
         out.print(_edges_table(title, edges) if edges else f"{title}: none in this catalog (no transcoder layers on that side)")
 
 
@@ -547,17 +498,9 @@ def show(feature, catalog_dir, store_uri, database, k, fmt):
 @click.option("--trust-pickle", is_flag=True)
 def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contexts, out_file, trust_pickle):
     """Transcoder fidelity: FVU, L0, dead features, and next-token CE with MLPs replaced / zeroed / mean-ablated."""
-    from circuit_catalog.ingest.datasets import token_contexts
-    from circuit_catalog.ingest.evaluate import evaluate_transcoders
-    from circuit_catalog.ingest.models import check_context, load_model
-    from circuit_catalog.ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest.pipeline import evaluate as evaluate_
 
-    tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
-    lm = load_model(model)
-    tset.bind(lm)
-    check_context(lm, ctx_len)
-    tokens = token_contexts(lm.tokenizer, dataset, n_tokens, ctx_len, skip_contexts=skip_contexts)
-    result = evaluate_transcoders(lm, tset, tokens)
+    result = evaluate_(model, transcoders, dataset, n_tokens, ctx_len, parse_layers(layers), skip_contexts, trust_pickle)
     table = Table("layer", "FVU", "L0", "dead", "CE replaced", "CE zero", "CE mean", "recovered", "KL",
                   title=f"{result.n_tokens:,} tokens; original CE {result.ce_original:.4f} nats")
     rows = [(str(m.layer), m, m.ablations, m.ce_recovered) for m in result.layers]
@@ -574,17 +517,15 @@ def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contex
 
 @main.command()
 @click.argument("feature")
-@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
+@catalog_option
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Top examples to show.")
 @format_option
-def stats(feature, catalog_dir, k, fmt):
+def stats(feature, cat, k, fmt):
     """FEATURE's activation statistics, top activating examples and examples from each activation
     interval (DuckDB over DIR/stats/)."""
-    from circuit_catalog.queries.stats import feature_stats
-
-    card = feature_stats(catalog_dir, feature, k)
+    card = cat.stats(feature, k)
     if fmt == "json":
-        _print_json(asdict(card))
+        _print_json(card)
         return
     out.print(f"{feature}: fires on {card.frequency:.4%} of tokens ({'live' if card.live else 'dead'}), "
               f"mean {card.mean_act:.3f} when firing, max {card.max_act:.3f}, quantiles 50/90/99% <= {card.q50:.3g}/{card.q90:.3g}/{card.q99:.3g}")
@@ -604,21 +545,16 @@ def stats(feature, catalog_dir, k, fmt):
 
 @main.command()
 @click.argument("query")
-@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path))
+@catalog_option
 @format_option
-def sql(query, catalog_dir, fmt):
+def sql(query, cat, fmt):
     """Run a read-only SQL QUERY (DuckDB) over the catalog's Parquet: views features, tokens, pullbacks,
     deembed, logits, stats, top_examples, quantile_examples, dataset_tokens."""
-    from circuit_catalog.queries.sql import run_sql
-
-    columns, rows = run_sql(catalog_dir, query)
+    rows = cat.sql(query)
     if fmt == "json":
-        _print_json([dict(zip(columns, (v if isinstance(v, (int, float, str, list, type(None))) else str(v) for v in row))) for row in rows])
-        return
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*(str(v) for v in row))
-    out.print(table)
+        _print_json(rows)
+    else:
+        out.print(_rows_table(rows))
 
 
 @main.group()
@@ -633,13 +569,9 @@ def report() -> None:
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Examples, tokens and edges per table.")
 @click.option("--with-neighbours", is_flag=True, help="Also write the cards of the upstream and downstream features shown.")
 @click.option("--blind", is_flag=True, help="Blind case study: leave out every example's text (cards named L8_355.blind.html).")
-def report_feature(features, catalog_dir, store_uri, database, out_dir, k, with_neighbours, blind):
+def report_feature(features, cat, out_dir, k, with_neighbours, blind):
     """Feature cards (e.g. L8/355 -> L8_355.html): histogram, top and per-interval examples, tokens, upstream/downstream."""
-    from circuit_catalog.queries.reports.feature import write_feature_cards
-
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        written = write_feature_cards(lookups, catalog_dir, features, out_dir, k, blind, with_neighbours)
-    for path in written:
+    for path in cat.report_feature(features, out_dir, k, blind, with_neighbours):
         out.print(str(path), highlight=False, soft_wrap=True)
 
 
@@ -649,25 +581,20 @@ def report_feature(features, catalog_dir, store_uri, database, out_dir, k, with_
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="HTML file (default CATALOG/reports/prompt_<id>.html).")
 @click.option("--max-nodes", type=click.IntRange(1), default=60, show_default=True, help="Feature and error nodes drawn (most influential).")
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Paths and nodes per table.")
-def report_prompt(prompt, catalog_dir, store_uri, database, out_file, max_nodes, k):
+def report_prompt(prompt, cat, out_file, max_nodes, k):
     """A prompt's attribution graph (PROMPT: id or exact text): picture, scores, logits, strongest paths."""
-    from circuit_catalog.queries.reports.prompt import write_prompt_report
-
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        path = write_prompt_report(lookups, catalog_dir, prompt, out_file, max_nodes=max_nodes, k=k)
+    path = cat.report_prompt(prompt, out_file, max_nodes=max_nodes, k=k)
     out.print(str(path), highlight=False, soft_wrap=True)
 
 
 @report.command(name="overview")
-@click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory (from `ingest`).")
+@catalog_option
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="HTML file (default CATALOG/reports/overview.html).")
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), default=None,
               help="`eval --out` JSON for FVU per layer (default CATALOG/eval.json if present).")
-def report_overview(catalog_dir, out_file, eval_file):
+def report_overview(cat, out_file, eval_file):
     """The catalog overview: per-layer features, live/dead, L0, FVU, and the pullback weight distribution."""
-    from circuit_catalog.queries.reports.overview import write_overview
-
-    path = write_overview(catalog_dir, out_file, eval_file)
+    path = cat.report_overview(out_file, eval_file)
     out.print(str(path), highlight=False, soft_wrap=True)
 
 
@@ -726,20 +653,14 @@ def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, fre
         raise InterventionError("nothing to do: give --set, --scale or --add (or --validate with --catalog)")
     if n_generate and regime is not Regime.REPLACEMENT:
         raise InterventionError("--generate runs the default regime only (no frozen values exist for generated tokens)")
-    from circuit_catalog.ingest.models import load_model
-    from circuit_catalog.ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest import pipeline
 
-    tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
-    lm = load_model(model)
-    tset.bind(lm)
+    loaded = dict(layers=parse_layers(layers), trust_pickle=trust_pickle)
     if validate:
-        from circuit_catalog.queries.validation import validate as validate_prompt
-
-        _print_validation(validate_prompt(lm, tset, catalog_dir, prompt_key, k or 20, n_paths), fmt)
+        _print_validation(pipeline.validate(model, transcoders, catalog_dir, prompt_key, k or 20, n_paths, **loaded), fmt)
         return
-    from circuit_catalog.queries.intervention_runs import run_intervention
-
-    done = run_intervention(lm, tset, prompt_key, edits, regime, list(targets), k or 10, catalog_dir, n_generate, temperature, seed)
+    done = pipeline.intervene(model, transcoders, prompt_key, edits, regime, targets, k or 10, catalog_dir, n_generate,
+                              temperature, seed, **loaded)
     result, generation = done.outcome, done.generation
     if fmt == "json":
         _print_json({**asdict(result), "generation": asdict(generation) if generation else None, "prompt_id": done.prompt_id, "id": done.id})
@@ -776,17 +697,16 @@ def _print_validation(v, fmt: str) -> None:
 @store_options
 @click.option("-k", type=click.IntRange(1), default=20, show_default=True)
 @format_option
-def interventions(feature, catalog_dir, store_uri, database, k, fmt):
+def interventions(feature, cat, k, fmt):
     """Recorded interventions that edited FEATURE (newest first): the edits, the prompt, what they did to the logits."""
-    with _lookups(catalog_dir, store_uri, database) as lookups:
-        found = lookups.interventions(feature, k)
+    found = cat.interventions(feature, k)
     if fmt == "json":
-        _print_json([asdict(u) for u in found])
+        _print_json(found)
         return
     table = Table("intervention", "prompt", "regime", "edits", "KL", "largest logit changes", title=f"interventions touching {feature}")
     table.columns[0].no_wrap = True
     for u in found:
-        changes = ", ".join(f"{t!r} {c:+.3f}" for t, c in u.changes[:3])
+        changes = ", ".join(f"{c.token!r} {c.change:+.3f}" for c in u.changes[:3])
         table.add_row(u.id, u.prompt_id or repr(u.prompt[:30]), u.regime, u.spec, f"{u.kl:.4f}", changes)
     out.print(table)
 
@@ -802,14 +722,9 @@ def interventions(feature, catalog_dir, store_uri, database, k, fmt):
 @click.option("--trust-pickle", is_flag=True)
 def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle):
     """The most active transcoder features at one position of a prompt (a real forward pass)."""
-    from circuit_catalog.ingest.activations import top_active_features
-    from circuit_catalog.ingest.models import load_model
-    from circuit_catalog.ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.ingest.pipeline import active as active_
 
-    tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
-    lm = load_model(model)
-    tset.bind(lm)
-    found = top_active_features(lm, tset, prompt, pos, k)
+    found = active_(model, transcoders, prompt, pos, k, parse_layers(layers), trust_pickle)
     if fmt == "ids":
         out.print("\n".join(f.feature for f in found))
         return

@@ -93,9 +93,11 @@ def load_model(spec: str | ModelSpec, device: str = "cpu"):
     """
     ms = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
     if ms.kind == "official":
-        return _load_official(ms.location, device)
-    directory = _gguf_to_hf_dir(Path(ms.location)) if ms.kind == "gguf" else Path(ms.location)
-    return _load_hf_dir(directory, device)
+        model = _load_official(ms.location, device)
+    else:
+        model = _load_hf_dir(_gguf_to_hf_dir(Path(ms.location)) if ms.kind == "gguf" else Path(ms.location), device)
+    model.cfg.model_name = ms.name  # what the manifest records, whether the API got a spec or this model
+    return model
 
 
 def _load_official(name: str, device: str):

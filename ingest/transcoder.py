@@ -13,7 +13,7 @@ serves both; code that reads `W_dec` alone is per-layer only and says so (`requi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -189,6 +189,7 @@ class TranscoderSet:
     by_layer: dict[int, Transcoder]
     files: list[Path] = field(default_factory=list)
     format: str = ""
+    source: str = ""  # the path or release it was loaded from (the manifest names files relative to it)
 
     @property
     def layers(self) -> list[int]:
@@ -253,7 +254,7 @@ class TranscoderSet:
         missing = sorted(set(layers) - set(self.by_layer))
         if missing:
             raise TranscoderError(f"no transcoder for layer(s) {missing}; available: {self.layers}")
-        return TranscoderSet({layer: self.by_layer[layer] for layer in layers}, self.files, self.format)
+        return replace(self, by_layer={layer: self.by_layer[layer] for layer in layers})
 
     def bind(self, model) -> None:
         """Check the set fits `model`, then express every transcoder trained on the Hugging Face modules in the

@@ -49,9 +49,11 @@ def load_transcoders(path: str | Path, trust_pickle: bool = False) -> Transcoder
     every transcoder in it. Safetensors files stay mapped: the pages each file's validation touched are
     handed back, so a set larger than memory loads."""
     try:
-        return _load_transcoders(path, trust_pickle)
+        tset = _load_transcoders(path, trust_pickle)
     finally:
         release_mapped()
+    tset.source = str(path)
+    return tset
 
 
 def _load_transcoders(path: str | Path, trust_pickle: bool) -> TranscoderSet:

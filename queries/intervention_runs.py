@@ -20,9 +20,9 @@ from circuit_catalog.ingest.intervention_log import add_intervention, interventi
 from circuit_catalog.ingest.interventions import Edit, Outcome, Regime, intervene
 from circuit_catalog.ingest.steering import Generation, generate
 from circuit_catalog.ingest.transcoder import TranscoderSet
-from circuit_catalog.queries.neuronpedia import find_prompt_id
+from circuit_catalog.queries.prompt_graph import prompt_record
 
-from circuit_catalog.errors import UserError
+from circuit_catalog.errors import UnknownPrompt
 
 
 @dataclass
@@ -31,12 +31,6 @@ class Recorded:
     generation: Generation | None
     prompt_id: str | None  # the catalog prompt run, if it was one
     id: str | None  # the intervention's id in the catalog, if recorded
-
-
-def catalog_prompt(catalog_dir: Path, key: str) -> tuple[str, dict]:
-    """(id, prompt.json) of a catalog prompt given by id or exact text."""
-    pid = find_prompt_id(Path(catalog_dir), key)
-    return pid, json.loads((layout.prompt_dir(Path(catalog_dir), pid) / "prompt.json").read_text())
 
 
 def graph_tokens(model, info: dict) -> tuple[torch.Tensor, bool]:
@@ -53,8 +47,9 @@ def run_intervention(model, tset: TranscoderSet, prompt: str, edits: list[Edit],
     prompt_id, info = None, None
     if catalog_dir is not None and (Path(catalog_dir) / layout.PROMPT_INDEX).is_file():
         try:
-            prompt_id, info = catalog_prompt(catalog_dir, prompt)
-        except UserError:
+            info = prompt_record(catalog_dir, prompt)
+            prompt_id = info["id"]
+        except UnknownPrompt:
             pass  # text that is not a catalog prompt: run as given
     tokens, zero_bos = graph_tokens(model, info) if info is not None else (prompt_tokens(model, prompt), True)
     target_ids = [target_token(model, t) for t in targets]

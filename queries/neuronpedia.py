@@ -14,93 +14,68 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from circuit_catalog.catalog import layout
+
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.catalog.parquet_io import write_text_atomic
 from circuit_catalog.ingest.pruning import cumulative_influence
-
-from circuit_catalog.errors import CatalogDirError, first_line
+from circuit_catalog.queries.prompt_graph import PromptGraph
 
 
 def cantor(x: int, y: int) -> int:
     return (x + y) * (x + y + 1) // 2 + y
 
 
-def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
-    catalog_dir = Path(catalog_dir)
-    manifest = Manifest.read(catalog_dir)
-    folder = layout.prompt_dir(catalog_dir, find_prompt_id(catalog_dir, pid))
-    info = json.loads((folder / "prompt.json").read_text())
-    settings = json.loads(info["settings"])
-    nodes, edges = _read(folder / "nodes.parquet"), _read(folder / "edges.parquet")
-    n_layers = info["n_layers"]
-    # nodes.parquet is in the graph's fixed order, as circuit-tracer's node indices
-    cumulative = cumulative_influence(torch.tensor([n["influence"] for n in nodes])).tolist()
-    tokens_by_pos = {n["pos"]: n["token"] for n in nodes if n["kind"] == "token"}
+def neuronpedia_graph(catalog_dir: Path, key: str, slug: str) -> dict:
+    manifest = Manifest.read(Path(catalog_dir))
+    graph = PromptGraph.from_catalog(catalog_dir, key, all_nodes=True)  # every node, in the graph's fixed order
+    settings = json.loads(graph.info.settings)
+    nodes, n_layers = list(graph.nodes.values()), graph.n_layers
+    cumulative = cumulative_influence(torch.tensor([n.influence for n in nodes])).tolist()
+    tokens_by_pos = {n.pos: n.token for n in nodes if n.kind == "token"}
     out_nodes, js_id = [], {}
     first_logit = True
     for n, share in zip(nodes, cumulative):
-        if not n["kept"] or n["kind"] == "target":  # a custom target has no place in the viewer's format
+        if not n.kept or n.kind == "target":  # a custom target has no place in the viewer's format
             continue
-        kind, layer, pos = n["kind"], n["layer"], n["pos"]
-        node = {"ctx_idx": pos, "run_idx": 0, "reverse_ctx_idx": 0, "influence": share, "activation": n["activation"],
+        kind, layer, pos = n.kind, n.layer, n.pos
+        node = {"ctx_idx": pos, "run_idx": 0, "reverse_ctx_idx": 0, "influence": share, "activation": n.activation,
                 "token_prob": 0.0, "is_target_logit": False, "clerp": ""}
         if kind == "feature":
-            node |= {"node_id": f"{layer}_{n['feature']}_{pos}", "feature": cantor(layer, n["feature"]), "layer": str(layer),
-                     "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{n['feature']}-0"}
+            node |= {"node_id": f"{layer}_{n.feature}_{pos}", "feature": cantor(layer, n.feature), "layer": str(layer),
+                     "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{n.feature}-0"}
         elif kind == "error":
             node |= {"node_id": f"err_{layer}_{pos}", "feature": -1, "layer": str(layer),
                      "feature_type": "mlp reconstruction error", "jsNodeId": f"{layer}_{pos}-0"}
         elif kind == "token":
-            node |= {"node_id": f"E_{n['token_id']}_{pos}", "feature": pos, "layer": "E", "feature_type": "embedding",
-                     "jsNodeId": f"E_{n['token_id']}-{pos}"}
+            node |= {"node_id": f"E_{n.token_id}_{pos}", "feature": pos, "layer": "E", "feature_type": "embedding",
+                     "jsNodeId": f"E_{n.token_id}-{pos}"}
         else:
-            node |= {"node_id": f"{n_layers + 1}_{n['token_id']}_{pos}", "feature": n["token_id"], "layer": str(n_layers + 1),
-                     "feature_type": "logit", "jsNodeId": f"L_{n['token_id']}-{pos}", "token_prob": n["probability"],
-                     "is_target_logit": first_logit, "clerp": f'Output "{n["token"]}" (p={n["probability"]:.3f})', "influence": None,
+            node |= {"node_id": f"{n_layers + 1}_{n.token_id}_{pos}", "feature": n.token_id, "layer": str(n_layers + 1),
+                     "feature_type": "logit", "jsNodeId": f"L_{n.token_id}-{pos}", "token_prob": n.probability,
+                     "is_target_logit": first_logit, "clerp": f'Output "{n.token}" (p={n.probability:.3f})', "influence": None,
                      "activation": None}
             first_logit = False
-        js_id[n["id"]] = node["node_id"]
+        js_id[n.id] = node["node_id"]
         out_nodes.append(node)
-    links = [{"source": js_id[e["src"]], "target": js_id[e["dst"]], "weight": e["weight"]}
-             for e in edges if e["src"] in js_id and e["dst"] in js_id]
+    links = [{"source": js_id[src], "target": js_id[dst], "weight": w}
+             for dst, ins in graph.edges.items() for src, w in ins if src in js_id and dst in js_id]
     metadata = {
         "slug": slug, "scan": Path(manifest.transcoders).name or manifest.transcoders, "transcoder_list": [],
-        "prompt_tokens": [tokens_by_pos[p] for p in sorted(tokens_by_pos)], "prompt": info["decoded"],
+        "prompt_tokens": [tokens_by_pos[p] for p in sorted(tokens_by_pos)], "prompt": graph.decoded,
         "node_threshold": settings["node_threshold"], "schema_version": 1,
     }
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": out_nodes, "links": links}
 
 
-def _read(path: Path) -> list[dict]:
-    try:
-        return pq.read_table(path).to_pylist()
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise CatalogDirError(f"{path}: unreadable ({first_line(exc)}); rerun the ingest to rewrite it") from None
-
-
-def find_prompt_id(catalog_dir: Path, key: str) -> str:
-    """A prompt id from an id or an exact prompt text."""
-    index = catalog_dir / layout.PROMPT_INDEX
-    rows = pq.read_table(index, columns=["id", "text"]).to_pylist() if index.is_file() else []
-    ids = [r["id"] for r in rows if key in (r["id"], r["text"])]
-    if len(ids) != 1:
-        problem = "neither an id nor the text of a prompt" if not ids else f"the text of {len(ids)} prompts ({', '.join(ids)})"
-        raise CatalogDirError(f"unknown prompt {key!r}: {problem} in {catalog_dir} (see `circuit-catalog prompts`)")
-    return ids[0]
-
-
-def export_neuronpedia(catalog_dir: Path, pid: str, out_file: Path) -> dict:
+def export_neuronpedia(catalog_dir: Path, key: str, out_file: Path) -> dict:
     """Write the graph JSON and list it in `graph-metadata.json` next to it; returns the graph.
 
     The viewer finds a graph as `<slug>.json`, so the slug is the file's stem.
     """
     out_file = Path(out_file)
-    graph = neuronpedia_graph(catalog_dir, pid, out_file.stem)
+    graph = neuronpedia_graph(catalog_dir, key, out_file.stem)
     write_text_atomic(json.dumps(graph, indent=2, ensure_ascii=False), out_file)
     index_path = out_file.parent / "graph-metadata.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {"graphs": []}

@@ -1,4 +1,9 @@
-"""Path searches over one prompt's (pruned) attribution graph, as read back from a store.
+"""One prompt's attribution graph as the query layer reads it, wherever it comes from, and path searches over it.
+
+`PromptGraph` is the one reader: the rows of a store (`from_rows`, via `Lookups.prompt_graph`), the catalog's
+Parquet parts (`from_catalog`: the export and the validation read these) and the tables the ingest writes
+(`ingest.prompts.graph_tables`) all map onto it. Node ids are the catalog's (`catalog.ids`); a prompt is
+found by its id or exact text through `find_prompt`, whichever source, with one error type (`UnknownPrompt`).
 
 An edge s -> t holds s's direct effect on t. Per unit of a feature's activation that is
 `weight / activation`; tokens and errors enter at unit scale. A path's strength is the product of
@@ -16,21 +21,52 @@ these per-unit factors along it: the effect of its first node on its last throug
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
-from circuit_catalog.errors import UnknownPrompt
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.layout import feature_id
+from circuit_catalog.errors import CatalogDirError, UnknownPrompt, first_line
 
 
 @dataclass
 class PromptInfo:
+    """A prompt of the catalog and its graph's scores; the counts are known where the catalog's files are read."""
+
     id: str
     text: str
     target: str | None
     n_tokens: int
     replacement_score: float
     completeness_score: float
+    n_active_features: int | None = None
+    n_feature_nodes: int | None = None
+    capped: bool | None = None
+    n_kept_nodes: int | None = None
+    n_kept_edges: int | None = None
+    settings: str | None = None  # the attribution settings (JSON)
+
+    @classmethod
+    def from_row(cls, row: dict) -> PromptInfo:
+        return cls(**{f.name: row.get(f.name) for f in fields(cls)})
+
+
+def find_prompt(rows: list[dict], key: str) -> dict:
+    """The one row whose id or exact text is `key`: the lookup every prompt argument goes through."""
+    found = [r for r in rows if key in (r["id"], r["text"])]
+    if not found:
+        raise UnknownPrompt(f"unknown prompt {key!r}: neither an id nor the text of a prompt in this catalog "
+                            "(see `circuit-catalog prompts`)")
+    if len(found) > 1:
+        ids = ", ".join(sorted(r["id"] for r in found))
+        raise UnknownPrompt(f"{key!r} is the text of {len(found)} prompts (with different targets); use an id: {ids}")
+    return found[0]
 
 
 def token_texts(text: str) -> list[str]:
@@ -41,16 +77,19 @@ def token_texts(text: str) -> list[str]:
 @dataclass
 class PNode:
     id: str
-    kind: str  # token | feature | error | logit
+    kind: str  # token | feature | error | logit | target
     layer: int
     pos: int
     feature: int | None = None
+    feature_id: str | None = None
     token_id: int | None = None
     token: str | None = None
     activation: float | None = None
     value: float | None = None
+    bias: float | None = None
     influence: float | None = None
     probability: float | None = None
+    kept: bool = True
 
     @property
     def local(self) -> str:
@@ -72,23 +111,71 @@ class PNode:
 
 
 @dataclass
+class GraphSummary:
+    """What `graph` prints: scores, sizes, the logit targets and the most influential inner nodes."""
+
+    prompt: PromptInfo
+    nodes: dict[str, int]  # kind -> count
+    edges: int
+    logits: list[PNode]  # most probable first
+    top: list[PNode]  # feature and error nodes by influence
+
+
+@dataclass
 class PromptGraph:
     info: PromptInfo
-    nodes: dict[str, PNode]
+    nodes: dict[str, PNode]  # in the graph's fixed order where read from the catalog (circuit-tracer's node order)
     edges: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # dst -> [(src, weight)]
+    decoded: str | None = None  # the tokens as text, BOS included (read from the catalog only)
+    n_layers: int | None = None
 
     @classmethod
-    def from_rows(cls, info: PromptInfo, nodes: list[dict], edges: list[dict]) -> PromptGraph:
-        graph = cls(info, {n["id"]: PNode(**{k: n.get(k) for k in PNode.__dataclass_fields__}) for n in nodes}, defaultdict(list))
+    def from_rows(cls, info: PromptInfo, nodes: list[dict], edges: list[dict], **extra) -> PromptGraph:
+        """From node and edge rows with the catalog's column names (a store's, the Parquet parts')."""
+        names = [f.name for f in fields(PNode)]
+        graph = cls(info, {}, defaultdict(list), **extra)
+        for n in nodes:
+            node = PNode(**{k: n[k] for k in names if n.get(k) is not None})
+            if node.kind == "feature" and node.feature_id is None:  # the stores keep layer and index only
+                node.feature_id = feature_id(node.layer, node.feature)
+            graph.nodes[node.id] = node
         for e in edges:
             graph.edges[e["dst"]].append((e["src"], float(e["weight"])))
         return graph
+
+    @classmethod
+    def from_catalog(cls, root: Path, key: str, all_nodes: bool = False) -> PromptGraph:
+        """A prompt's pruned graph from the catalog's Parquet parts, by id or text; `all_nodes` keeps the nodes
+        pruning dropped too (marked `kept=False`, without edges), in the graph's order."""
+        record = prompt_record(root, key)
+        folder = layout.prompt_dir(Path(root), record["id"])
+        nodes = [n for n in _read(folder / "nodes.parquet") if all_nodes or n["kept"]]
+        return cls.from_rows(PromptInfo.from_row(record), nodes, _read(folder / "edges.parquet"),
+                             decoded=record.get("decoded"), n_layers=record.get("n_layers"))
 
     def factor(self, src: str, weight: float) -> float:
         return weight / self.nodes[src].unit
 
     def of_kind(self, kind: str) -> list[PNode]:
         return [n for n in self.nodes.values() if n.kind == kind]
+
+    def summary(self, k: int = 15) -> GraphSummary:
+        kinds = {kind: len(self.of_kind(kind)) for kind in ("token", "feature", "error", "logit")}
+        inner = [n for n in self.nodes.values() if n.kind in ("feature", "error")]
+        return GraphSummary(self.info, kinds, sum(len(v) for v in self.edges.values()),
+                            sorted(self.of_kind("logit"), key=lambda n: -(n.probability or 0.0)),
+                            sorted(inner, key=lambda n: -(n.influence or 0.0))[:k])
+
+    def to_networkx(self):
+        """A `networkx.DiGraph`: node attributes are PNode's fields (plus `label`), edges carry `weight`."""
+        import networkx as nx
+
+        g = nx.DiGraph(prompt=self.info.id, text=self.info.text)
+        for n in self.nodes.values():
+            g.add_node(n.id, **{f.name: getattr(n, f.name) for f in fields(PNode) if f.name != "id"}, label=n.label)
+        for dst, ins in self.edges.items():
+            g.add_edges_from((src, dst, {"weight": w}) for src, w in ins)
+        return g
 
     def logit_node(self, text: str) -> str:
         """The id of the logit target with this token text (with or without a leading space)."""
@@ -112,6 +199,28 @@ class PromptGraph:
             texts = " ".join(f"{n.pos}:{n.token!r}" for n in sorted(tokens, key=lambda n: n.pos))
             raise UnknownPrompt(f"no token {which!r} in prompt {self.info.id} (tokens: {texts})")
         return found
+
+
+def prompt_index(root: Path) -> list[dict]:
+    """The rows of the catalog's prompt index (empty when it has no prompts)."""
+    path = Path(root) / layout.PROMPT_INDEX
+    return _read(path) if path.is_file() else []
+
+
+def prompt_record(root: Path, key: str) -> dict:
+    """The `prompt.json` record of the prompt with this id or text: its tokens, settings and scores."""
+    folder = layout.prompt_dir(Path(root), find_prompt(prompt_index(root), key)["id"])
+    try:
+        return json.loads((folder / "prompt.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CatalogDirError(f"{folder}: unreadable prompt record ({first_line(exc)}); rerun the ingest") from None
+
+
+def _read(path: Path) -> list[dict]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CatalogDirError(f"{path}: unreadable ({first_line(exc)}); rerun the ingest to rewrite it") from None
 
 
 @dataclass

@@ -20,8 +20,8 @@ from circuit_catalog.catalog import layout
 from circuit_catalog.ingest.interventions import Edit, Regime, clean_run, run_batch
 from circuit_catalog.ingest.targets import custom_target
 from circuit_catalog.ingest.transcoder import TranscoderSet
-from circuit_catalog.queries.intervention_runs import catalog_prompt, graph_tokens
-from circuit_catalog.queries.prompt_graph import PromptGraph, PromptInfo, strongest_paths
+from circuit_catalog.queries.intervention_runs import graph_tokens
+from circuit_catalog.queries.prompt_graph import PNode, PromptGraph, prompt_record, strongest_paths
 
 from circuit_catalog.errors import CatalogDirError
 
@@ -50,57 +50,56 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     """Ablate the k most influential features and the features of the n_paths strongest paths, one check each
     (`batch_size` ablations per forward pass)."""
     catalog_dir = Path(catalog_dir)
-    pid, info = catalog_prompt(catalog_dir, key)
-    folder = layout.prompt_dir(catalog_dir, pid)
-    nodes = pq.read_table(folder / "nodes.parquet").to_pylist()
-    by_id = {n["id"]: n for n in nodes}
+    info = prompt_record(catalog_dir, key)
+    pid = info["id"]
+    graph = PromptGraph.from_catalog(catalog_dir, pid, all_nodes=True)
+    nodes = list(graph.nodes.values())
     # logit targets, most probable first, then a custom target; each read off the final-normed residual
-    logits = sorted((n for n in nodes if n["kind"] == "logit"), key=lambda n: -n["probability"])
-    logits += [n for n in nodes if n["kind"] == "target"]
-    logit_ids = [n["id"] for n in logits]
+    logits = sorted((n for n in nodes if n.kind == "logit"), key=lambda n: -n.probability)
+    logits += [n for n in nodes if n.kind == "target"]
+    logit_ids = [n.id for n in logits]
     weights: dict[str, dict[str, float]] = defaultdict(dict)  # source -> logit node -> direct effect
-    for e in pq.read_table(folder / "edges_full.parquet", filters=[("dst", "in", logit_ids)]).to_pylist():
+    # every node's direct effect on the logits, pruned or not: the one read of the unpruned edges
+    edges_full = layout.prompt_dir(catalog_dir, pid) / "edges_full.parquet"
+    for e in pq.read_table(edges_full, filters=[("dst", "in", logit_ids)]).to_pylist():
         weights[e["src"]][e["dst"]] = e["weight"]
 
     tokens, zero_bos = graph_tokens(model, info)
     clean = clean_run(model, tset, tokens, zero_bos)
     readout, offset = _readout(model, info, logits)
     before = clean.final_normalised @ readout + offset
-    stored = torch.tensor([n["value"] for n in logits])
+    stored = torch.tensor([n.value for n in logits])
     if not torch.allclose(before, stored, rtol=1e-3, atol=1e-3 * float(stored.abs().max())):
         raise CatalogDirError(f"prompt {pid}: the model's logits differ from the catalog's graph; was it built with other weights or transcoders?")
 
-    features = sorted((n for n in nodes if n["kind"] == "feature"), key=lambda n: -n["influence"])[:k]
-    groups = [[n["id"]] for n in features]
-    pruned = PromptGraph.from_rows(
-        PromptInfo(pid, info["text"], info.get("target"), info["n_tokens"], info["replacement_score"], info["completeness_score"]),
-        [n for n in nodes if n["kept"]], pq.read_table(folder / "edges.parquet").to_pylist())
-    sources = {n["id"] for n in nodes if n["kind"] == "token" and n["kept"]}
-    for path in strongest_paths(pruned, sources, {logit_ids[0]}, n_paths):
-        group = [node for node in path.nodes if by_id[node]["kind"] == "feature"]
+    features = sorted((n for n in nodes if n.kind == "feature"), key=lambda n: -n.influence)[:k]
+    groups = [[n.id] for n in features]
+    sources = {n.id for n in nodes if n.kind == "token" and n.kept}
+    for path in strongest_paths(graph, sources, {logit_ids[0]}, n_paths):  # pruned nodes have no edges
+        group = [node for node in path.nodes if graph.nodes[node].kind == "feature"]
         if group and group not in groups:
             groups.append(group)
 
     checks = []
     for start in range(0, len(groups), batch_size):  # one batched forward pass per regime and batch of ablations
         batch = groups[start:start + batch_size]
-        edit_sets = [[Edit("set", by_id[n]["layer"], by_id[n]["feature"], by_id[n]["pos"], 0.0) for n in group] for group in batch]
+        edit_sets = [[Edit("set", graph.nodes[n].layer, graph.nodes[n].feature, graph.nodes[n].pos, 0.0) for n in group] for group in batch]
         direct = run_batch(model, tset, tokens, edit_sets, Regime.DIRECT_ONLY, clean, zero_bos).final_normalised @ readout + offset - before
         full = run_batch(model, tset, tokens, edit_sets, Regime.REPLACEMENT, clean, zero_bos).final_normalised @ readout + offset - before
         for group, d, f in zip(batch, direct.tolist(), full.tolist()):
             predicted = [-sum(weights[n].get(t, 0.0) for n in group) for t in logit_ids]
             checks.append(Check(" + ".join(n.split(":", 1)[1] for n in group), predicted, d, f))
-    return Validation(pid, info["text"], [n["token"] for n in logits], checks)
+    return Validation(pid, info["text"], [n.token for n in logits], checks)
 
 
-def _readout(model, info: dict, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+def _readout(model, info: dict, targets: list[PNode]) -> tuple[torch.Tensor, torch.Tensor]:
     """[d, n_targets] directions and [n_targets] constants: a logit's unembedding column and bias, or the
     custom target rebuilt from its definition in prompt.json."""
     vectors, offsets = [], []
     for n in targets:
-        if n["kind"] == "logit":
-            vectors.append(model.W_U[:, n["token_id"]].detach())
-            offsets.append(model.b_U[n["token_id"]].detach())
+        if n.kind == "logit":
+            vectors.append(model.W_U[:, n.token_id].detach())
+            offsets.append(model.b_U[n.token_id].detach())
         else:
             d = info["custom_target"]
             custom = custom_target(model, d.get("tokens", []), d.get("contrast", []), d.get("direction"), d["weight"])

@@ -15,7 +15,7 @@ from circuit_catalog.ingest.evaluate import evaluate_transcoders
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, pullback_table, run_ingest, run_stats
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
 from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_circuit_tracer, save_circuit_tracer_clt
-from circuit_catalog.queries.api import Lookups
+from circuit_catalog.queries.lookups import Lookups
 from circuit_catalog.queries.reports.prompt import report_file, write_prompt_report
 from safetensors.torch import load_file
 

@@ -290,7 +290,7 @@ def test_feature_card_and_prompt_report_show_interventions(stats_catalog, gpt2, 
     from circuit_catalog.ingest.intervention_log import add_intervention, intervention_row
     from circuit_catalog.ingest.interventions import intervene
     from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-    from circuit_catalog.queries.api import Lookups
+    from circuit_catalog.queries.lookups import Lookups
     from circuit_catalog.queries.reports.feature import write_feature_cards
     from circuit_catalog.queries.reports.prompt import write_prompt_report
 

@@ -13,7 +13,7 @@ import pytest
 from circuit_catalog.catalog.graph_schema import NODES, RELS
 from circuit_catalog.catalog.neo4j_import import schema_statements_after_import
 from circuit_catalog.catalog.neo4j_store import indexed_properties, schema_statements, statements
-from circuit_catalog.queries.api import named_query, query_names
+from circuit_catalog.queries.lookups import named_query, query_names
 
 REPO = Path(__file__).resolve().parents[1]
 LINT_HOME = REPO / ".tools" / "cypher-lint"

@@ -348,7 +348,7 @@ def test_each_release_goes_through_the_catalog(kind, gpt2, tmp_path):
     from circuit_catalog.catalog.store import open_loaded_store
     from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
     from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-    from circuit_catalog.queries.api import Lookups
+    from circuit_catalog.queries.lookups import Lookups
     from circuit_catalog.queries.reports.prompt import report_file, write_prompt_report
 
     path = write_release(kind, tmp_path / "release", gpt2.cfg.d_model, gpt2.cfg.n_layers)

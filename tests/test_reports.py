@@ -19,7 +19,7 @@ from circuit_catalog.catalog.store import open_loaded_store
 from circuit_catalog.ingest.datasets import token_contexts
 from circuit_catalog.ingest.evaluate import evaluate_transcoders
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-from circuit_catalog.queries.api import Lookups
+from circuit_catalog.queries.lookups import Lookups
 from circuit_catalog.queries.reports.feature import card_file, feature_card, render_feature, write_feature_cards
 from circuit_catalog.queries.reports.overview import write_overview
 from circuit_catalog.queries.reports.prompt import report_file, write_prompt_report
@@ -140,7 +140,7 @@ def test_prompt_report_shows_the_graph(reports):
         info = lookups.prompt(PROMPT)
         graph = lookups.prompt_graph(info.id)
         top = max(graph.of_kind("logit"), key=lambda n: n.probability)
-        paths = lookups.prompt_paths(info.id, top.token, k=10)
+        _, paths = lookups.prompt_paths(info.id, top.token, k=10)
     assert f"{info.replacement_score:.3f}" in page.texts and f"{info.completeness_score:.3f}" in page.texts
     (logits,) = page.rows("logits")
     assert [row[1] for row in logits] == [f"{n.probability:.4f}" for n in sorted(graph.of_kind("logit"), key=lambda n: -n.probability)]

@@ -24,7 +24,7 @@ from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ladybug_store import LadybugStore
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
-from circuit_catalog.queries.api import Lookups, named_query, query_names, token_texts
+from circuit_catalog.queries.lookups import Lookups, named_query, query_names, token_texts
 from circuit_catalog.queries.prompt_graph import PromptGraph
 
 from circuit_catalog.errors import CatalogDirError, CypherError, StoreError, UnknownFeature, UnknownPrompt
@@ -324,10 +324,10 @@ def test_prompt_paths_equal_enumeration(store, ref):
     logit = max(graph.of_kind("logit"), key=lambda n: n.probability)
     expected = _all_paths(graph, {n.id for n in graph.of_kind("token")}, {logit.id})
     assert len(expected) > 10
-    got = lookups.prompt_paths(pid, logit.token, k=10)
+    _, got = lookups.prompt_paths(pid, logit.token, k=10)
     assert [p.nodes for p in got] == [p for p, _ in expected[:10]]
     assert [p.strength for p in got] == pytest.approx([s for _, s in expected[:10]], rel=1e-5)
-    at_pos = lookups.prompt_paths(pid, logit.token, from_token=1, k=5)
+    _, at_pos = lookups.prompt_paths(pid, logit.token, from_token=1, k=5)
     assert all(graph.nodes[p.nodes[0]].pos == 1 for p in at_pos)
     with pytest.raises(UnknownPrompt, match="not a logit target"):
         lookups.prompt_paths(pid, "zebra")
@@ -546,7 +546,7 @@ def test_bolt_load_from_the_cli_with_two_writers(bolt_server, catalog_dir, ref, 
     assert s.run("MATCH ()-[e:ATTR]->() RETURN count(e) AS n")[0]["n"] == len(ref["attr"])
     s.close()
     result = CliRunner().invoke(main, ["load", "--catalog", str(catalog_dir), "--store", "embedded", "--writers", "2"])
-    assert result.exit_code == 1 and "--writers applies to Neo4j stores" in result.output
+    assert result.exit_code == 1 and "applies to Neo4j stores" in result.output
 
 
 def test_parts_sharing_a_node_never_load_at_once():

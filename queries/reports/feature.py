@@ -20,7 +20,7 @@ from pathlib import Path
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.layout import histogram_log10_edges, parse_feature_id
 from circuit_catalog.catalog.manifest import Manifest
-from circuit_catalog.queries.api import Edge, FeatureTokens, FeatureUse, InterventionUse, Lookups
+from circuit_catalog.queries.lookups import Edge, FeatureTokens, FeatureUse, InterventionUse, Lookups
 from circuit_catalog.queries.reports import svg
 from circuit_catalog.queries.reports.html import (
     Markup,

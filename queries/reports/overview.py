@@ -12,13 +12,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.manifest import Manifest
-from circuit_catalog.catalog.parquet_io import check_parts
 from circuit_catalog.queries.reports import svg
 from circuit_catalog.queries.reports.feature import OVERVIEW
 from circuit_catalog.queries.reports.html import Markup, figures, join, link, page, section, table, tag, write_page
+from circuit_catalog.queries.prompt_graph import prompt_index
 from circuit_catalog.queries.reports.prompt import report_file
 from circuit_catalog.queries.sql import connect, views
 
@@ -90,12 +89,10 @@ def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None =
             rows[m["layer"]].fvu, rows[m["layer"]].ce_recovered = m["fvu"], m["ce_recovered"]
     if cards_dir is not None and cards_dir.is_dir():
         result.cards = sorted((p.name for p in cards_dir.glob("L*_*.html")), key=_card_order)
-    if (root / layout.PROMPT_INDEX).is_file():
-        check_parts([root / layout.PROMPT_INDEX])
-        result.prompts = pq.read_table(root / layout.PROMPT_INDEX).to_pylist()
-        for row in result.prompts:
-            name = report_file(row["id"])
-            row["report"] = name if cards_dir is not None and (cards_dir / name).is_file() else None
+    result.prompts = prompt_index(root)
+    for row in result.prompts:
+        name = report_file(row["id"])
+        row["report"] = name if cards_dir is not None and (cards_dir / name).is_file() else None
     return result
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.manifest import Manifest
-from circuit_catalog.queries.api import InterventionUse, Lookups
+from circuit_catalog.queries.lookups import InterventionUse, Lookups
 from circuit_catalog.queries.prompt_graph import NodePath, PromptGraph, strongest_paths
 from circuit_catalog.queries.reports import svg
 from circuit_catalog.queries.reports.feature import OVERVIEW, card_file, interventions_section

@@ -1,30 +1,34 @@
-"""The Python query API over a graph store: named Cypher queries, always parameterised.
+"""Named Cypher lookups over one graph store, always parameterised, returning typed rows.
 
-`Lookups(store)` answers what the CLI and reports ask: what feeds a feature, what it feeds, its
-tokens, which features mention a token, and the strongest token -> feature -> ... -> logit paths.
+`Lookups(store)` answers the graph questions behind `Catalog` (queries/catalog.py): what feeds a
+feature, what it feeds, its tokens, which features mention a token, the strongest token -> feature
+-> ... -> logit paths, a feature's weights neighbourhood, and the prompts' graphs and interventions.
 Every method runs `.cypher` files from `queries/cypher/` (a `<name>.<dialect>.cypher` variant wins
 where the engines' dialects differ) and never interpolates user text into a statement.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 from circuit_catalog.catalog.layout import parse_feature_id
 from circuit_catalog.catalog.store import GraphStore, Row
+from circuit_catalog.errors import UnknownFeature
 from circuit_catalog.queries.prompt_graph import (
     NodePath,
     PromptGraph,
     PromptInfo,
+    find_prompt,
     greedy_paths,
     strongest_paths,
     token_texts,
 )
-
-from circuit_catalog.errors import UnknownFeature, UnknownPrompt
+from circuit_catalog.queries.rows import Rows, rows_of
 
 CYPHER_DIR = Path(__file__).with_name("cypher")
 
@@ -42,6 +46,21 @@ def query_names() -> list[str]:
     return sorted({p.name.split(".")[0] for p in CYPHER_DIR.glob("*.cypher")})
 
 
+class TokenWeight(NamedTuple):
+    token: str
+    weight: float
+
+
+class NodeInput(NamedTuple):
+    node: str  # a node's local id (`L1/5@3`), or for a token its text and position
+    weight: float
+
+
+class LogitChange(NamedTuple):
+    token: str
+    change: float
+
+
 @dataclass
 class Edge:
     feature: str
@@ -52,9 +71,9 @@ class Edge:
 @dataclass
 class FeatureTokens:
     id: str
-    deembed: list[tuple[str, float]]
-    deembed_extended: list[tuple[str, float]]
-    logits: list[tuple[str, float]]
+    deembed: list[TokenWeight]
+    deembed_extended: list[TokenWeight]
+    logits: list[TokenWeight]
 
 
 @dataclass
@@ -69,13 +88,28 @@ class Hit:
 class WeightPath:
     nodes: list[str]  # token text, feature ids..., logit token text
     weights: list[float]  # one per edge
+    strength: float = field(init=False)  # the product of the weights
 
-    @property
-    def strength(self) -> float:
-        product = 1.0
-        for w in self.weights:
-            product *= w
-        return product
+    def __post_init__(self) -> None:
+        self.strength = math.prod(self.weights)
+
+
+@dataclass
+class Neighbourhood:
+    """A feature's pullback neighbourhood: the `k` strongest inputs and outputs of each node, `depth` hops out."""
+
+    center: str
+    features: dict[str, dict]  # id -> {layer, index, tokens (top extended de-embedding)}
+    edges: list[tuple[str, str, float]]  # (src, dst, weight), src in an earlier layer
+
+    def to_networkx(self):
+        """A `networkx.DiGraph` of features (attributes layer, index, tokens) and weighted pullback edges."""
+        import networkx as nx
+
+        g = nx.DiGraph(center=self.center)
+        g.add_nodes_from(self.features.items())
+        g.add_weighted_edges_from(self.edges)
+        return g
 
 
 @dataclass
@@ -104,7 +138,7 @@ class FeatureUse:
     pos: int
     activation: float
     influence: float
-    inputs: list[tuple[str, float]]  # (source node's local id, or 'token' text for tokens; edge weight)
+    inputs: list[NodeInput]
 
 
 @dataclass
@@ -118,7 +152,7 @@ class InterventionUse:
     spec: str  # every edit of the intervention
     edits: str  # this feature's edits
     kl: float
-    changes: list[tuple[str, float]]  # (token, logit change)
+    changes: list[LogitChange]
     generated_original: str | None = None
     generated_steered: str | None = None
 
@@ -141,31 +175,31 @@ class Lookups:
         if not self._q("feature", id=fid):
             raise UnknownFeature(f"unknown feature {fid}: not in this catalog")
 
-    def upstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> list[Edge]:
+    def upstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> Rows[Edge]:
         """The k strongest incoming pullback edges by |weight|, strongest first."""
         return self._edges("upstream", fid, k, layer, sign)
 
-    def downstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> list[Edge]:
+    def downstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> Rows[Edge]:
         """The k strongest outgoing pullback edges by |weight|, strongest first."""
         return self._edges("downstream", fid, k, layer, sign)
 
-    def _edges(self, name: str, fid: str, k: int, layer: int | None, sign: int | None, n_tokens: int = 5) -> list[Edge]:
+    def _edges(self, name: str, fid: str, k: int, layer: int | None, sign: int | None, n_tokens: int = 5) -> Rows[Edge]:
         parse_feature_id(fid)
         rows = self._q(name, id=fid, k=k, layer=-1 if layer is None else layer, sign=0 if sign is None else sign)
         if not rows:
             self.check_feature(fid)  # no edges: tell an unknown feature from one without edges
-        return [Edge(r["feature"], float(r["weight"]), list(r["tokens"] or [])[:n_tokens]) for r in rows]
+        return rows_of(Edge, (Edge(r["feature"], float(r["weight"]), list(r["tokens"] or [])[:n_tokens]) for r in rows))
 
     def tokens(self, fid: str, k: int = 10) -> FeatureTokens:
         """De-embedding (raw, extended) and logit-lens tokens with weights, strongest first."""
         self.check_feature(fid)
-        by_variant: dict[str, list[tuple[str, float]]] = defaultdict(list)
+        by_variant: dict[str, list[TokenWeight]] = defaultdict(list)
         for r in self._q("deembed_tokens", id=fid):
-            by_variant[r["variant"]].append((r["token"], float(r["weight"])))
-        logits = [(r["token"], float(r["weight"])) for r in self._q("logit_tokens", id=fid)]
+            by_variant[r["variant"]].append(TokenWeight(r["token"], float(r["weight"])))
+        logits = [TokenWeight(r["token"], float(r["weight"])) for r in self._q("logit_tokens", id=fid)]
         return FeatureTokens(fid, by_variant["raw"][:k], by_variant["extended"][:k], logits[:k])
 
-    def search(self, token: str, k: int = 20) -> list[Hit]:
+    def search(self, token: str, k: int = 20) -> Rows[Hit]:
         """Features whose top logit-lens or de-embedding tokens include `token`: up to k of each kind.
 
         Kinds are kept apart (logit lens first) because their weights are on different scales.
@@ -175,9 +209,9 @@ class Lookups:
         for variant in ("extended", "raw"):
             rows = self._q("search_deembed", texts=texts, variant=variant, k=k)
             hits += [Hit(r["feature"], f"deembed_{variant}", r["token"], float(r["weight"])) for r in rows]
-        return hits
+        return rows_of(Hit, hits)
 
-    def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256, variant: str = "extended") -> list[WeightPath]:
+    def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256, variant: str = "extended") -> Rows[WeightPath]:
         """The k strongest token -> feature (-> feature ...) -> logit paths by |product of weights|.
 
         A beam search over the layered graph: at most `max_hops` pullback edges, keeping the `beam`
@@ -187,7 +221,7 @@ class Lookups:
         starts = self._q("path_starts", texts=token_texts(from_token), variant=variant)
         ends: dict[str, tuple[str, float]] = {r["feature"]: (r["token"], float(r["weight"])) for r in self._q("path_ends", texts=token_texts(to_logit))}
         if not starts or not ends:
-            return []
+            return rows_of(WeightPath, [])
         max_layer = max(parse_feature_id(f)[0] for f in ends)
         frontier = [WeightPath([r["token"], r["feature"]], [float(r["weight"])]) for r in starts if r["layer"] <= max_layer]
         complete: list[WeightPath] = []
@@ -204,43 +238,61 @@ class Lookups:
                 steps[r["src"]].append(r)
             frontier = [WeightPath([*p.nodes, r["dst"]], [*p.weights, float(r["weight"])]) for p in frontier for r in steps[p.nodes[-1]]]
             frontier = sorted(frontier, key=lambda p: -abs(p.strength))[:beam]
-        return sorted(complete, key=lambda p: (-abs(p.strength), p.nodes))[:k]
+        return rows_of(WeightPath, sorted(complete, key=lambda p: (-abs(p.strength), p.nodes))[:k])
+
+    def neighbourhood(self, fid: str, depth: int = 1, k: int = 5) -> Neighbourhood:
+        """The feature, its k strongest inputs and outputs, theirs, ... `depth` hops out (edges by |weight|)."""
+        self.check_feature(fid)
+        features: dict[str, dict] = {}
+        edges: dict[tuple[str, str], float] = {}
+        frontier = [fid]
+        for _ in range(depth):
+            reached = []
+            for node in frontier:
+                for e, pair in [(e, (e.feature, node)) for e in self.upstream(node, k)] + \
+                               [(e, (node, e.feature)) for e in self.downstream(node, k)]:
+                    edges[pair] = e.weight
+                    if e.feature != fid and e.feature not in features:
+                        features[e.feature] = {"tokens": e.tokens}
+                        reached.append(e.feature)
+            frontier = reached
+        features.setdefault(fid, {"tokens": [t for t, _ in self.tokens(fid, 5).deembed_extended]})
+        for f, attrs in features.items():
+            attrs["layer"], attrs["index"] = parse_feature_id(f)
+        return Neighbourhood(fid, features, [(a, b, w) for (a, b), w in edges.items()])
 
     # ------------------------------------------------------------ per-prompt attribution graphs
 
-    def prompts(self, k: int = 100_000) -> list[PromptInfo]:
-        return [PromptInfo(**r) for r in self._q("prompts", k=k)]
+    def prompts(self, k: int = 100_000) -> Rows[PromptInfo]:
+        return rows_of(PromptInfo, (PromptInfo.from_row(r) for r in self._q("prompts", k=k)))
 
     def prompt(self, key: str) -> PromptInfo:
-        """A prompt by its id or its exact text."""
-        rows = self._q("prompt", key=key)
-        if not rows:
-            raise UnknownPrompt(f"unknown prompt {key!r}: neither an id nor the text of a prompt in this catalog (see `circuit-catalog prompts`)")
-        if len(rows) > 1:
-            raise UnknownPrompt(f"{key!r} is the text of {len(rows)} prompts (with different targets); use an id: {', '.join(r['id'] for r in rows)}")
-        return PromptInfo(**rows[0])
+        """A prompt by its id or its exact text (the store finds the candidates, `find_prompt` decides)."""
+        return PromptInfo.from_row(find_prompt(self._q("prompt", key=key), key))
 
     def prompt_graph(self, key: str) -> PromptGraph:
         """The pruned attribution graph of one prompt (by id or text), with the prompt's row."""
         info = self.prompt(key)
         return PromptGraph.from_rows(info, self._q("prompt_nodes", id=info.id), self._q("prompt_edges", id=info.id))
 
-    def prompt_paths(self, key: str, to_logit: str, from_token: str | int | None = None, k: int = 10) -> list[NodePath]:
-        """The k strongest paths from the token(s) at a position or with a text (all tokens if None) to a logit."""
+    def prompt_paths(self, key: str, to_logit: str, from_token: str | int | None = None, k: int = 10, greedy: bool = False,
+                     iters: int = 3, branches: int = 5) -> tuple[PromptGraph, list[NodePath]]:
+        """The prompt's graph and its k strongest paths from the token(s) at a position or with a text (every token
+        if None) to a logit target; `greedy`: the seed's greedy search back from the logit (`iters` edges,
+        `branches` paths kept per step) instead."""
         graph = self.prompt_graph(key)
-        return strongest_paths(graph, graph.token_nodes(from_token), {graph.logit_node(to_logit)}, k)
+        logit = graph.logit_node(to_logit)
+        if greedy:
+            return graph, greedy_paths(graph, logit, iters, branches)
+        return graph, strongest_paths(graph, graph.token_nodes(from_token), {logit}, k)
 
-    def prompt_greedy_paths(self, key: str, to_logit: str, num_iters: int = 3, num_branches: int = 5) -> list[NodePath]:
-        graph = self.prompt_graph(key)
-        return greedy_paths(graph, graph.logit_node(to_logit), num_iters, num_branches)
-
-    def prompts_using(self, fid: str, k: int = 20) -> list[PromptUse]:
+    def prompts_using(self, fid: str, k: int = 20) -> Rows[PromptUse]:
         """Prompts whose pruned graph contains the feature (at any position), most influential first."""
         self.check_feature(fid)
-        return [PromptUse(r["prompt"], r["text"], sorted(r["positions"]), float(r["influence"]), float(r["activation"]))
-                for r in self._q("prompts_using", id=fid, k=k)]
+        return rows_of(PromptUse, (PromptUse(r["prompt"], r["text"], sorted(r["positions"]), float(r["influence"]), float(r["activation"]))
+                                   for r in self._q("prompts_using", id=fid, k=k)))
 
-    def feature_uses(self, fid: str, k: int = 10, n_inputs: int = 5, token_text: bool = True) -> list[FeatureUse]:
+    def feature_uses(self, fid: str, k: int = 10, n_inputs: int = 5, token_text: bool = True) -> Rows[FeatureUse]:
         """The feature's k most influential occurrences in prompt graphs, each with its strongest inputs.
 
         `token_text=False` names token inputs by position only (for blind case studies).
@@ -251,32 +303,32 @@ class Lookups:
             inputs = []
             for i in r["inputs"]:
                 local = i["src"].split(":", 1)[1]
-                inputs.append((f"{i['token']!r}{local[3:]}" if i["kind"] == "token" and token_text else local, float(i["weight"])))
+                inputs.append(NodeInput(f"{i['token']!r}{local[3:]}" if i["kind"] == "token" and token_text else local, float(i["weight"])))
             uses.append(FeatureUse(r["prompt"], int(r["pos"]), float(r["activation"]), float(r["influence"]), inputs))
-        return uses
+        return rows_of(FeatureUse, uses)
 
-    def recurring(self, k: int = 20) -> list[Recurring]:
+    def recurring(self, k: int = 20) -> Rows[Recurring]:
         """Features found in the most prompts' pruned graphs."""
-        return [Recurring(r["feature"], int(r["prompts"]), float(r["influence"]), list(r["tokens"] or [])[:5],
-                          list(r["logit_tokens"] or [])[:5]) for r in self._q("recurring", k=k)]
+        return rows_of(Recurring, (Recurring(r["feature"], int(r["prompts"]), float(r["influence"]), list(r["tokens"] or [])[:5],
+                                             list(r["logit_tokens"] or [])[:5]) for r in self._q("recurring", k=k)))
 
-    def interventions(self, fid: str, k: int = 20) -> list[InterventionUse]:
+    def interventions(self, fid: str, k: int = 20) -> Rows[InterventionUse]:
         """The k newest recorded interventions that edited the feature, with their logit changes."""
         self.check_feature(fid)
         return self._interventions("interventions", id=fid, k=k)
 
-    def prompt_interventions(self, key: str, k: int = 20) -> list[InterventionUse]:
+    def prompt_interventions(self, key: str, k: int = 20) -> Rows[InterventionUse]:
         """The k newest recorded interventions on a prompt (by id or text); `edits` is the whole spec."""
         return self._interventions("prompt_interventions", id=self.prompt(key).id, k=k)
 
-    def _interventions(self, name: str, **params) -> list[InterventionUse]:
+    def _interventions(self, name: str, **params) -> Rows[InterventionUse]:
         found: dict[str, InterventionUse] = {}
         for r in self._q(name, **params):
             use = found.setdefault(r["id"], InterventionUse(
                 r["id"], r["prompt_id"], r["prompt"], r["regime"], r["spec"], r["edits"], float(r["kl"]), [],
                 r["generated_original"], r["generated_steered"]))
             if r["token"] is not None:
-                use.changes.append((r["token"], float(r["change"])))
+                use.changes.append(LogitChange(r["token"], float(r["change"])))
         for use in found.values():
-            use.changes.sort(key=lambda c: -abs(c[1]))
-        return list(found.values())
+            use.changes.sort(key=lambda c: -abs(c.change))
+        return rows_of(InterventionUse, found.values())

@@ -1,0 +1,182 @@
+"""The compute side of the API: load a model and its transcoders, then ingest, train, evaluate, look at activations.
+
+Each function takes a model and transcoders either already loaded (a HookedTransformer, a TranscoderSet)
+or as what the CLI takes (a model name / directory / .gguf / alias; a transcoder directory or file), so a
+notebook and the CLI run the same code. `load` is the one place that loads both, selects layers and binds
+the transcoders to the model (checking that they fit); every model-running command goes through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec
+from circuit_catalog.ingest.transcoder import TranscoderSet
+
+def load_model(model, device: str | None = None):
+    """A HookedTransformer from a TransformerLens name, a Hugging Face directory, a .gguf file or an alias
+    (`smollm2-135m`); a model already loaded is returned as it is."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    from circuit_catalog.ingest.models import load_model as load
+
+    return load(str(model), **({"device": device} if device else {}))
+
+
+def load_transcoders(transcoders, layers: list[int] | None = None, trust_pickle: bool = False,
+                     model=None) -> TranscoderSet:
+    """A transcoder set from a SAELens / circuit-tracer / Gemma Scope / sparsify directory, a `hf://` release or
+    original GPT-2 transcoder files (`trust_pickle` for those), restricted to `layers` (None: all), and bound to
+    `model` when one is given (checked to fit it)."""
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders as load
+
+    tset = transcoders if isinstance(transcoders, TranscoderSet) else load(transcoders, trust_pickle=trust_pickle)
+    tset = tset.select(layers)
+    if model is not None:
+        tset.bind(model)
+    return tset
+
+
+def load(model, transcoders, layers: list[int] | None = None, trust_pickle: bool = False, device: str | None = None):
+    """(model, transcoders): the transcoders read first (a bad file fails before a slow model load), then the
+    model, then the transcoders bound to it."""
+    tset = load_transcoders(transcoders, layers, trust_pickle)
+    lm = load_model(model, device)
+    tset.bind(lm)
+    return lm, tset
+
+
+def model_name(model) -> str:
+    """The name recorded in the manifest: the spec as given, or a loaded model's own name."""
+    if isinstance(model, torch.nn.Module):
+        return model.cfg.model_name
+    from circuit_catalog.ingest.models import resolve_model
+
+    return resolve_model(str(model)).name
+
+
+@dataclass
+class IngestResult:
+    """What an ingest left in the catalog: rows per part, and the prompts' rows (scores, node counts)."""
+
+    directory: Path
+    counts: dict[str, int]
+    prompts: list = field(default_factory=list)  # PromptInfo rows of every prompt in the catalog
+
+
+def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers: list[int] | None = None,
+           trust_pickle: bool = False, dataset: str | None = None, n_tokens: int = 100_000, ctx_len: int = 128,
+           prompts: list[str | PromptSpec] | str | Path | None = None, attribution: AttributionSettings | None = None,
+           device: str | None = None, progress: bool = True) -> IngestResult:
+    """Write the catalog: pullback, de-embedding and logit-lens edges (`settings`: an `IngestSettings`); with
+    `dataset`, activation statistics over `n_tokens` tokens; with `prompts` (texts, `PromptSpec`s, or a .txt /
+    .jsonl file), attribution graphs (`attribution`: an `AttributionSettings`). Resumable: a rerun computes only
+    what is missing, and refuses other settings before writing anything."""
+    from circuit_catalog.catalog.crash import crash_point
+    from circuit_catalog.catalog.lock import writer_lock
+    from circuit_catalog.ingest.job import IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
+    from circuit_catalog.ingest.prompts import check_prompt, run_prompts
+    from circuit_catalog.queries.prompt_graph import PromptInfo, prompt_index
+
+    catalog_dir = Path(catalog_dir)
+    specs = _prompt_specs(prompts)
+    lm, tset = load(model, transcoders, layers, trust_pickle, device)
+    for spec in specs:  # every refusal comes before the first write
+        check_prompt(lm, spec)
+    manifest = build_manifest(lm, model_name(model), tset, tset.source or "in memory", settings or IngestSettings())
+    stats_plan = plan_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len) if dataset is not None else None
+    with writer_lock(catalog_dir):  # parts, statistics and prompts under one hold: no other writer in between
+        done = run_ingest(lm, tset, catalog_dir, manifest, progress=progress)
+        crash_point("phase")  # between the parts and the statistics (tests: the lock is held there too)
+        if stats_plan is not None:
+            write_stats(lm, tset, catalog_dir, stats_plan, progress=progress)
+        if specs:
+            run_prompts(lm, tset, catalog_dir, specs, attribution or AttributionSettings(), progress=progress)
+    return IngestResult(catalog_dir, dict(done.counts), [PromptInfo.from_row(r) for r in prompt_index(catalog_dir)])
+
+
+def _prompt_specs(prompts) -> list[PromptSpec]:
+    from circuit_catalog.ingest.prompts import read_prompts
+
+    if prompts is None:
+        return []
+    if isinstance(prompts, (str, Path)) and Path(prompts).suffix in (".txt", ".jsonl"):
+        return read_prompts(Path(prompts))
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return [p if isinstance(p, PromptSpec) else PromptSpec(text=p) for p in prompts]
+
+
+def with_custom_target(specs: list[PromptSpec], targets: tuple[str, ...] = (), contrast: tuple[str, ...] = (),
+                       direction: str | None = None, weight: float = 1.0) -> list[PromptSpec]:
+    """Give every prompt without its own custom target this one (the CLI's --target/--contrast/--direction)."""
+    if not (targets or contrast or direction):
+        return specs
+    custom = {"targets": tuple(targets), "contrast": tuple(contrast), "direction": direction, "target_weight": weight}
+    return [s if s.custom is not None else replace(s, **custom) for s in specs]
+
+
+def train(model, out_dir: str | Path, config, force: bool = False, device: str | None = None, progress: bool = True):
+    """Train one transcoder per layer of `config` (a `TrainConfig`; its `model` is set from `model`, empty `layers`
+    means all) into `out_dir` (SAELens format); a finished run with the same config there is reused unless
+    `force`. Returns (TrainResult, reused)."""
+    from circuit_catalog.ingest.train import reusable, train_transcoders
+
+    out_dir = Path(out_dir)
+    lm = load_model(model, device)
+    config = replace(config, model=model_name(model), layers=config.layers or list(range(lm.cfg.n_layers)))
+    found = None if force else reusable(out_dir, config)
+    if found is not None:
+        return found, True
+    return train_transcoders(lm, config, out_dir, progress=progress), False
+
+
+def evaluate(model, transcoders, dataset: str = "brown", n_tokens: int = 4096, ctx_len: int = 128,
+             layers: list[int] | None = None, skip_contexts: int = 0, trust_pickle: bool = False,
+             device: str | None = None, progress: bool = True):
+    """Transcoder fidelity on a dataset: FVU, L0, dead features, next-token CE with MLPs replaced / zeroed /
+    mean-ablated (an `EvalResult`)."""
+    from circuit_catalog.ingest.datasets import token_contexts
+    from circuit_catalog.ingest.evaluate import evaluate_transcoders
+    from circuit_catalog.ingest.models import check_context
+
+    lm, tset = load(model, transcoders, layers, trust_pickle, device)
+    check_context(lm, ctx_len)
+    tokens = token_contexts(lm.tokenizer, dataset, n_tokens, ctx_len, skip_contexts=skip_contexts)
+    return evaluate_transcoders(lm, tset, tokens, progress=progress)
+
+
+def active(model, transcoders, prompt: str, pos: int = -1, k: int = 10, layers: list[int] | None = None,
+           trust_pickle: bool = False, device: str | None = None):
+    """The k most active transcoder features at one position of a prompt (a real forward pass)."""
+    from circuit_catalog.ingest.activations import top_active_features
+
+    lm, tset = load(model, transcoders, layers, trust_pickle, device)
+    return top_active_features(lm, tset, prompt, pos, k)
+
+
+def intervene(model, transcoders, prompt: str, edits: list, regime=None, targets: list[str] = (), k: int = 10,
+              catalog_dir: str | Path | None = None, n_generate: int | None = None, temperature: float = 0.0, seed: int = 0,
+              layers: list[int] | None = None, trust_pickle: bool = False, device: str | None = None):
+    """Run the local replacement model with feature `edits` (`ingest.interventions.parse_edit("set", "L3/5@4=0")`)
+    on a prompt (text, or with `catalog_dir` a catalog prompt's id or text): next-token probabilities and target
+    logits before and after; optionally a steered continuation; recorded in the catalog when one is given."""
+    from circuit_catalog.ingest.interventions import Regime
+    from circuit_catalog.queries.intervention_runs import run_intervention
+
+    lm, tset = load(model, transcoders, layers, trust_pickle, device)
+    return run_intervention(lm, tset, prompt, edits, regime or Regime.REPLACEMENT, list(targets), k,
+                            None if catalog_dir is None else Path(catalog_dir), n_generate, temperature, seed)
+
+
+def validate(model, transcoders, catalog_dir: str | Path, prompt: str, k: int = 20, n_paths: int = 5,
+             layers: list[int] | None = None, trust_pickle: bool = False, device: str | None = None):
+    """Ablate a catalog prompt's k most influential features and its strongest paths: the graph's predicted
+    logit changes against the measured ones (a `Validation`)."""
+    from circuit_catalog.queries.validation import validate as validate_prompt
+
+    lm, tset = load(model, transcoders, layers, trust_pickle, device)
+    return validate_prompt(lm, tset, Path(catalog_dir), prompt, k, n_paths)

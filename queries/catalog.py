@@ -1,0 +1,218 @@
+"""`Catalog`: every question the CLI answers, as one Python object over a catalog directory and its store.
+
+    from circuit_catalog import Catalog
+    with Catalog("catalog") as cat:                     # or Catalog("catalog", store="bolt://host:7687")
+        cat.upstream("L8/355").to_pandas()
+        cat.prompt_graph("The capital of France is").to_networkx()
+
+Graph lookups go to the store (the embedded one is built or refreshed from the directory on first use);
+statistics and SQL go to DuckDB over the Parquet files, so they work without any store. Tabular answers are
+`Rows` of dataclasses with `.to_arrow()` / `.to_pandas()`; graphs offer `.to_networkx()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from circuit_catalog.catalog.store import GraphStore, open_loaded_store, open_store
+from circuit_catalog.errors import StoreError
+from circuit_catalog.queries.lookups import (
+    Edge,
+    FeatureTokens,
+    FeatureUse,
+    Hit,
+    InterventionUse,
+    Lookups,
+    Neighbourhood,
+    PromptUse,
+    Recurring,
+    WeightPath,
+)
+from circuit_catalog.queries.prompt_graph import GraphSummary, PromptGraph, PromptInfo
+from circuit_catalog.queries.rows import Rows, rows_of
+from circuit_catalog.queries.stats import FeatureStats
+
+
+@dataclass
+class FeatureCard:
+    """`show`: a feature's tokens, what feeds it and what it feeds."""
+
+    tokens: FeatureTokens
+    upstream: Rows[Edge]
+    downstream: Rows[Edge]
+
+
+@dataclass
+class PromptPath:
+    """A path through a prompt's graph: its nodes' ids within the prompt, their labels, and its strength
+    (the product of per-unit edge factors: `queries.prompt_graph`)."""
+
+    nodes: list[str]
+    labels: list[str]
+    strength: float
+
+
+class Catalog:
+    """A catalog directory (from `ingest`) and the graph store that serves its lookups.
+
+    `store` is "embedded" (LadybugDB inside the directory) or a bolt:// / neo4j:// URI (credentials from
+    NEO4J_USER / NEO4J_PASSWORD). The store opens on the first lookup that needs it; `close()` (or `with`)
+    releases it.
+    """
+
+    def __init__(self, directory: str | Path, store: str = "embedded", database: str | None = None, progress: bool = True):
+        self.directory = Path(directory)
+        self.store_uri = store
+        self.database = database
+        self.progress = progress
+        self._lookups: Lookups | None = None
+
+    def __repr__(self) -> str:
+        return f"Catalog({str(self.directory)!r}, store={self.store_uri!r})"
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._lookups is not None:
+            self._lookups.store.close()
+            self._lookups = None
+
+    @property
+    def lookups(self) -> Lookups:
+        """The named Cypher lookups on the store, opened (and for the embedded store, brought up to date) once."""
+        if self._lookups is None:
+            self._lookups = Lookups(open_loaded_store(self.directory, self.store_uri, self.database, progress=self.progress))
+        return self._lookups
+
+    @property
+    def store(self) -> GraphStore:
+        return self.lookups.store
+
+    def load(self, writers: int | None = None) -> bool:
+        """Load (or bring up to date) the store from the directory; False if it already was."""
+        self.close()
+        with open_store(self.directory, self.store_uri, self.database) as store:
+            if writers and store.dialect != "neo4j":
+                raise StoreError("parallel writers (--writers) applies to Neo4j stores (bolt://...) only")
+            return store.load(self.directory, **({"writers": writers} if writers else {}))
+
+    # ------------------------------------------------------------------ the weights graph
+
+    def upstream(self, feature: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> Rows[Edge]:
+        """What feeds `feature` (e.g. "L8/355"): its k strongest incoming pullback edges by |weight|."""
+        return self.lookups.upstream(feature, k, layer, sign)
+
+    def downstream(self, feature: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> Rows[Edge]:
+        """What `feature` feeds: its k strongest outgoing pullback edges by |weight|."""
+        return self.lookups.downstream(feature, k, layer, sign)
+
+    def tokens(self, feature: str, k: int = 10) -> FeatureTokens:
+        """The feature's raw and extended de-embedding and logit-lens tokens."""
+        return self.lookups.tokens(feature, k)
+
+    def show(self, feature: str, k: int = 10) -> FeatureCard:
+        return FeatureCard(self.tokens(feature, k), self.upstream(feature, k), self.downstream(feature, k))
+
+    def search(self, token: str, k: int = 20) -> Rows[Hit]:
+        """Features whose top de-embedding or logit-lens tokens include `token`."""
+        return self.lookups.search(token, k)
+
+    def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256) -> Rows[WeightPath]:
+        """The strongest token -> feature (-> feature ...) -> logit paths in the weights graph."""
+        return self.lookups.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam)
+
+    def neighbourhood(self, feature: str, depth: int = 1, k: int = 5) -> Neighbourhood:
+        """The feature's pullback neighbourhood (`.to_networkx()` for your own graph algorithms)."""
+        return self.lookups.neighbourhood(feature, depth, k)
+
+    # ------------------------------------------------------------------ prompts
+
+    def prompts(self) -> Rows[PromptInfo]:
+        """The prompts with attribution graphs, with their scores."""
+        return self.lookups.prompts()
+
+    def prompt_graph(self, prompt: str) -> PromptGraph:
+        """A prompt's pruned attribution graph, by id or exact text."""
+        return self.lookups.prompt_graph(prompt)
+
+    def graph_summary(self, prompt: str, k: int = 15) -> GraphSummary:
+        """Scores, node and edge counts, logit targets and the k most influential nodes of a prompt's graph."""
+        return self.prompt_graph(prompt).summary(k)
+
+    def prompt_paths(self, prompt: str, to_logit: str, from_token: str | int | None = None, k: int = 10,
+                     greedy: bool = False, iters: int = 3, branches: int = 5) -> Rows[PromptPath]:
+        """Strongest paths from the token(s) at a position or with a text (every token if None) to a logit target;
+        `greedy`: the seed's greedy search back from the logit (`iters` edges, `branches` paths per step)."""
+        graph, found = self.lookups.prompt_paths(prompt, to_logit, from_token, k, greedy, iters, branches)
+        return rows_of(PromptPath, (PromptPath([graph.nodes[i].local for i in p.nodes], [graph.nodes[i].label for i in p.nodes],
+                                               p.strength) for p in found))
+
+    def prompts_using(self, feature: str, k: int = 20) -> Rows[PromptUse]:
+        """Prompts whose pruned graph contains the feature, by its influence there."""
+        return self.lookups.prompts_using(feature, k)
+
+    def feature_uses(self, feature: str, k: int = 10) -> Rows[FeatureUse]:
+        """The feature's most influential occurrences in prompt graphs, with their strongest inputs."""
+        return self.lookups.feature_uses(feature, k)
+
+    def recurring(self, k: int = 20) -> Rows[Recurring]:
+        """Features in the most prompts' pruned graphs."""
+        return self.lookups.recurring(k)
+
+    def interventions(self, feature: str, k: int = 20) -> Rows[InterventionUse]:
+        """Recorded interventions that edited the feature, newest first."""
+        return self.lookups.interventions(feature, k)
+
+    # ------------------------------------------------------------------ statistics, SQL, Cypher
+
+    def stats(self, feature: str, k: int = 10) -> FeatureStats:
+        """Activation statistics and examples (DuckDB over DIR/stats/; no store needed)."""
+        from circuit_catalog.queries.stats import feature_stats
+
+        return feature_stats(self.directory, feature, k)
+
+    def sql(self, query: str) -> Rows[dict]:
+        """A read-only DuckDB query over the catalog's Parquet views (features, pullbacks, stats, ...)."""
+        from circuit_catalog.queries.sql import run_sql
+
+        columns, rows = run_sql(self.directory, query)
+        return Rows((dict(zip(columns, row)) for row in rows), columns)
+
+    def cypher(self, query: str, params: dict[str, Any] | None = None, write: bool = False) -> Rows[dict]:
+        """A Cypher statement on the store, with parameters; read-only unless `write`."""
+        rows = self.store.cypher(query, params or {}, write=write)
+        return Rows(rows, list(rows[0]) if rows else [])
+
+    # ------------------------------------------------------------------ reports and exports
+
+    def report_feature(self, features: Iterable[str], out_dir: Path | None = None, k: int = 10, blind: bool = False,
+                       with_neighbours: bool = False) -> list[Path]:
+        """Feature cards (HTML); returns the files written."""
+        from circuit_catalog.queries.reports.feature import write_feature_cards
+
+        return write_feature_cards(self.lookups, self.directory, list(features), out_dir, k, blind, with_neighbours)
+
+    def report_prompt(self, prompt: str, out_file: Path | None = None, max_nodes: int = 60, k: int = 10) -> Path:
+        """A prompt's graph report (HTML)."""
+        from circuit_catalog.queries.reports.prompt import write_prompt_report
+
+        return write_prompt_report(self.lookups, self.directory, prompt, out_file, max_nodes=max_nodes, k=k)
+
+    def report_overview(self, out_file: Path | None = None, eval_file: Path | None = None) -> Path:
+        """The catalog overview (HTML): layers, quality, weight distribution, prompts."""
+        from circuit_catalog.queries.reports.overview import write_overview
+
+        return write_overview(self.directory, out_file, eval_file)
+
+    def export_neuronpedia(self, prompt: str, out_file: Path) -> dict:
+        """A prompt's graph as circuit-tracer / Neuronpedia JSON (graph-metadata.json beside it lists it)."""
+        from circuit_catalog.queries.neuronpedia import export_neuronpedia
+
+        return export_neuronpedia(self.directory, prompt, Path(out_file))
