@@ -106,8 +106,8 @@ def report(name: str, root: Path, load_s: float, raw: list[float], full: list[fl
     def rows(pattern: str) -> int:
         return sum(pq.ParquetFile(p).metadata.num_rows for p in root.glob(pattern))
 
-    pullbacks = rows("pullbacks/*.parquet")
-    edges = pullbacks + rows("deembed/*.parquet") + rows("logits/*.parquet")
+    pullbacks = rows(layout.PULLBACK_PARTS)
+    edges = pullbacks + rows(layout.DEEMBED_PARTS) + rows(layout.LOGIT_PARTS)
     print(f"{name}: whole load (nodes and all {edges:,} edges, {pullbacks:,} of them pullbacks) {load_s:.1f} s "
           f"= {edges / load_s:,.0f} edges/s")
     print(f"{name}: upstream query p50 {pct(raw, 50):.2f} ms, p99 {pct(raw, 99):.2f} ms; "
@@ -120,7 +120,7 @@ def bench_embedded(root: Path, n_features: int, n_edges: int, n_sample: int) -> 
     t = time.perf_counter()
     sample = synthetic_catalog(root, n_features, n_edges, n_sample=n_sample)
     print(f"embedded: synthetic catalog {n_features:,} features, {n_edges:,} edges written in {time.perf_counter() - t:.1f} s")
-    store = LadybugStore(root / "graph")
+    store = LadybugStore(root / layout.GRAPH)
     t = time.perf_counter()
     store.load(root, progress=False)
     load_s = time.perf_counter() - t

@@ -56,7 +56,7 @@ NODES = (
     NodeSet("PNode", (("id", "STRING"), ("prompt_id", "STRING"), ("kind", "STRING"), ("layer", "INT64"), ("pos", "INT64"),
                       ("feature", "INT64"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
                       ("value", "FLOAT"), ("bias", "FLOAT"), ("influence", "FLOAT"), ("probability", "FLOAT"),
-                      ("kept", "BOOLEAN")), f"{layout.PROMPTS}/*/nodes.parquet",
+                      ("kept", "BOOLEAN")), layout.prompt_part_glob("nodes"),
             lookups=("prompt_id",)),  # one prompt's graph among every prompt's nodes
     # `intervene --catalog`: what was edited and what it did (per-target logit changes on CHANGES)
     NodeSet("Intervention", (("id", "STRING"), ("prompt_id", "STRING"), ("prompt", "STRING"), ("regime", "STRING"),
@@ -65,22 +65,16 @@ NODES = (
             layout.INTERVENTIONS),
 )
 RELS = (
-    RelSet("PULLBACK", "Feature", "Feature", (("weight", "FLOAT"),), f"{layout.PULLBACKS}/*.parquet"),
-    RelSet("DEEMBED", "Token", "Feature", (("weight", "FLOAT"), ("variant", "STRING")), f"{layout.DEEMBED}/*.parquet"),
-    RelSet("LOGIT", "Feature", "Token", (("weight", "FLOAT"),), f"{layout.LOGITS}/*.parquet"),
-    RelSet("ATTR", "PNode", "PNode", (("weight", "FLOAT"),), f"{layout.PROMPTS}/*/edges.parquet"),
-    RelSet("INSTANCE_OF", "PNode", "Feature", (), f"{layout.PROMPTS}/*/links_feature.parquet"),
-    RelSet("INSTANCE_OF", "PNode", "Token", (), f"{layout.PROMPTS}/*/links_token.parquet"),
+    RelSet("PULLBACK", "Feature", "Feature", (("weight", "FLOAT"),), layout.PULLBACK_PARTS),
+    RelSet("DEEMBED", "Token", "Feature", (("weight", "FLOAT"), ("variant", "STRING")), layout.DEEMBED_PARTS),
+    RelSet("LOGIT", "Feature", "Token", (("weight", "FLOAT"),), layout.LOGIT_PARTS),
+    RelSet("ATTR", "PNode", "PNode", (("weight", "FLOAT"),), layout.prompt_part_glob("edges")),
+    RelSet("INSTANCE_OF", "PNode", "Feature", (), layout.prompt_part_glob("links_feature")),
+    RelSet("INSTANCE_OF", "PNode", "Token", (), layout.prompt_part_glob("links_token")),
     RelSet("ON", "Intervention", "Prompt", (), layout.INTERVENTION_ON),
     RelSet("TOUCHES", "Intervention", "Feature", (("edits", "STRING"),), layout.INTERVENTION_TOUCHES),
     RelSet("CHANGES", "Intervention", "Token", (("before", "FLOAT"), ("after", "FLOAT"), ("change", "FLOAT")), layout.INTERVENTION_CHANGES),
 )
-
-
-def part_files(catalog_dir: Path, pattern: str) -> list[Path]:
-    """The parts matching `pattern`, never a crash leftover: temporaries have hidden names (`.x.tmp-*`)."""
-    root = Path(catalog_dir)
-    return sorted(p for p in root.glob(pattern) if not any(s.startswith(".") for s in p.relative_to(root).parts))
 
 
 def catalog_signature(catalog_dir: Path) -> str:
@@ -88,7 +82,7 @@ def catalog_signature(catalog_dir: Path) -> str:
     m = Manifest.read(Path(catalog_dir))
     if m.status != "complete":
         raise CatalogDirError(f"{catalog_dir}: the ingest has not finished; rerun the same ingest command to complete it")
-    stats_info = Path(catalog_dir) / layout.STATS / "info.json"
+    stats_info = layout.stats_info(Path(catalog_dir))
     stats = stats_info.read_text() if stats_info.is_file() else None
     index = Path(catalog_dir) / layout.PROMPT_INDEX
     prompts = hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None

@@ -16,13 +16,17 @@ from circuit_catalog.errors import UnknownFeature
 MANIFEST = "manifest.json"
 FEATURES = "features.parquet"
 TOKENS = "tokens.parquet"
-PULLBACKS = "pullbacks"
-DEEMBED = "deembed"
-LOGITS = "logits"
-STATS = "stats"  # stats/features.parquet, top_examples.parquet, quantile_examples.parquet, tokens.parquet, info.json
+PULLBACKS = "pullbacks"  # pullbacks/L{lo:03d}_to_L{hi:03d}.parquet (`pullback_part`)
+DEEMBED = "deembed"  # deembed/L{layer:03d}.parquet (`deembed_part`)
+LOGITS = "logits"  # logits/L{layer:03d}.parquet (`logit_part`)
+STATS = "stats"  # stats/<part>.parquet for each of STATS_PARTS (`stats_file`), and stats/info.json (`stats_info`)
+STATS_PARTS = ("features", "top_examples", "quantile_examples", "tokens")
+STATS_INFO = "info.json"  # what the statistics were collected from, and each part's rows
 EVAL = "eval.json"  # optional: `circuit-catalog eval --out DIR/eval.json`, read by the overview report
 REPORTS = "reports"  # default directory for HTML reports
-PROMPTS = "prompts"  # prompts/<prompt_id>/{prompt.json, nodes.parquet, edges.parquet, edges_full.parquet, links_*.parquet}
+PROMPTS = "prompts"  # prompts/<prompt_id>/: prompt.json (`prompt_info`) and <part>.parquet for each of PROMPT_PARTS (`prompt_part`)
+PROMPT_PARTS = ("nodes", "edges", "edges_full", "links_feature", "links_token")
+PROMPT_INFO = "prompt.json"
 PROMPT_INDEX = "prompts.parquet"
 # `intervene --catalog`: one row per intervention (INTERVENTION_SCHEMA), and the store's links derived from it:
 # (:Intervention)-[:ON]->(:Prompt), -[:TOUCHES {edits}]->(:Feature), -[:CHANGES {before, after, change}]->(:Token)
@@ -32,6 +36,12 @@ INTERVENTION_TOUCHES = "interventions_touches.parquet"
 INTERVENTION_CHANGES = "interventions_changes.parquet"
 GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
 WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
+
+# Globs relative to the catalog directory, for `part_files` and the graph schema
+PULLBACK_PARTS = f"{PULLBACKS}/*.parquet"
+DEEMBED_PARTS = f"{DEEMBED}/*.parquet"
+LOGIT_PARTS = f"{LOGITS}/*.parquet"
+PROMPT_INFOS = f"{PROMPTS}/*/{PROMPT_INFO}"
 
 # Crash leftovers: everything written under a temporary name has a hidden one, `.<name>.tmp-*`
 # (parts, the stats and prompt directories) or `.graph.loading-*` (a store being built)
@@ -87,8 +97,51 @@ def temporaries(root: Path) -> list[Path]:
     return sorted({p for d in dirs for pattern in TEMPORARY for p in d.glob(pattern)})
 
 
+def part_files(root: Path, pattern: str) -> list[Path]:
+    """The parts matching `pattern` (relative to `root`), never a crash leftover: temporaries have hidden names."""
+    root = Path(root)
+    return sorted(p for p in root.glob(pattern) if not any(s.startswith(".") for s in p.relative_to(root).parts))
+
+
+def parquet_name(part: str) -> str:
+    """The file name of a named part: 'nodes' -> 'nodes.parquet'."""
+    return f"{part}.parquet"
+
+
+def _named(part: str, parts: tuple[str, ...]) -> str:
+    if part not in parts:
+        raise ValueError(f"no part {part!r}: expected one of {parts}")  # a bug: callers name parts in code
+    return parquet_name(part)
+
+
+def stats_part(part: str) -> str:
+    """A statistics part relative to the catalog directory: 'features' -> 'stats/features.parquet'."""
+    return f"{STATS}/{_named(part, STATS_PARTS)}"
+
+
+def stats_file(root: Path, part: str) -> Path:
+    return root / stats_part(part)
+
+
+def stats_info(root: Path) -> Path:
+    return root / STATS / STATS_INFO
+
+
 def prompt_dir(root: Path, prompt_id: str) -> Path:
     return root / PROMPTS / prompt_id
+
+
+def prompt_part(root: Path, prompt_id: str, part: str) -> Path:
+    return prompt_dir(root, prompt_id) / _named(part, PROMPT_PARTS)
+
+
+def prompt_part_glob(part: str) -> str:
+    """One part of every prompt, relative to the catalog directory: 'nodes' -> 'prompts/*/nodes.parquet'."""
+    return f"{PROMPTS}/*/{_named(part, PROMPT_PARTS)}"
+
+
+def prompt_info(root: Path, prompt_id: str) -> Path:
+    return prompt_dir(root, prompt_id) / PROMPT_INFO
 
 
 def pullback_part(root: Path, src_layer: int, dst_layer: int) -> Path:

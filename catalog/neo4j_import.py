@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature, node_set, part_files
+from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature, node_set
+from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.neo4j_store import INDEX_WAIT_S, STATE_ID, schema_statements
 from circuit_catalog.catalog.parquet_io import make_output_dir
 

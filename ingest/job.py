@@ -239,8 +239,8 @@ def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10, stats_d
     })
     con = duckdb.connect()
     con.register("base", rows)
-    d_glob, l_glob, t_path = (str(root / layout.DEEMBED / "*.parquet"), str(root / layout.LOGITS / "*.parquet"), str(root / layout.TOKENS))
-    stats_path = (stats_dir or root / layout.STATS) / "features.parquet"
+    d_glob, l_glob, t_path = (str(root / layout.DEEMBED_PARTS), str(root / layout.LOGIT_PARTS), str(root / layout.TOKENS))
+    stats_path = (stats_dir or root / layout.STATS) / layout.parquet_name("features")
     stats = (f"(SELECT id, frequency, mean_act, max_act FROM read_parquet('{_sql_literal(stats_path)}'))" if stats_path.is_file()
              else "(SELECT NULL::VARCHAR AS id, NULL::DOUBLE AS frequency, NULL::FLOAT AS mean_act, NULL::FLOAT AS max_act)")
     table = con.sql(
@@ -285,9 +285,9 @@ def count_rows(root: Path) -> dict[str, int]:
     return {
         "features": rows([root / layout.FEATURES]),
         "tokens": rows([root / layout.TOKENS]),
-        "pullback_edges": rows(sorted((root / layout.PULLBACKS).glob("*.parquet"))),
-        "deembed_edges": rows(sorted((root / layout.DEEMBED).glob("*.parquet"))),
-        "logit_edges": rows(sorted((root / layout.LOGITS).glob("*.parquet"))),
+        "pullback_edges": rows(layout.part_files(root, layout.PULLBACK_PARTS)),
+        "deembed_edges": rows(layout.part_files(root, layout.DEEMBED_PARTS)),
+        "logit_edges": rows(layout.part_files(root, layout.LOGIT_PARTS)),
     }
 
 
@@ -296,7 +296,7 @@ class StatsPlan:
     """What statistics a run would collect, decided (and checked against the catalog) before anything is written."""
 
     tokens: torch.Tensor  # [n_contexts, ctx_len], the tokens actually collected
-    info: dict  # DIR/stats/info.json
+    info: dict  # DIR/stats/info.json (layout.stats_info)
     done: bool  # the catalog already holds exactly these statistics, every part intact
 
 
@@ -320,7 +320,7 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
     info = {"dataset": dataset, "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
             "tokens": tokens.numel(), "ctx_len": ctx_len, "top_k": top_k, "layers": tset.layers,
             "quantile_bins": QUANTILE_BINS, "per_bin": PER_BIN}
-    info_path = root / layout.STATS / "info.json"
+    info_path = layout.stats_info(root)
     if not info_path.is_file():
         return StatsPlan(tokens, info, done=False)
     try:
@@ -346,9 +346,9 @@ def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progres
         tmp = Path(tempfile.mkdtemp(prefix=".stats.tmp-", dir=root))
         try:
             for name, table in tables.items():
-                write_atomic(table, tmp / f"{name}.parquet")
-            info = {**plan.info, "parts": {f"{name}.parquet": t.num_rows for name, t in tables.items()}}
-            (tmp / "info.json").write_text(json.dumps(info, indent=2))
+                write_atomic(table, tmp / layout.parquet_name(name))
+            info = {**plan.info, "parts": {layout.parquet_name(name): t.num_rows for name, t in tables.items()}}
+            (tmp / layout.STATS_INFO).write_text(json.dumps(info, indent=2))
             crash_point("stats")
             # feature rows (and so the stores' Feature nodes) gain frequency, mean_act, max_act; before
             # the rename, so statistics in place always have their feature rows

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import torch
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.crash import crash_point
-from circuit_catalog.catalog.graph_schema import part_files
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
 from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
@@ -123,9 +122,6 @@ def local_ids(graph: AttributionGraph) -> list[str]:
     return ids
 
 
-PROMPT_PARTS = ("nodes", "edges", "edges_full", "links_feature", "links_token")
-
-
 def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> dict[str, pa.Table]:
     """nodes, pruned edges, full edges, and INSTANCE_OF links, as the store loads them."""
     n_feat, n_err, n_pos, n_logit = graph.n_features, graph.n_errors, graph.n_pos, len(graph.logit_probabilities)
@@ -178,7 +174,7 @@ def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec],
         wanted = json.dumps(asdict(settings), sort_keys=True)
         ids = [prompt_id(manifest, spec) for spec in specs]
         todo = [(pid, spec) for pid, spec in zip(ids, specs) if not _prompt_done(root, pid, wanted)]
-        if not todo and part_rows(root / layout.PROMPT_INDEX) == len(part_files(root, f"{layout.PROMPTS}/*/prompt.json")):
+        if not todo and part_rows(root / layout.PROMPT_INDEX) == len(layout.part_files(root, layout.PROMPT_INFOS)):
             return ids  # nothing to add: the catalog (and a store loaded from it) stays as it is
         manifest.status = "in-progress"  # stores refuse to load a half-added prompt set
         manifest.write(root)
@@ -192,14 +188,13 @@ def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec],
 
 def _prompt_done(root: Path, pid: str, settings: str) -> bool:
     """Done with these settings, every part readable with the rows it was written with (else computed again)."""
-    directory = layout.prompt_dir(root, pid)
     try:
-        info = json.loads((directory / "prompt.json").read_text())
+        info = json.loads(layout.prompt_info(root, pid).read_text())
     except (OSError, ValueError):
         return False
     recorded = info.get("parts", {})
-    names = [f"{name}.parquet" for name in PROMPT_PARTS]
-    return info.get("settings") == settings and all(part_intact(directory / n, recorded.get(n)) for n in names)
+    return info.get("settings") == settings and all(
+        part_intact(layout.prompt_part(root, pid, name), recorded.get(layout.parquet_name(name))) for name in layout.PROMPT_PARTS)
 
 
 def check_prompt(model, spec: PromptSpec) -> None:
@@ -230,7 +225,7 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
         "n_active_features": graph.n_active_features, "n_feature_nodes": graph.n_features, "capped": graph.capped,
         "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": tables["edges"].num_rows,
         "n_layers": graph.n_layers, "settings": json.dumps(asdict(settings), sort_keys=True),
-        "parts": {f"{name}.parquet": table.num_rows for name, table in tables.items()},  # checked on resume
+        "parts": {layout.parquet_name(name): table.num_rows for name, table in tables.items()},  # checked on resume
         "custom_target": None if custom is None else {"name": custom.name, **custom.definition},
     }
     target = layout.prompt_dir(root, pid)
@@ -238,8 +233,8 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
     tmp = Path(tempfile.mkdtemp(prefix=f".{pid}.tmp-", dir=target.parent))
     try:
         for name, table in tables.items():
-            pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
-        (tmp / "prompt.json").write_text(json.dumps(info, indent=2) + "\n")
+            pq.write_table(table, tmp / layout.parquet_name(name), compression="zstd")
+        (tmp / layout.PROMPT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         crash_point("prompt")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
@@ -249,6 +244,6 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
 
 def write_prompt_index(root: Path) -> None:
     """prompts.parquet: one row per prompt directory present (prompts accumulate over runs)."""
-    rows = [json.loads(p.read_text()) for p in part_files(root, f"{layout.PROMPTS}/*/prompt.json")]
+    rows = [json.loads(p.read_text()) for p in layout.part_files(root, layout.PROMPT_INFOS)]
     columns = {name: [row.get(name) for row in rows] for name in layout.PROMPT_SCHEMA.names}
     write_atomic(pa.table(columns, schema=layout.PROMPT_SCHEMA), root / layout.PROMPT_INDEX)

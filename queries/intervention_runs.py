@@ -36,7 +36,7 @@ class Recorded:
 def catalog_prompt(catalog_dir: Path, key: str) -> tuple[str, dict]:
     """(id, prompt.json) of a catalog prompt given by id or exact text."""
     pid = find_prompt_id(Path(catalog_dir), key)
-    return pid, json.loads((layout.prompt_dir(Path(catalog_dir), pid) / "prompt.json").read_text())
+    return pid, json.loads(layout.prompt_info(Path(catalog_dir), pid).read_text())
 
 
 def graph_tokens(model, info: dict) -> tuple[torch.Tensor, bool]:

@@ -32,10 +32,10 @@ def cantor(x: int, y: int) -> int:
 def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
     catalog_dir = Path(catalog_dir)
     manifest = Manifest.read(catalog_dir)
-    folder = layout.prompt_dir(catalog_dir, find_prompt_id(catalog_dir, pid))
-    info = json.loads((folder / "prompt.json").read_text())
+    prompt_id = find_prompt_id(catalog_dir, pid)
+    info = json.loads(layout.prompt_info(catalog_dir, prompt_id).read_text())
     settings = json.loads(info["settings"])
-    nodes, edges = _read(folder / "nodes.parquet"), _read(folder / "edges.parquet")
+    nodes, edges = _read(layout.prompt_part(catalog_dir, prompt_id, "nodes")), _read(layout.prompt_part(catalog_dir, prompt_id, "edges"))
     n_layers = info["n_layers"]
     # nodes.parquet is in the graph's fixed order, as circuit-tracer's node indices
     cumulative = cumulative_influence(torch.tensor([n["influence"] for n in nodes])).tolist()

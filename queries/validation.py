@@ -51,15 +51,14 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     (`batch_size` ablations per forward pass)."""
     catalog_dir = Path(catalog_dir)
     pid, info = catalog_prompt(catalog_dir, key)
-    folder = layout.prompt_dir(catalog_dir, pid)
-    nodes = pq.read_table(folder / "nodes.parquet").to_pylist()
+    nodes = pq.read_table(layout.prompt_part(catalog_dir, pid, "nodes")).to_pylist()
     by_id = {n["id"]: n for n in nodes}
     # logit targets, most probable first, then a custom target; each read off the final-normed residual
     logits = sorted((n for n in nodes if n["kind"] == "logit"), key=lambda n: -n["probability"])
     logits += [n for n in nodes if n["kind"] == "target"]
     logit_ids = [n["id"] for n in logits]
     weights: dict[str, dict[str, float]] = defaultdict(dict)  # source -> logit node -> direct effect
-    for e in pq.read_table(folder / "edges_full.parquet", filters=[("dst", "in", logit_ids)]).to_pylist():
+    for e in pq.read_table(layout.prompt_part(catalog_dir, pid, "edges_full"), filters=[("dst", "in", logit_ids)]).to_pylist():
         weights[e["src"]][e["dst"]] = e["weight"]
 
     tokens, zero_bos = graph_tokens(model, info)
@@ -74,7 +73,7 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     groups = [[n["id"]] for n in features]
     pruned = PromptGraph.from_rows(
         PromptInfo(pid, info["text"], info.get("target"), info["n_tokens"], info["replacement_score"], info["completeness_score"]),
-        [n for n in nodes if n["kept"]], pq.read_table(folder / "edges.parquet").to_pylist())
+        [n for n in nodes if n["kept"]], pq.read_table(layout.prompt_part(catalog_dir, pid, "edges")).to_pylist())
     sources = {n["id"] for n in nodes if n["kind"] == "token" and n["kept"]}
     for path in strongest_paths(pruned, sources, {logit_ids[0]}, n_paths):
         group = [node for node in path.nodes if by_id[node]["kind"] == "feature"]

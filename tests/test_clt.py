@@ -162,7 +162,7 @@ def test_a_clt_catalog_is_ingested_loaded_and_queried(clt, text_file, tmp_path):
     root = tmp_path / "catalog"
     run_ingest(model, tset, root, build_manifest(model, "tiny", tset, str(directory), IngestSettings(top_k=3, token_top_k=3)), progress=False)
     assert run_stats(model, tset, root, str(text_file), 200, ctx_len=16, top_k=3, progress=False)
-    stats = pq.read_table(root / layout.STATS / "features.parquet").to_pylist()
+    stats = pq.read_table(layout.stats_file(root, "features")).to_pylist()
     assert len(stats) == 32 * model.cfg.n_layers and any(r["frequency"] > 0 for r in stats)
     (pid,) = run_prompts(model, tset, root, [PromptSpec(PROMPT)], AttributionSettings(), progress=False)
     part = pq.read_table(layout.pullback_part(root, 0, 2)).to_pylist()

@@ -34,7 +34,7 @@ def prompt_catalog(request, tmp_path_factory):
 
 
 def read(root, pid, name):
-    return pq.read_table(layout.prompt_dir(root, pid) / f"{name}.parquet").to_pylist()
+    return pq.read_table(layout.prompt_part(root, pid, name)).to_pylist()
 
 
 def test_parts_are_complete_graphs(prompt_catalog):
@@ -92,10 +92,10 @@ def scores_from_files(nodes: list[dict], edges: list[dict]) -> tuple[float, floa
 
 def test_ids_are_stable_and_finished_prompts_are_skipped(prompt_catalog):
     model, tset, root, ids = prompt_catalog
-    stamp = {pid: (layout.prompt_dir(root, pid) / "prompt.json").stat().st_mtime_ns for pid in ids}
+    stamp = {pid: layout.prompt_info(root, pid).stat().st_mtime_ns for pid in ids}
     again = run_prompts(model, tset, root, SPECS, AttributionSettings(max_feature_nodes=None), progress=False)
     assert again == ids
-    assert {pid: (layout.prompt_dir(root, pid) / "prompt.json").stat().st_mtime_ns for pid in ids} == stamp
+    assert {pid: layout.prompt_info(root, pid).stat().st_mtime_ns for pid in ids} == stamp
     from circuit_catalog.catalog.manifest import Manifest
 
     manifest = Manifest.read(root)
@@ -223,7 +223,7 @@ def test_cli_prompt_errors(cli_catalog, gpt2_dir, tmp_path):
     assert_one_line_error(*run("export", "--catalog", catalog, "--prompt", "nope", "--neuronpedia", tmp_path / "x.json"), "unknown prompt")
     broken = tmp_path / "broken"
     shutil.copytree(catalog, broken, ignore=shutil.ignore_patterns("graph*"))
-    edges = layout.prompt_dir(broken, pid) / "edges.parquet"
+    edges = layout.prompt_part(broken, pid, "edges")
     edges.write_bytes(edges.read_bytes()[:100])
     assert_one_line_error(*run("export", "--catalog", broken, "--prompt", pid, "--neuronpedia", tmp_path / "y.json"), "unreadable")
     assert not (tmp_path / "y.json").exists()
@@ -243,7 +243,7 @@ def test_attribution_options_change_the_graph(prompt_catalog):
     """A capped rerun replaces the graph (settings are part of what is skipped on)."""
     model, tset, root, ids = prompt_catalog
     run_prompts(model, tset, root, SPECS[:1], AttributionSettings(max_feature_nodes=5), progress=False)
-    info = json.loads((layout.prompt_dir(root, ids[0]) / "prompt.json").read_text())
+    info = json.loads(layout.prompt_info(root, ids[0]).read_text())
     assert info["capped"] and info["n_feature_nodes"] == 5
     nodes = read(root, ids[0], "nodes")
     assert sum(n["kind"] == "feature" for n in nodes) == 5

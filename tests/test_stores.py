@@ -152,12 +152,12 @@ def ref(catalog_dir):
 
     return {
         "tokens": tokens,
-        "pullbacks": rows("pullbacks/*.parquet"),
-        "deembed": rows("deembed/*.parquet"),
-        "logits": rows("logits/*.parquet"),
+        "pullbacks": rows(layout.PULLBACK_PARTS),
+        "deembed": rows(layout.DEEMBED_PARTS),
+        "logits": rows(layout.LOGIT_PARTS),
         "features": {r["id"]: r for r in pq.read_table(catalog_dir / layout.FEATURES).to_pylist()},
-        "pnodes": rows("prompts/*/nodes.parquet"),
-        "attr": rows("prompts/*/edges.parquet"),
+        "pnodes": rows(layout.prompt_part_glob("nodes")),
+        "attr": rows(layout.prompt_part_glob("edges")),
         "prompts": pq.read_table(catalog_dir / layout.PROMPT_INDEX).to_pylist(),
     }
 
@@ -456,7 +456,7 @@ def test_damaged_part_is_one_error_and_the_old_store_stays(catalog_dir, tmp_path
     assert s.load(copy, progress=False)
     before = _counts(s)
     s.close()
-    nodes = next((copy / layout.PROMPTS).glob("*/nodes.parquet"))
+    nodes = next(copy.glob(layout.prompt_part_glob("nodes")))
     nodes.write_bytes(nodes.read_bytes()[: nodes.stat().st_size // 2])  # truncated
     s.marker.unlink()  # the catalog changed behind the store's back: the next load rebuilds
     with pytest.raises(CatalogDirError, match="damaged Parquet part") as info:
@@ -735,7 +735,8 @@ def awkward_catalog(catalog_dir, tmp_path_factory):
 
 
 def test_admin_import_files_parse_by_the_importers_rules(awkward_catalog, tmp_path):
-    from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature, part_files
+    from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature
+    from circuit_catalog.catalog.layout import part_files
     from circuit_catalog.catalog.neo4j_import import schema_script, write_admin_import
 
     out = tmp_path / "it's out"  # a quote in the path: never pasted into SQL unescaped

@@ -61,7 +61,7 @@ def card_file(fid: str, blind: bool = False) -> str:
 def feature_card(lookups: Lookups, root: Path, fid: str, k: int = 10, blind: bool = False) -> FeatureCard:
     """Everything a card shows: edges and tokens from the graph store, statistics from DuckDB."""
     tokens = lookups.tokens(fid, k)  # unknown ids fail here, before anything is written
-    stats = feature_stats(root, fid, k) if (root / layout.STATS / "features.parquet").is_file() else None
+    stats = feature_stats(root, fid, k) if layout.stats_file(root, "features").is_file() else None
     if blind and stats is not None:
         stats = blinded(stats)
     uses = lookups.feature_uses(fid, k, token_text=not blind)

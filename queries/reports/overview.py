@@ -69,7 +69,7 @@ def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None =
     manifest = Manifest.read(root)
     eval_file = eval_file or (root / layout.EVAL if (root / layout.EVAL).is_file() else None)
     evaluation = read_eval(eval_file) if eval_file else None
-    info_path = root / layout.STATS / "info.json"
+    info_path = layout.stats_info(root)
     available = views(root)
     con = connect(root)
     try:
