@@ -27,8 +27,9 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from circuit_catalog.catalog import layout  # noqa: E402
+from circuit_catalog.catalog.ids import feature_ids, parse_feature_id  # noqa: E402
 from circuit_catalog.catalog.manifest import Manifest, now  # noqa: E402
-from circuit_catalog.catalog.parquet_io import feature_ids, write_atomic  # noqa: E402
+from circuit_catalog.catalog.parquet_io import write_atomic  # noqa: E402
 from circuit_catalog.catalog.store import GraphStore  # noqa: E402
 from circuit_catalog.queries.api import Lookups, named_query  # noqa: E402
 
@@ -77,7 +78,7 @@ def synthetic_catalog(root: Path, n_features: int, n_edges: int, seed: int = 0, 
              transcoder_files={}, layers=list(range(N_LAYERS)), d_sae={str(layer): per_layer for layer in range(N_LAYERS)},
              top_k=None, min_weight=None, token_top_k=TOKEN_K, versions={}, status="complete", created=now(), completed=now(),
              counts={"pullback_edges": per_pair * len(pairs)}).write(root)
-    later = [fid for fid in ids.to_pylist() if not fid.startswith("L0/")]
+    later = [fid for fid in ids.to_pylist() if parse_feature_id(fid)[0] > 0]
     return [later[i] for i in rng.integers(0, len(later), n_sample)]
 
 

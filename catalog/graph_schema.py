@@ -54,7 +54,7 @@ NODES = (
             lookups=("text",)),  # a prompt is found by its text as well as its id
     # every node of every prompt's graph; `kept` marks the pruned graph, which is what ATTR edges hold
     NodeSet("PNode", (("id", "STRING"), ("prompt_id", "STRING"), ("kind", "STRING"), ("layer", "INT64"), ("pos", "INT64"),
-                      ("feature", "INT64"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
+                      ("feature", "INT64"), ("feature_id", "STRING"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
                       ("value", "FLOAT"), ("bias", "FLOAT"), ("influence", "FLOAT"), ("probability", "FLOAT"),
                       ("kept", "BOOLEAN")), layout.prompt_part_glob("nodes"),
             lookups=("prompt_id",)),  # one prompt's graph among every prompt's nodes
@@ -78,7 +78,8 @@ RELS = (
 
 
 def catalog_signature(catalog_dir: Path) -> str:
-    """Changes whenever the catalog's content could have: compared by stores to decide on a reload."""
+    """Changes whenever the catalog's content could have, or the schema a store holds it in: compared by stores
+    to decide on a reload (a store built for an older schema lacks properties the named queries read)."""
     m = Manifest.read(Path(catalog_dir))
     if m.status != "complete":
         raise CatalogDirError(f"{catalog_dir}: the ingest has not finished; rerun the same ingest command to complete it")
@@ -88,7 +89,7 @@ def catalog_signature(catalog_dir: Path) -> str:
     prompts = hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None
     interventions = Path(catalog_dir) / layout.INTERVENTION_CHANGES  # written last of the intervention parts
     blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts, "stats": stats,
-                       "prompts": prompts}, sort_keys=True)
+                       "prompts": prompts, "schema": repr((NODES, RELS))}, sort_keys=True)
     if interventions.is_file():
         blob += hashlib.sha256(interventions.read_bytes() + (Path(catalog_dir) / layout.INTERVENTIONS).read_bytes()).hexdigest()
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -1,17 +1,14 @@
 """Where each part of a catalog directory lives, and the column schemas of its Parquet files.
 
-Names and columns follow the graph schema in DESIGN.md: feature ids are `L{layer}/{index}`,
-edges have `src`, `dst`, `weight` (float32).
+Columns follow the graph schema (`catalog.graph_schema`): ids are those of `catalog.ids`, edges have
+`src`, `dst`, `weight` (float32).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pyarrow as pa
-
-from circuit_catalog.errors import UnknownFeature
 
 MANIFEST = "manifest.json"
 FEATURES = "features.parquet"
@@ -65,8 +62,8 @@ DEEMBED_SCHEMA = pa.schema(
 LOGIT_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.int64()), ("weight", pa.float32())])
 TOKEN_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
 
-# One prompt's attribution graph. Node ids are `<prompt_id>:<local>`, local being `tok@3`,
-# `L8/355@3`, `err:L8@3` or `logit:1234`; layer is -1 for tokens and n_layers for logits.
+# One prompt's attribution graph. Node ids are written and read by `catalog.ids` (`<prompt_id>:L8/355@3`, ...);
+# layer is -1 for tokens and n_layers for logits.
 PNODE_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt_id", pa.string()), ("kind", pa.string()), ("layer", pa.int32()),
     ("pos", pa.int32()), ("feature", pa.int32()), ("feature_id", pa.string()), ("token_id", pa.int64()),
@@ -154,18 +151,3 @@ def deembed_part(root: Path, layer: int) -> Path:
 
 def logit_part(root: Path, layer: int) -> Path:
     return root / LOGITS / f"L{layer:03d}.parquet"
-
-
-FEATURE_ID = re.compile(r"L(\d{1,6})/(\d{1,12})")  # bounded: int() of 5,000 digits raises
-
-
-def feature_id(layer: int, index: int) -> str:
-    return f"L{layer}/{index}"
-
-
-def parse_feature_id(fid: str) -> tuple[int, int]:
-    """'L8/355' -> (8, 355); anything else is a user error."""
-    m = FEATURE_ID.fullmatch(fid)  # not match + $: that accepts a trailing newline
-    if not m:
-        raise UnknownFeature(f"malformed feature id {fid[:40]!r}: expected L<layer>/<index>, e.g. L8/355")
-    return int(m.group(1)), int(m.group(2))

@@ -66,10 +66,3 @@ def write_text_atomic(text: str, path: Path) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass  # the directory itself could not be made
-
-
-def feature_ids(layer: int, indices: pa.Array) -> pa.Array:
-    """Vectorised `L{layer}/{index}` ids (a Python loop over millions of edges would dominate ingest)."""
-    import pyarrow.compute as pc
-
-    return pc.binary_join_element_wise(f"L{layer}", pc.cast(indices, pa.string()), "/")

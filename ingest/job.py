@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import torch
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.crash import crash_point
+from circuit_catalog.catalog.ids import feature_ids
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
-from circuit_catalog.catalog.parquet_io import feature_ids, part_intact, part_rows, write_atomic
+from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
 from circuit_catalog.ingest.mapped_weights import release_mapped
 from circuit_catalog.ingest.models import check_context, file_digest, weights_digest
 from circuit_catalog.ingest.pullbacks import DEFINITION as PULLBACK_DEFINITION

@@ -20,6 +20,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from circuit_catalog.catalog.ids import split_node_id
+
 from circuit_catalog.errors import UnknownPrompt
 
 
@@ -45,6 +47,7 @@ class PNode:
     layer: int
     pos: int
     feature: int | None = None
+    feature_id: str | None = None  # `L8/355` for a feature node
     token_id: int | None = None
     token: str | None = None
     activation: float | None = None
@@ -55,7 +58,7 @@ class PNode:
     @property
     def local(self) -> str:
         """The id without its prompt prefix (`L8/355@3`, `tok@0`, `err:L2@3`, `logit:42`)."""
-        return self.id.split(":", 1)[1]
+        return split_node_id(self.id)[1]
 
     @property
     def label(self) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from circuit_catalog.catalog import layout
-from circuit_catalog.catalog.layout import parse_feature_id
+from circuit_catalog.catalog.ids import parse_feature_id
 from circuit_catalog.queries.sql import connect, views
 
 from circuit_catalog.errors import CatalogDirError, UnknownFeature

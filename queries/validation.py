@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import split_node_id
 from circuit_catalog.ingest.interventions import Edit, Regime, clean_run, run_batch
 from circuit_catalog.ingest.targets import custom_target
 from circuit_catalog.ingest.transcoder import TranscoderSet
@@ -88,7 +89,7 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
         full = run_batch(model, tset, tokens, edit_sets, Regime.REPLACEMENT, clean, zero_bos).final_normalised @ readout + offset - before
         for group, d, f in zip(batch, direct.tolist(), full.tolist()):
             predicted = [-sum(weights[n].get(t, 0.0) for n in group) for t in logit_ids]
-            checks.append(Check(" + ".join(n.split(":", 1)[1] for n in group), predicted, d, f))
+            checks.append(Check(" + ".join(split_node_id(n)[1] for n in group), predicted, d, f))
     return Validation(pid, info["text"], [n["token"] for n in logits], checks)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import parse_local, token_node
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, prompt_id, read_prompts, run_prompts
 from circuit_catalog.ingest.transcoder_formats import save_saelens
@@ -192,12 +193,12 @@ def test_cli_prompt_queries(cli_catalog, gpt2_dir):
     assert "paris" in [logit["token"] for logit in summary["logits"]]
     assert summary["nodes"]["token"] == 6  # BOS + five words
     paths = run_json("paths", "--catalog", catalog, "--prompt", france["id"], "--to-logit", "paris", "-k", 3)
-    assert paths and all(p["nodes"][0].startswith("tok@") and p["nodes"][-1].startswith("logit:") for p in paths)
+    assert paths and all(parse_local(p["nodes"][0]).kind == "token" and parse_local(p["nodes"][-1]).kind == "logit" for p in paths)
     assert abs(paths[0]["strength"]) >= abs(paths[-1]["strength"])
     from_france = run_json("paths", "--catalog", catalog, "--prompt", france["id"], "--from-token", "france", "--to-logit", "paris")
-    assert all(p["nodes"][0] == "tok@4" for p in from_france)
+    assert all(p["nodes"][0] == token_node(4) for p in from_france)
     greedy = run_json("paths", "--catalog", catalog, "--prompt", france["id"], "--to-logit", "paris", "--greedy", "--iters", 2)
-    assert greedy and all(p["nodes"][-1].startswith("logit:") for p in greedy)
+    assert greedy and all(parse_local(p["nodes"][-1]).kind == "logit" for p in greedy)
     top = run_json("recurring", "--catalog", catalog, "-k", 3)
     assert top and top[0]["prompts"] >= top[-1]["prompts"]
     users = run_json("prompts-using", top[0]["feature"], "--catalog", catalog)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import feature_id
 from circuit_catalog.ingest.datasets import token_contexts
 from circuit_catalog.ingest.job import run_stats
 from circuit_catalog.ingest.stats import PER_BIN, QUANTILE_BINS, bin_edges
@@ -38,7 +39,7 @@ def test_statistics_equal_brute_force(stats_catalog, gpt2, text_file):
     counted = acts[:, 1:].reshape(-1, 24)
     rows = {r["id"]: r for r in pq.read_table(layout.stats_file(root, "features")).to_pylist()}
     for f in range(24):
-        r = rows[f"L{layer}/{f}"]
+        r = rows[feature_id(layer, f)]
         fired = (counted[:, f] > 0).sum().item()
         assert r["fired"] == fired
         assert r["frequency"] == pytest.approx(fired / counted.shape[0])
@@ -51,7 +52,7 @@ def test_statistics_equal_brute_force(stats_catalog, gpt2, text_file):
             assert r["log10_histogram"] == expected_hist.tolist()
             true_median = np.quantile(positive, 0.5, method="inverted_cdf")
             assert true_median <= r["q50"] <= true_median * 10 ** (8 / 64) * 1.0001  # upper edge of its bin
-    examples = [e for e in pq.read_table(layout.stats_file(root, "top_examples")).to_pylist() if e["feature"] == f"L{layer}/3"]
+    examples = [e for e in pq.read_table(layout.stats_file(root, "top_examples")).to_pylist() if e["feature"] == feature_id(layer, 3)]
     flat = acts.reshape(-1, 24)[:, 3]
     top = flat.topk(5).values
     # the corpus repeats itself, so equal activations tie: hold the values exactly, and each example to its place
@@ -75,7 +76,7 @@ def test_quantile_examples_equal_brute_force(stats_catalog, gpt2, text_file):
     checked_full = checked_partial = 0
     for f in range(24):
         a = acts[..., f]
-        mine = [r for r in rows if r["feature"] == f"L{layer}/{f}"]
+        mine = [r for r in rows if r["feature"] == feature_id(layer, f)]
         if a.max() <= 0:
             assert not mine
             continue

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import parse_feature_id, split_node_id
 from circuit_catalog.catalog.ladybug_store import LadybugStore
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
@@ -163,7 +164,7 @@ def ref(catalog_dir):
 
 
 def layer_of(fid: str) -> int:
-    return int(fid[1:].split("/")[0])
+    return parse_feature_id(fid)[0]
 
 
 # ---------------------------------------------------------------- round trip
@@ -486,7 +487,7 @@ def test_feature_uses(store, ref):
     assert [(u.prompt, u.pos) for u in got] == [(n["prompt_id"], n["pos"]) for n in occurrences]
     for use, n in zip(got, occurrences):
         strongest = sorted(inputs[n["id"]], key=lambda e: (-abs(e["weight"]), e["src"]))[:3]
-        assert [name for name, _ in use.inputs] == [e["src"].split(":", 1)[1] for e in strongest]
+        assert [name for name, _ in use.inputs] == [split_node_id(e["src"])[1] for e in strongest]
         assert [w for _, w in use.inputs] == pytest.approx([e["weight"] for e in strongest], rel=1e-6)
         assert all(nodes[e["src"]]["prompt_id"] == n["prompt_id"] for e in strongest)
 

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import TARGET, node_id
 from circuit_catalog.ingest.attribution import attribute, prompt_tokens, target_token
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
 from circuit_catalog.ingest.prompts import AttributionSettings, read_prompts, run_prompts
@@ -82,7 +83,7 @@ def test_custom_targets_are_stored_as_target_nodes(gpt2, tmp_path):
         assert info["custom_target"]["name"] == name and info["custom_target"]["weight"] == weight
         nodes = pq.read_table(layout.prompt_part(root, pid, "nodes")).to_pylist()
         (target,) = [n for n in nodes if n["kind"] == "target"]
-        assert target["id"] == f"{pid}:target" and target["token"] == name and target["probability"] == weight
+        assert target["id"] == node_id(pid, TARGET) and target["token"] == name and target["probability"] == weight
         edges = pq.read_table(layout.prompt_part(root, pid, "edges_full")).to_pylist()
         incoming = sum(e["weight"] for e in edges if e["dst"] == target["id"])
         assert incoming + target["bias"] + target["dropped"] == pytest.approx(target["value"], rel=1e-4, abs=1e-4)

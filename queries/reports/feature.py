@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from circuit_catalog.catalog import layout
-from circuit_catalog.catalog.layout import histogram_log10_edges, parse_feature_id
+from circuit_catalog.catalog.ids import FEATURE_ID, parse_feature_id
+from circuit_catalog.catalog.layout import histogram_log10_edges
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.queries.api import Edge, FeatureTokens, FeatureUse, InterventionUse, Lookups
 from circuit_catalog.queries.reports import svg
@@ -56,6 +57,12 @@ class FeatureCard:
 def card_file(fid: str, blind: bool = False) -> str:
     """'L8/355' -> 'L8_355.html' (blind: 'L8_355.blind.html')."""
     return fid.replace("/", "_") + (".blind.html" if blind else ".html")
+
+
+def card_feature(name: str) -> str | None:
+    """The feature a card file is of ('L8_355.html', 'L8_355.blind.html' -> 'L8/355'); None for another file."""
+    fid = name.split(".")[0].replace("_", "/", 1)
+    return fid if FEATURE_ID.fullmatch(fid) else None
 
 
 def feature_card(lookups: Lookups, root: Path, fid: str, k: int = 10, blind: bool = False) -> FeatureCard:

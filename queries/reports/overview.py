@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import parse_feature_id, sql_feature_layer
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.catalog.parquet_io import check_parts
 from circuit_catalog.queries.reports import svg
-from circuit_catalog.queries.reports.feature import OVERVIEW
+from circuit_catalog.queries.reports.feature import OVERVIEW, card_feature
 from circuit_catalog.queries.reports.html import Markup, figures, join, link, page, section, table, tag, write_page
 from circuit_catalog.queries.reports.prompt import report_file
 from circuit_catalog.queries.sql import connect, views
@@ -100,9 +101,8 @@ def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None =
 
 
 def _card_order(name: str) -> tuple[int, int, str]:
-    layer, _, rest = name[1:].partition("_")
-    index = rest.split(".")[0]
-    return (int(layer), int(index), name) if layer.isdigit() and index.isdigit() else (1 << 30, 0, name)
+    fid = card_feature(name)
+    return (*parse_feature_id(fid), name) if fid else (1 << 30, 0, name)
 
 
 def _weights(con, result: Overview) -> None:
@@ -117,8 +117,7 @@ def _weights(con, result: Overview) -> None:
     result.weight_edges = [-extent + i * width for i in range(WEIGHT_BINS + 1)]
     result.weight_counts = [counts.get(i, 0) for i in range(WEIGHT_BINS)]
     result.pair_strength = {(s, d): w for s, d, w in con.execute(
-        "SELECT CAST(split_part(substr(src, 2), '/', 1) AS INTEGER) AS s, CAST(split_part(substr(dst, 2), '/', 1) AS INTEGER) AS d, "
-        "avg(abs(weight)) FROM pullbacks GROUP BY s, d"
+        f"SELECT {sql_feature_layer('src')} AS s, {sql_feature_layer('dst')} AS d, avg(abs(weight)) FROM pullbacks GROUP BY s, d"
     ).fetchall()}
 
 
