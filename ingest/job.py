@@ -10,9 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.catalog.crash import crash_point
 from circuit_catalog.catalog.ids import feature_ids
 from circuit_catalog.catalog.lock import writer_lock
@@ -343,9 +341,7 @@ def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progres
         return False
     with writer_lock(root):
         tables = stats_tables(tset, collect_stats(model, tset, plan.tokens, plan.info["top_k"], progress=progress), plan.tokens)
-        target = root / layout.STATS
-        tmp = Path(tempfile.mkdtemp(prefix=".stats.tmp-", dir=root))
-        try:
+        with atomic_directory(root / layout.STATS) as tmp:
             for name, table in tables.items():
                 write_atomic(table, tmp / layout.parquet_name(name))
             info = {**plan.info, "parts": {layout.parquet_name(name): t.num_rows for name, t in tables.items()}}
@@ -354,10 +350,6 @@ def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progres
             # feature rows (and so the stores' Feature nodes) gain frequency, mean_act, max_act; before
             # the rename, so statistics in place always have their feature rows
             write_features(root, tset, stats_dir=tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         manifest = Manifest.read(root)
         manifest.parts[layout.FEATURES] = part_rows(root / layout.FEATURES)
         manifest.write(root)

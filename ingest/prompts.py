@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from circuit_catalog.catalog import ids, layout
+from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.catalog.crash import crash_point
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
@@ -228,18 +226,11 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
         "parts": {layout.parquet_name(name): table.num_rows for name, table in tables.items()},  # checked on resume
         "custom_target": None if custom is None else {"name": custom.name, **custom.definition},
     }
-    target = layout.prompt_dir(root, pid)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{pid}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(layout.prompt_dir(root, pid)) as tmp:
         for name, table in tables.items():
             pq.write_table(table, tmp / layout.parquet_name(name), compression="zstd")
         (tmp / layout.PROMPT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         crash_point("prompt")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_prompt_index(root: Path) -> None:

@@ -10,13 +10,11 @@ layer; the scales are folded back into the saved weights, which therefore act on
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.ingest.datasets import token_contexts
 from circuit_catalog.ingest.models import check_context
 from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
@@ -235,24 +233,12 @@ def evaluate(model, tset: TranscoderSet, tokens: torch.Tensor, cfg: TrainConfig)
 
 
 def _save_atomically(transcoders: list[Transcoder], result: TrainResult, out_dir: Path) -> None:
-    """Write everything to a temporary sibling directory, then swap it in: never a half-written set."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    """Write everything beside `out_dir`, then swap it in: never a half-written set."""
+    with atomic_directory(out_dir) as tmp:
         for tc in transcoders:
             save_saelens(tc, tmp / f"layer_{tc.layer}")
         record = {"config": asdict(result.config), "metrics": [asdict(m) for m in result.metrics]}
         (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:
