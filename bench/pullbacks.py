@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from circuit_catalog.catalog import layout  # noqa: E402
 from circuit_catalog.catalog.parquet_io import write_atomic  # noqa: E402
 from circuit_catalog.ingest.job import IngestSettings, pullback_edges_table  # noqa: E402
 
@@ -78,7 +79,7 @@ def main() -> None:
         edges = 0
         for lo, hi in pairs:
             table = pullback_edges_table(W_dec[lo], W_enc[hi], lo, hi, settings)
-            write_atomic(table, Path(tmp) / f"L{lo}_L{hi}.parquet")
+            write_atomic(table, layout.pullback_part(Path(tmp), lo, hi))
             edges += table.num_rows
         ingest_s = time.perf_counter() - start
     flops = len(pairs) * 2 * d_sae * d_sae * d_model

@@ -27,8 +27,9 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from circuit_catalog.catalog import layout  # noqa: E402
+from circuit_catalog.catalog.ids import feature_ids, parse_feature_id  # noqa: E402
 from circuit_catalog.catalog.manifest import Manifest, now  # noqa: E402
-from circuit_catalog.catalog.parquet_io import feature_ids, write_atomic  # noqa: E402
+from circuit_catalog.catalog.parquet_io import write_atomic  # noqa: E402
 from circuit_catalog.catalog.store import GraphStore  # noqa: E402
 from circuit_catalog.queries.lookups import Lookups, named_query  # noqa: E402
 
@@ -77,7 +78,7 @@ def synthetic_catalog(root: Path, n_features: int, n_edges: int, seed: int = 0, 
              transcoder_files={}, layers=list(range(N_LAYERS)), d_sae={str(layer): per_layer for layer in range(N_LAYERS)},
              top_k=None, min_weight=None, token_top_k=TOKEN_K, versions={}, status="complete", created=now(), completed=now(),
              counts={"pullback_edges": per_pair * len(pairs)}).write(root)
-    later = [fid for fid in ids.to_pylist() if not fid.startswith("L0/")]
+    later = [fid for fid in ids.to_pylist() if parse_feature_id(fid)[0] > 0]
     return [later[i] for i in rng.integers(0, len(later), n_sample)]
 
 
@@ -106,8 +107,8 @@ def report(name: str, root: Path, load_s: float, raw: list[float], full: list[fl
     def rows(pattern: str) -> int:
         return sum(pq.ParquetFile(p).metadata.num_rows for p in root.glob(pattern))
 
-    pullbacks = rows("pullbacks/*.parquet")
-    edges = pullbacks + rows("deembed/*.parquet") + rows("logits/*.parquet")
+    pullbacks = rows(layout.PULLBACK_PARTS)
+    edges = pullbacks + rows(layout.DEEMBED_PARTS) + rows(layout.LOGIT_PARTS)
     print(f"{name}: whole load (nodes and all {edges:,} edges, {pullbacks:,} of them pullbacks) {load_s:.1f} s "
           f"= {edges / load_s:,.0f} edges/s")
     print(f"{name}: upstream query p50 {pct(raw, 50):.2f} ms, p99 {pct(raw, 99):.2f} ms; "
@@ -120,7 +121,7 @@ def bench_embedded(root: Path, n_features: int, n_edges: int, n_sample: int) -> 
     t = time.perf_counter()
     sample = synthetic_catalog(root, n_features, n_edges, n_sample=n_sample)
     print(f"embedded: synthetic catalog {n_features:,} features, {n_edges:,} edges written in {time.perf_counter() - t:.1f} s")
-    store = LadybugStore(root / "graph")
+    store = LadybugStore(root / layout.GRAPH)
     t = time.perf_counter()
     store.load(root, progress=False)
     load_s = time.perf_counter() - t

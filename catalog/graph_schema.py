@@ -54,9 +54,9 @@ NODES = (
             lookups=("text",)),  # a prompt is found by its text as well as its id
     # every node of every prompt's graph; `kept` marks the pruned graph, which is what ATTR edges hold
     NodeSet("PNode", (("id", "STRING"), ("prompt_id", "STRING"), ("kind", "STRING"), ("layer", "INT64"), ("pos", "INT64"),
-                      ("feature", "INT64"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
+                      ("feature", "INT64"), ("feature_id", "STRING"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
                       ("value", "FLOAT"), ("bias", "FLOAT"), ("influence", "FLOAT"), ("probability", "FLOAT"),
-                      ("kept", "BOOLEAN")), f"{layout.PROMPTS}/*/nodes.parquet",
+                      ("kept", "BOOLEAN")), layout.prompt_part_glob("nodes"),
             lookups=("prompt_id",)),  # one prompt's graph among every prompt's nodes
     # `intervene --catalog`: what was edited and what it did (per-target logit changes on CHANGES)
     NodeSet("Intervention", (("id", "STRING"), ("prompt_id", "STRING"), ("prompt", "STRING"), ("regime", "STRING"),
@@ -65,36 +65,31 @@ NODES = (
             layout.INTERVENTIONS),
 )
 RELS = (
-    RelSet("PULLBACK", "Feature", "Feature", (("weight", "FLOAT"),), f"{layout.PULLBACKS}/*.parquet"),
-    RelSet("DEEMBED", "Token", "Feature", (("weight", "FLOAT"), ("variant", "STRING")), f"{layout.DEEMBED}/*.parquet"),
-    RelSet("LOGIT", "Feature", "Token", (("weight", "FLOAT"),), f"{layout.LOGITS}/*.parquet"),
-    RelSet("ATTR", "PNode", "PNode", (("weight", "FLOAT"),), f"{layout.PROMPTS}/*/edges.parquet"),
-    RelSet("INSTANCE_OF", "PNode", "Feature", (), f"{layout.PROMPTS}/*/links_feature.parquet"),
-    RelSet("INSTANCE_OF", "PNode", "Token", (), f"{layout.PROMPTS}/*/links_token.parquet"),
+    RelSet("PULLBACK", "Feature", "Feature", (("weight", "FLOAT"),), layout.PULLBACK_PARTS),
+    RelSet("DEEMBED", "Token", "Feature", (("weight", "FLOAT"), ("variant", "STRING")), layout.DEEMBED_PARTS),
+    RelSet("LOGIT", "Feature", "Token", (("weight", "FLOAT"),), layout.LOGIT_PARTS),
+    RelSet("ATTR", "PNode", "PNode", (("weight", "FLOAT"),), layout.prompt_part_glob("edges")),
+    RelSet("INSTANCE_OF", "PNode", "Feature", (), layout.prompt_part_glob("links_feature")),
+    RelSet("INSTANCE_OF", "PNode", "Token", (), layout.prompt_part_glob("links_token")),
     RelSet("ON", "Intervention", "Prompt", (), layout.INTERVENTION_ON),
     RelSet("TOUCHES", "Intervention", "Feature", (("edits", "STRING"),), layout.INTERVENTION_TOUCHES),
     RelSet("CHANGES", "Intervention", "Token", (("before", "FLOAT"), ("after", "FLOAT"), ("change", "FLOAT")), layout.INTERVENTION_CHANGES),
 )
 
 
-def part_files(catalog_dir: Path, pattern: str) -> list[Path]:
-    """The parts matching `pattern`, never a crash leftover: temporaries have hidden names (`.x.tmp-*`)."""
-    root = Path(catalog_dir)
-    return sorted(p for p in root.glob(pattern) if not any(s.startswith(".") for s in p.relative_to(root).parts))
-
-
 def catalog_signature(catalog_dir: Path) -> str:
-    """Changes whenever the catalog's content could have: compared by stores to decide on a reload."""
+    """Changes whenever the catalog's content could have, or the schema a store holds it in: compared by stores
+    to decide on a reload (a store built for an older schema lacks properties the named queries read)."""
     m = Manifest.read(Path(catalog_dir))
     if m.status != "complete":
         raise CatalogDirError(f"{catalog_dir}: the ingest has not finished; rerun the same ingest command to complete it")
-    stats_info = Path(catalog_dir) / layout.STATS / "info.json"
+    stats_info = layout.stats_info(Path(catalog_dir))
     stats = stats_info.read_text() if stats_info.is_file() else None
     index = Path(catalog_dir) / layout.PROMPT_INDEX
     prompts = hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None
     interventions = Path(catalog_dir) / layout.INTERVENTION_CHANGES  # written last of the intervention parts
     blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts, "stats": stats,
-                       "prompts": prompts}, sort_keys=True)
+                       "prompts": prompts, "schema": repr((NODES, RELS))}, sort_keys=True)
     if interventions.is_file():
         blob += hashlib.sha256(interventions.read_bytes() + (Path(catalog_dir) / layout.INTERVENTIONS).read_bytes()).hexdigest()
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from circuit_catalog.catalog.crash import crash_point
-from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, part_files
+from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature
+from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.parquet_io import check_parts
 from circuit_catalog.catalog.store import GraphStore, Row

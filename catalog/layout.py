@@ -1,28 +1,29 @@
 """Where each part of a catalog directory lives, and the column schemas of its Parquet files.
 
-Names and columns follow the graph schema in DESIGN.md: feature ids are `L{layer}/{index}`,
-edges have `src`, `dst`, `weight` (float32).
+Columns follow the graph schema (`catalog.graph_schema`): ids are those of `catalog.ids`, edges have
+`src`, `dst`, `weight` (float32).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pyarrow as pa
 
-from circuit_catalog.errors import UnknownFeature
-
 MANIFEST = "manifest.json"
 FEATURES = "features.parquet"
 TOKENS = "tokens.parquet"
-PULLBACKS = "pullbacks"
-DEEMBED = "deembed"
-LOGITS = "logits"
-STATS = "stats"  # stats/features.parquet, top_examples.parquet, quantile_examples.parquet, tokens.parquet, info.json
+PULLBACKS = "pullbacks"  # pullbacks/L{lo:03d}_to_L{hi:03d}.parquet (`pullback_part`)
+DEEMBED = "deembed"  # deembed/L{layer:03d}.parquet (`deembed_part`)
+LOGITS = "logits"  # logits/L{layer:03d}.parquet (`logit_part`)
+STATS = "stats"  # stats/<part>.parquet for each of STATS_PARTS (`stats_file`), and stats/info.json (`stats_info`)
+STATS_PARTS = ("features", "top_examples", "quantile_examples", "tokens")
+STATS_INFO = "info.json"  # what the statistics were collected from, and each part's rows
 EVAL = "eval.json"  # optional: `circuit-catalog eval --out DIR/eval.json`, read by the overview report
 REPORTS = "reports"  # default directory for HTML reports
-PROMPTS = "prompts"  # prompts/<prompt_id>/{prompt.json, nodes.parquet, edges.parquet, edges_full.parquet, links_*.parquet}
+PROMPTS = "prompts"  # prompts/<prompt_id>/: prompt.json (`prompt_info`) and <part>.parquet for each of PROMPT_PARTS (`prompt_part`)
+PROMPT_PARTS = ("nodes", "edges", "edges_full", "links_feature", "links_token")
+PROMPT_INFO = "prompt.json"
 PROMPT_INDEX = "prompts.parquet"
 # `intervene --catalog`: one row per intervention (INTERVENTION_SCHEMA), and the store's links derived from it:
 # (:Intervention)-[:ON]->(:Prompt), -[:TOUCHES {edits}]->(:Feature), -[:CHANGES {before, after, change}]->(:Token)
@@ -32,6 +33,12 @@ INTERVENTION_TOUCHES = "interventions_touches.parquet"
 INTERVENTION_CHANGES = "interventions_changes.parquet"
 GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
 WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
+
+# Globs relative to the catalog directory, for `part_files` and the graph schema
+PULLBACK_PARTS = f"{PULLBACKS}/*.parquet"
+DEEMBED_PARTS = f"{DEEMBED}/*.parquet"
+LOGIT_PARTS = f"{LOGITS}/*.parquet"
+PROMPT_INFOS = f"{PROMPTS}/*/{PROMPT_INFO}"
 
 # Crash leftovers: everything written under a temporary name has a hidden one, `.<name>.tmp-*`
 # (parts, the stats and prompt directories) or `.graph.loading-*` (a store being built)
@@ -55,8 +62,8 @@ DEEMBED_SCHEMA = pa.schema(
 LOGIT_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.int64()), ("weight", pa.float32())])
 TOKEN_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
 
-# One prompt's attribution graph. Node ids are `<prompt_id>:<local>`, local being `tok@3`,
-# `L8/355@3`, `err:L8@3` or `logit:1234`; layer is -1 for tokens and n_layers for logits.
+# One prompt's attribution graph. Node ids are written and read by `catalog.ids` (`<prompt_id>:L8/355@3`, ...);
+# layer is -1 for tokens and n_layers for logits.
 PNODE_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt_id", pa.string()), ("kind", pa.string()), ("layer", pa.int32()),
     ("pos", pa.int32()), ("feature", pa.int32()), ("feature_id", pa.string()), ("token_id", pa.int64()),
@@ -87,8 +94,51 @@ def temporaries(root: Path) -> list[Path]:
     return sorted({p for d in dirs for pattern in TEMPORARY for p in d.glob(pattern)})
 
 
+def part_files(root: Path, pattern: str) -> list[Path]:
+    """The parts matching `pattern` (relative to `root`), never a crash leftover: temporaries have hidden names."""
+    root = Path(root)
+    return sorted(p for p in root.glob(pattern) if not any(s.startswith(".") for s in p.relative_to(root).parts))
+
+
+def parquet_name(part: str) -> str:
+    """The file name of a named part: 'nodes' -> 'nodes.parquet'."""
+    return f"{part}.parquet"
+
+
+def _named(part: str, parts: tuple[str, ...]) -> str:
+    if part not in parts:
+        raise ValueError(f"no part {part!r}: expected one of {parts}")  # a bug: callers name parts in code
+    return parquet_name(part)
+
+
+def stats_part(part: str) -> str:
+    """A statistics part relative to the catalog directory: 'features' -> 'stats/features.parquet'."""
+    return f"{STATS}/{_named(part, STATS_PARTS)}"
+
+
+def stats_file(root: Path, part: str) -> Path:
+    return root / stats_part(part)
+
+
+def stats_info(root: Path) -> Path:
+    return root / STATS / STATS_INFO
+
+
 def prompt_dir(root: Path, prompt_id: str) -> Path:
     return root / PROMPTS / prompt_id
+
+
+def prompt_part(root: Path, prompt_id: str, part: str) -> Path:
+    return prompt_dir(root, prompt_id) / _named(part, PROMPT_PARTS)
+
+
+def prompt_part_glob(part: str) -> str:
+    """One part of every prompt, relative to the catalog directory: 'nodes' -> 'prompts/*/nodes.parquet'."""
+    return f"{PROMPTS}/*/{_named(part, PROMPT_PARTS)}"
+
+
+def prompt_info(root: Path, prompt_id: str) -> Path:
+    return prompt_dir(root, prompt_id) / PROMPT_INFO
 
 
 def pullback_part(root: Path, src_layer: int, dst_layer: int) -> Path:
@@ -101,18 +151,3 @@ def deembed_part(root: Path, layer: int) -> Path:
 
 def logit_part(root: Path, layer: int) -> Path:
     return root / LOGITS / f"L{layer:03d}.parquet"
-
-
-FEATURE_ID = re.compile(r"L(\d{1,6})/(\d{1,12})")  # bounded: int() of 5,000 digits raises
-
-
-def feature_id(layer: int, index: int) -> str:
-    return f"L{layer}/{index}"
-
-
-def parse_feature_id(fid: str) -> tuple[int, int]:
-    """'L8/355' -> (8, 355); anything else is a user error."""
-    m = FEATURE_ID.fullmatch(fid)  # not match + $: that accepts a trailing newline
-    if not m:
-        raise UnknownFeature(f"malformed feature id {fid[:40]!r}: expected L<layer>/<index>, e.g. L8/355")
-    return int(m.group(1)), int(m.group(2))

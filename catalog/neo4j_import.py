@@ -14,15 +14,16 @@ constraints, the indexes, a wait for them, and the `CatalogState` node that tell
 
 from __future__ import annotations
 
-import os
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature, node_set, part_files
+from circuit_catalog.catalog.atomic import atomic_file
+from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature, node_set
+from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.neo4j_store import INDEX_WAIT_S, STATE_ID, schema_statements
-from circuit_catalog.catalog.parquet_io import make_output_dir
+from circuit_catalog.catalog.parquet_io import make_output_dir, write_text_atomic
 
 from circuit_catalog.errors import CatalogDirError
 
@@ -63,7 +64,7 @@ def write_admin_import(catalog_dir: Path, out_dir: Path, import_dir: str = "/imp
     parts: list[str] = []
 
     def export(name: str, header: list[str], columns: list[tuple[str, str]], files: list[Path]) -> None:
-        _write(out_dir / f"{name}.header.csv", ",".join(header) + "\n")
+        write_text_atomic(",".join(header) + "\n", out_dir / f"{name}.header.csv")
         _copy_csv(con, columns, files, out_dir / f"{name}.csv")
         parts.extend(str(f.relative_to(catalog_dir)) for f in files)
         progress(f"wrote {name}.csv")
@@ -85,7 +86,7 @@ def write_admin_import(catalog_dir: Path, out_dir: Path, import_dir: str = "/imp
             export(name, header, columns, files)
             args.append(f"--relationships={r.type}={import_dir}/{name}.header.csv,{import_dir}/{name}.csv")
     con.close()
-    _write(out_dir / "schema.cypher", schema_script(signature, parts))
+    write_text_atomic(schema_script(signature, parts), out_dir / "schema.cypher")
     progress("wrote schema.cypher")
     schema_args = ["cypher-shell", "-d", database, "-f", f"{import_dir}/schema.cypher"]  # user and password: NEO4J_USERNAME, NEO4J_PASSWORD
     return AdminImport(args, schema_args)
@@ -122,21 +123,11 @@ def _copy_csv(con, columns: list[tuple[str, str]], files: list[Path], out: Path)
         if kind in ("STRING", "STRING[]"):
             quoted.append(col)
         exprs.append(f"{expr} AS {col}")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     force = f", FORCE_QUOTE ({', '.join(quoted)})" if quoted else ""
-    try:
+    with atomic_file(out) as tmp:
         con.execute(f"COPY (SELECT {', '.join(exprs)} FROM read_parquet($src)) TO {_sql_string(tmp)} "
                     f"(FORMAT csv, HEADER false, DELIMITER ',', QUOTE '\"', ESCAPE '\"'{force})",
                     {"src": [str(f) for f in files]})
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _sql_string(path: Path) -> str:

@@ -31,7 +31,8 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, node_set, part_files
+from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, node_set
+from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.store import GraphStore, Row
 from tqdm.auto import tqdm
 

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from circuit_catalog.catalog.atomic import atomic_file
 
 from circuit_catalog.errors import CatalogDirError, OutputError
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
     """Write `table` to `path` so a reader (or a resumed job) never sees a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def part_rows(path: Path) -> int | None:
@@ -54,22 +49,8 @@ def make_output_dir(path: Path) -> None:
 
 def write_text_atomic(text: str, path: Path) -> None:
     """Write a text file (manifest, report, export) whole or not at all; an unwritable path is one error."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # the directory itself could not be made
-
-
-def feature_ids(layer: int, indices: pa.Array) -> pa.Array:
-    """Vectorised `L{layer}/{index}` ids (a Python loop over millions of edges would dominate ingest)."""
-    import pyarrow.compute as pc
-
-    return pc.binary_join_element_wise(f"L{layer}", pc.cast(indices, pa.string()), "/")

@@ -67,4 +67,4 @@ class SqlError(UserError):
 
 
 class UnknownPrompt(UserError):
-    """A prompt id, token or logit that is not in the catalog's graphs."""
+    """A prompt id, node id, token or logit that is malformed or not in the catalog's graphs."""

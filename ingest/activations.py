@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from circuit_catalog.catalog.layout import feature_id
+from circuit_catalog.catalog.ids import feature_id
 from circuit_catalog.ingest.attribution import prompt_tokens
 from circuit_catalog.ingest.transcoder import TranscoderSet
 

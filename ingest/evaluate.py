@@ -32,6 +32,61 @@ class Ablations:
         return (self.ce_mean - self.ce_replaced) / (self.ce_mean - ce_original)
 
 
+class Reconstruction:
+    """One layer's reconstruction figures, accumulated batch by batch: MSE, FVU, L0 and dead features.
+
+    The one definition `train` (on its held-out tokens) and `eval` report. FVU is the squared error over the
+    targets' variance about their mean, summed over d_out; the variance comes from running sums (the mean's
+    in float64), so no batch needs another in memory.
+    """
+
+    def __init__(self, d_sae: int, d_out: int):
+        self.n = 0  # tokens
+        self.sq_err = 0.0
+        self.y_sum = torch.zeros(d_out, dtype=torch.float64)
+        self.y_sq = 0.0
+        self.active = 0.0  # active features, summed over tokens
+        self.fired = torch.zeros(d_sae, dtype=torch.bool)
+
+    def add(self, recon: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> None:
+        """One batch: reconstruction and target `[..., d_out]`, feature activations `[..., d_sae]` (BOS left out)."""
+        self.n += y[..., 0].numel()
+        self.sq_err += (recon - y).pow(2).sum().item()
+        self.y_sum += y.sum(tuple(range(y.dim() - 1)), dtype=torch.float64)
+        self.y_sq += y.pow(2).sum().item()
+        self.active += (z > 0).sum().item()
+        self.fired |= (z > 0).reshape(-1, z.shape[-1]).any(0)
+
+    @property
+    def mse(self) -> float:
+        """Squared error summed over d_out, per token."""
+        return self.sq_err / self.n
+
+    @property
+    def fvu(self) -> float:
+        variance = self.y_sq - self.y_sum.pow(2).sum().item() / self.n
+        return self.sq_err / max(variance, 1e-12)
+
+    @property
+    def l0(self) -> float:
+        """Mean active features per token."""
+        return self.active / self.n
+
+    @property
+    def live(self) -> int:
+        return int(self.fired.sum())
+
+    @property
+    def dead(self) -> int:
+        """Features that never fired."""
+        return len(self.fired) - self.live
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The targets' mean `[d_out]` (what mean ablation puts in)."""
+        return (self.y_sum / self.n).float()
+
+
 @dataclass
 class LayerEval:
     layer: int
@@ -78,11 +133,7 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
     hook_out = {layer: tset[layer].cfg.hook_out for layer in layers}
 
     # pass 1: the original model; reconstruction statistics and each MLP's mean output
-    sq_err = {layer: 0.0 for layer in layers}
-    y_sum = {layer: torch.zeros(model.cfg.d_model, dtype=torch.float64) for layer in layers}
-    y_sq = {layer: 0.0 for layer in layers}
-    l0 = {layer: 0.0 for layer in layers}
-    fired = {layer: torch.zeros(tset[layer].cfg.d_sae, dtype=torch.bool) for layer in layers}
+    recon_stats = {layer: Reconstruction(tset[layer].cfg.d_sae, model.cfg.d_model) for layer in layers}
     n_recon, ce_original, n_pred = 0, 0.0, 0
     batches = [tokens[i : i + batch_contexts] for i in range(0, len(tokens), batch_contexts)]
     originals = []
@@ -99,12 +150,8 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
         for layer in layers:
             x, y, z = xs[layer], cache[hook_out[layer]][:, 1:], zs[layer]
             recon = replacements[layer](x, y) if layer in replacements else tset.decode_into(layer, zs, xs)
-            sq_err[layer] += (recon - y).pow(2).sum().item()
-            y_sum[layer] += y.sum((0, 1), dtype=torch.float64)
-            y_sq[layer] += y.pow(2).sum().item()
-            l0[layer] += (z > 0).sum().item()
-            fired[layer] |= (z > 0).reshape(-1, z.shape[-1]).any(0)
-    means = {layer: (y_sum[layer] / n_recon).float() for layer in layers}
+            recon_stats[layer].add(recon, y, z)
+    means = {layer: stats.mean for layer, stats in recon_stats.items()}
 
     def run(batch: torch.Tensor, original: torch.Tensor, targets: list[int], how: str) -> tuple[float, float]:
         """One forward pass with `targets`' MLP outputs replaced (BOS position kept original)."""
@@ -147,13 +194,9 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
 
     result = EvalResult(n_recon, ce_original / n_pred)
     for layer in tqdm(layers, desc="evaluating (per layer)", disable=not progress):
-        variance = y_sq[layer] - (y_sum[layer].pow(2).sum().item() / n_recon)
-        ab = ablations([layer])
-        live = int(fired[layer].sum())
-        result.layers.append(LayerEval(
-            layer, sq_err[layer] / n_recon, sq_err[layer] / max(variance, 1e-12), l0[layer] / n_recon,
-            tset[layer].cfg.d_sae - live, live, ab, ab.recovered(result.ce_original),
-        ))
+        ab, stats = ablations([layer]), recon_stats[layer]
+        result.layers.append(LayerEval(layer, stats.mse, stats.fvu, stats.l0, stats.dead, stats.live, ab,
+                                       ab.recovered(result.ce_original)))
     result.all_layers = ablations(layers)
     result.ce_recovered_all = result.all_layers.recovered(result.ce_original)
     return result

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
-from circuit_catalog.catalog.layout import parse_feature_id
+from circuit_catalog.catalog.ids import feature_id, parse_feature_id
 from circuit_catalog.ingest.attribution import check_supported
 from circuit_catalog.ingest.transcoder import TranscoderSet
 
@@ -61,7 +61,7 @@ class Edit:
 
     @property
     def feature(self) -> str:
-        return f"L{self.layer}/{self.index}"
+        return feature_id(self.layer, self.index)
 
     @property
     def spec(self) -> str:

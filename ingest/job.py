@@ -10,9 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.catalog.crash import crash_point
+from circuit_catalog.catalog.ids import feature_ids
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
-from circuit_catalog.catalog.parquet_io import feature_ids, part_intact, part_rows, write_atomic
+from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
 from circuit_catalog.ingest.mapped_weights import release_mapped
 from circuit_catalog.ingest.models import check_context, file_digest, weights_digest
 from circuit_catalog.ingest.pullbacks import DEFINITION as PULLBACK_DEFINITION
@@ -239,8 +238,8 @@ def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10, stats_d
     })
     con = duckdb.connect()
     con.register("base", rows)
-    d_glob, l_glob, t_path = (str(root / layout.DEEMBED / "*.parquet"), str(root / layout.LOGITS / "*.parquet"), str(root / layout.TOKENS))
-    stats_path = (stats_dir or root / layout.STATS) / "features.parquet"
+    d_glob, l_glob, t_path = (str(root / layout.DEEMBED_PARTS), str(root / layout.LOGIT_PARTS), str(root / layout.TOKENS))
+    stats_path = (stats_dir or root / layout.STATS) / layout.parquet_name("features")
     stats = (f"(SELECT id, frequency, mean_act, max_act FROM read_parquet('{_sql_literal(stats_path)}'))" if stats_path.is_file()
              else "(SELECT NULL::VARCHAR AS id, NULL::DOUBLE AS frequency, NULL::FLOAT AS mean_act, NULL::FLOAT AS max_act)")
     table = con.sql(
@@ -285,9 +284,9 @@ def count_rows(root: Path) -> dict[str, int]:
     return {
         "features": rows([root / layout.FEATURES]),
         "tokens": rows([root / layout.TOKENS]),
-        "pullback_edges": rows(sorted((root / layout.PULLBACKS).glob("*.parquet"))),
-        "deembed_edges": rows(sorted((root / layout.DEEMBED).glob("*.parquet"))),
-        "logit_edges": rows(sorted((root / layout.LOGITS).glob("*.parquet"))),
+        "pullback_edges": rows(layout.part_files(root, layout.PULLBACK_PARTS)),
+        "deembed_edges": rows(layout.part_files(root, layout.DEEMBED_PARTS)),
+        "logit_edges": rows(layout.part_files(root, layout.LOGIT_PARTS)),
     }
 
 
@@ -296,7 +295,7 @@ class StatsPlan:
     """What statistics a run would collect, decided (and checked against the catalog) before anything is written."""
 
     tokens: torch.Tensor  # [n_contexts, ctx_len], the tokens actually collected
-    info: dict  # DIR/stats/info.json
+    info: dict  # DIR/stats/info.json (layout.stats_info)
     done: bool  # the catalog already holds exactly these statistics, every part intact
 
 
@@ -320,7 +319,7 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
     info = {"dataset": dataset, "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
             "tokens": tokens.numel(), "ctx_len": ctx_len, "top_k": top_k, "layers": tset.layers,
             "quantile_bins": QUANTILE_BINS, "per_bin": PER_BIN}
-    info_path = root / layout.STATS / "info.json"
+    info_path = layout.stats_info(root)
     if not info_path.is_file():
         return StatsPlan(tokens, info, done=False)
     try:
@@ -342,21 +341,15 @@ def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progres
         return False
     with writer_lock(root):
         tables = stats_tables(tset, collect_stats(model, tset, plan.tokens, plan.info["top_k"], progress=progress), plan.tokens)
-        target = root / layout.STATS
-        tmp = Path(tempfile.mkdtemp(prefix=".stats.tmp-", dir=root))
-        try:
+        with atomic_directory(root / layout.STATS) as tmp:
             for name, table in tables.items():
-                write_atomic(table, tmp / f"{name}.parquet")
-            info = {**plan.info, "parts": {f"{name}.parquet": t.num_rows for name, t in tables.items()}}
-            (tmp / "info.json").write_text(json.dumps(info, indent=2))
+                write_atomic(table, tmp / layout.parquet_name(name))
+            info = {**plan.info, "parts": {layout.parquet_name(name): t.num_rows for name, t in tables.items()}}
+            (tmp / layout.STATS_INFO).write_text(json.dumps(info, indent=2))
             crash_point("stats")
             # feature rows (and so the stores' Feature nodes) gain frequency, mean_act, max_act; before
             # the rename, so statistics in place always have their feature rows
             write_features(root, tset, stats_dir=tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         manifest = Manifest.read(root)
         manifest.parts[layout.FEATURES] = part_rows(root / layout.FEATURES)
         manifest.write(root)

@@ -21,13 +21,13 @@ import io
 import json
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from circuit_catalog.catalog.atomic import atomic_directory
 
 from circuit_catalog.errors import ModelError, first_line
 
@@ -219,14 +219,9 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

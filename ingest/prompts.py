@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from circuit_catalog.catalog import layout
+from circuit_catalog.catalog import ids, layout
+from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.catalog.crash import crash_point
-from circuit_catalog.catalog.graph_schema import part_files
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
 from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
@@ -114,23 +111,20 @@ def prompt_id(manifest: Manifest, spec: PromptSpec) -> str:
 
 def local_ids(graph: AttributionGraph) -> list[str]:
     """Readable node ids in the graph's fixed order."""
-    ids = [f"L{layer}/{index}@{pos}" for layer, pos, index in graph.features.tolist()]
-    ids += [f"err:L{layer}@{pos}" for layer in range(graph.n_layers) for pos in range(graph.n_pos)]
-    ids += [f"tok@{pos}" for pos in range(graph.n_pos)]
-    ids += [f"logit:{t}" for t in graph.logit_tokens.tolist()]
+    local = [ids.feature_node(layer, index, pos) for layer, pos, index in graph.features.tolist()]
+    local += [ids.error_node(layer, pos) for layer in range(graph.n_layers) for pos in range(graph.n_pos)]
+    local += [ids.token_node(pos) for pos in range(graph.n_pos)]
+    local += [ids.logit_node(t) for t in graph.logit_tokens.tolist()]
     if graph.custom_target is not None:
-        ids.append("target")
-    return ids
-
-
-PROMPT_PARTS = ("nodes", "edges", "edges_full", "links_feature", "links_token")
+        local.append(ids.TARGET)
+    return local
 
 
 def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> dict[str, pa.Table]:
     """nodes, pruned edges, full edges, and INSTANCE_OF links, as the store loads them."""
     n_feat, n_err, n_pos, n_logit = graph.n_features, graph.n_errors, graph.n_pos, len(graph.logit_probabilities)
     n_custom = int(graph.custom_target is not None)
-    ids = [f"{pid}:{local}" for local in local_ids(graph)]
+    node_ids = [ids.node_id(pid, local) for local in local_ids(graph)]
     kind = ["feature"] * n_feat + ["error"] * n_err + ["token"] * n_pos + ["logit"] * (n_logit - n_custom) + ["target"] * n_custom
     layer = graph.features[:, 0].tolist() + [lay for lay in range(graph.n_layers) for _ in range(n_pos)] + [-1] * n_pos + [graph.n_layers] * n_logit
     pos = graph.features[:, 1].tolist() + list(range(n_pos)) * graph.n_layers + list(range(n_pos)) + [n_pos - 1] * n_logit
@@ -143,8 +137,8 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
 
     probability = [None] * (graph.n_nodes - n_logit) + graph.logit_probabilities.tolist()
     nodes = pa.table({
-        "id": ids, "prompt_id": [pid] * graph.n_nodes, "kind": kind, "layer": layer, "pos": pos, "feature": feature,
-        "feature_id": [f"L{a}/{b}" for a, _, b in graph.features.tolist()] + [None] * (n_err + n_pos + n_logit),
+        "id": node_ids, "prompt_id": [pid] * graph.n_nodes, "kind": kind, "layer": layer, "pos": pos, "feature": feature,
+        "feature_id": [ids.feature_id(a, b) for a, _, b in graph.features.tolist()] + [None] * (n_err + n_pos + n_logit),
         "token_id": token_ids, "token": [None if t is None else decode([t]) for t in token_ids[:graph.n_nodes - n_custom]] + [graph.custom_target] * n_custom,
         "activation": graph.activations.tolist() + [None] * (n_err + n_pos + n_logit),
         "value": where(targets, graph.value), "bias": where(targets, graph.bias), "dropped": where(targets, graph.dropped),
@@ -153,7 +147,7 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
 
     def edges(mask: torch.Tensor) -> pa.Table:
         dst, src = mask.nonzero(as_tuple=True)
-        id_array = pa.array(ids)
+        id_array = pa.array(node_ids)
         return pa.table([id_array.take(pa.array(src.numpy())), id_array.take(pa.array(dst.numpy())),
                          pa.array(graph.adjacency[dst, src].numpy(), pa.float32())], schema=layout.ATTR_SCHEMA)
 
@@ -161,8 +155,8 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
         "nodes": nodes,
         "edges": edges(pruned.edge_mask),
         "edges_full": edges(graph.adjacency != 0),
-        "links_feature": pa.table({"src": ids[:n_feat], "dst": nodes["feature_id"].to_pylist()[:n_feat]}),
-        "links_token": pa.table({"src": ids[n_feat + n_err:graph.n_nodes - n_custom], "dst": pa.array(token_ids[n_feat + n_err:graph.n_nodes - n_custom], pa.int64())}),
+        "links_feature": pa.table({"src": node_ids[:n_feat], "dst": nodes["feature_id"].to_pylist()[:n_feat]}),
+        "links_token": pa.table({"src": node_ids[n_feat + n_err:graph.n_nodes - n_custom], "dst": pa.array(token_ids[n_feat + n_err:graph.n_nodes - n_custom], pa.int64())}),
     }
 
 
@@ -176,10 +170,10 @@ def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec],
         if manifest.status != "complete":
             raise CatalogDirError(f"{root}: the ingest has not finished; rerun it before adding prompts")
         wanted = json.dumps(asdict(settings), sort_keys=True)
-        ids = [prompt_id(manifest, spec) for spec in specs]
-        todo = [(pid, spec) for pid, spec in zip(ids, specs) if not _prompt_done(root, pid, wanted)]
-        if not todo and part_rows(root / layout.PROMPT_INDEX) == len(part_files(root, f"{layout.PROMPTS}/*/prompt.json")):
-            return ids  # nothing to add: the catalog (and a store loaded from it) stays as it is
+        pids = [prompt_id(manifest, spec) for spec in specs]
+        todo = [(pid, spec) for pid, spec in zip(pids, specs) if not _prompt_done(root, pid, wanted)]
+        if not todo and part_rows(root / layout.PROMPT_INDEX) == len(layout.part_files(root, layout.PROMPT_INFOS)):
+            return pids  # nothing to add: the catalog (and a store loaded from it) stays as it is
         manifest.status = "in-progress"  # stores refuse to load a half-added prompt set
         manifest.write(root)
         for pid, spec in tqdm(todo, desc="prompts", unit="prompt", disable=not progress):
@@ -187,19 +181,18 @@ def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec],
         write_prompt_index(root)
         manifest.status, manifest.completed = "complete", now()
         manifest.write(root)
-    return ids
+    return pids
 
 
 def _prompt_done(root: Path, pid: str, settings: str) -> bool:
     """Done with these settings, every part readable with the rows it was written with (else computed again)."""
-    directory = layout.prompt_dir(root, pid)
     try:
-        info = json.loads((directory / "prompt.json").read_text())
+        info = json.loads(layout.prompt_info(root, pid).read_text())
     except (OSError, ValueError):
         return False
     recorded = info.get("parts", {})
-    names = [f"{name}.parquet" for name in PROMPT_PARTS]
-    return info.get("settings") == settings and all(part_intact(directory / n, recorded.get(n)) for n in names)
+    return info.get("settings") == settings and all(
+        part_intact(layout.prompt_part(root, pid, name), recorded.get(layout.parquet_name(name))) for name in layout.PROMPT_PARTS)
 
 
 def check_prompt(model, spec: PromptSpec) -> None:
@@ -230,25 +223,18 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
         "n_active_features": graph.n_active_features, "n_feature_nodes": graph.n_features, "capped": graph.capped,
         "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": tables["edges"].num_rows,
         "n_layers": graph.n_layers, "settings": json.dumps(asdict(settings), sort_keys=True),
-        "parts": {f"{name}.parquet": table.num_rows for name, table in tables.items()},  # checked on resume
+        "parts": {layout.parquet_name(name): table.num_rows for name, table in tables.items()},  # checked on resume
         "custom_target": None if custom is None else {"name": custom.name, **custom.definition},
     }
-    target = layout.prompt_dir(root, pid)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{pid}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(layout.prompt_dir(root, pid)) as tmp:
         for name, table in tables.items():
-            pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
-        (tmp / "prompt.json").write_text(json.dumps(info, indent=2) + "\n")
+            pq.write_table(table, tmp / layout.parquet_name(name), compression="zstd")
+        (tmp / layout.PROMPT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         crash_point("prompt")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_prompt_index(root: Path) -> None:
     """prompts.parquet: one row per prompt directory present (prompts accumulate over runs)."""
-    rows = [json.loads(p.read_text()) for p in part_files(root, f"{layout.PROMPTS}/*/prompt.json")]
+    rows = [json.loads(p.read_text()) for p in layout.part_files(root, layout.PROMPT_INFOS)]
     columns = {name: [row.get(name) for row in rows] for name in layout.PROMPT_SCHEMA.names}
     write_atomic(pa.table(columns, schema=layout.PROMPT_SCHEMA), root / layout.PROMPT_INDEX)

@@ -124,7 +124,7 @@ WINDOW_BEFORE, WINDOW_AFTER = 8, 4  # context tokens kept around each example
 def stats_tables(tset: TranscoderSet, stats: dict[int, LayerStats], tokens: torch.Tensor) -> dict:
     """Arrow tables for `DIR/stats/`, by file name: features, top_examples, quantile_examples, tokens."""
     import pyarrow as pa
-    from circuit_catalog.catalog.parquet_io import feature_ids
+    from circuit_catalog.catalog.ids import feature_ids
 
     n_contexts, ctx_len = tokens.shape
     n_counted = n_contexts * (ctx_len - 1)
@@ -164,7 +164,7 @@ def quantile_table(layer: int, samples: QuantileSamples, flat_tokens: np.ndarray
     """One row per sampled example: its feature, interval (`bin`, `lower` < activation <= `upper`,
     `bin_count` firing tokens in it), `rank` by activation within the interval, then the example columns."""
     import pyarrow as pa
-    from circuit_catalog.catalog.parquet_io import feature_ids
+    from circuit_catalog.catalog.ids import feature_ids
 
     feature, bin_, slot = (samples.index >= 0).nonzero(as_tuple=True)
     values = samples.value[feature, bin_, slot]

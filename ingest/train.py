@@ -10,14 +10,13 @@ layer; the scales are folded back into the saved weights, which therefore act on
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.ingest.datasets import token_contexts
+from circuit_catalog.ingest.evaluate import Reconstruction
 from circuit_catalog.ingest.models import check_context
 from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_saelens
@@ -212,47 +211,23 @@ def _activation_buffer(model, tokens: torch.Tensor, cfg: TrainConfig, progress: 
 
 @torch.no_grad()
 def evaluate(model, tset: TranscoderSet, tokens: torch.Tensor, cfg: TrainConfig) -> list[LayerMetrics]:
-    """FVU, L0 and dead fraction per layer on `tokens`, BOS excluded."""
-    sq_err = torch.zeros(len(cfg.layers))
-    fired = torch.zeros(len(cfg.layers), cfg.d_sae, dtype=torch.bool)
-    l0_sum, xs, ys = torch.zeros(len(cfg.layers)), [], []
+    """FVU, L0 and dead fraction per layer on `tokens`, BOS excluded (as `eval` measures them)."""
+    stats = {layer: Reconstruction(cfg.d_sae, model.cfg.d_model) for layer in cfg.layers}
     for start in range(0, len(tokens), cfg.batch_contexts):
         x, y = collect(model, tokens[start : start + cfg.batch_contexts], cfg)
-        xs.append(x)
-        ys.append(y)
-    x, y = torch.cat(xs, 1), torch.cat(ys, 1)
-    for i, layer in enumerate(cfg.layers):
-        z = tset[layer].encode(x[i])
-        sq_err[i] = (tset[layer].decode(z, x[i]) - y[i]).pow(2).sum()
-        l0_sum[i] = (z > 0).float().sum(-1).mean()
-        fired[i] = (z > 0).any(0)
-    total_var = (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2))
-    fvu = sq_err / total_var.clamp_min(1e-12)
-    return [
-        LayerMetrics(layer, float(fvu[i]), float(l0_sum[i]), float(1 - fired[i].float().mean()))
-        for i, layer in enumerate(cfg.layers)
-    ]
+        for i, layer in enumerate(cfg.layers):
+            z = tset[layer].encode(x[i])
+            stats[layer].add(tset[layer].decode(z, x[i]), y[i], z)
+    return [LayerMetrics(layer, s.fvu, s.l0, s.dead / cfg.d_sae) for layer, s in stats.items()]
 
 
 def _save_atomically(transcoders: list[Transcoder], result: TrainResult, out_dir: Path) -> None:
-    """Write everything to a temporary sibling directory, then swap it in: never a half-written set."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    """Write everything beside `out_dir`, then swap it in: never a half-written set."""
+    with atomic_directory(out_dir) as tmp:
         for tc in transcoders:
             save_saelens(tc, tmp / f"layer_{tc.layer}")
         record = {"config": asdict(result.config), "metrics": [asdict(m) for m in result.metrics]}
         (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:

@@ -16,7 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
-from circuit_catalog.catalog.layout import parse_feature_id
+from circuit_catalog.catalog.ids import parse_feature_id, parse_local, split_node_id
 from circuit_catalog.catalog.store import GraphStore, Row
 from circuit_catalog.errors import UnknownFeature
 from circuit_catalog.queries.prompt_graph import (
@@ -302,8 +302,9 @@ class Lookups:
         for r in self._q("feature_inputs", id=fid, k=k, n_inputs=n_inputs):
             inputs = []
             for i in r["inputs"]:
-                local = i["src"].split(":", 1)[1]
-                inputs.append(NodeInput(f"{i['token']!r}{local[3:]}" if i["kind"] == "token" and token_text else local, float(i["weight"])))
+                local = split_node_id(i["src"])[1]
+                inputs.append(NodeInput(f"{i['token']!r}@{parse_local(local).pos}" if i["kind"] == "token" and token_text else local,
+                                        float(i["weight"])))
             uses.append(FeatureUse(r["prompt"], int(r["pos"]), float(r["activation"]), float(r["influence"]), inputs))
         return rows_of(FeatureUse, uses)
 

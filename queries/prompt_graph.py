@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from circuit_catalog.catalog import layout
-from circuit_catalog.catalog.layout import feature_id
+from circuit_catalog.catalog.ids import split_node_id
 from circuit_catalog.errors import CatalogDirError, UnknownPrompt, first_line
 
 
@@ -81,7 +81,7 @@ class PNode:
     layer: int
     pos: int
     feature: int | None = None
-    feature_id: str | None = None
+    feature_id: str | None = None  # `L8/355` for a feature node
     token_id: int | None = None
     token: str | None = None
     activation: float | None = None
@@ -94,7 +94,7 @@ class PNode:
     @property
     def local(self) -> str:
         """The id without its prompt prefix (`L8/355@3`, `tok@0`, `err:L2@3`, `logit:42`)."""
-        return self.id.split(":", 1)[1]
+        return split_node_id(self.id)[1]
 
     @property
     def label(self) -> str:
@@ -136,8 +136,6 @@ class PromptGraph:
         graph = cls(info, {}, defaultdict(list), **extra)
         for n in nodes:
             node = PNode(**{k: n[k] for k in names if n.get(k) is not None})
-            if node.kind == "feature" and node.feature_id is None:  # the stores keep layer and index only
-                node.feature_id = feature_id(node.layer, node.feature)
             graph.nodes[node.id] = node
         for e in edges:
             graph.edges[e["dst"]].append((e["src"], float(e["weight"])))
@@ -148,9 +146,9 @@ class PromptGraph:
         """A prompt's pruned graph from the catalog's Parquet parts, by id or text; `all_nodes` keeps the nodes
         pruning dropped too (marked `kept=False`, without edges), in the graph's order."""
         record = prompt_record(root, key)
-        folder = layout.prompt_dir(Path(root), record["id"])
-        nodes = [n for n in _read(folder / "nodes.parquet") if all_nodes or n["kept"]]
-        return cls.from_rows(PromptInfo.from_row(record), nodes, _read(folder / "edges.parquet"),
+        pid = record["id"]
+        nodes = [n for n in _read(layout.prompt_part(Path(root), pid, "nodes")) if all_nodes or n["kept"]]
+        return cls.from_rows(PromptInfo.from_row(record), nodes, _read(layout.prompt_part(Path(root), pid, "edges")),
                              decoded=record.get("decoded"), n_layers=record.get("n_layers"))
 
     def factor(self, src: str, weight: float) -> float:
@@ -209,11 +207,11 @@ def prompt_index(root: Path) -> list[dict]:
 
 def prompt_record(root: Path, key: str) -> dict:
     """The `prompt.json` record of the prompt with this id or text: its tokens, settings and scores."""
-    folder = layout.prompt_dir(Path(root), find_prompt(prompt_index(root), key)["id"])
+    path = layout.prompt_info(Path(root), find_prompt(prompt_index(root), key)["id"])
     try:
-        return json.loads((folder / "prompt.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise CatalogDirError(f"{folder}: unreadable prompt record ({first_line(exc)}); rerun the ingest") from None
+        raise CatalogDirError(f"{path}: unreadable prompt record ({first_line(exc)}); rerun the ingest") from None
 
 
 def _read(path: Path) -> list[dict]:

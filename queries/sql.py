@@ -14,7 +14,6 @@ from pathlib import Path
 
 import duckdb
 from circuit_catalog.catalog import layout
-from circuit_catalog.catalog.graph_schema import part_files
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.catalog.parquet_io import check_parts
 
@@ -26,12 +25,12 @@ MAX_QUERY_CHARS = 100_000  # DuckDB's parser recurses per nesting level: bound w
 def views(root: Path) -> dict[str, list[Path]]:
     """View name -> the Parquet parts behind it (views without parts are left out)."""
     patterns = {
-        "features": layout.FEATURES, "tokens": layout.TOKENS, "pullbacks": f"{layout.PULLBACKS}/*.parquet",
-        "deembed": f"{layout.DEEMBED}/*.parquet", "logits": f"{layout.LOGITS}/*.parquet",
-        "stats": f"{layout.STATS}/features.parquet", "top_examples": f"{layout.STATS}/top_examples.parquet",
-        "quantile_examples": f"{layout.STATS}/quantile_examples.parquet", "dataset_tokens": f"{layout.STATS}/tokens.parquet",
+        "features": layout.FEATURES, "tokens": layout.TOKENS, "pullbacks": layout.PULLBACK_PARTS,
+        "deembed": layout.DEEMBED_PARTS, "logits": layout.LOGIT_PARTS,
+        "stats": layout.stats_part("features"), "top_examples": layout.stats_part("top_examples"),
+        "quantile_examples": layout.stats_part("quantile_examples"), "dataset_tokens": layout.stats_part("tokens"),
     }
-    found = {name: part_files(root, pattern) for name, pattern in patterns.items()}
+    found = {name: layout.part_files(root, pattern) for name, pattern in patterns.items()}
     return {name: files for name, files in found.items() if files}
 
 

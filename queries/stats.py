@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from circuit_catalog.catalog import layout
-from circuit_catalog.catalog.layout import parse_feature_id
+from circuit_catalog.catalog.ids import parse_feature_id
 from circuit_catalog.queries.sql import connect, views
 
 from circuit_catalog.errors import CatalogDirError, UnknownFeature
@@ -58,7 +58,7 @@ _EXAMPLE = "activation, context, pos, window_start, window_tokens"
 def feature_stats(root: Path, fid: str, k: int = 10) -> FeatureStats:
     """Figures, the top `k` examples and the quantile-bin examples of one feature."""
     parse_feature_id(fid)
-    if not (root / layout.STATS / "features.parquet").is_file():
+    if not layout.stats_file(root, "features").is_file():
         raise CatalogDirError(f"{root}: no activation statistics; run `circuit-catalog ingest ... --dataset D --tokens N`")
     con = connect(root)
     try:

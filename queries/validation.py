@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import split_node_id
 from circuit_catalog.ingest.interventions import Edit, Regime, clean_run, run_batch
 from circuit_catalog.ingest.targets import custom_target
 from circuit_catalog.ingest.transcoder import TranscoderSet
@@ -60,8 +61,7 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     logit_ids = [n.id for n in logits]
     weights: dict[str, dict[str, float]] = defaultdict(dict)  # source -> logit node -> direct effect
     # every node's direct effect on the logits, pruned or not: the one read of the unpruned edges
-    edges_full = layout.prompt_dir(catalog_dir, pid) / "edges_full.parquet"
-    for e in pq.read_table(edges_full, filters=[("dst", "in", logit_ids)]).to_pylist():
+    for e in pq.read_table(layout.prompt_part(catalog_dir, pid, "edges_full"), filters=[("dst", "in", logit_ids)]).to_pylist():
         weights[e["src"]][e["dst"]] = e["weight"]
 
     tokens, zero_bos = graph_tokens(model, info)
@@ -88,7 +88,7 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
         full = run_batch(model, tset, tokens, edit_sets, Regime.REPLACEMENT, clean, zero_bos).final_normalised @ readout + offset - before
         for group, d, f in zip(batch, direct.tolist(), full.tolist()):
             predicted = [-sum(weights[n].get(t, 0.0) for n in group) for t in logit_ids]
-            checks.append(Check(" + ".join(n.split(":", 1)[1] for n in group), predicted, d, f))
+            checks.append(Check(" + ".join(split_node_id(n)[1] for n in group), predicted, d, f))
     return Validation(pid, info["text"], [n.token for n in logits], checks)
 
 

@@ -69,9 +69,9 @@ def test_one_prompt_graph_from_store_parquet_and_memory(api_catalog, gpt2_dir):
     with Catalog(catalog, progress=False) as cat:
         from_store = cat.prompt_graph(PROMPTS[0])
     from_parquet = PromptGraph.from_catalog(catalog, PROMPTS[0])
-    folder = layout.prompt_dir(catalog, from_store.info.id)
-    nodes = [n for n in pq.read_table(folder / "nodes.parquet").to_pylist() if n["kept"]]
-    in_memory = PromptGraph.from_rows(from_store.info, nodes, pq.read_table(folder / "edges.parquet").to_pylist())
+    pid = from_store.info.id
+    nodes = [n for n in pq.read_table(layout.prompt_part(catalog, pid, "nodes")).to_pylist() if n["kept"]]
+    in_memory = PromptGraph.from_rows(from_store.info, nodes, pq.read_table(layout.prompt_part(catalog, pid, "edges")).to_pylist())
     for other in (from_parquet, in_memory):
         assert set(other.nodes) == set(from_store.nodes)
         for nid, node in from_store.nodes.items():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from circuit_catalog.catalog.ids import feature_id
 from circuit_catalog.ingest.attribution import AttributionGraph, attribute, target_token
 from circuit_catalog.ingest.job import IngestSettings, pullback_table
 from conftest import random_transcoders, with_skip
@@ -240,7 +241,7 @@ def test_same_position_edge_is_activation_times_pullback_over_scale(tiny):
             if sp != tp or sl >= tl:
                 assert weight == 0.0
                 continue
-            expected = float(graph.activations[s]) * pullback[(f"L{sl}/{si}", f"L{tl}/{ti}")] / scale
+            expected = float(graph.activations[s]) * pullback[(feature_id(sl, si), feature_id(tl, ti))] / scale
             assert weight == pytest.approx(expected, rel=1e-4, abs=1e-5)
             compared += 1
     assert compared > 50

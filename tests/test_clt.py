@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import feature_id, parse_feature_id
 from circuit_catalog.catalog.store import open_loaded_store
 from circuit_catalog.ingest.attribution import attribute
 from circuit_catalog.ingest.datasets import token_contexts
@@ -125,7 +126,7 @@ def test_pullbacks_and_logit_lens_are_the_direct_path(clt):
     for i in range(0, 32, 5):
         # up to (not including) layer hi: what reaches hi's input
         ins, _, _ = frozen_with_injection(model, tokens, {L: tset[lo].decoder_into(L)[i] for L in range(lo, hi)}, pos, residual_only=True)
-        expected = torch.tensor([stored[(f"L{lo}/{i}", f"L{hi}/{f}")] for f in range(32)])
+        expected = torch.tensor([stored[(feature_id(lo, i), feature_id(hi, f))] for f in range(32)])
         torch.testing.assert_close((tset[hi].pre_acts(ins[hi][pos]) - tset[hi].pre_acts(base_in[hi][pos])) * scale, expected, rtol=1e-4, atol=1e-5)
         # through every slice to the logits, at the last position
         last = tokens.shape[1] - 1
@@ -162,15 +163,15 @@ def test_a_clt_catalog_is_ingested_loaded_and_queried(clt, text_file, tmp_path):
     root = tmp_path / "catalog"
     run_ingest(model, tset, root, build_manifest(model, "tiny", tset, str(directory), IngestSettings(top_k=3, token_top_k=3)), progress=False)
     assert run_stats(model, tset, root, str(text_file), 200, ctx_len=16, top_k=3, progress=False)
-    stats = pq.read_table(root / layout.STATS / "features.parquet").to_pylist()
+    stats = pq.read_table(layout.stats_file(root, "features")).to_pylist()
     assert len(stats) == 32 * model.cfg.n_layers and any(r["frequency"] > 0 for r in stats)
     (pid,) = run_prompts(model, tset, root, [PromptSpec(PROMPT)], AttributionSettings(), progress=False)
     part = pq.read_table(layout.pullback_part(root, 0, 2)).to_pylist()
     lens = pq.read_table(layout.logit_part(root, 0)).to_pylist()
     top = logit_lens(model, tset, 0).topk(3, dim=1)  # the stored logit lens: each feature's top tokens of all its slices
-    assert {(r["src"], r["dst"]) for r in lens} == {(f"L0/{i}", t) for i in range(32) for t in top.indices[i].tolist()}
+    assert {(r["src"], r["dst"]) for r in lens} == {(feature_id(0, i), t) for i in range(32) for t in top.indices[i].tolist()}
     for r in lens:
-        i = int(r["src"].split("/")[1])
+        i = parse_feature_id(r["src"])[1]
         assert r["weight"] == pytest.approx(float(logit_lens(model, tset, 0)[i, r["dst"]]), rel=1e-4, abs=1e-5)
 
     with Lookups(open_loaded_store(root, progress=False)) as lookups:

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import feature_id
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
 from circuit_catalog.ingest.residual import normalise_as_read_by
 from circuit_catalog.ingest.token_edges import extended_embedding, extended_embedding_for
@@ -43,7 +44,7 @@ def test_token_edges_match_brute_force(tiny, tmp_path):
     tset = random_transcoders(tiny, d_sae=10)
     ingest(tiny, tset, tmp_path)
     layer, feature = tiny.cfg.n_layers - 1, 6
-    fid = f"L{layer}/{feature}"
+    fid = feature_id(layer, feature)
     deembed = pq.read_table(layout.deembed_part(tmp_path, layer)).to_pylist()
     raw = {r["src"]: r["weight"] for r in deembed if r["dst"] == fid and r["variant"] == "raw"}
     expected = (tiny.W_E @ tset[layer].W_enc[:, feature]).topk(5)
@@ -51,7 +52,7 @@ def test_token_edges_match_brute_force(tiny, tmp_path):
     torch.testing.assert_close(torch.tensor(sorted(raw.values(), reverse=True)), expected.values, rtol=1e-5, atol=1e-6)
     for L in (0, layer):  # extended: what the model's own blocks hand each layer's reader (see below)
         rows = pq.read_table(layout.deembed_part(tmp_path, L)).to_pylist()
-        got_ext = {r["src"]: r["weight"] for r in rows if r["dst"] == f"L{L}/{feature}" and r["variant"] == "extended"}
+        got_ext = {r["src"]: r["weight"] for r in rows if r["dst"] == feature_id(L, feature) and r["variant"] == "extended"}
         expected_ext = (alone_with_mlp0_only(tiny, tset[L].cfg.hook_in) @ tset[L].W_enc[:, feature]).topk(5)
         assert set(got_ext) == set(expected_ext.indices.tolist()), f"layer {L}"
         torch.testing.assert_close(torch.tensor(sorted(got_ext.values(), reverse=True)), expected_ext.values, rtol=1e-4, atol=1e-5)

@@ -104,6 +104,6 @@ def test_statistics_record_the_tokens_collected(gpt2, tmp_path):
     tset = random_transcoders(gpt2, d_sae=8)
     run_ingest(gpt2, tset, tmp_path, build_manifest(gpt2, "tiny", tset, "mem", IngestSettings(top_k=2, token_top_k=2)), progress=False)
     assert run_stats(gpt2, tset, tmp_path, str(small), 10_000_000, ctx_len=16, top_k=2, progress=False)
-    info = json.loads((tmp_path / layout.STATS / "info.json").read_text())
+    info = json.loads(layout.stats_info(tmp_path).read_text())
     assert 0 < info["tokens"] < 1_000 and info["tokens"] % 16 == 0  # the whole (small) file, in contexts of 16
-    assert info["tokens"] == info["parts"]["tokens.parquet"]  # one row per token collected
+    assert info["tokens"] == info["parts"][layout.parquet_name("tokens")]  # one row per token collected

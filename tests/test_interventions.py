@@ -14,6 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from circuit_catalog.catalog import layout
 from circuit_catalog.ingest.attribution import attribute, prompt_tokens
 from circuit_catalog.ingest.interventions import Edit, Regime, clean_run, parse_edit, resolve, run_batch, run_edited
 from circuit_catalog.ingest.token_edges import top_logit_tokens
@@ -223,7 +224,7 @@ def test_cli_records_an_intervention_and_validates_a_graph(cli_catalog, gpt2):
     code, output, stdout = cli(*base, "--prompt", pid, "--set", "L1/4@-1=0", "--add", "L2/7@*=3", "--target", "paris", "--format", "json")
     assert code == 0, output
     shown = json.loads(stdout)
-    rows = pq.read_table(root / "interventions.parquet").to_pylist()
+    rows = pq.read_table(root / layout.INTERVENTIONS).to_pylist()
     assert [r["id"] for r in rows] == [shown["id"]] and rows[0]["prompt_id"] == pid
     assert rows[0]["features"] == ["L1/4", "L2/7"] and rows[0]["target_tokens"] == ["paris"]
     # the recorded change is the model's: the same edits run here, in-process

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import parse_local, token_node
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, prompt_id, read_prompts, run_prompts
 from circuit_catalog.ingest.transcoder_formats import save_saelens
@@ -34,7 +35,7 @@ def prompt_catalog(request, tmp_path_factory):
 
 
 def read(root, pid, name):
-    return pq.read_table(layout.prompt_dir(root, pid) / f"{name}.parquet").to_pylist()
+    return pq.read_table(layout.prompt_part(root, pid, name)).to_pylist()
 
 
 def test_parts_are_complete_graphs(prompt_catalog):
@@ -92,10 +93,10 @@ def scores_from_files(nodes: list[dict], edges: list[dict]) -> tuple[float, floa
 
 def test_ids_are_stable_and_finished_prompts_are_skipped(prompt_catalog):
     model, tset, root, ids = prompt_catalog
-    stamp = {pid: (layout.prompt_dir(root, pid) / "prompt.json").stat().st_mtime_ns for pid in ids}
+    stamp = {pid: layout.prompt_info(root, pid).stat().st_mtime_ns for pid in ids}
     again = run_prompts(model, tset, root, SPECS, AttributionSettings(max_feature_nodes=None), progress=False)
     assert again == ids
-    assert {pid: (layout.prompt_dir(root, pid) / "prompt.json").stat().st_mtime_ns for pid in ids} == stamp
+    assert {pid: layout.prompt_info(root, pid).stat().st_mtime_ns for pid in ids} == stamp
     from circuit_catalog.catalog.manifest import Manifest
 
     manifest = Manifest.read(root)
@@ -192,12 +193,12 @@ def test_cli_prompt_queries(cli_catalog, gpt2_dir):
     assert "paris" in [logit["token"] for logit in summary["logits"]]
     assert summary["nodes"]["token"] == 6  # BOS + five words
     paths = run_json("paths", "--catalog", catalog, "--prompt", france["id"], "--to-logit", "paris", "-k", 3)
-    assert paths and all(p["nodes"][0].startswith("tok@") and p["nodes"][-1].startswith("logit:") for p in paths)
+    assert paths and all(parse_local(p["nodes"][0]).kind == "token" and parse_local(p["nodes"][-1]).kind == "logit" for p in paths)
     assert abs(paths[0]["strength"]) >= abs(paths[-1]["strength"])
     from_france = run_json("paths", "--catalog", catalog, "--prompt", france["id"], "--from-token", "france", "--to-logit", "paris")
-    assert all(p["nodes"][0] == "tok@4" for p in from_france)
+    assert all(p["nodes"][0] == token_node(4) for p in from_france)
     greedy = run_json("paths", "--catalog", catalog, "--prompt", france["id"], "--to-logit", "paris", "--greedy", "--iters", 2)
-    assert greedy and all(p["nodes"][-1].startswith("logit:") for p in greedy)
+    assert greedy and all(parse_local(p["nodes"][-1]).kind == "logit" for p in greedy)
     top = run_json("recurring", "--catalog", catalog, "-k", 3)
     assert top and top[0]["prompts"] >= top[-1]["prompts"]
     users = run_json("prompts-using", top[0]["feature"], "--catalog", catalog)
@@ -223,7 +224,7 @@ def test_cli_prompt_errors(cli_catalog, gpt2_dir, tmp_path):
     assert_one_line_error(*run("export", "--catalog", catalog, "--prompt", "nope", "--neuronpedia", tmp_path / "x.json"), "unknown prompt")
     broken = tmp_path / "broken"
     shutil.copytree(catalog, broken, ignore=shutil.ignore_patterns("graph*"))
-    edges = layout.prompt_dir(broken, pid) / "edges.parquet"
+    edges = layout.prompt_part(broken, pid, "edges")
     edges.write_bytes(edges.read_bytes()[:100])
     assert_one_line_error(*run("export", "--catalog", broken, "--prompt", pid, "--neuronpedia", tmp_path / "y.json"), "unreadable")
     assert not (tmp_path / "y.json").exists()
@@ -243,7 +244,7 @@ def test_attribution_options_change_the_graph(prompt_catalog):
     """A capped rerun replaces the graph (settings are part of what is skipped on)."""
     model, tset, root, ids = prompt_catalog
     run_prompts(model, tset, root, SPECS[:1], AttributionSettings(max_feature_nodes=5), progress=False)
-    info = json.loads((layout.prompt_dir(root, ids[0]) / "prompt.json").read_text())
+    info = json.loads(layout.prompt_info(root, ids[0]).read_text())
     assert info["capped"] and info["n_feature_nodes"] == 5
     nodes = read(root, ids[0], "nodes")
     assert sum(n["kind"] == "feature" for n in nodes) == 5

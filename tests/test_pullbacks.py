@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import torch
+from circuit_catalog.catalog.ids import feature_id
 from circuit_catalog.catalog.layout import pullback_part
 from circuit_catalog.ingest.job import IngestSettings, pullback_table
 from circuit_catalog.ingest.pullbacks import select_edges
@@ -103,7 +104,7 @@ def test_stored_pullback_equals_frozen_autograd_gradient(tiny, tmp_path, lo, hi)
     tokens = tiny.to_tokens("the capital of france is paris")
     for feature in (0, 7, 23):
         grad = _frozen_gradient(tiny, tset, lo, hi, tokens, pos=3, feature=feature)
-        weights = torch.tensor([stored[(f"L{lo}/{i}", f"L{hi}/{feature}")] for i in range(24)])
+        weights = torch.tensor([stored[(feature_id(lo, i), feature_id(hi, feature))] for i in range(24)])
         torch.testing.assert_close(weights, grad, rtol=1e-4, atol=1e-5)
 
 
@@ -145,7 +146,7 @@ def test_stored_pullback_is_the_direct_path_under_intervention(tiny, skip):
     base, scale = _direct_path_pre_acts(tiny, tset, lo, hi, tokens, pos, torch.zeros(tiny.cfg.d_model))
     for i in range(d_sae):
         changed, _ = _direct_path_pre_acts(tiny, tset, lo, hi, tokens, pos, tset[lo].W_dec[i])
-        expected = torch.tensor([stored[(f"L{lo}/{i}", f"L{hi}/{f}")] for f in range(d_sae)])
+        expected = torch.tensor([stored[(feature_id(lo, i), feature_id(hi, f))] for f in range(d_sae)])
         torch.testing.assert_close((changed - base) * scale, expected, rtol=1e-4, atol=1e-5)
 
 

@@ -76,7 +76,7 @@ def assert_loads_and_answers(root: Path, clean: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["n"] == sum(pq.read_metadata(f).num_rows for f in
                                              [clean / layout.FEATURES, clean / layout.TOKENS, clean / layout.PROMPT_INDEX,
-                                              *sorted(clean.glob("prompts/*/nodes.parquet"))])
+                                              *sorted(clean.glob(layout.prompt_part_glob("nodes")))])
     assert cli("show", "L1/2", "--catalog", root)[0] == 0
 
 
@@ -157,9 +157,10 @@ def plant_leftovers(root: Path) -> None:
     """What kills at other moments leave: temporaries of every writer, some of them complete-looking."""
     prompt = next(p for p in (root / layout.PROMPTS).iterdir())
     shutil.copytree(prompt, root / layout.PROMPTS / f".{prompt.name}.tmp-abc123")  # complete but unrenamed: duplicate keys
-    shutil.copytree(root / layout.STATS, root / ".stats.tmp-xyz")
+    shutil.copytree(root / layout.STATS, root / f".{layout.STATS}.tmp-xyz")
     (root / f".{layout.PROMPT_INDEX}.tmp-77").write_bytes(b"PAR1 half")
-    (root / layout.PULLBACKS / ".L000_to_L001.parquet.tmp-77").write_bytes(b"not parquet")
+    pullbacks = layout.pullback_part(root, 0, 1)
+    pullbacks.with_name(f".{pullbacks.name}.tmp-77").write_bytes(b"not parquet")
     for suffix in ("", ".wal", ".shadow"):
         (root / f".graph.loading-77{suffix}").write_bytes(b"junk")
 
@@ -178,12 +179,12 @@ def test_readers_ignore_leftovers_and_a_rerun_removes_them(inputs, copy, clean):
 
 
 PARTS = {  # a part of each kind -> the readers that must name it when it is damaged
-    "pullbacks/L000_to_L001.parquet": [["sql", "SELECT count(*) FROM pullbacks"], ["report", "overview"], ["load"]],
-    "deembed/L001.parquet": [["sql", "SELECT count(*) FROM deembed"], ["load"]],
-    "tokens.parquet": [["sql", "SELECT count(*) FROM tokens"], ["load"]],
-    "stats/features.parquet": [["sql", "SELECT count(*) FROM stats"], ["stats", "L1/2"], ["report", "overview"]],
-    "prompts/*/nodes.parquet": [["load"], ["prompts"]],
-    "prompts.parquet": [["report", "overview"], ["load"]],
+    layout.PULLBACK_PARTS: [["sql", "SELECT count(*) FROM pullbacks"], ["report", "overview"], ["load"]],
+    layout.DEEMBED_PARTS: [["sql", "SELECT count(*) FROM deembed"], ["load"]],
+    layout.TOKENS: [["sql", "SELECT count(*) FROM tokens"], ["load"]],
+    layout.stats_part("features"): [["sql", "SELECT count(*) FROM stats"], ["stats", "L1/2"], ["report", "overview"]],
+    layout.prompt_part_glob("nodes"): [["load"], ["prompts"]],
+    layout.PROMPT_INDEX: [["report", "overview"], ["load"]],
 }
 
 
@@ -212,7 +213,7 @@ def test_reruns_write_nothing_unless_there_is_something_to_do(inputs, copy):
     assert "up to date" in cli("load", "--catalog", copy)[1]
 
 
-@pytest.mark.parametrize("pattern", ["pullbacks/L001_to_L002.parquet", "stats/top_examples.parquet", "prompts/*/edges.parquet"])
+@pytest.mark.parametrize("pattern", [str(layout.pullback_part(Path(), 1, 2)), layout.stats_part("top_examples"), layout.prompt_part_glob("edges")])
 def test_a_readable_part_with_other_rows_is_recomputed(inputs, copy, clean, pattern):
     """A footer that reads is not enough: the part must hold the rows recorded when it was written."""
     part = sorted(copy.glob(pattern))[0]

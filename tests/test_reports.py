@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlparse
 import pyarrow.parquet as pq
 import pytest
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import parse_local, split_node_id, token_node
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.catalog.store import open_loaded_store
 from circuit_catalog.ingest.datasets import token_contexts
@@ -106,7 +107,7 @@ def test_card_shows_the_catalog_numbers(reports):
     root, out = reports["root"], reports["out"]
     page = Page((out / card_file(FEATURE)).read_text())
     top, *intervals = page.rows("examples")
-    expected = [r for r in pq.read_table(root / layout.STATS / "top_examples.parquet").to_pylist() if r["feature"] == FEATURE]
+    expected = [r for r in pq.read_table(layout.stats_file(root, "top_examples")).to_pylist() if r["feature"] == FEATURE]
     assert [row[1] for row in top] == [f"{r['activation']:.3f}" for r in sorted(expected, key=lambda r: r["rank"])]
     stats = feature_stats(root, FEATURE, 5)
     assert [len(rows) for rows in intervals] == [len(i.examples) for i in stats.intervals] and intervals
@@ -125,7 +126,7 @@ def test_overview_shows_layers_and_eval(reports):
     page = Page(reports["overview"].read_text())
     (layers,) = page.rows("layers")
     figures = json.loads(reports["eval"].read_text())
-    stats = pq.read_table(root / layout.STATS / "features.parquet").to_pylist()
+    stats = pq.read_table(layout.stats_file(root, "features")).to_pylist()
     live = {layer: sum(r["live"] for r in stats if r["layer"] == layer) for layer in (0, 1, 2)}
     assert [row[0] for row in layers] == ["0", "1", "2"] and all(row[1] == "24" for row in layers)
     assert [row[2] for row in layers] == [str(live[layer]) for layer in (0, 1, 2)]
@@ -157,9 +158,10 @@ def test_prompt_report_shows_the_graph(reports):
 def test_cards_show_input_dependent_attributions(reports, tmp_path):
     """A feature in the prompt's pruned graph: its card lists where, with its strongest inputs; blind cards name no token."""
     root = reports["root"]
-    nodes = [n for f in (root / layout.PROMPTS).glob("*/nodes.parquet") for n in pq.read_table(f).to_pylist()]
-    edges = [e for f in (root / layout.PROMPTS).glob("*/edges.parquet") for e in pq.read_table(f).to_pylist()]
-    fed = {e["dst"] for e in edges if e["src"].endswith(tuple(f"tok@{p}" for p in range(1, 9)))}
+    nodes = [n for f in root.glob(layout.prompt_part_glob("nodes")) for n in pq.read_table(f).to_pylist()]
+    edges = [e for f in root.glob(layout.prompt_part_glob("edges")) for e in pq.read_table(f).to_pylist()]
+    kind = {n["id"]: n["kind"] for n in nodes}
+    fed = {e["dst"] for e in edges if kind[e["src"]] == "token" and parse_local(split_node_id(e["src"])[1]).pos in range(1, 9)}
     used = next(n for n in sorted(nodes, key=lambda n: -n["influence"]) if n["kind"] == "feature" and n["kept"] and n["id"] in fed)
     fid = used["feature_id"]
     with Lookups(open_loaded_store(root, progress=False)) as lookups:
@@ -171,11 +173,12 @@ def test_cards_show_input_dependent_attributions(reports, tmp_path):
     assert row[3] == f"{used['influence']:.4f}"
     tokens = {n["id"]: n["token"] for n in nodes if n["kind"] == "token"}
     for e in inputs:
-        name = f"{tokens[e['src']]!r}@{e['src'].rsplit('@', 1)[1]}" if e["src"] in tokens else e["src"].split(":", 1)[1]
+        local = split_node_id(e["src"])[1]
+        name = f"{tokens[e['src']]!r}@{parse_local(local).pos}" if e["src"] in tokens else local
         assert f"{name} {e['weight']:+.3g}" in row[4]
     (blind_rows,) = Page(blind.read_text()).rows("uses")
     blind_row = next(r for r in blind_rows if r[1] == str(used["pos"]))
-    assert all(repr(t) not in blind_row[4] for t in tokens.values()) and "tok@" in blind_row[4]
+    assert all(repr(t) not in blind_row[4] for t in tokens.values()) and any(token_node(n["pos"]) in blind_row[4] for n in nodes if n["kind"] == "token")
 
 
 def test_blind_cards_leak_no_example_text(reports):

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import feature_id
 from circuit_catalog.ingest.datasets import token_contexts
 from circuit_catalog.ingest.job import run_stats
 from circuit_catalog.ingest.stats import PER_BIN, QUANTILE_BINS, bin_edges
@@ -36,9 +37,9 @@ def test_statistics_equal_brute_force(stats_catalog, gpt2, text_file):
     layer = 1
     tokens, acts = brute_force(gpt2, tset, text_file, layer)
     counted = acts[:, 1:].reshape(-1, 24)
-    rows = {r["id"]: r for r in pq.read_table(root / layout.STATS / "features.parquet").to_pylist()}
+    rows = {r["id"]: r for r in pq.read_table(layout.stats_file(root, "features")).to_pylist()}
     for f in range(24):
-        r = rows[f"L{layer}/{f}"]
+        r = rows[feature_id(layer, f)]
         fired = (counted[:, f] > 0).sum().item()
         assert r["fired"] == fired
         assert r["frequency"] == pytest.approx(fired / counted.shape[0])
@@ -51,7 +52,7 @@ def test_statistics_equal_brute_force(stats_catalog, gpt2, text_file):
             assert r["log10_histogram"] == expected_hist.tolist()
             true_median = np.quantile(positive, 0.5, method="inverted_cdf")
             assert true_median <= r["q50"] <= true_median * 10 ** (8 / 64) * 1.0001  # upper edge of its bin
-    examples = [e for e in pq.read_table(root / layout.STATS / "top_examples.parquet").to_pylist() if e["feature"] == f"L{layer}/3"]
+    examples = [e for e in pq.read_table(layout.stats_file(root, "top_examples")).to_pylist() if e["feature"] == feature_id(layer, 3)]
     flat = acts.reshape(-1, 24)[:, 3]
     top = flat.topk(5).values
     # the corpus repeats itself, so equal activations tie: hold the values exactly, and each example to its place
@@ -68,14 +69,14 @@ def test_quantile_examples_equal_brute_force(stats_catalog, gpt2, text_file):
     root, tset = stats_catalog
     layer = 2
     tokens, acts = brute_force(gpt2, tset, text_file, layer)
-    table = pq.read_table(root / layout.STATS / "quantile_examples.parquet")
+    table = pq.read_table(layout.stats_file(root, "quantile_examples"))
     assert table.schema.names[:6] == ["feature", "bin", "lower", "upper", "bin_count", "rank"]
-    assert table.schema.names[6:] == pq.read_table(root / layout.STATS / "top_examples.parquet").schema.names[2:]
+    assert table.schema.names[6:] == pq.read_table(layout.stats_file(root, "top_examples")).schema.names[2:]
     rows = table.to_pylist()
     checked_full = checked_partial = 0
     for f in range(24):
         a = acts[..., f]
-        mine = [r for r in rows if r["feature"] == f"L{layer}/{f}"]
+        mine = [r for r in rows if r["feature"] == feature_id(layer, f)]
         if a.max() <= 0:
             assert not mine
             continue
@@ -145,7 +146,7 @@ def test_store_feature_nodes_carry_statistics(stats_catalog, tmp_path):
     from circuit_catalog.catalog.ladybug_store import LadybugStore
 
     root, _ = stats_catalog
-    expected = {r["id"]: r for r in pq.read_table(root / layout.STATS / "features.parquet").to_pylist()}
+    expected = {r["id"]: r for r in pq.read_table(layout.stats_file(root, "features")).to_pylist()}
     store = LadybugStore(tmp_path / "graph")
     store.load(root, progress=False)
     rows = store.run("MATCH (f:Feature) WHERE f.layer = 2 RETURN f.id AS id, f.frequency AS frequency, f.max_act AS max_act")

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import parse_feature_id, split_node_id
 from circuit_catalog.catalog.ladybug_store import LadybugStore
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
@@ -152,18 +153,18 @@ def ref(catalog_dir):
 
     return {
         "tokens": tokens,
-        "pullbacks": rows("pullbacks/*.parquet"),
-        "deembed": rows("deembed/*.parquet"),
-        "logits": rows("logits/*.parquet"),
+        "pullbacks": rows(layout.PULLBACK_PARTS),
+        "deembed": rows(layout.DEEMBED_PARTS),
+        "logits": rows(layout.LOGIT_PARTS),
         "features": {r["id"]: r for r in pq.read_table(catalog_dir / layout.FEATURES).to_pylist()},
-        "pnodes": rows("prompts/*/nodes.parquet"),
-        "attr": rows("prompts/*/edges.parquet"),
+        "pnodes": rows(layout.prompt_part_glob("nodes")),
+        "attr": rows(layout.prompt_part_glob("edges")),
         "prompts": pq.read_table(catalog_dir / layout.PROMPT_INDEX).to_pylist(),
     }
 
 
 def layer_of(fid: str) -> int:
-    return int(fid[1:].split("/")[0])
+    return parse_feature_id(fid)[0]
 
 
 # ---------------------------------------------------------------- round trip
@@ -456,7 +457,7 @@ def test_damaged_part_is_one_error_and_the_old_store_stays(catalog_dir, tmp_path
     assert s.load(copy, progress=False)
     before = _counts(s)
     s.close()
-    nodes = next((copy / layout.PROMPTS).glob("*/nodes.parquet"))
+    nodes = next(copy.glob(layout.prompt_part_glob("nodes")))
     nodes.write_bytes(nodes.read_bytes()[: nodes.stat().st_size // 2])  # truncated
     s.marker.unlink()  # the catalog changed behind the store's back: the next load rebuilds
     with pytest.raises(CatalogDirError, match="damaged Parquet part") as info:
@@ -486,7 +487,7 @@ def test_feature_uses(store, ref):
     assert [(u.prompt, u.pos) for u in got] == [(n["prompt_id"], n["pos"]) for n in occurrences]
     for use, n in zip(got, occurrences):
         strongest = sorted(inputs[n["id"]], key=lambda e: (-abs(e["weight"]), e["src"]))[:3]
-        assert [name for name, _ in use.inputs] == [e["src"].split(":", 1)[1] for e in strongest]
+        assert [name for name, _ in use.inputs] == [split_node_id(e["src"])[1] for e in strongest]
         assert [w for _, w in use.inputs] == pytest.approx([e["weight"] for e in strongest], rel=1e-6)
         assert all(nodes[e["src"]]["prompt_id"] == n["prompt_id"] for e in strongest)
 
@@ -735,7 +736,8 @@ def awkward_catalog(catalog_dir, tmp_path_factory):
 
 
 def test_admin_import_files_parse_by_the_importers_rules(awkward_catalog, tmp_path):
-    from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature, part_files
+    from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature
+    from circuit_catalog.catalog.layout import part_files
     from circuit_catalog.catalog.neo4j_import import schema_script, write_admin_import
 
     out = tmp_path / "it's out"  # a quote in the path: never pasted into SQL unescaped

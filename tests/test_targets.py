@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import TARGET, node_id
 from circuit_catalog.ingest.attribution import attribute, prompt_tokens, target_token
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
 from circuit_catalog.ingest.prompts import AttributionSettings, read_prompts, run_prompts
@@ -78,17 +79,16 @@ def test_custom_targets_are_stored_as_target_nodes(gpt2, tmp_path):
     ids = run_prompts(gpt2, tset, root, specs, AttributionSettings(), progress=False)
     assert len(set(ids)) == 3  # the target is part of a prompt's identity
     for pid, name, weight in [(ids[0], "'paris' - 'city'", 1.0), (ids[1], "'paris' + 'france'", 0.5)]:
-        folder = layout.prompt_dir(root, pid)
-        info = json.loads((folder / "prompt.json").read_text())
+        info = json.loads(layout.prompt_info(root, pid).read_text())
         assert info["custom_target"]["name"] == name and info["custom_target"]["weight"] == weight
-        nodes = pq.read_table(folder / "nodes.parquet").to_pylist()
+        nodes = pq.read_table(layout.prompt_part(root, pid, "nodes")).to_pylist()
         (target,) = [n for n in nodes if n["kind"] == "target"]
-        assert target["id"] == f"{pid}:target" and target["token"] == name and target["probability"] == weight
-        edges = pq.read_table(folder / "edges_full.parquet").to_pylist()
+        assert target["id"] == node_id(pid, TARGET) and target["token"] == name and target["probability"] == weight
+        edges = pq.read_table(layout.prompt_part(root, pid, "edges_full")).to_pylist()
         incoming = sum(e["weight"] for e in edges if e["dst"] == target["id"])
         assert incoming + target["bias"] + target["dropped"] == pytest.approx(target["value"], rel=1e-4, abs=1e-4)
-        assert target["id"] not in pq.read_table(folder / "links_token.parquet").column("src").to_pylist()
-    plain = pq.read_table(layout.prompt_dir(root, ids[2]) / "nodes.parquet").column("kind").to_pylist()
+        assert target["id"] not in pq.read_table(layout.prompt_part(root, pid, "links_token")).column("src").to_pylist()
+    plain = pq.read_table(layout.prompt_part(root, ids[2], "nodes")).column("kind").to_pylist()
     assert "target" not in plain
     # --validate checks the custom target like a logit: ablations move it by minus the edges, exactly
     from circuit_catalog.queries.validation import validate
@@ -120,7 +120,7 @@ def test_ingest_cli_custom_target_and_refusals(gpt2_dir, tmp_path):
         assert not (tmp_path / "refused").exists()  # refused before anything was written
     result = CliRunner().invoke(main, [*base, "--catalog", str(tmp_path / "c"), "--target", "paris", "--contrast", "city"])
     assert result.exit_code == 0, result.output
-    (info,) = [json.loads(p.read_text()) for p in (tmp_path / "c" / layout.PROMPTS).glob("*/prompt.json")]
+    (info,) = [json.loads(p.read_text()) for p in (tmp_path / "c").glob(layout.PROMPT_INFOS)]
     assert info["custom_target"] == {"name": "'paris' - 'city'", "tokens": ["paris"], "contrast": ["city"], "weight": 1.0}
     assert info["target"] == "'paris' - 'city'"
     # the store loads the target node, and the prompt's graph reads back with it

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from circuit_catalog.catalog import layout
-from circuit_catalog.catalog.layout import histogram_log10_edges, parse_feature_id
+from circuit_catalog.catalog.ids import FEATURE_ID, parse_feature_id
+from circuit_catalog.catalog.layout import histogram_log10_edges
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.queries.lookups import Edge, FeatureTokens, FeatureUse, InterventionUse, Lookups
 from circuit_catalog.queries.reports import svg
@@ -58,10 +59,16 @@ def card_file(fid: str, blind: bool = False) -> str:
     return fid.replace("/", "_") + (".blind.html" if blind else ".html")
 
 
+def card_feature(name: str) -> str | None:
+    """The feature a card file is of ('L8_355.html', 'L8_355.blind.html' -> 'L8/355'); None for another file."""
+    fid = name.split(".")[0].replace("_", "/", 1)
+    return fid if FEATURE_ID.fullmatch(fid) else None
+
+
 def feature_card(lookups: Lookups, root: Path, fid: str, k: int = 10, blind: bool = False) -> FeatureCard:
     """Everything a card shows: edges and tokens from the graph store, statistics from DuckDB."""
     tokens = lookups.tokens(fid, k)  # unknown ids fail here, before anything is written
-    stats = feature_stats(root, fid, k) if (root / layout.STATS / "features.parquet").is_file() else None
+    stats = feature_stats(root, fid, k) if layout.stats_file(root, "features").is_file() else None
     if blind and stats is not None:
         stats = blinded(stats)
     uses = lookups.feature_uses(fid, k, token_text=not blind)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from circuit_catalog.catalog import layout
+from circuit_catalog.catalog.ids import parse_feature_id, sql_feature_layer
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.queries.reports import svg
-from circuit_catalog.queries.reports.feature import OVERVIEW
+from circuit_catalog.queries.reports.feature import OVERVIEW, card_feature
 from circuit_catalog.queries.reports.html import Markup, figures, join, link, page, section, table, tag, write_page
 from circuit_catalog.queries.prompt_graph import prompt_index
 from circuit_catalog.queries.reports.prompt import report_file
@@ -68,7 +69,7 @@ def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None =
     manifest = Manifest.read(root)
     eval_file = eval_file or (root / layout.EVAL if (root / layout.EVAL).is_file() else None)
     evaluation = read_eval(eval_file) if eval_file else None
-    info_path = root / layout.STATS / "info.json"
+    info_path = layout.stats_info(root)
     available = views(root)
     con = connect(root)
     try:
@@ -97,9 +98,8 @@ def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None =
 
 
 def _card_order(name: str) -> tuple[int, int, str]:
-    layer, _, rest = name[1:].partition("_")
-    index = rest.split(".")[0]
-    return (int(layer), int(index), name) if layer.isdigit() and index.isdigit() else (1 << 30, 0, name)
+    fid = card_feature(name)
+    return (*parse_feature_id(fid), name) if fid else (1 << 30, 0, name)
 
 
 def _weights(con, result: Overview) -> None:
@@ -114,8 +114,7 @@ def _weights(con, result: Overview) -> None:
     result.weight_edges = [-extent + i * width for i in range(WEIGHT_BINS + 1)]
     result.weight_counts = [counts.get(i, 0) for i in range(WEIGHT_BINS)]
     result.pair_strength = {(s, d): w for s, d, w in con.execute(
-        "SELECT CAST(split_part(substr(src, 2), '/', 1) AS INTEGER) AS s, CAST(split_part(substr(dst, 2), '/', 1) AS INTEGER) AS d, "
-        "avg(abs(weight)) FROM pullbacks GROUP BY s, d"
+        f"SELECT {sql_feature_layer('src')} AS s, {sql_feature_layer('dst')} AS d, avg(abs(weight)) FROM pullbacks GROUP BY s, d"
     ).fetchall()}
 
 

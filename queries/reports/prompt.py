@@ -67,7 +67,7 @@ def render_prompt(graph: PromptGraph, paths: list[NodePath], path_logit: str, ma
 def _node_link(graph: PromptGraph, nid: str, href) -> Markup:
     node = graph.nodes[nid]
     if node.kind == "feature":
-        fid = node.local.split("@")[0]
+        fid = node.feature_id
         return join([link(href(fid), fid, "no card written for this feature"), f"@{node.pos}"])
     if node.kind in ("token", "logit"):
         return join([token(node.token or ""), f"@{node.pos}" if node.kind == "token" else " (logit)"])
@@ -81,10 +81,9 @@ def _picture(graph: PromptGraph, href, max_nodes: int, max_links: int) -> Markup
     n_layers = max(n.layer for n in graph.of_kind("logit"))
     nodes = []
     for n in sorted(shown, key=lambda n: (n.layer, n.pos, n.id)):
-        label = {"token": n.token, "logit": n.token, "error": "err"}.get(n.kind, n.local.split("@")[0])
+        label = {"token": n.token, "logit": n.token, "error": "err"}.get(n.kind, n.feature_id)
         title = f"{n.label} · influence {n.influence or 0:.4f}" + (f" · activation {n.activation:.3f}" if n.activation is not None else "")
-        fid = n.local.split("@")[0] if n.kind == "feature" else None
-        nodes.append(svg.GridNode(n.id, label or "∅", n.pos, n.layer + 1, n.kind, href(fid) if fid else None, title))
+        nodes.append(svg.GridNode(n.id, label or "∅", n.pos, n.layer + 1, n.kind, href(n.feature_id) if n.feature_id else None, title))
     # the strongest edges among the drawn nodes, by their share of the target's incoming |weight|
     scored = []
     for dst, ins in graph.edges.items():
