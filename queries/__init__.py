@@ -1,2 +1,3 @@
-"""The query layer: named Cypher lookups over the graph stores, DuckDB over the statistics' Parquet, prompt
-graphs and paths, the Neuronpedia export, and the HTML reports."""
+"""The query layer: `Catalog` (the Python API every CLI lookup calls), named Cypher lookups over the graph stores,
+prompt graphs and paths, DuckDB over the Parquet (statistics, SQL), the Neuronpedia export, interventions on
+catalog prompts, and the HTML reports."""
