@@ -181,7 +181,7 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     tset.bind(lm)
     for prompt in specs:  # every refusal comes before the first write
         check_prompt(lm, prompt)
-    manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k))
+    manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k=top_k, min_weight=min_weight, token_top_k=token_top_k))
     stats_plan = plan_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len) if dataset is not None else None
     settings = AttributionSettings(max_feature_nodes=None if all_features else max_feature_nodes, max_n_logits=max_n_logits,
                                    desired_logit_prob=desired_logit_prob, node_threshold=node_threshold,

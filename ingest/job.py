@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from circuit_catalog.errors import CatalogDirError
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IngestSettings:
     top_k: int | None = 16
     min_weight: float | None = None
@@ -144,7 +144,7 @@ def _write_part(root: Path, manifest: Manifest, table: pa.Table, path: Path) -> 
 
 
 def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool) -> None:
-    settings = IngestSettings(manifest.top_k, manifest.min_weight, manifest.token_top_k)
+    settings = IngestSettings(top_k=manifest.top_k, min_weight=manifest.min_weight, token_top_k=manifest.token_top_k)
     pairs = [(lo, hi) for hi in tset.layers for lo in tset.layers if lo < hi]
     bar = tqdm(total=1 + len(tset.layers) + len(pairs), desc="ingest", unit="part", disable=not progress)
     if not _finished(root, manifest, root / layout.TOKENS):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,6 +33,7 @@ from circuit_catalog.errors import CatalogDirError, DatasetError
 @dataclass(frozen=True)
 class PromptSpec:
     text: str
+    _: KW_ONLY
     target: str | None = None  # a token the graph must include as a logit target
     # a custom target (`ingest.targets`): these tokens' logits summed (`target` alone when only contrasts are
     # given) minus the contrasts', or a .npy direction; weighted in pruning as a logit of probability target_weight
@@ -50,7 +51,7 @@ class PromptSpec:
         return {"tokens": list(tokens), "contrast": list(self.contrast), "direction": self.direction, "weight": self.target_weight}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AttributionSettings:
     max_feature_nodes: int | None = 1024
     max_n_logits: int = 10
@@ -87,9 +88,10 @@ def read_prompts(path: Path) -> list[PromptSpec]:
             try:
                 contrast = row.get("contrast") or ()
                 specs.append(PromptSpec(
-                    row["prompt"], row.get("target"), tuple(map(str, row.get("targets") or ())),
-                    (str(contrast),) if isinstance(contrast, str) else tuple(map(str, contrast)),
-                    None if row.get("direction") is None else str(row["direction"]), float(row.get("target_weight", 1.0))))
+                    row["prompt"], target=row.get("target"), targets=tuple(map(str, row.get("targets") or ())),
+                    contrast=(str(contrast),) if isinstance(contrast, str) else tuple(map(str, contrast)),
+                    direction=None if row.get("direction") is None else str(row["direction"]),
+                    target_weight=float(row.get("target_weight", 1.0))))
             except (TypeError, ValueError):
                 raise DatasetError(f"{path}:{number}: a custom target's 'targets', 'contrast' (token or list), 'direction' (.npy path) "
                                    "or 'target_weight' (number) is malformed") from None

@@ -28,7 +28,7 @@ TRAINING_RECORD = "training.json"
 BUFFER_LIMIT_BYTES = 12 << 30
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Everything that decides the result; recorded next to the weights and compared before reuse."""
 
@@ -125,7 +125,7 @@ class _StackedTranscoders(torch.nn.Module):
             s_in, s_out = self.s_in[i].item(), self.s_out[i].item()
             d = self.W_enc.shape[1]
             hook_in, hook_out = hook_names(cfg, layer)
-            tc_cfg = TranscoderConfig(layer, d, cfg.d_sae, d, hook_in, hook_out, "relu", model_name=model_name)
+            tc_cfg = TranscoderConfig(layer=layer, d_in=d, d_sae=cfg.d_sae, d_out=d, hook_in=hook_in, hook_out=hook_out, model_name=model_name)
             out.append(Transcoder(
                 tc_cfg,
                 (self.W_enc[i] * (s_out / s_in)).detach().clone(),

@@ -36,7 +36,7 @@ def check_tensors(tensors: dict[str, torch.Tensor | None], shapes: dict[str, tup
             raise TranscoderError(f"{where}: {name} contains NaN or infinite values")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TranscoderConfig:
     """What a transcoder reads and writes, and how it activates."""
 

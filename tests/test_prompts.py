@@ -162,7 +162,7 @@ def test_prompt_file_formats(tmp_path):
     assert read_prompts(txt) == [PromptSpec("first prompt"), PromptSpec("second prompt")]
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": "a b", "target": " c"}\n{"prompt": "d"}\n')
-    assert read_prompts(jsonl) == [PromptSpec("a b", " c"), PromptSpec("d")]
+    assert read_prompts(jsonl) == [PromptSpec("a b", target=" c"), PromptSpec("d")]
 
 
 # ---------------------------------------------------------------- the CLI, end to end
