@@ -54,7 +54,7 @@ NODES = (
             lookups=("text",)),  # a prompt is found by its text as well as its id
     # every node of every prompt's graph; `kept` marks the pruned graph, which is what ATTR edges hold
     NodeSet("PNode", (("id", "STRING"), ("prompt_id", "STRING"), ("kind", "STRING"), ("layer", "INT64"), ("pos", "INT64"),
-                      ("feature", "INT64"), ("feature_id", "STRING"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
+                      ("feature_index", "INT64"), ("feature_id", "STRING"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
                       ("value", "FLOAT"), ("bias", "FLOAT"), ("influence", "FLOAT"), ("probability", "FLOAT"),
                       ("kept", "BOOLEAN")), layout.prompt_part_glob("nodes"),
             lookups=("prompt_id",)),  # one prompt's graph among every prompt's nodes

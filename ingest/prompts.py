@@ -130,7 +130,7 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
     kind = ["feature"] * n_feat + ["error"] * n_err + ["token"] * n_pos + ["logit"] * (n_logit - n_custom) + ["target"] * n_custom
     layer = graph.features[:, 0].tolist() + [lay for lay in range(graph.n_layers) for _ in range(n_pos)] + [-1] * n_pos + [graph.n_layers] * n_logit
     pos = graph.features[:, 1].tolist() + list(range(n_pos)) * graph.n_layers + list(range(n_pos)) + [n_pos - 1] * n_logit
-    feature = graph.features[:, 2].tolist() + [None] * (n_err + n_pos + n_logit)
+    feature_index = graph.features[:, 2].tolist() + [None] * (n_err + n_pos + n_logit)
     token_ids = [None] * (n_feat + n_err) + graph.tokens.tolist() + graph.logit_tokens.tolist() + [None] * n_custom
     targets = ~torch.isnan(graph.value)
 
@@ -139,7 +139,7 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
 
     probability = [None] * (graph.n_nodes - n_logit) + graph.logit_probabilities.tolist()
     nodes = pa.table({
-        "id": node_ids, "prompt_id": [pid] * graph.n_nodes, "kind": kind, "layer": layer, "pos": pos, "feature": feature,
+        "id": node_ids, "prompt_id": [pid] * graph.n_nodes, "kind": kind, "layer": layer, "pos": pos, "feature_index": feature_index,
         "feature_id": [ids.feature_id(a, b) for a, _, b in graph.features.tolist()] + [None] * (n_err + n_pos + n_logit),
         "token_id": token_ids, "token": [None if t is None else decode([t]) for t in token_ids[:graph.n_nodes - n_custom]] + [graph.custom_target] * n_custom,
         "activation": graph.activations.tolist() + [None] * (n_err + n_pos + n_logit),

@@ -49,8 +49,9 @@ def neuronpedia_graph(catalog_dir: Path, pid: str, slug: str) -> dict:
         node = {"ctx_idx": pos, "run_idx": 0, "reverse_ctx_idx": 0, "influence": share, "activation": n["activation"],
                 "token_prob": 0.0, "is_target_logit": False, "clerp": ""}
         if kind == "feature":
-            node |= {"node_id": f"{layer}_{n['feature']}_{pos}", "feature": cantor(layer, n["feature"]), "layer": str(layer),
-                     "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{n['feature']}-0"}
+            index = n["feature_index"]
+            node |= {"node_id": f"{layer}_{index}_{pos}", "feature": cantor(layer, index), "layer": str(layer),
+                     "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{index}-0"}
         elif kind == "error":
             node |= {"node_id": f"err_{layer}_{pos}", "feature": -1, "layer": str(layer),
                      "feature_type": "mlp reconstruction error", "jsNodeId": f"{layer}_{pos}-0"}
@@ -84,7 +85,8 @@ def _read(path: Path) -> list[dict]:
 
 
 def find_prompt_id(catalog_dir: Path, key: str) -> str:
-    """A prompt id from an id or an exact prompt text."""
+    """A prompt id from an id or an exact prompt text (in a catalog this version reads: its manifest is checked)."""
+    Manifest.read(catalog_dir)
     index = catalog_dir / layout.PROMPT_INDEX
     rows = pq.read_table(index, columns=["id", "text"]).to_pylist() if index.is_file() else []
     ids = [r["id"] for r in rows if key in (r["id"], r["text"])]

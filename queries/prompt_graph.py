@@ -46,8 +46,8 @@ class PNode:
     kind: str  # token | feature | error | logit
     layer: int
     pos: int
-    feature: int | None = None
-    feature_id: str | None = None  # `L8/355` for a feature node
+    feature_index: int | None = None  # a feature node's index within its layer
+    feature_id: str | None = None  # a feature node's feature, `L8/355`
     token_id: int | None = None
     token: str | None = None
     activation: float | None = None

@@ -130,8 +130,8 @@ def test_greedy_paths_on_a_known_graph():
     nodes = [
         {"id": "p:tok@0", "kind": "token", "layer": -1, "pos": 0},
         {"id": "p:tok@1", "kind": "token", "layer": -1, "pos": 1},
-        {"id": "p:L0/1@1", "kind": "feature", "layer": 0, "pos": 1, "feature": 1, "activation": 10.0},
-        {"id": "p:L0/2@1", "kind": "feature", "layer": 0, "pos": 1, "feature": 2, "activation": 0.5},
+        {"id": "p:L0/1@1", "kind": "feature", "layer": 0, "pos": 1, "feature_index": 1, "activation": 10.0},
+        {"id": "p:L0/2@1", "kind": "feature", "layer": 0, "pos": 1, "feature_index": 2, "activation": 0.5},
         {"id": "p:err:L0@1", "kind": "error", "layer": 0, "pos": 1},
         {"id": "p:logit:7", "kind": "logit", "layer": 1, "pos": 1},
     ]
