@@ -116,7 +116,7 @@ def local_ids(graph: AttributionGraph) -> list[str]:
     local = [ids.feature_node(layer, index, pos) for layer, pos, index in graph.features.tolist()]
     local += [ids.error_node(layer, pos) for layer in range(graph.n_layers) for pos in range(graph.n_pos)]
     local += [ids.token_node(pos) for pos in range(graph.n_pos)]
-    local += [ids.logit_node(t) for t in graph.logit_tokens.tolist()]
+    local += [ids.logit_node(t) for t in graph.logit_targets.tolist()]
     if graph.custom_target is not None:
         local.append(ids.TARGET)
     return local
@@ -131,7 +131,7 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
     layer = graph.features[:, 0].tolist() + [lay for lay in range(graph.n_layers) for _ in range(n_pos)] + [-1] * n_pos + [graph.n_layers] * n_logit
     pos = graph.features[:, 1].tolist() + list(range(n_pos)) * graph.n_layers + list(range(n_pos)) + [n_pos - 1] * n_logit
     feature_index = graph.features[:, 2].tolist() + [None] * (n_err + n_pos + n_logit)
-    token_ids = [None] * (n_feat + n_err) + graph.tokens.tolist() + graph.logit_tokens.tolist() + [None] * n_custom
+    token_ids = [None] * (n_feat + n_err) + graph.tokens.tolist() + graph.logit_targets.tolist() + [None] * n_custom
     targets = ~torch.isnan(graph.value)
 
     def where(mask: torch.Tensor, values: torch.Tensor) -> list:
