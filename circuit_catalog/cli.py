@@ -134,7 +134,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--transcoders", required=True, type=click.Path(path_type=Path), help="SAELens dir(s), circuit-tracer dir, or original GPT-2 .pt files.")
 @click.option("--catalog", "catalog_dir", required=True, type=click.Path(path_type=Path), help="Catalog directory to write (resumable).")
 @click.option("--layers", default="all", show_default=True, help="Transcoder layers to ingest.")
-@click.option("-k", "--top-k", type=click.IntRange(1), default=16, show_default=True, help="Pullback sources kept per (feature, earlier layer).")
+@click.option("--top-k", type=click.IntRange(1), default=16, show_default=True, help="Pullback sources kept per (feature, earlier layer).")
 @click.option("--min-weight", type=click.FloatRange(0), callback=_finite, default=None, help="Drop pullback edges with |weight| below this.")
 @click.option("--token-top-k", type=click.IntRange(1), default=20, show_default=True, help="Tokens kept per feature for de-embedding and logit lens.")
 @click.option("--trust-pickle", is_flag=True, help="Allow the pickled original GPT-2 transcoder files (pickle can run code).")

@@ -64,7 +64,7 @@ def env(tmp_path_factory, gpt2, gpt2_dir, text_file) -> dict[str, str]:
     (d / "prompts.txt").write_text("the capital of france is\n")
     catalog = d / "catalog"
     result = CliRunner().invoke(main, ["ingest", "--model", str(gpt2_dir), "--transcoders", str(tc), "--catalog", str(catalog),
-                                       "-k", "2", "--dataset", str(text_file), "--tokens", "200", "--ctx-len", "16",
+                                       "--top-k", "2", "--dataset", str(text_file), "--tokens", "200", "--ctx-len", "16",
                                        "--prompts", str(d / "prompts.txt"), "--max-feature-nodes", "20"])
     assert result.exit_code == 0, result.output
     assert CliRunner().invoke(main, ["load", "--catalog", str(catalog)]).exit_code == 0
@@ -122,7 +122,8 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("layers absent from the transcoders", [*ING, "--layers", "7"], 1, "7"),
     ("min weight NaN", [*ING, "--min-weight", "nan"], 2, "finite"),
     ("min weight negative", [*ING, "--min-weight", "-1"], 2, "--min-weight"),
-    ("top k zero", [*ING, "-k", "0"], 2, "--top-k"),
+    ("top k zero", [*ING, "--top-k", "0"], 2, "--top-k"),
+    ("ingest has no -k (rows shown, elsewhere)", [*ING, "-k", "3"], 2, "-k"),
     ("tokens zero", [*ING, "--tokens", "0"], 2, "--tokens"),
     ("node threshold NaN", [*ING, "--node-threshold", "nan"], 2, "finite"),
     ("prompts binary", [*ING, "--prompts", "{bin}"], 1, "binary.jsonl"),
@@ -133,8 +134,8 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("dataset binary", [*ING, "--dataset", "{bin}", "--ctx-len", "16"], 1, "binary.jsonl"),
     ("dataset missing", [*ING, "--dataset", "{tmp}/nope.txt", "--ctx-len", "16"], 1, "not found"),
     ("ctx-len beyond the model", [*ING, "--dataset", "{txt}", "--ctx-len", "1000"], 1, "context"),
-    ("rerun with other settings", ["ingest", "--model", "{model}", "--transcoders", "{tc}", *CAT, "-k", "5"], 1, "other top_k"),
-    ("rerun with other statistics", ["ingest", "--model", "{model}", "--transcoders", "{tc}", *CAT, "-k", "2", "--dataset", "{txt}",
+    ("rerun with other settings", ["ingest", "--model", "{model}", "--transcoders", "{tc}", *CAT, "--top-k", "5"], 1, "other top_k"),
+    ("rerun with other statistics", ["ingest", "--model", "{model}", "--transcoders", "{tc}", *CAT, "--top-k", "2", "--dataset", "{txt}",
                                      "--tokens", "400", "--ctx-len", "16"], 1, "other settings"),
     # ---- active, eval, train
     ("active position out of range", [*ACT, "--pos", "999"], 1, "999"),

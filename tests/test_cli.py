@@ -81,7 +81,7 @@ def test_model_transcoder_mismatch(tmp_path, saelens_dir, llama_dir, gpt2):
 
 def test_ingest_load_and_lookups(tmp_path, saelens_dir, gpt2_dir):
     catalog = tmp_path / "c"
-    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "-k", "3")
+    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "--top-k", "3")
     assert code == 0, output
     assert "pullback_edges" in output
     edges = run_json("upstream", "L2/1", "--catalog", catalog)  # loads the embedded store on first use

@@ -177,7 +177,7 @@ def cli_catalog(tmp_path_factory, gpt2_dir, gpt2):
     prompts = root / "prompts.jsonl"
     prompts.write_text('{"prompt": "the capital of france is", "target": "paris"}\n{"prompt": "the jury said the city"}\n')
     catalog = root / "catalog"
-    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", tc_dir, "--catalog", catalog, "-k", 4,
+    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", tc_dir, "--catalog", catalog, "--top-k", 4,
                        "--prompts", prompts, "--max-feature-nodes", 40)
     assert code == 0, output
     assert "attribution graphs" in output
@@ -230,12 +230,12 @@ def test_cli_prompt_errors(cli_catalog, gpt2_dir, tmp_path):
     assert not (tmp_path / "y.json").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"text": "no prompt key"}\n')
-    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", tc_dir, "--catalog", catalog, "-k", 4, "--prompts", bad),
+    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", tc_dir, "--catalog", catalog, "--top-k", 4, "--prompts", bad),
                           "bad.jsonl:2")
     two = tmp_path / "two.jsonl"
     two.write_text('{"prompt": "the city", "target": "paris france"}\n')
     before = sorted(p.name for p in (catalog / layout.PROMPTS).iterdir())
-    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", tc_dir, "--catalog", catalog, "-k", 4, "--prompts", two),
+    assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", tc_dir, "--catalog", catalog, "--top-k", 4, "--prompts", two),
                           "2 tokens")
     assert sorted(p.name for p in (catalog / layout.PROMPTS).iterdir()) == before  # nothing half-written
 

@@ -40,7 +40,7 @@ def inputs(tmp_path_factory, gpt2, gpt2_dir, text_file) -> dict:
 
 def ingest_args(inputs: dict, catalog: Path, **changes) -> list:
     options = {"--model": inputs["model"], "--transcoders": inputs["tc"], "--catalog": catalog, "--dataset": inputs["dataset"],
-               "--tokens": 200, "--ctx-len": 16, "--prompts": inputs["prompts"], "--max-feature-nodes": 20, "-k": 3, **changes}
+               "--tokens": 200, "--ctx-len": 16, "--prompts": inputs["prompts"], "--max-feature-nodes": 20, "--top-k": 3, **changes}
     return ["ingest", *(str(x) for kv in options.items() for x in kv)]
 
 
@@ -207,7 +207,7 @@ def test_reruns_write_nothing_unless_there_is_something_to_do(inputs, copy):
     before = digest(copy)
     assert cli(*ingest_args(inputs, copy))[0] == 0
     assert digest(copy) == before
-    for changes in ({"-k": 5}, {"--tokens": 400}, {"--ctx-len": 8}):
+    for changes in ({"--top-k": 5}, {"--tokens": 400}, {"--ctx-len": 8}):
         one_line_error(*cli(*ingest_args(inputs, copy, **changes)))
         assert digest(copy) == before, changes
     assert "up to date" in cli("load", "--catalog", copy)[1]
