@@ -1,6 +1,7 @@
 """What a catalog directory becomes in a graph store: node and relationship sets and their Parquet sources.
 
-Both backends read this one description, so they cannot drift apart. Property names follow the
+Both backends read this one description, so they cannot drift apart; `catalog_signature` covers it with
+the catalog's content, so a store built for another schema is rebuilt. Property names follow the
 Parquet columns (`index` is a reserved word in LadybugDB's Cypher: write it as `f.\\`index\\``).
 """
 

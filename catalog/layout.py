@@ -1,4 +1,5 @@
-"""Where each part of a catalog directory lives, and the column schemas of its Parquet files.
+"""Where each part of a catalog directory lives, the column schemas of its Parquet files, and the format
+version they make up (`FORMAT`). The file name of every catalog part is written here and nowhere else.
 
 Columns follow the graph schema (`catalog.graph_schema`): ids are those of `catalog.ids`, edges have
 `src`, `dst`, `weight` (float32).

@@ -2,7 +2,9 @@
 
 A rerun compares the settings that decide the content (`identity`) with the existing manifest:
 equal means resume and skip finished parts; different means refuse, so a directory never mixes
-parts computed from two models, transcoder sets or thresholds.
+parts computed from two models, transcoder sets or thresholds. The manifest also records the catalog
+format (`layout.FORMAT`): a catalog of another format is refused when its manifest is read, before
+any part would be misread.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Compute: load model and transcoders, train, and write the catalog's Parquet parts."""
+"""Compute: load models and transcoders, train and evaluate transcoders, compute the catalog's parts (pullbacks, token
+edges, statistics, attribution graphs) and interventions, and write them as Parquet."""

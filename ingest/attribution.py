@@ -1,4 +1,4 @@
-"""Per-prompt attribution graphs of the local replacement model (DESIGN.md, "Per-prompt attribution graph").
+"""Per-prompt attribution graphs of the local replacement model (README, "Attribution graphs").
 
 The local replacement model freezes every norm scale and attention pattern at their values on the
 prompt and replaces each MLP output by its transcoder's reconstruction plus a fixed error term (the

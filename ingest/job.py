@@ -1,8 +1,10 @@
-"""The resumable ingest job: model + transcoders -> catalog directory of Parquet parts.
+"""The resumable ingest job: model + transcoders -> catalog directory of Parquet parts (tokens, de-embedding and
+logit-lens edges, pullbacks, features.parquet) and, over a dataset, the activation statistics `DIR/stats/`
+(collected by `ingest.stats`, planned and checked against the catalog here).
 
 Every part is written to a temporary name and renamed, so after an interruption each part is either
 complete or absent; a rerun with the same settings skips the complete ones. The graph stores are
-loaded from this directory later and never written here.
+loaded from this directory later and never written here. Prompt graphs: `ingest.prompts`.
 """
 
 from __future__ import annotations

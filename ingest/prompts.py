@@ -1,8 +1,9 @@
 """Prompt sets in, attribution graphs out: `DIR/prompts/<id>/` per prompt and the index `DIR/prompts.parquet`.
 
 Each prompt's directory is written under a temporary name and renamed, so it is complete or absent;
-a rerun skips prompts already done with the same settings. Ids are stable: a hash of the model's
-weights, the transcoder files and the prompt (text, and target when one is named).
+a rerun skips prompts already done with the same settings. Prompt ids are stable: a hash of the model's
+weights, the transcoder files and the prompt (text, and target or custom target when one is named); node
+ids are `catalog.ids`'.
 """
 
 from __future__ import annotations

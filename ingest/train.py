@@ -1,4 +1,6 @@
-"""Train one ReLU transcoder per layer, as the transcoder paper did: L1 penalty, Adam, unit-norm decoder rows.
+"""Train one ReLU transcoder (optionally a skip transcoder) per layer, as the transcoder paper did: L1 penalty,
+Adam, unit-norm decoder rows; then measure them on held-out tokens (`evaluate.Reconstruction`) and save them in
+SAELens format.
 
 All layers train together from one forward pass per batch: the model's MLP inputs
 (`blocks.L.ln2.hook_normalized`) and outputs (`blocks.L.hook_mlp_out`) are cached for every layer,
