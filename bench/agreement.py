@@ -64,9 +64,9 @@ def case(name: str, model, model_dir: Path, tc_dir: Path, prompt: str, cap: int 
     same = run_circuit_tracer(ct_python, model_dir, tc_dir, prompt, tmp / "same.npz", cap, "--graph", str(ours_file))
 
     features = own["active_features"][own["selected_features"]].tolist()
-    if graph.tokens.tolist() != own["input_tokens"].tolist() or graph.logit_tokens.tolist() != own["logit_tokens"].tolist():
-        print(f"{name}: different tokens or logit targets (ours {graph.tokens.tolist()} -> {graph.logit_tokens.tolist()}, "
-              f"circuit-tracer's {own['input_tokens'].tolist()} -> {own['logit_tokens'].tolist()}); nothing compared")
+    if graph.tokens.tolist() != own["input_tokens"].tolist() or graph.logit_targets.tolist() != own["logit_targets"].tolist():
+        print(f"{name}: different tokens or logit targets (ours {graph.tokens.tolist()} -> {graph.logit_targets.tolist()}, "
+              f"circuit-tracer's {own['input_tokens'].tolist()} -> {own['logit_targets'].tolist()}); nothing compared")
         return
     if graph.features.tolist() != features:
         shared = len(set(map(tuple, graph.features.tolist())) & set(map(tuple, features)))
@@ -82,7 +82,7 @@ def case(name: str, model, model_dir: Path, tc_dir: Path, prompt: str, cap: int 
     own_nodes, own_edges = mask_differences(graph, own)
     same_nodes, same_edges = mask_differences(graph, same)
     replacement, completeness = graph_scores(graph)
-    print(f"{name}: {graph.n_features} feature nodes ({graph.n_active_features} active), {len(graph.logit_tokens)} logits")
+    print(f"{name}: {graph.n_features} feature nodes ({graph.n_active_features} active), {len(graph.logit_targets)} logits")
     print(f"  edges compared {compared:,}; max |difference| {diff:.2e} ({diff / float(R.abs().max()):.1e} of the largest edge)"
           + ("; token sources left out (position embedding)" if positional else ""))
     print(f"  prune masks at {len(THRESHOLDS)} threshold pairs, differing entries: circuit-tracer's own graph "

@@ -49,7 +49,7 @@ def worker(model: str, transcoders: str, prompt: str, max_feature_nodes: int, ba
         graph = attribute(lm, tset, prompt, max_feature_nodes=max_feature_nodes, batch_size=batch_size)
         times.append(time.perf_counter() - start)
     print(json.dumps({"wall_time_s": min(times), "peak_rss_mb": rss_mb(), "rss_after_load_mb": loaded,
-                      "n_features": graph.n_features, "n_active": graph.n_active_features, "n_logits": len(graph.logit_tokens)}))
+                      "n_features": graph.n_features, "n_active": graph.n_active_features, "n_logits": len(graph.logit_targets)}))
 
 
 def run_ours(model_dir: Path, tc_dir: Path, prompt: str, args) -> dict:

@@ -1,7 +1,7 @@
 """Time of `intervene --validate -k 20` against one attribution graph of the same prompt (target: <= 1x).
 
 Per case: the prompt's graph is built and written as `ingest --prompts` does (its own directory and
-prompts.parquet; the weights-only parts of a catalog are not needed), then timed in the same process,
+prompts.parquet, and the manifest; the weights-only parts of a catalog are not needed), then timed in the same process,
 model and transcoders loaded once: `attribute()` alone (min over --repeat), and `validate()` (k feature
 ablations plus the strongest paths', each under direct-only and under the full replacement model).
 Printed: both times, their ratio, the number of ablations, the largest |predicted - measured direct|
@@ -27,11 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 def case(name: str, model, tset, prompt: str, k: int, max_feature_nodes: int, repeat: int, tmp: Path) -> None:
     from circuit_catalog.ingest.attribution import attribute
+    from circuit_catalog.ingest.job import IngestSettings, build_manifest
     from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, write_prompt, write_prompt_index
     from circuit_catalog.queries.validation import validate
 
     settings = AttributionSettings(max_feature_nodes=max_feature_nodes)
     root = tmp / name.split()[0]
+    build_manifest(model, name, tset, "bench", IngestSettings()).write(root)  # what readers check the catalog's format by
     write_prompt(model, tset, root, "bench", PromptSpec(prompt), settings)
     write_prompt_index(root)
     graph_times = []

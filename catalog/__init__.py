@@ -1,2 +1,2 @@
-"""Storage: the catalog directory's layout, manifest and Parquet I/O, the graph schema, and the graph stores
-(embedded LadybugDB and Neo4j over Bolt) loaded from it."""
+"""Storage: the catalog directory's layout and ids, its manifest, atomic writes and Parquet I/O, the writer lock,
+the graph schema, and the graph stores (embedded LadybugDB and Neo4j over Bolt) loaded from it."""

@@ -1,6 +1,7 @@
 """What a catalog directory becomes in a graph store: node and relationship sets and their Parquet sources.
 
-Both backends read this one description, so they cannot drift apart. Property names follow the
+Both backends read this one description, so they cannot drift apart; `catalog_signature` covers it with
+the catalog's content, so a store built for another schema is rebuilt. Property names follow the
 Parquet columns (`index` is a reserved word in LadybugDB's Cypher: write it as `f.\\`index\\``).
 """
 
@@ -54,7 +55,7 @@ NODES = (
             lookups=("text",)),  # a prompt is found by its text as well as its id
     # every node of every prompt's graph; `kept` marks the pruned graph, which is what ATTR edges hold
     NodeSet("PNode", (("id", "STRING"), ("prompt_id", "STRING"), ("kind", "STRING"), ("layer", "INT64"), ("pos", "INT64"),
-                      ("feature", "INT64"), ("feature_id", "STRING"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
+                      ("feature_index", "INT64"), ("feature_id", "STRING"), ("token_id", "INT64"), ("token", "STRING"), ("activation", "FLOAT"),
                       ("value", "FLOAT"), ("bias", "FLOAT"), ("influence", "FLOAT"), ("probability", "FLOAT"),
                       ("kept", "BOOLEAN")), layout.prompt_part_glob("nodes"),
             lookups=("prompt_id",)),  # one prompt's graph among every prompt's nodes

@@ -89,10 +89,6 @@ class LocalNode:
     feature_index: int | None = None
     token_id: int | None = None
 
-    @property
-    def feature_id(self) -> str | None:
-        return None if self.feature_index is None else feature_id(self.layer, self.feature_index)
-
 
 def parse_local(local: str) -> LocalNode:
     """'L8/355@3' -> LocalNode('feature', 8, 3, 355); each kind of local id, or a user error."""

@@ -1,4 +1,5 @@
-"""Where each part of a catalog directory lives, and the column schemas of its Parquet files.
+"""Where each part of a catalog directory lives, the column schemas of its Parquet files, and the format
+version they make up (`FORMAT`). The file name of every catalog part is written here and nowhere else.
 
 Columns follow the graph schema (`catalog.graph_schema`): ids are those of `catalog.ids`, edges have
 `src`, `dst`, `weight` (float32).
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+# Raised when a part's name or columns change so that an older catalog would be misread (2: the prompt-graph
+# node column `feature` became `feature_index`); the manifest records it and a catalog of another is refused.
+FORMAT = 2
 MANIFEST = "manifest.json"
 FEATURES = "features.parquet"
 TOKENS = "tokens.parquet"
@@ -66,7 +70,7 @@ TOKEN_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
 # layer is -1 for tokens and n_layers for logits.
 PNODE_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt_id", pa.string()), ("kind", pa.string()), ("layer", pa.int32()),
-    ("pos", pa.int32()), ("feature", pa.int32()), ("feature_id", pa.string()), ("token_id", pa.int64()),
+    ("pos", pa.int32()), ("feature_index", pa.int32()), ("feature_id", pa.string()), ("token_id", pa.int64()),
     ("token", pa.string()), ("activation", pa.float32()), ("value", pa.float32()), ("bias", pa.float32()),
     ("dropped", pa.float32()), ("probability", pa.float32()), ("influence", pa.float32()), ("kept", pa.bool_()),
 ])

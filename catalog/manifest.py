@@ -2,7 +2,9 @@
 
 A rerun compares the settings that decide the content (`identity`) with the existing manifest:
 equal means resume and skip finished parts; different means refuse, so a directory never mixes
-parts computed from two models, transcoder sets or thresholds.
+parts computed from two models, transcoder sets or thresholds. The manifest also records the catalog
+format (`layout.FORMAT`): a catalog of another format is refused when its manifest is read, before
+any part would be misread.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from circuit_catalog.catalog.layout import MANIFEST
+from circuit_catalog.catalog.layout import FORMAT, MANIFEST
 from circuit_catalog.catalog.parquet_io import write_text_atomic
 
 from circuit_catalog.errors import CatalogDirError, first_line
@@ -37,6 +39,7 @@ class Manifest:
     counts: dict[str, int] = field(default_factory=dict)
     definitions: dict[str, str] = field(default_factory=dict)  # what the stored weights mean, for a reader of the files
     parts: dict[str, int] = field(default_factory=dict)  # finished part (relative path) -> rows, checked on resume
+    format: int = FORMAT  # the catalog format written (`layout.FORMAT`); manifests before numbered formats lack it: 1
 
     def identity(self) -> dict:
         """The fields that decide the catalog's content."""
@@ -54,11 +57,15 @@ class Manifest:
         if not path.is_file():
             raise CatalogDirError(f"{root}: not a catalog directory (no {MANIFEST}); run `circuit-catalog ingest` first")
         try:
-            return cls(**json.loads(path.read_text()))
+            manifest = cls(**{"format": 1, **json.loads(path.read_text())})
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
             raise CatalogDirError(f"{path}: unreadable manifest ({first_line(exc)})") from None
         except OSError as exc:
             raise CatalogDirError(f"{path}: unreadable manifest ({exc.strerror})") from None
+        if manifest.format != FORMAT:  # its parts would be misread: refused before any is opened
+            raise CatalogDirError(f"{root}: a catalog of format {manifest.format}; this version of circuit-catalog reads format "
+                                  f"{FORMAT} only: ingest again into a new --catalog directory")
+        return manifest
 
 
 def now() -> str:

@@ -27,7 +27,6 @@ from circuit_catalog.catalog.parquet_io import make_output_dir, write_text_atomi
 
 from circuit_catalog.errors import CatalogDirError
 
-ARRAY_DELIMITER = "\x1f"
 HEADER_TYPES = {"INT64": "long", "FLOAT": "float", "DOUBLE": "double", "STRING": "string", "STRING[]": "string[]",
                 "BOOLEAN": "boolean"}
 

@@ -1,4 +1,6 @@
-"""Parquet parts that are complete or absent: written to a temporary name, then renamed."""
+"""Parquet parts that are complete or absent, and checked when read: written whole (`catalog.atomic`), their
+footers and row counts read to tell a finished part from a damaged one. Also the text files and output
+directories a user names, written or made with one error line when the place is unwritable."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Compute: load model and transcoders, train, and write the catalog's Parquet parts.
+"""Compute: load models and transcoders, train and evaluate transcoders, compute the catalog's parts (pullbacks, token
+edges, statistics, attribution graphs) and interventions, and write them as Parquet.
 
 Called, this package is the API's ingest function: `ingest(model, transcoders, catalog_dir, *, settings=None,
 layers=None, dataset=None, n_tokens=100_000, ctx_len=128, prompts=None, attribution=None, device=None)`,

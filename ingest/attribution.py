@@ -1,4 +1,4 @@
-"""Per-prompt attribution graphs of the local replacement model (DESIGN.md, "Per-prompt attribution graph").
+"""Per-prompt attribution graphs of the local replacement model (README, "Attribution graphs").
 
 The local replacement model freezes every norm scale and attention pattern at their values on the
 prompt and replaces each MLP output by its transcoder's reconstruction plus a fixed error term (the
@@ -48,7 +48,7 @@ class AttributionGraph:
     n_layers: int
     features: torch.Tensor  # [n_feat, 3] (layer, pos, index) of the feature nodes
     activations: torch.Tensor  # [n_feat]
-    logit_tokens: torch.Tensor  # [n_logits] (a custom target, if any, comes after them and has no token)
+    logit_targets: torch.Tensor  # [n_logits] token ids (a custom target, if any, comes after them and has no token)
     logit_probabilities: torch.Tensor  # [n_logits (+1)]: the pruning weights of the logits and the custom target
     adjacency: torch.Tensor  # [n_nodes, n_nodes], rows = targets, columns = sources
     value: torch.Tensor  # [n_nodes] target pre-activation / logit in the unmodified model (NaN for sources)
@@ -300,7 +300,7 @@ def prompt_tokens(model, prompt: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=model.cfg.device)
 
 
-def logit_targets(logits: torch.Tensor, max_n_logits: int, desired_prob: float, extra: list[int]) -> torch.Tensor:
+def choose_logit_targets(logits: torch.Tensor, max_n_logits: int, desired_prob: float, extra: list[int]) -> torch.Tensor:
     """The most probable next tokens up to `desired_prob` cumulative probability (at most `max_n_logits`), plus `extra`."""
     probs = logits.softmax(-1)
     top = probs.topk(min(max_n_logits, len(probs)))
@@ -345,7 +345,7 @@ def attribute(
     sweep = Sweep(model, tset, trace)
     n_layers, n_pos, n_active = model.cfg.n_layers, len(tokens), len(trace.active)
 
-    logit_ids = logit_targets(trace.logits, max_n_logits, desired_logit_prob, extra_targets or [])
+    logit_ids = choose_logit_targets(trace.logits, max_n_logits, desired_logit_prob, extra_targets or [])
     W_U, b_U = model.W_U.detach(), model.b_U.detach()
     vectors, own, values = W_U[:, logit_ids].T, b_U[logit_ids], trace.logits[logit_ids]
     probabilities = trace.logits.softmax(-1)[logit_ids]
@@ -423,6 +423,6 @@ def _assemble(prompt, trace: PromptTrace, n_layers, logit_ids, probabilities, va
     value[n_nodes - n_logits:] = values
     return AttributionGraph(
         prompt=prompt, tokens=trace.tokens, n_layers=n_layers, features=trace.active[selected],
-        activations=trace.activations[selected], logit_tokens=logit_ids, logit_probabilities=probabilities,
+        activations=trace.activations[selected], logit_targets=logit_ids, logit_probabilities=probabilities,
         adjacency=adjacency, value=value, bias=bias, dropped=dropped, n_active_features=n_active, settings=settings,
     )

@@ -4,7 +4,8 @@ MLPs replaced by transcoders, zero-ablated or mean-ablated, one at a time and al
 CE loss recovered = (CE_mean_ablated - CE_replaced) / (CE_mean_ablated - CE_original): 1 when the
 transcoder is as good as the MLP, 0 when it is no better than the MLP's mean output. KL is
 KL(original || replaced) of the next-token distributions, per token. BOS positions are neither
-reconstructed nor predicted from (as in training).
+reconstructed nor predicted from (as in training). `Reconstruction` is the one definition of the
+reconstruction figures: training reports it on its held-out tokens too.
 """
 
 from __future__ import annotations

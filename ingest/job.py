@@ -1,8 +1,10 @@
-"""The resumable ingest job: model + transcoders -> catalog directory of Parquet parts.
+"""The resumable ingest job: model + transcoders -> catalog directory of Parquet parts (tokens, de-embedding and
+logit-lens edges, pullbacks, features.parquet) and, over a dataset, the activation statistics `DIR/stats/`
+(collected by `ingest.stats`, planned and checked against the catalog here).
 
 Every part is written to a temporary name and renamed, so after an interruption each part is either
 complete or absent; a rerun with the same settings skips the complete ones. The graph stores are
-loaded from this directory later and never written here.
+loaded from this directory later and never written here. Prompt graphs: `ingest.prompts`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 from circuit_catalog.errors import CatalogDirError
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IngestSettings:
     top_k: int | None = 16
     min_weight: float | None = None
@@ -144,7 +146,7 @@ def _write_part(root: Path, manifest: Manifest, table: pa.Table, path: Path) -> 
 
 
 def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool) -> None:
-    settings = IngestSettings(manifest.top_k, manifest.min_weight, manifest.token_top_k)
+    settings = IngestSettings(top_k=manifest.top_k, min_weight=manifest.min_weight, token_top_k=manifest.token_top_k)
     pairs = [(lo, hi) for hi in tset.layers for lo in tset.layers if lo < hi]
     bar = tqdm(total=1 + len(tset.layers) + len(pairs), desc="ingest", unit="part", disable=not progress)
     if not _finished(root, manifest, root / layout.TOKENS):

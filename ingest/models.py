@@ -1,7 +1,7 @@
 """Model loading: resolve `--model`, load a HookedTransformer, hash its weights.
 
 Loading is the only TransformerLens-specific code outside the computations that run a model with
-hooks (`activations`, `attribution`, `evaluate`, `stats`, `train`), which use TL's hook names and
+hooks (`activations`, `attribution`, `evaluate`, `interventions`, `stats`, `train`), which use TL's hook names and
 `run_with_cache`/`run_with_hooks`. Three sources are accepted:
 
 - a TransformerLens official name (downloaded from the hub where the network allows);

@@ -1,15 +1,16 @@
 """Prompt sets in, attribution graphs out: `DIR/prompts/<id>/` per prompt and the index `DIR/prompts.parquet`.
 
 Each prompt's directory is written under a temporary name and renamed, so it is complete or absent;
-a rerun skips prompts already done with the same settings. Ids are stable: a hash of the model's
-weights, the transcoder files and the prompt (text, and target when one is named).
+a rerun skips prompts already done with the same settings. Prompt ids are stable: a hash of the model's
+weights, the transcoder files and the prompt (text, and target or custom target when one is named); node
+ids are `catalog.ids`'.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,6 +34,7 @@ from circuit_catalog.errors import CatalogDirError, DatasetError
 @dataclass(frozen=True)
 class PromptSpec:
     text: str
+    _: KW_ONLY
     target: str | None = None  # a token the graph must include as a logit target
     # a custom target (`ingest.targets`): these tokens' logits summed (`target` alone when only contrasts are
     # given) minus the contrasts', or a .npy direction; weighted in pruning as a logit of probability target_weight
@@ -50,7 +52,7 @@ class PromptSpec:
         return {"tokens": list(tokens), "contrast": list(self.contrast), "direction": self.direction, "weight": self.target_weight}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AttributionSettings:
     max_feature_nodes: int | None = 1024
     max_n_logits: int = 10
@@ -87,9 +89,10 @@ def read_prompts(path: Path) -> list[PromptSpec]:
             try:
                 contrast = row.get("contrast") or ()
                 specs.append(PromptSpec(
-                    row["prompt"], row.get("target"), tuple(map(str, row.get("targets") or ())),
-                    (str(contrast),) if isinstance(contrast, str) else tuple(map(str, contrast)),
-                    None if row.get("direction") is None else str(row["direction"]), float(row.get("target_weight", 1.0))))
+                    row["prompt"], target=row.get("target"), targets=tuple(map(str, row.get("targets") or ())),
+                    contrast=(str(contrast),) if isinstance(contrast, str) else tuple(map(str, contrast)),
+                    direction=None if row.get("direction") is None else str(row["direction"]),
+                    target_weight=float(row.get("target_weight", 1.0))))
             except (TypeError, ValueError):
                 raise DatasetError(f"{path}:{number}: a custom target's 'targets', 'contrast' (token or list), 'direction' (.npy path) "
                                    "or 'target_weight' (number) is malformed") from None
@@ -114,7 +117,7 @@ def local_ids(graph: AttributionGraph) -> list[str]:
     local = [ids.feature_node(layer, index, pos) for layer, pos, index in graph.features.tolist()]
     local += [ids.error_node(layer, pos) for layer in range(graph.n_layers) for pos in range(graph.n_pos)]
     local += [ids.token_node(pos) for pos in range(graph.n_pos)]
-    local += [ids.logit_node(t) for t in graph.logit_tokens.tolist()]
+    local += [ids.logit_node(t) for t in graph.logit_targets.tolist()]
     if graph.custom_target is not None:
         local.append(ids.TARGET)
     return local
@@ -128,8 +131,8 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
     kind = ["feature"] * n_feat + ["error"] * n_err + ["token"] * n_pos + ["logit"] * (n_logit - n_custom) + ["target"] * n_custom
     layer = graph.features[:, 0].tolist() + [lay for lay in range(graph.n_layers) for _ in range(n_pos)] + [-1] * n_pos + [graph.n_layers] * n_logit
     pos = graph.features[:, 1].tolist() + list(range(n_pos)) * graph.n_layers + list(range(n_pos)) + [n_pos - 1] * n_logit
-    feature = graph.features[:, 2].tolist() + [None] * (n_err + n_pos + n_logit)
-    token_ids = [None] * (n_feat + n_err) + graph.tokens.tolist() + graph.logit_tokens.tolist() + [None] * n_custom
+    feature_index = graph.features[:, 2].tolist() + [None] * (n_err + n_pos + n_logit)
+    token_ids = [None] * (n_feat + n_err) + graph.tokens.tolist() + graph.logit_targets.tolist() + [None] * n_custom
     targets = ~torch.isnan(graph.value)
 
     def where(mask: torch.Tensor, values: torch.Tensor) -> list:
@@ -137,7 +140,7 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
 
     probability = [None] * (graph.n_nodes - n_logit) + graph.logit_probabilities.tolist()
     nodes = pa.table({
-        "id": node_ids, "prompt_id": [pid] * graph.n_nodes, "kind": kind, "layer": layer, "pos": pos, "feature": feature,
+        "id": node_ids, "prompt_id": [pid] * graph.n_nodes, "kind": kind, "layer": layer, "pos": pos, "feature_index": feature_index,
         "feature_id": [ids.feature_id(a, b) for a, _, b in graph.features.tolist()] + [None] * (n_err + n_pos + n_logit),
         "token_id": token_ids, "token": [None if t is None else decode([t]) for t in token_ids[:graph.n_nodes - n_custom]] + [graph.custom_target] * n_custom,
         "activation": graph.activations.tolist() + [None] * (n_err + n_pos + n_logit),

@@ -1,4 +1,6 @@
-"""Train one ReLU transcoder per layer, as the transcoder paper did: L1 penalty, Adam, unit-norm decoder rows.
+"""Train one ReLU transcoder (optionally a skip transcoder) per layer, as the transcoder paper did: L1 penalty,
+Adam, unit-norm decoder rows; then measure them on held-out tokens (`evaluate.Reconstruction`) and save them in
+SAELens format.
 
 All layers train together from one forward pass per batch: the model's MLP inputs
 (`blocks.L.ln2.hook_normalized`) and outputs (`blocks.L.hook_mlp_out`) are cached for every layer,
@@ -28,7 +30,7 @@ TRAINING_RECORD = "training.json"
 BUFFER_LIMIT_BYTES = 12 << 30
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Everything that decides the result; recorded next to the weights and compared before reuse."""
 
@@ -125,7 +127,7 @@ class _StackedTranscoders(torch.nn.Module):
             s_in, s_out = self.s_in[i].item(), self.s_out[i].item()
             d = self.W_enc.shape[1]
             hook_in, hook_out = hook_names(cfg, layer)
-            tc_cfg = TranscoderConfig(layer, d, cfg.d_sae, d, hook_in, hook_out, "relu", model_name=model_name)
+            tc_cfg = TranscoderConfig(layer=layer, d_in=d, d_sae=cfg.d_sae, d_out=d, hook_in=hook_in, hook_out=hook_out, model_name=model_name)
             out.append(Transcoder(
                 tc_cfg,
                 (self.W_enc[i] * (s_out / s_in)).detach().clone(),

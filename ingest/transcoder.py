@@ -13,7 +13,7 @@ serves both; code that reads `W_dec` alone is per-layer only and says so (`requi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ def check_tensors(tensors: dict[str, torch.Tensor | None], shapes: dict[str, tup
             raise TranscoderError(f"{where}: {name} contains NaN or infinite values")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TranscoderConfig:
     """What a transcoder reads and writes, and how it activates."""
 
@@ -52,13 +52,6 @@ class TranscoderConfig:
     # trained on the Hugging Face modules: the MLP's input after the norm's weight (and bias), its output
     # uncentred; `TranscoderSet.bind` re-expresses it in TransformerLens's terms (folded norms, centred writes)
     hf_modules: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TranscoderConfig:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 @dataclass

@@ -32,7 +32,7 @@ from circuit_catalog.errors import TranscoderError
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SAELENS_SCALER = "activation_scaler.json"  # SAELens's trainer writes it into every checkpoint directory
 CT_CONFIG = "config.yaml"
-SEED_PATTERN = re.compile(r"final_sparse_autoencoder_.*blocks\.(\d+)\..*\.pt$")
+ORIGINAL_GPT2_PATTERN = re.compile(r"final_sparse_autoencoder_.*blocks\.(\d+)\..*\.pt$")
 _LAYER_IN_HOOK = re.compile(r"blocks\.(\d+)\.")
 
 _SAELENS_ARCH = {
@@ -67,8 +67,8 @@ def _load_transcoders(path: str | Path, trust_pickle: bool) -> TranscoderSet:
     path = Path(path)
     if not path.exists():
         raise TranscoderError(f"transcoders not found: {path}")
-    if path.is_file() and SEED_PATTERN.search(path.name):
-        return _load_seed([path], trust_pickle)
+    if path.is_file() and ORIGINAL_GPT2_PATTERN.search(path.name):
+        return _load_original_gpt2([path], trust_pickle)
     if path.is_dir() and (path / CT_CONFIG).is_file():
         return load_circuit_tracer(path)
     if (release := release_formats.load_release(path)) is not None:
@@ -88,9 +88,9 @@ def _load_transcoders(path: str | Path, trust_pickle: bool) -> TranscoderSet:
                 raise TranscoderError(f"{sub}: a second transcoder for layer {tc.layer} (also {by_layer[tc.layer].source})")
             by_layer[tc.layer] = tc
         return TranscoderSet(by_layer, [f for sub in subdirs for f in _files(sub)], "saelens")
-    seeds = sorted(p for p in path.iterdir() if SEED_PATTERN.search(p.name))
-    if seeds:
-        return _load_seed(seeds, trust_pickle)
+    pickles = sorted(p for p in path.iterdir() if ORIGINAL_GPT2_PATTERN.search(p.name))
+    if pickles:
+        return _load_original_gpt2(pickles, trust_pickle)
     raise TranscoderError(
         f"{path}: no transcoders found (expected SAELens cfg.json dirs, a circuit-tracer config.yaml, "
         "final_sparse_autoencoder_*.pt files, Gemma Scope params.safetensors or params.npz folders, "
@@ -401,25 +401,25 @@ def save_circuit_tracer(tset: TranscoderSet, directory: Path, model_name: str = 
 # ---------------------------------------------------------------- original GPT-2 transcoders (pickle)
 
 
-class _SeedObject:
-    """Stands in for classes of the seed's training package, which need not be importable here."""
+class _OriginalGPT2Object:
+    """Stands in for classes of the original transcoders' training code (`sae_training`), which need not be importable."""
 
     def __setstate__(self, state) -> None:
         if isinstance(state, dict):
             self.__dict__.update(state)
 
 
-class _SeedUnpickler(pickle.Unpickler):
+class _OriginalGPT2Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module.split(".")[0] in {"sae_training", "transcoder_circuits", "__main__"}:
-            return type(name, (_SeedObject,), {})
+            return type(name, (_OriginalGPT2Object,), {})
         return super().find_class(module, name)
 
 
-_seed_pickle = types.SimpleNamespace(Unpickler=_SeedUnpickler, load=pickle.load, __name__="seed_pickle")
+_original_gpt2_pickle = types.SimpleNamespace(Unpickler=_OriginalGPT2Unpickler, load=pickle.load, __name__="original_gpt2_pickle")
 
 
-def _load_seed(paths: list[Path], trust_pickle: bool) -> TranscoderSet:
+def _load_original_gpt2(paths: list[Path], trust_pickle: bool) -> TranscoderSet:
     if not trust_pickle:
         raise TranscoderError(
             f"{paths[0]}: original GPT-2 transcoders are pickles, which can run code; pass --trust-pickle to load them"
@@ -427,7 +427,7 @@ def _load_seed(paths: list[Path], trust_pickle: bool) -> TranscoderSet:
     by_layer = {}
     for p in paths:
         try:
-            blob = torch.load(p, map_location="cpu", weights_only=False, pickle_module=_seed_pickle)
+            blob = torch.load(p, map_location="cpu", weights_only=False, pickle_module=_original_gpt2_pickle)
         except Exception as exc:  # any unpickling failure is a bad file, not a bug of ours
             raise TranscoderError(f"{p}: cannot unpickle ({type(exc).__name__}: {str(exc)[:120]})") from None
         if not isinstance(blob, dict) or "state_dict" not in blob or "cfg" not in blob:
@@ -435,7 +435,7 @@ def _load_seed(paths: list[Path], trust_pickle: bool) -> TranscoderSet:
         sd, cfg = blob["state_dict"], blob["cfg"]
         get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
         _require(sd, ("W_enc", "b_enc", "W_dec", "b_dec", "b_dec_out"), p)
-        hook_in = get("hook_point") or f"blocks.{SEED_PATTERN.search(p.name).group(1)}.ln2.hook_normalized"
+        hook_in = get("hook_point") or f"blocks.{ORIGINAL_GPT2_PATTERN.search(p.name).group(1)}.ln2.hook_normalized"
         layer = int(get("hook_point_layer", _layer_of(hook_in, p)))
         W_enc = sd["W_enc"].float()
         if sd["b_dec"].shape[0] != W_enc.shape[0]:

@@ -42,8 +42,8 @@ def neuronpedia_graph(catalog_dir: Path, key: str, slug: str) -> dict:
         node = {"ctx_idx": pos, "run_idx": 0, "reverse_ctx_idx": 0, "influence": share, "activation": n.activation,
                 "token_prob": 0.0, "is_target_logit": False, "clerp": ""}
         if kind == "feature":
-            node |= {"node_id": f"{layer}_{n.feature}_{pos}", "feature": cantor(layer, n.feature), "layer": str(layer),
-                     "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{n.feature}-0"}
+            node |= {"node_id": f"{layer}_{n.feature_index}_{pos}", "feature": cantor(layer, n.feature_index), "layer": str(layer),
+                     "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{n.feature_index}-0"}
         elif kind == "error":
             node |= {"node_id": f"err_{layer}_{pos}", "feature": -1, "layer": str(layer),
                      "feature_type": "mlp reconstruction error", "jsNodeId": f"{layer}_{pos}-0"}

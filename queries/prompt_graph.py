@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import split_node_id
+from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.errors import CatalogDirError, UnknownPrompt, first_line
 
 
@@ -80,8 +81,8 @@ class PNode:
     kind: str  # token | feature | error | logit | target
     layer: int
     pos: int
-    feature: int | None = None
-    feature_id: str | None = None  # `L8/355` for a feature node
+    feature_index: int | None = None  # a feature node's index within its layer
+    feature_id: str | None = None  # a feature node's feature, `L8/355`
     token_id: int | None = None
     token: str | None = None
     activation: float | None = None
@@ -207,6 +208,7 @@ def prompt_index(root: Path) -> list[dict]:
 
 def prompt_record(root: Path, key: str) -> dict:
     """The `prompt.json` record of the prompt with this id or text: its tokens, settings and scores."""
+    Manifest.read(Path(root))  # a catalog of another format is refused in one line, not misread
     path = layout.prompt_info(Path(root), find_prompt(prompt_index(root), key)["id"])
     try:
         return json.loads(path.read_text())

@@ -83,7 +83,8 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     checks = []
     for start in range(0, len(groups), batch_size):  # one batched forward pass per regime and batch of ablations
         batch = groups[start:start + batch_size]
-        edit_sets = [[Edit("set", graph.nodes[n].layer, graph.nodes[n].feature, graph.nodes[n].pos, 0.0) for n in group] for group in batch]
+        edit_sets = [[Edit("set", graph.nodes[n].layer, graph.nodes[n].feature_index, graph.nodes[n].pos, 0.0) for n in group]
+                     for group in batch]
         direct = run_batch(model, tset, tokens, edit_sets, Regime.DIRECT_ONLY, clean, zero_bos).final_normalised @ readout + offset - before
         full = run_batch(model, tset, tokens, edit_sets, Regime.REPLACEMENT, clean, zero_bos).final_normalised @ readout + offset - before
         for group, d, f in zip(batch, direct.tolist(), full.tolist()):

@@ -81,7 +81,8 @@ def random_transcoders(model, d_sae: int = 40, seed: int = 0, layers=None, **kw)
     d = model.cfg.d_model
     out = {}
     for layer in layers if layers is not None else range(model.cfg.n_layers):
-        cfg = TranscoderConfig(layer, d, d_sae, d, f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out", **kw)
+        cfg = TranscoderConfig(layer=layer, d_in=d, d_sae=d_sae, d_out=d, hook_in=f"blocks.{layer}.ln2.hook_normalized",
+                               hook_out=f"blocks.{layer}.hook_mlp_out", **kw)
         out[layer] = Transcoder(
             cfg,
             torch.randn(d, d_sae, generator=g) / d**0.5,

@@ -76,8 +76,8 @@ def test_one_prompt_graph_from_store_parquet_and_memory(api_catalog, gpt2_dir):
         assert set(other.nodes) == set(from_store.nodes)
         for nid, node in from_store.nodes.items():
             mine = other.nodes[nid]
-            assert (mine.kind, mine.layer, mine.pos, mine.feature, mine.token_id, mine.token) == \
-                   (node.kind, node.layer, node.pos, node.feature, node.token_id, node.token)
+            assert (mine.kind, mine.layer, mine.pos, mine.feature_index, mine.feature_id, mine.token_id, mine.token) == \
+                   (node.kind, node.layer, node.pos, node.feature_index, node.feature_id, node.token_id, node.token)
             assert mine.influence == pytest.approx(node.influence, rel=1e-6, abs=1e-9)
         assert set(other.edges) == set(from_store.edges)
         for dst, ins in from_store.edges.items():

@@ -72,7 +72,7 @@ def assert_values_are_the_models(graph: AttributionGraph, tset, model_dir: Path)
     for i, (layer, pos, index) in enumerate(graph.features.tolist()):
         pre = normalised[layer][pos] @ tset[layer].W_enc[:, index] + tset[layer].b_enc[index]
         assert graph.value[i] == pytest.approx(float(pre), rel=1e-4, abs=1e-4)
-    for i, token in enumerate(graph.logit_tokens.tolist()):
+    for i, token in enumerate(graph.logit_targets.tolist()):
         assert graph.value[graph.logit_index(i)] == pytest.approx(float(logits[token]), rel=1e-4, abs=1e-4)
 
 
@@ -86,7 +86,7 @@ def test_completeness_against_the_unmodified_model(case):
     model, tset, graph, model_dir = case
     assert_values_are_the_models(graph, tset, model_dir)
     t = targets(graph)
-    assert len(t) == graph.n_features + len(graph.logit_tokens)
+    assert len(t) == graph.n_features + len(graph.logit_targets)
     assert graph.features[:, 1].min() >= 1  # BOS (position 0) has no feature nodes,
     bos_errors = [graph.error_index(layer, 0) for layer in range(graph.n_layers)]
     assert not graph.adjacency[:, bos_errors].any()  # and its MLP outputs are constants, in the bias
@@ -207,7 +207,7 @@ def test_edges_equal_interventions(case):
                 tl, tp, ti = feats[row].tolist()
                 change = pre[tl][tp, ti] - base_pre[tl][tp, ti]
             else:
-                token = int(graph.logit_tokens[row - graph.logit_index(0)])
+                token = int(graph.logit_targets[row - graph.logit_index(0)])
                 change = logits[token] - base_logits[token]
             expected = (alpha - 1) * graph.adjacency[row, column]
             assert float(change) == pytest.approx(float(expected), abs=2e-4 + 1e-3 * abs(float(expected))), (kind, which, row)
@@ -259,11 +259,11 @@ def test_feature_cap_keeps_the_most_influential_and_accounts_for_the_rest(tiny):
     # the kept features' rows are the full graph's rows (restricted to kept columns)
     index = {tuple(f): i for i, f in enumerate(full.features.tolist())}
     rows = torch.tensor([index[tuple(f)] for f in capped.features.tolist()])
-    cols = torch.cat([rows, torch.arange(full.n_features, full.n_nodes - len(full.logit_tokens))])
-    torch.testing.assert_close(capped.adjacency[:12, :-len(capped.logit_tokens)], full.adjacency[rows][:, cols])
+    cols = torch.cat([rows, torch.arange(full.n_features, full.n_nodes - len(full.logit_targets))])
+    torch.testing.assert_close(capped.adjacency[:12, :-len(capped.logit_targets)], full.adjacency[rows][:, cols])
     # the first features chosen are those with the largest direct effect on the logits
-    logit_rows = full.adjacency[-len(full.logit_tokens):, :full.n_features]
-    top = (logit_rows.abs() / full.adjacency[-len(full.logit_tokens):].abs().sum(1, keepdim=True)).T @ full.logit_probabilities
+    logit_rows = full.adjacency[-len(full.logit_targets):, :full.n_features]
+    top = (logit_rows.abs() / full.adjacency[-len(full.logit_targets):].abs().sum(1, keepdim=True)).T @ full.logit_probabilities
     assert int(top.argmax()) in rows.tolist()
 
 
@@ -272,17 +272,17 @@ def test_logit_targets_and_named_targets(tiny):
     graph = attribute(tiny, tset, PROMPT, max_n_logits=3, desired_logit_prob=0.99)
     with torch.no_grad():
         probs = tiny(tiny.to_tokens(PROMPT))[0, -1].softmax(-1)
-    assert graph.logit_tokens.tolist() == probs.topk(3).indices.tolist()
+    assert graph.logit_targets.tolist() == probs.topk(3).indices.tolist()
     # the cumulative-probability cut-off: the fewest top tokens whose probabilities reach desired_logit_prob
     top = probs.topk(10)
     for n in (1, 2, 4):
         reach = float(top.values[:n].sum()) - 1e-6
         cut = attribute(tiny, tset, PROMPT, max_n_logits=10, desired_logit_prob=reach)
-        assert cut.logit_tokens.tolist() == top.indices[:n].tolist()
+        assert cut.logit_targets.tolist() == top.indices[:n].tolist()
         torch.testing.assert_close(cut.logit_probabilities, top.values[:n])
     paris = target_token(tiny, "paris")
     named = attribute(tiny, tset, PROMPT, max_n_logits=1, extra_targets=[paris])
-    assert named.logit_tokens.tolist()[-1] == paris
+    assert named.logit_targets.tolist()[-1] == paris
     with pytest.raises(AttributionError, match="2 tokens"):
         target_token(tiny, "paris france")
     with pytest.raises(AttributionError, match="empty prompt"):

@@ -123,6 +123,7 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("min weight NaN", [*ING, "--min-weight", "nan"], 2, "finite"),
     ("min weight negative", [*ING, "--min-weight", "-1"], 2, "--min-weight"),
     ("top k zero", [*ING, "--top-k", "0"], 2, "--top-k"),
+    ("ingest has no -k (rows shown, elsewhere)", [*ING, "-k", "3"], 2, "-k"),
     ("tokens zero", [*ING, "--tokens", "0"], 2, "--tokens"),
     ("node threshold NaN", [*ING, "--node-threshold", "nan"], 2, "finite"),
     ("prompts binary", [*ING, "--prompts", "{bin}"], 1, "binary.jsonl"),

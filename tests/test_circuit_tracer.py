@@ -57,7 +57,7 @@ def save_graph(graph: AttributionGraph, path: Path) -> Path:
 
 def assert_same_nodes(ours: AttributionGraph, ref: dict) -> None:
     assert ours.tokens.tolist() == ref["input_tokens"].tolist()
-    assert ours.logit_tokens.tolist() == ref["logit_tokens"].tolist()
+    assert ours.logit_targets.tolist() == ref["logit_targets"].tolist()
     assert ours.features.tolist() == ref["active_features"][ref["selected_features"]].tolist()  # same nodes, same order
 
 
@@ -178,7 +178,7 @@ def test_logit_cutoff_and_special_first_token_agree(arch, ct_python, tiny_case, 
     ours = attribute(model, tset, prompt, desired_logit_prob=0.05)
     ref = run_circuit_tracer(ct_python, model_dir, tc_dir, tmp_path / "ct.npz", "--desired-logit-prob", "0.05", prompt=prompt)
     assert ours.tokens[0] == model.tokenizer.eos_token_id and model.tokenizer.bos_token_id not in ours.tokens.tolist()
-    assert 1 <= len(ours.logit_tokens) < 10  # the cut-off, not the cap, ended the list
+    assert 1 <= len(ours.logit_targets) < 10  # the cut-off, not the cap, ended the list
     assert_same_nodes(ours, ref)
     targets = torch.cat([torch.arange(ours.n_features), torch.arange(ours.logit_index(0), ours.n_nodes)])
     sources = torch.arange(ours.token_index(0))  # features and errors

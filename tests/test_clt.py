@@ -106,7 +106,7 @@ def test_attribution_graph_is_complete_and_its_edges_are_interventions(clt, requ
             change = tset[tl].pre_acts(ins[tl][tp])[ti] - tset[tl].pre_acts(base_in[tl][tp])[ti]
             assert float(change) == pytest.approx(2 * float(graph.adjacency[t, s]), abs=2e-4 + 1e-3 * abs(float(change)))
             checked += abs(float(change)) > 1e-3
-        for i, token in enumerate(graph.logit_tokens.tolist()):
+        for i, token in enumerate(graph.logit_targets.tolist()):
             change = logits[token] - base_logits[token]
             assert float(change) == pytest.approx(2 * float(graph.adjacency[graph.logit_index(i), s]), abs=2e-4 + 1e-3 * abs(float(change)))
     assert checked > 10

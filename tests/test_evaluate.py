@@ -31,8 +31,8 @@ def exact_transcoders(model) -> TranscoderSet:
     out = {}
     for layer, block in enumerate(model.blocks):
         mlp = block.mlp
-        cfg = TranscoderConfig(layer, model.cfg.d_model, model.cfg.d_mlp, model.cfg.d_model,
-                               f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out")
+        cfg = TranscoderConfig(layer=layer, d_in=model.cfg.d_model, d_sae=model.cfg.d_mlp, d_out=model.cfg.d_model,
+                               hook_in=f"blocks.{layer}.ln2.hook_normalized", hook_out=f"blocks.{layer}.hook_mlp_out")
         out[layer] = Transcoder(cfg, mlp.W_in.detach().clone(), mlp.b_in.detach().clone(), mlp.W_out.detach().clone(), mlp.b_out.detach().clone())
     return TranscoderSet(out)
 

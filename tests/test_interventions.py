@@ -65,7 +65,7 @@ def test_direct_only_ablation_moves_each_target_by_minus_its_edge(case):
         edits = [Edit("set", int(graph.features[i, 0]), int(graph.features[i, 2]), int(graph.features[i, 1]), 0.0) for i in group]
         run = run_edited(model, tset, tokens, edits, Regime.DIRECT_ONLY, clean)
         predicted = -logit_rows[:, group].sum(1)
-        measured = run.logits[-1, graph.logit_tokens] - base.logits[-1, graph.logit_tokens]
+        measured = run.logits[-1, graph.logit_targets] - base.logits[-1, graph.logit_targets]
         torch.testing.assert_close(measured, predicted, rtol=1e-4, atol=1e-5)
         for t, (layer, pos, index) in enumerate(graph.features.tolist()):  # feature targets too
             if t in group:

@@ -130,8 +130,8 @@ def test_greedy_paths_on_a_known_graph():
     nodes = [
         {"id": "p:tok@0", "kind": "token", "layer": -1, "pos": 0},
         {"id": "p:tok@1", "kind": "token", "layer": -1, "pos": 1},
-        {"id": "p:L0/1@1", "kind": "feature", "layer": 0, "pos": 1, "feature": 1, "activation": 10.0},
-        {"id": "p:L0/2@1", "kind": "feature", "layer": 0, "pos": 1, "feature": 2, "activation": 0.5},
+        {"id": "p:L0/1@1", "kind": "feature", "layer": 0, "pos": 1, "feature_index": 1, "activation": 10.0},
+        {"id": "p:L0/2@1", "kind": "feature", "layer": 0, "pos": 1, "feature_index": 2, "activation": 0.5},
         {"id": "p:err:L0@1", "kind": "error", "layer": 0, "pos": 1},
         {"id": "p:logit:7", "kind": "logit", "layer": 1, "pos": 1},
     ]
@@ -162,7 +162,7 @@ def test_prompt_file_formats(tmp_path):
     assert read_prompts(txt) == [PromptSpec("first prompt"), PromptSpec("second prompt")]
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": "a b", "target": " c"}\n{"prompt": "d"}\n')
-    assert read_prompts(jsonl) == [PromptSpec("a b", " c"), PromptSpec("d")]
+    assert read_prompts(jsonl) == [PromptSpec("a b", target=" c"), PromptSpec("d")]
 
 
 # ---------------------------------------------------------------- the CLI, end to end

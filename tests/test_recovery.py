@@ -221,3 +221,17 @@ def test_a_readable_part_with_other_rows_is_recomputed(inputs, copy, clean, patt
     code, output = cli(*ingest_args(inputs, copy))
     assert code == 0, output
     assert_same_as_clean(copy, clean)
+
+
+def test_a_catalog_of_an_older_format_is_refused_not_misread(inputs, copy):
+    """A manifest without `format` (written before formats were numbered: prompt nodes had `feature`, not
+    `feature_index`) is refused by readers, loads and reruns alike, in one line, and nothing is written."""
+    manifest = json.loads((copy / layout.MANIFEST).read_text())
+    del manifest["format"]
+    (copy / layout.MANIFEST).write_text(json.dumps(manifest))
+    before = digest(copy)
+    for args in (["show", "L1/2", "--catalog", copy], ["load", "--catalog", copy], ["sql", "SELECT 1", "--catalog", copy],
+                 ["export", "--catalog", copy, "--prompt", "x", "--neuronpedia", copy.parent / "g.json"], ingest_args(inputs, copy)):
+        line = one_line_error(*cli(*args))
+        assert f"format 1; this version of circuit-catalog reads format {layout.FORMAT} only" in line, (args, line)
+    assert digest(copy) == before

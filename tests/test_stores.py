@@ -268,8 +268,8 @@ def test_prompt_graphs_round_trip(store, ref):
         kept = {n["id"]: n for n in ref["pnodes"] if n["prompt_id"] == row["id"] and n["kept"]}
         assert set(graph.nodes) == set(kept)
         for nid, node in graph.nodes.items():
-            assert (node.kind, node.layer, node.pos, node.feature, node.token_id, node.token) == tuple(
-                kept[nid][c] for c in ("kind", "layer", "pos", "feature", "token_id", "token"))
+            assert (node.kind, node.layer, node.pos, node.feature_index, node.feature_id, node.token_id, node.token) == tuple(
+                kept[nid][c] for c in ("kind", "layer", "pos", "feature_index", "feature_id", "token_id", "token"))
             assert node.influence == pytest.approx(kept[nid]["influence"], rel=1e-6)
         expected = {(e["src"], e["dst"]): e["weight"] for e in ref["attr"] if e["dst"] in kept}
         got = {(src, dst): w for dst, ins in graph.edges.items() for src, w in ins}

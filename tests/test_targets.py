@@ -34,7 +34,7 @@ def test_logit_difference_is_the_difference_of_the_two_logits_rows(tiny):
     graph = attribute(tiny, tset, PROMPT, max_n_logits=1, custom=target)
     both = attribute(tiny, tset, PROMPT, max_n_logits=1, extra_targets=[paris, london])
     row = graph.n_nodes - 1
-    assert graph.custom_target == "'paris' - 'city'" and graph.logit_tokens.tolist() == both.logit_tokens.tolist()[:1]
+    assert graph.custom_target == "'paris' - 'city'" and graph.logit_targets.tolist() == both.logit_targets.tolist()[:1]
     with torch.no_grad():
         logits = tiny(prompt_tokens(tiny, PROMPT)[None])[0, -1]
     assert float(graph.value[row]) == pytest.approx(float(logits[paris] - logits[london]), abs=1e-4)

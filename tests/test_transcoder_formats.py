@@ -86,8 +86,8 @@ def test_circuit_tracer_directory(tmp_path, skip, jump):
         assert tset[layer].cfg.hook_in == f"blocks.{layer}.ln2.hook_normalized"
 
 
-def _seed_file(tmp_path, layer: int, t: dict):
-    """Pickle a file as the seed's training code did: its own config class inside `sae_training`."""
+def _original_gpt2_file(tmp_path, layer: int, t: dict):
+    """Pickle a file as the original GPT-2 transcoders' training code did: its own config class inside `sae_training`."""
     module = types.ModuleType("sae_training.config")
 
     class LanguageModelSAERunnerConfig:
@@ -114,7 +114,7 @@ def _seed_file(tmp_path, layer: int, t: dict):
 def test_original_gpt2_pickles_need_trust_and_fold_the_pre_bias(tmp_path):
     t = raw_tensors(3)
     t["pre_bias"] = torch.randn(D, generator=torch.Generator().manual_seed(4))
-    _seed_file(tmp_path, 5, t)
+    _original_gpt2_file(tmp_path, 5, t)
     with pytest.raises(TranscoderError, match="--trust-pickle"):
         load_transcoders(tmp_path)
     tset = load_transcoders(tmp_path, trust_pickle=True)

@@ -328,8 +328,8 @@ def main() -> None:
         active_features=graph.active_features.long().numpy(),  # (layer, pos, feature_idx), all active
         activation_values=graph.activation_values.float().numpy(),  # aligned with active_features
         selected_features=graph.selected_features.long().numpy(),  # indices into active_features, = feature nodes
-        logit_tokens=np.array([t.vocab_idx for t in graph.logit_targets], dtype=np.int64),
-        logit_token_strs=np.array([t.token_str for t in graph.logit_targets]),
+        logit_targets=np.array([t.vocab_idx for t in graph.logit_targets], dtype=np.int64),
+        logit_target_strs=np.array([t.token_str for t in graph.logit_targets]),
         logit_probabilities=graph.logit_probabilities.float().numpy(),
         input_tokens=graph.input_tokens.long().cpu().numpy(),
         input_string=np.array(graph.input_string),
