@@ -54,12 +54,13 @@ class EvalResult:
 
 
 def _ce_and_kl(logits: torch.Tensor, tokens: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE of predicting tokens[:, 2:] from positions 1.. (not from BOS), and summed KL(reference || logits)."""
-    logp = logits[:, 1:-1].log_softmax(-1)
+    """Summed CE of predicting tokens[:, 2:] from positions 1.. (not from BOS), and summed KL(reference || logits),
+    in float32 whatever the compute dtype."""
+    logp = logits[:, 1:-1].float().log_softmax(-1)
     ce = -logp.gather(-1, tokens[:, 2:, None]).sum()
     if reference is None:
-        return ce, torch.tensor(0.0)
-    ref = reference[:, 1:-1].log_softmax(-1)
+        return ce, ce.new_zeros(())
+    ref = reference[:, 1:-1].float().log_softmax(-1)
     return ce, (ref.exp() * (ref - logp)).sum()
 
 
@@ -71,20 +72,23 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
 
     With a cross-layer transcoder, a layer's replacement is what every earlier layer's features (encoded from
     that run's own inputs) write into it, so replacing layer L alone reads the clean earlier layers and
-    replacing all layers reads each layer's input in the replaced model, as circuit-tracer runs a CLT."""
+    replacing all layers reads each layer's input in the replaced model, as circuit-tracer runs a CLT.
+
+    Runs on the model's device (batches of `tokens` are moved there) in its dtype; losses and sums in float32/64."""
     replacements = replacements or {}
+    device = model.W_E.device
     layers = tset.layers
     hook_in = {layer: tset[layer].cfg.hook_in for layer in layers}
     hook_out = {layer: tset[layer].cfg.hook_out for layer in layers}
 
     # pass 1: the original model; reconstruction statistics and each MLP's mean output
     sq_err = {layer: 0.0 for layer in layers}
-    y_sum = {layer: torch.zeros(model.cfg.d_model, dtype=torch.float64) for layer in layers}
+    y_sum = {layer: torch.zeros(model.cfg.d_model, dtype=torch.float64, device=device) for layer in layers}
     y_sq = {layer: 0.0 for layer in layers}
     l0 = {layer: 0.0 for layer in layers}
-    fired = {layer: torch.zeros(tset[layer].cfg.d_sae, dtype=torch.bool) for layer in layers}
+    fired = {layer: torch.zeros(tset[layer].cfg.d_sae, dtype=torch.bool, device=device) for layer in layers}
     n_recon, ce_original, n_pred = 0, 0.0, 0
-    batches = [tokens[i : i + batch_contexts] for i in range(0, len(tokens), batch_contexts)]
+    batches = [tokens[i : i + batch_contexts].to(device) for i in range(0, len(tokens), batch_contexts)]
     originals = []
     for batch in tqdm(batches, desc="evaluating (original)", disable=not progress):
         names = [*hook_in.values(), *hook_out.values()]
@@ -99,12 +103,12 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
         for layer in layers:
             x, y, z = xs[layer], cache[hook_out[layer]][:, 1:], zs[layer]
             recon = replacements[layer](x, y) if layer in replacements else tset.decode_into(layer, zs, xs)
-            sq_err[layer] += (recon - y).pow(2).sum().item()
+            sq_err[layer] += (recon - y).float().pow(2).sum().item()
             y_sum[layer] += y.sum((0, 1), dtype=torch.float64)
-            y_sq[layer] += y.pow(2).sum().item()
+            y_sq[layer] += y.float().pow(2).sum().item()
             l0[layer] += (z > 0).sum().item()
             fired[layer] |= (z > 0).reshape(-1, z.shape[-1]).any(0)
-    means = {layer: (y_sum[layer] / n_recon).float() for layer in layers}
+    means = {layer: (y_sum[layer] / n_recon).to(model.W_E.dtype) for layer in layers}  # an MLP output, in its dtype
 
     def run(batch: torch.Tensor, original: torch.Tensor, targets: list[int], how: str) -> tuple[float, float]:
         """One forward pass with `targets`' MLP outputs replaced (BOS position kept original)."""
