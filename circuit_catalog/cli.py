@@ -90,6 +90,15 @@ def main() -> None:
 MODEL_HELP = "TransformerLens name, local Hugging Face directory, .gguf file, or alias smollm2-135m."
 
 
+def compute_options(f):
+    """--device, --dtype: where and in what precision the model and transcoders run (results are stored in float32)."""
+    f = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+                     help="Precision of the model and transcoders (weights are read and processed in float32, then cast); "
+                          "results are stored in float32 whatever it is.")(f)
+    return click.option("--device", default="auto", show_default=True,
+                        help="'auto' (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.")(f)
+
+
 @main.command()
 @click.option("--model", required=True, help=MODEL_HELP)
 @click.option("--dataset", default="brown", show_default=True, help="'brown', a .txt/.jsonl file or folder, or a HF dataset name.")
@@ -105,17 +114,18 @@ MODEL_HELP = "TransformerLens name, local Hugging Face directory, .gguf file, or
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Directory for the SAELens-format transcoders.")
 @click.option("--skip", is_flag=True, help="Skip transcoders: add an affine skip connection (SAELens skip_transcoder).")
 @click.option("--force", is_flag=True, help="Retrain even if OUT already holds a run with the same settings.")
-def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, minibatch, ctx_len, seed, skip, out_dir, force):
+@compute_options
+def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, minibatch, ctx_len, seed, skip, out_dir, force, device, dtype):
     """Train one ReLU transcoder per layer (ln2.hook_normalized -> hook_mlp_out), saved in SAELens format."""
     from circuit_catalog.ingest.models import load_model, resolve_model
     from circuit_catalog.ingest.train import TrainConfig, reusable, train_transcoders
 
     spec = resolve_model(model)
-    lm = load_model(spec)
+    lm = load_model(spec, device=device, dtype=dtype)
     cfg = TrainConfig(
         model=spec.name, dataset=dataset, layers=parse_layers(layers) or list(range(lm.cfg.n_layers)),
         d_sae=d_sae, n_tokens=n_tokens, epochs=epochs, lr=lr, l1_coefficient=l1_coefficient,
-        minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip,
+        minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip, dtype=dtype,
     )
     result = None if force else reusable(out_dir, cfg)
     if result is not None:
@@ -155,9 +165,14 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--contrast", multiple=True, help="With --target: minus these tokens' logits, e.g. --target ' Paris' --contrast ' London'.")
 @click.option("--direction", type=click.Path(path_type=Path), default=None, help="Custom target: a .npy vector of d_model values read after the final norm at the last position.")
 @click.option("--target-weight", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="The custom target's weight in pruning (as a logit's probability).")
+@compute_options
+@click.option("--pullback-score-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Precision of the pullback scores that choose each feature's candidate edges (twice --top-k, or those near "
+                   "--min-weight); the kept edges' weights are then recomputed and stored in float32. 'auto': bfloat16 on CUDA, "
+                   "float32 elsewhere (on a CPU the bf16 path measured slower).")
 def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len,
            prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size,
-           bos_features, custom_tokens, contrast, direction, target_weight):
+           bos_features, custom_tokens, contrast, direction, target_weight, device, dtype, pullback_score_dtype):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
     from circuit_catalog.catalog.crash import crash_point
@@ -177,11 +192,11 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
 
     spec = resolve_model(model)
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
-    lm = load_model(spec)
+    lm = load_model(spec, device=device, dtype=dtype)
     tset.bind(lm)
     for prompt in specs:  # every refusal comes before the first write
         check_prompt(lm, prompt)
-    manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k))
+    manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k, pullback_score_dtype=pullback_score_dtype))
     stats_plan = plan_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len) if dataset is not None else None
     settings = AttributionSettings(max_feature_nodes=None if all_features else max_feature_nodes, max_n_logits=max_n_logits,
                                    desired_logit_prob=desired_logit_prob, node_threshold=node_threshold,
@@ -545,7 +560,8 @@ def show(feature, catalog_dir, store_uri, database, k, fmt):
 @click.option("--skip-contexts", type=click.IntRange(0), default=0, help="Start this many contexts into the dataset (e.g. past the training tokens).")
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON.")
 @click.option("--trust-pickle", is_flag=True)
-def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contexts, out_file, trust_pickle):
+@compute_options
+def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contexts, out_file, trust_pickle, device, dtype):
     """Transcoder fidelity: FVU, L0, dead features, and next-token CE with MLPs replaced / zeroed / mean-ablated."""
     from circuit_catalog.ingest.datasets import token_contexts
     from circuit_catalog.ingest.evaluate import evaluate_transcoders
@@ -553,7 +569,7 @@ def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contex
     from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype)
     tset.bind(lm)
     check_context(lm, ctx_len)
     tokens = token_contexts(lm.tokenizer, dataset, n_tokens, ctx_len, skip_contexts=skip_contexts)
@@ -707,9 +723,10 @@ def export_neo4j_import(catalog_dir, out_dir, import_dir, database):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed for --generate.")
 @click.option("--layers", default="all", show_default=True, help="Transcoder layers to use.")
 @click.option("--trust-pickle", is_flag=True)
+@compute_options
 @format_option
 def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, freeze_attention, direct_only, targets, k, validate,
-              n_paths, n_generate, temperature, seed, layers, trust_pickle, fmt):
+              n_paths, n_generate, temperature, seed, layers, trust_pickle, device, dtype, fmt):
     """Run the local replacement model with feature edits: next-token probabilities before and after, each
     target logit's change and KL; --validate compares a catalog prompt's graph with ablations; --generate steers.
 
@@ -730,7 +747,7 @@ def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, fre
     from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype)
     tset.bind(lm)
     if validate:
         from circuit_catalog.queries.validation import validate as validate_prompt
@@ -800,14 +817,15 @@ def interventions(feature, catalog_dir, store_uri, database, k, fmt):
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "ids"]), default="table", show_default=True)
 @click.option("--trust-pickle", is_flag=True)
-def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle):
+@compute_options
+def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle, device, dtype):
     """The most active transcoder features at one position of a prompt (a real forward pass)."""
     from circuit_catalog.ingest.activations import top_active_features
     from circuit_catalog.ingest.models import load_model
     from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype)
     tset.bind(lm)
     found = top_active_features(lm, tset, prompt, pos, k)
     if fmt == "ids":
