@@ -113,14 +113,14 @@ def main() -> None:
         # estimates, and with them the features chosen, can differ
         for arch, cap in (("gpt2", None), ("llama", args.max_feature_nodes)):
             model_dir = build_hf_model(tmp / arch, arch)
-            model = load_model(str(model_dir))
+            model = load_model(str(model_dir), device="cpu")
             save_circuit_tracer(random_transcoders(model, d_sae=64, seed=1), tmp / f"{arch}-tc")
             case(f"tiny {arch} (3 layers, 3 x 64 features, cap {cap})", model, model_dir, tmp / f"{arch}-tc",
                  "the jury said the city election was good . the capital of france is", cap, ct_python, tmp)
         if args.smoke:
             return
         smol_dir = _gguf_to_hf_dir(Path(resolve_model("smollm2-135m").location))
-        model = load_model("smollm2-135m")
+        model = load_model("smollm2-135m", device="cpu")
         if args.transcoders.is_dir():
             tset, label = load_transcoders(args.transcoders), f"the transcoders at {args.transcoders}"
         else:

@@ -40,7 +40,7 @@ def worker(model: str, transcoders: str, prompt: str, max_feature_nodes: int, ba
     from circuit_catalog.ingest.models import load_model
     from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
-    lm = load_model(model)
+    lm = load_model(model, device="cpu")
     tset = load_transcoders(transcoders)
     loaded = rss_mb()
     times, graph = [], None
@@ -108,7 +108,7 @@ def main() -> None:
         tiny_dir = build_hf_model(tmp / "tiny-llama", "llama", n_layers=4)
         from circuit_catalog.ingest.models import load_model
 
-        save_circuit_tracer(random_transcoders(load_model(str(tiny_dir)), d_sae=256, seed=0), tmp / "tiny-tc")
+        save_circuit_tracer(random_transcoders(load_model(str(tiny_dir), device="cpu"), d_sae=256, seed=0), tmp / "tiny-tc")
         case("tiny Llama (4 layers, d_model 32, 4 x 256 features)", tiny_dir, tmp / "tiny-tc", TINY_PROMPT, ct_python, args, tmp)
         if args.smoke:
             return

@@ -71,12 +71,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-interventions-") as t:
         tmp = Path(t)
         if args.smoke:
-            model = load_model(str(build_hf_model(tmp / "llama", "llama")))
+            model = load_model(str(build_hf_model(tmp / "llama", "llama")), device="cpu")
             case("tiny llama (3 layers, 3 x 64 features)", model, random_transcoders(model, d_sae=64, seed=1),
                  "the jury said the city election was good . the capital of france is", args.k, args.max_feature_nodes,
                  args.repeat, tmp)
             return
-        model = load_model("smollm2-135m")
+        model = load_model("smollm2-135m", device="cpu")
         if args.transcoders.is_dir():
             tset, label = load_transcoders(args.transcoders), f"transcoders at {args.transcoders}"
         else:

@@ -39,7 +39,7 @@ def main() -> None:
         if args.smoke:
             model, tset, args.dataset, args.tokens, ctx_len = tiny_case(Path(tmp))
         else:
-            model, tset, ctx_len = load_model(args.model), load_transcoders(args.transcoders), 128
+            model, tset, ctx_len = load_model(args.model, device="cpu"), load_transcoders(args.transcoders), 128
         tokens = token_contexts(model.tokenizer, args.dataset, args.tokens, ctx_len)
     measure(model, tset, tokens, args.batch_contexts)
 
@@ -48,7 +48,7 @@ def tiny_case(tmp: Path):
     """(model, transcoders, dataset, tokens, ctx_len) of the size the test suite builds."""
     from tests.conftest import TEXT, build_hf_model, random_transcoders
 
-    model = load_model(str(build_hf_model(tmp / "tiny-gpt2", "gpt2")))
+    model = load_model(str(build_hf_model(tmp / "tiny-gpt2", "gpt2")), device="cpu")
     (tmp / "text.txt").write_text("\n\n".join([TEXT] * 20))
     return model, random_transcoders(model, d_sae=256), str(tmp / "text.txt"), 256, 32
 

@@ -33,6 +33,11 @@ class Manifest:
     min_weight: float | None
     token_top_k: int
     versions: dict[str, str]
+    # the compute dtype of the model and transcoders, and of the pullback candidate scores (`ingest.pullbacks`);
+    # a manifest from before they were recorded was float32 throughout
+    dtype: str = "float32"
+    pullback_score_dtype: str = "float32"
+    device: str = ""  # what computed the last run: a resume may use another one (float32 agrees to rounding)
     status: str = "in-progress"
     created: str = ""
     completed: str = ""
@@ -43,7 +48,8 @@ class Manifest:
 
     def identity(self) -> dict:
         """The fields that decide the catalog's content."""
-        keys = ("model_weights_sha256", "transcoder_files", "layers", "top_k", "min_weight", "token_top_k")
+        keys = ("model_weights_sha256", "transcoder_files", "layers", "top_k", "min_weight", "token_top_k", "dtype",
+                "pullback_score_dtype")
         return {k: getattr(self, k) for k in keys}
 
     def write(self, root: Path) -> None:

@@ -91,6 +91,15 @@ def main() -> None:
 MODEL_HELP = "TransformerLens name, local Hugging Face directory, .gguf file, or alias smollm2-135m."
 
 
+def compute_options(f):
+    """--device, --dtype: where and in what precision the model and transcoders run (results are stored in float32)."""
+    f = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+                     help="Precision of the model and transcoders (weights are read and processed in float32, then cast); "
+                          "results are stored in float32 whatever it is.")(f)
+    return click.option("--device", default="auto", show_default=True,
+                        help="'auto' (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.")(f)
+
+
 @main.command()
 @click.option("--model", required=True, help=MODEL_HELP)
 @click.option("--dataset", default="brown", show_default=True, help="'brown', a .txt/.jsonl file or folder, or a HF dataset name.")
@@ -106,14 +115,15 @@ MODEL_HELP = "TransformerLens name, local Hugging Face directory, .gguf file, or
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Directory for the SAELens-format transcoders.")
 @click.option("--skip", is_flag=True, help="Skip transcoders: add an affine skip connection (SAELens skip_transcoder).")
 @click.option("--force", is_flag=True, help="Retrain even if OUT already holds a run with the same settings.")
-def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, minibatch, ctx_len, seed, skip, out_dir, force):
+@compute_options
+def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, minibatch, ctx_len, seed, skip, out_dir, force, device, dtype):
     """Train one ReLU transcoder per layer (ln2.hook_normalized -> hook_mlp_out), saved in SAELens format."""
     from circuit_catalog.ingest.pipeline import train as train_
     from circuit_catalog.ingest.train import TrainConfig
 
-    cfg = TrainConfig(model=model, dataset=dataset, layers=parse_layers(layers) or [], d_sae=d_sae, n_tokens=n_tokens,
-                      epochs=epochs, lr=lr, l1_coefficient=l1_coefficient, minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip)
-    result, reused = train_(model, out_dir, cfg, force=force)
+    cfg = TrainConfig(model=model, dataset=dataset, layers=parse_layers(layers) or [], d_sae=d_sae, n_tokens=n_tokens, epochs=epochs,
+                      lr=lr, l1_coefficient=l1_coefficient, minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip, dtype=dtype)
+    result, reused = train_(model, out_dir, cfg, force=force, device=device)
     if reused:
         err.print(f"reusing transcoders in {out_dir} (same settings; --force retrains)")
     table = Table("layer", "FVU", "L0", "dead", title=f"transcoders in {out_dir}")
@@ -149,9 +159,14 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--contrast", multiple=True, help="With --target: minus these tokens' logits, e.g. --target ' Paris' --contrast ' London'.")
 @click.option("--direction", type=click.Path(path_type=Path), default=None, help="Custom target: a .npy vector of d_model values read after the final norm at the last position.")
 @click.option("--target-weight", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="The custom target's weight in pruning (as a logit's probability).")
+@compute_options
+@click.option("--pullback-score-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Precision of the pullback scores that choose each feature's candidate edges (twice --top-k, or those near "
+                   "--min-weight); the kept edges' weights are then recomputed and stored in float32. 'auto': bfloat16 on CUDA, "
+                   "float32 elsewhere (on a CPU the bf16 path measured slower).")
 def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len,
            prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size,
-           bos_features, custom_tokens, contrast, direction, target_weight):
+           bos_features, custom_tokens, contrast, direction, target_weight, device, dtype, pullback_score_dtype):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
     from circuit_catalog.ingest.job import IngestSettings
@@ -164,9 +179,10 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     attribution = AttributionSettings(max_feature_nodes=None if all_features else max_feature_nodes, max_n_logits=max_n_logits,
                                       desired_logit_prob=desired_logit_prob, node_threshold=node_threshold,
                                       edge_threshold=edge_threshold, batch_size=batch_size, zero_bos=not bos_features)
-    result = ingest_(model, transcoders, catalog_dir, layers=parse_layers(layers), trust_pickle=trust_pickle,
-                     settings=IngestSettings(top_k=top_k, min_weight=min_weight, token_top_k=token_top_k),
-                     dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len, prompts=specs, attribution=attribution)
+    settings = IngestSettings(top_k=top_k, min_weight=min_weight, token_top_k=token_top_k, pullback_score_dtype=pullback_score_dtype)
+    result = ingest_(model, transcoders, catalog_dir, layers=parse_layers(layers), trust_pickle=trust_pickle, settings=settings,
+                     dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len, prompts=specs, attribution=attribution,
+                     device=device, dtype=dtype)
     table = Table("part", "rows", title=f"catalog {catalog_dir}")
     for name, n in result.counts.items():
         table.add_row(name, f"{n:,}")
@@ -496,11 +512,13 @@ def show(feature, cat, k, fmt):
 @click.option("--skip-contexts", type=click.IntRange(0), default=0, help="Start this many contexts into the dataset (e.g. past the training tokens).")
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON.")
 @click.option("--trust-pickle", is_flag=True)
-def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contexts, out_file, trust_pickle):
+@compute_options
+def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contexts, out_file, trust_pickle, device, dtype):
     """Transcoder fidelity: FVU, L0, dead features, and next-token CE with MLPs replaced / zeroed / mean-ablated."""
     from circuit_catalog.ingest.pipeline import evaluate as evaluate_
 
-    result = evaluate_(model, transcoders, dataset, n_tokens, ctx_len, parse_layers(layers), skip_contexts, trust_pickle)
+    result = evaluate_(model, transcoders, dataset, n_tokens, ctx_len, parse_layers(layers), skip_contexts, trust_pickle,
+                       device=device, dtype=dtype)
     table = Table("layer", "FVU", "L0", "dead", "CE replaced", "CE zero", "CE mean", "recovered", "KL",
                   title=f"{result.n_tokens:,} tokens; original CE {result.ce_original:.4f} nats")
     rows = [(str(m.layer), m, m.ablations, m.ce_recovered) for m in result.layers]
@@ -634,9 +652,10 @@ def export_neo4j_import(catalog_dir, out_dir, import_dir, database):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed for --generate.")
 @click.option("--layers", default="all", show_default=True, help="Transcoder layers to use.")
 @click.option("--trust-pickle", is_flag=True)
+@compute_options
 @format_option
 def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, freeze_attention, direct_only, targets, k, validate,
-              n_paths, n_generate, temperature, seed, layers, trust_pickle, fmt):
+              n_paths, n_generate, temperature, seed, layers, trust_pickle, device, dtype, fmt):
     """Run the local replacement model with feature edits: next-token probabilities before and after, each
     target logit's change and KL; --validate compares a catalog prompt's graph with ablations; --generate steers.
 
@@ -655,7 +674,7 @@ def intervene(model, transcoders, prompt_key, catalog_dir, set_, scale, add, fre
         raise InterventionError("--generate runs the default regime only (no frozen values exist for generated tokens)")
     from circuit_catalog.ingest import pipeline
 
-    loaded = dict(layers=parse_layers(layers), trust_pickle=trust_pickle)
+    loaded = dict(layers=parse_layers(layers), trust_pickle=trust_pickle, device=device, dtype=dtype)
     if validate:
         _print_validation(pipeline.validate(model, transcoders, catalog_dir, prompt_key, k or 20, n_paths, **loaded), fmt)
         return
@@ -720,11 +739,12 @@ def interventions(feature, cat, k, fmt):
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "ids"]), default="table", show_default=True)
 @click.option("--trust-pickle", is_flag=True)
-def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle):
+@compute_options
+def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle, device, dtype):
     """The most active transcoder features at one position of a prompt (a real forward pass)."""
     from circuit_catalog.ingest.pipeline import active as active_
 
-    found = active_(model, transcoders, prompt, pos, k, parse_layers(layers), trust_pickle)
+    found = active_(model, transcoders, prompt, pos, k, parse_layers(layers), trust_pickle, device=device, dtype=dtype)
     if fmt == "ids":
         out.print("\n".join(f.feature for f in found))
         return

@@ -18,6 +18,10 @@ class ModelError(UserError):
     """The model cannot be resolved or loaded."""
 
 
+class DeviceError(UserError):
+    """A device or dtype that is unknown, or not available on this machine."""
+
+
 class TranscoderError(UserError):
     """A transcoder file is missing, malformed or does not fit the model."""
 

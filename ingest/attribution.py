@@ -128,6 +128,8 @@ def check_supported(model, tset: TranscoderSet) -> None:
 def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: bool = True) -> PromptTrace:
     """One forward pass with the cache the sweep needs; feature activations from each layer's real input.
 
+    The pass runs in the model's dtype; what it hands the sweep is float32 (the sweep's dtype, see `Sweep`).
+
     With `zero_bos`, position 0 gets no feature nodes, whatever its token (as circuit-tracer: it is the
     BOS or other special token `prompt_tokens` puts there, whose activations are attention-sink outliers
     the transcoders were not trained on). Under causal attention that position sees only itself, so
@@ -163,18 +165,18 @@ def trace_prompt(model, tset: TranscoderSet, tokens: torch.Tensor, zero_bos: boo
         errors[:, 0] = 0
     return PromptTrace(
         tokens=tokens,
-        bos_mlp=bos_mlp,
-        resid0=cache["blocks.0.hook_resid_pre"][0],
-        ln1_scale=torch.stack([cache[f"blocks.{layer}.ln1.hook_scale"][0, :, 0] for layer in range(n_layers)]),
-        ln2_scale=torch.stack([cache[f"blocks.{layer}.ln2.hook_scale"][0, :, 0] for layer in range(n_layers)]),
-        final_scale=cache["ln_final.hook_scale"][0, :, 0],
-        patterns=[cache[f"blocks.{layer}.attn.hook_pattern"][0] for layer in range(n_layers)],
-        errors=errors,
-        active=torch.cat(active) if active else torch.zeros(0, 3, dtype=torch.long),
-        activations=torch.cat(activations) if activations else torch.zeros(0),
-        pre_acts=torch.cat(pre_acts) if pre_acts else torch.zeros(0),
-        logits=logits[0, -1],
-        final_normalised=cache["ln_final.hook_normalized"][0, -1],
+        bos_mlp=None if bos_mlp is None else bos_mlp.float(),
+        resid0=cache["blocks.0.hook_resid_pre"][0].float(),
+        ln1_scale=torch.stack([cache[f"blocks.{layer}.ln1.hook_scale"][0, :, 0] for layer in range(n_layers)]).float(),
+        ln2_scale=torch.stack([cache[f"blocks.{layer}.ln2.hook_scale"][0, :, 0] for layer in range(n_layers)]).float(),
+        final_scale=cache["ln_final.hook_scale"][0, :, 0].float(),
+        patterns=[cache[f"blocks.{layer}.attn.hook_pattern"][0].float() for layer in range(n_layers)],
+        errors=errors.float(),
+        active=torch.cat(active) if active else torch.zeros(0, 3, dtype=torch.long, device=tokens.device),
+        activations=torch.cat(activations).float() if activations else torch.zeros(0, device=tokens.device),
+        pre_acts=torch.cat(pre_acts).float() if pre_acts else torch.zeros(0, device=tokens.device),
+        logits=logits[0, -1].float(),
+        final_normalised=cache["ln_final.hook_normalized"][0, -1].float(),
     )
 
 
@@ -191,7 +193,9 @@ class Targets:
 class Sweep:
     """The transposed pass of the local replacement model: target gradients in, edge rows out.
 
-    Columns of a row: every active feature | errors (layer-major) | tokens.
+    Columns of a row: every active feature | errors (layer-major) | tokens. In float32 whatever the model's
+    dtype, on its device: the weights it reads are cast once here (attention's OV path, the active features'
+    decoder rows, biases and skip paths), so a graph's edges are float32 sums even of a bfloat16 forward pass.
     """
 
     def __init__(self, model, tset: TranscoderSet, trace: PromptTrace):
@@ -211,14 +215,16 @@ class Sweep:
                     idx = ((layers == tc.layer) & (pos == p)).nonzero().flatten()
                     if len(idx):  # active rows are sorted by (layer, pos, index): contiguous
                         cols = slice(int(idx[0]), int(idx[-1]) + 1)
-                        per_pos.append((p, trace.activations[cols, None] * W[trace.active[cols, 2]], cols))
+                        per_pos.append((p, trace.activations[cols, None] * W[trace.active[cols, 2]].float(), cols))
             self.writes[layer] = per_pos
+        self.b_dec = {tc.layer: tc.b_dec.float() for tc in tset}
+        self.skip_back = {tc.layer: tc.W_skip.T.float() for tc in tset if tc.W_skip is not None}  # [d_out, d_in]
         self.attn_bias, self.attn_out, self.attn_in = [], [], []
         for block in model.blocks:
             attn = block.attn
-            W_O, W_V = attn.W_O.detach(), attn.W_V.detach()  # [h, e, d], [h, d, e] (GQA heads expanded)
+            W_O, W_V = attn.W_O.detach().float(), attn.W_V.detach().float()  # [h, e, d], [h, d, e] (GQA heads expanded)
             # b_V passes the frozen pattern unchanged (rows sum to 1), so it is a constant like b_O
-            self.attn_bias.append(attn.b_O.detach() + torch.einsum("he,hed->d", attn.b_V.detach(), W_O))
+            self.attn_bias.append(attn.b_O.detach().float() + torch.einsum("he,hed->d", attn.b_V.detach().float(), W_O))
             self.attn_out.append(W_O.reshape(-1, W_O.shape[-1]).T.contiguous())  # [d, h*e]
             self.attn_in.append(W_V.transpose(1, 2).reshape(-1, W_V.shape[1]).contiguous())  # [h*e, d]
 
@@ -243,13 +249,13 @@ class Sweep:
 
     @torch.no_grad()
     def rows(self, targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
-        """Edge rows [B, n_cols] and constant terms [B] for a batch of targets."""
+        """Edge rows [B, n_cols] and constant terms [B] for a batch of float32 targets."""
         t = self.trace
         B, d = targets.vector.shape
-        rows = torch.zeros(B, self.n_cols)
+        rows = targets.vector.new_zeros(B, self.n_cols)
         bias = targets.own_bias.clone()
-        g = torch.zeros(B, self.n_pos, d)
-        batch = torch.arange(B)
+        g = targets.vector.new_zeros(B, self.n_pos, d)
+        batch = torch.arange(B, device=g.device)
         logit = targets.layer == self.n_layers
         if logit.any():
             g[batch[logit], targets.pos[logit]] += self._centre(targets.vector[logit]) / t.final_scale[targets.pos[logit], None]
@@ -262,14 +268,13 @@ class Sweep:
             if t.bos_mlp is not None:
                 bias += g[:, 0] @ t.bos_mlp[layer]
             if layer in self.tset.by_layer:
-                tc = self.tset[layer]
-                bias += g.sum(1) @ tc.b_dec
-                if tc.W_skip is not None:
-                    g = g + self._through_ln2(layer, g @ tc.W_skip.T)
+                bias += g.sum(1) @ self.b_dec[layer]
+                if layer in self.skip_back:
+                    g = g + self._through_ln2(layer, g @ self.skip_back[layer])
                 here = targets.layer == layer
                 if here.any():
-                    inject = torch.zeros(int(here.sum()), self.n_pos, d)
-                    inject[torch.arange(len(inject)), targets.pos[here]] = targets.vector[here]
+                    inject = g.new_zeros(int(here.sum()), self.n_pos, d)
+                    inject[torch.arange(len(inject), device=g.device), targets.pos[here]] = targets.vector[here]
                     g[batch[here]] += self._through_ln2(layer, inject)
             bias += g.sum(1) @ self.attn_bias[layer]
             g = g + self._through_attention(layer, g)
@@ -304,9 +309,9 @@ def choose_logit_targets(logits: torch.Tensor, max_n_logits: int, desired_prob: 
     """The most probable next tokens up to `desired_prob` cumulative probability (at most `max_n_logits`), plus `extra`."""
     probs = logits.softmax(-1)
     top = probs.topk(min(max_n_logits, len(probs)))
-    n = int(torch.searchsorted(top.values.cumsum(0), torch.tensor(desired_prob))) + 1
+    n = int(torch.searchsorted(top.values.cumsum(0), top.values.new_tensor(desired_prob))) + 1
     chosen = top.indices[:n].tolist()
-    return torch.tensor(chosen + [t for t in dict.fromkeys(extra) if t not in chosen], dtype=torch.long)
+    return torch.tensor(chosen + [t for t in dict.fromkeys(extra) if t not in chosen], dtype=torch.long, device=logits.device)
 
 
 def target_token(model, text: str) -> int:
@@ -347,27 +352,29 @@ def attribute(
 
     logit_ids = choose_logit_targets(trace.logits, max_n_logits, desired_logit_prob, extra_targets or [])
     W_U, b_U = model.W_U.detach(), model.b_U.detach()
-    vectors, own, values = W_U[:, logit_ids].T, b_U[logit_ids], trace.logits[logit_ids]
+    vectors, own, values = W_U[:, logit_ids].T.float(), b_U[logit_ids].float(), trace.logits[logit_ids]
     probabilities = trace.logits.softmax(-1)[logit_ids]
     if custom is not None:
-        vectors, own = torch.cat([vectors, custom.vector[None]]), torch.cat([own, own.new_tensor([custom.bias])])
-        values = torch.cat([values, (trace.final_normalised @ custom.vector + custom.bias)[None]])
+        target = custom.vector.float()
+        vectors, own = torch.cat([vectors, target[None]]), torch.cat([own, own.new_tensor([custom.bias])])
+        values = torch.cat([values, (trace.final_normalised @ target + custom.bias)[None]])
         probabilities = torch.cat([probabilities, probabilities.new_tensor([custom.weight])])
     n_out = len(vectors)
-    logit_rows, logit_bias = sweep.rows(Targets(torch.full((n_out,), n_layers), torch.full((n_out,), n_pos - 1), vectors, own))
+    at = tokens.device
+    logit_rows, logit_bias = sweep.rows(Targets(torch.full((n_out,), n_layers, device=at), torch.full((n_out,), n_pos - 1, device=at), vectors, own))
 
     budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
-    feature_rows = torch.zeros(budget, sweep.n_cols)
-    feature_bias = torch.zeros(budget)
-    order = torch.empty(budget, dtype=torch.long)  # active-feature index of each computed row
-    visited = torch.zeros(n_active, dtype=torch.bool)
+    feature_rows = logit_rows.new_zeros(budget, sweep.n_cols)
+    feature_bias = logit_rows.new_zeros(budget)
+    order = torch.empty(budget, dtype=torch.long, device=at)  # active-feature index of each computed row
+    visited = torch.zeros(n_active, dtype=torch.bool, device=at)
     done = 0
 
     def expand(batch: torch.Tensor) -> None:
         nonlocal done
         layer, pos, index = trace.active[batch].T
-        vectors = torch.stack([tset[int(lay)].W_enc[:, int(i)] for lay, i in zip(layer, index)]) if len(batch) else torch.zeros(0, model.cfg.d_model)
-        own = torch.stack([tset[int(lay)].b_enc[int(i)] for lay, i in zip(layer, index)]) if len(batch) else torch.zeros(0)
+        vectors = torch.stack([tset[int(lay)].W_enc[:, int(i)] for lay, i in zip(layer, index)]).float() if len(batch) else logit_rows.new_zeros(0, model.cfg.d_model)
+        own = torch.stack([tset[int(lay)].b_enc[int(i)] for lay, i in zip(layer, index)]).float() if len(batch) else logit_rows.new_zeros(0)
         rows, bias = sweep.rows(Targets(layer, pos, vectors, own))
         feature_rows[done:done + len(batch)], feature_bias[done:done + len(batch)] = rows, bias
         order[done:done + len(batch)] = batch
@@ -380,8 +387,8 @@ def attribute(
             pending = torch.argsort(trace.active[:, 0], stable=True)
         else:
             rows = torch.cat([logit_rows, feature_rows[:done]])
-            row_cols = torch.cat([torch.full((n_out,), -1), order[:done]])
-            weights = torch.cat([probabilities, torch.zeros(done)])
+            row_cols = torch.cat([torch.full((n_out,), -1, device=at), order[:done]])
+            weights = torch.cat([probabilities, probabilities.new_zeros(done)])
             influence = partial_influence(rows, row_cols, weights)[:n_active]
             ranked = torch.argsort(influence, descending=True)
             pending = ranked[~visited[ranked]][: min(update_interval * batch_size, budget - done)]
@@ -400,18 +407,18 @@ def attribute(
 def _assemble(prompt, trace: PromptTrace, n_layers, logit_ids, probabilities, values, logit_rows, logit_bias,
               feature_rows, feature_bias, order, settings) -> AttributionGraph:
     """Lay the computed rows out in the fixed node order; columns of features left out go to `dropped`."""
-    n_active, n_pos = len(trace.active), len(trace.tokens)
+    n_active, n_pos, at = len(trace.active), len(trace.tokens), order.device
     selected = order.sort().values  # keep the features' (layer, pos, index) order
-    rank = torch.empty(n_active, dtype=torch.long)
-    rank[order] = torch.arange(len(order))
+    rank = torch.empty(n_active, dtype=torch.long, device=at)
+    rank[order] = torch.arange(len(order), device=at)
     n_feat, n_logits = len(selected), len(logit_rows)
-    keep_cols = torch.cat([selected, torch.arange(n_active, logit_rows.shape[1])])
-    left_out = torch.ones(n_active, dtype=torch.bool)
+    keep_cols = torch.cat([selected, torch.arange(n_active, logit_rows.shape[1], device=at)])
+    left_out = torch.ones(n_active, dtype=torch.bool, device=at)
     left_out[selected] = False
     n_nodes = n_feat + n_layers * n_pos + n_pos + n_logits
-    adjacency = torch.zeros(n_nodes, n_nodes)
-    value = torch.full((n_nodes,), float("nan"))
-    bias, dropped = torch.zeros(n_nodes), torch.zeros(n_nodes)
+    adjacency = torch.zeros(n_nodes, n_nodes, device=at)
+    value = torch.full((n_nodes,), float("nan"), device=at)
+    bias, dropped = torch.zeros(n_nodes, device=at), torch.zeros(n_nodes, device=at)
     sources = slice(0, n_nodes - n_logits)
     f_rows = feature_rows[rank[selected]]
     adjacency[:n_feat, sources] = f_rows[:, keep_cols]

@@ -113,7 +113,8 @@ def _hf_dataset(name: str) -> Iterator[str]:
 
 
 def token_contexts(tokenizer, spec: str, n_tokens: int, ctx_len: int, skip_contexts: int = 0) -> torch.Tensor:
-    """[n_contexts, ctx_len] token ids: BOS followed by ctx_len-1 tokens of the document stream.
+    """[n_contexts, ctx_len] token ids: BOS followed by ctx_len-1 tokens of the document stream, in host memory
+    (the whole dataset; each computation moves its batches to the model's device).
 
     Documents are joined with EOS; enough contexts are cut to hold `n_tokens` tokens.
     `skip_contexts` drops that many leading contexts (a held-out split for evaluation).

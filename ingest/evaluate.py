@@ -41,20 +41,20 @@ class Reconstruction:
     in float64), so no batch needs another in memory.
     """
 
-    def __init__(self, d_sae: int, d_out: int):
+    def __init__(self, d_sae: int, d_out: int, device: torch.device | str | None = None):
         self.n = 0  # tokens
         self.sq_err = 0.0
-        self.y_sum = torch.zeros(d_out, dtype=torch.float64)
+        self.y_sum = torch.zeros(d_out, dtype=torch.float64, device=device)
         self.y_sq = 0.0
         self.active = 0.0  # active features, summed over tokens
-        self.fired = torch.zeros(d_sae, dtype=torch.bool)
+        self.fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
 
     def add(self, recon: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> None:
         """One batch: reconstruction and target `[..., d_out]`, feature activations `[..., d_sae]` (BOS left out)."""
         self.n += y[..., 0].numel()
-        self.sq_err += (recon - y).pow(2).sum().item()
+        self.sq_err += (recon - y).float().pow(2).sum().item()
         self.y_sum += y.sum(tuple(range(y.dim() - 1)), dtype=torch.float64)
-        self.y_sq += y.pow(2).sum().item()
+        self.y_sq += y.float().pow(2).sum().item()
         self.active += (z > 0).sum().item()
         self.fired |= (z > 0).reshape(-1, z.shape[-1]).any(0)
 
@@ -110,12 +110,13 @@ class EvalResult:
 
 
 def _ce_and_kl(logits: torch.Tensor, tokens: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE of predicting tokens[:, 2:] from positions 1.. (not from BOS), and summed KL(reference || logits)."""
-    logp = logits[:, 1:-1].log_softmax(-1)
+    """Summed CE of predicting tokens[:, 2:] from positions 1.. (not from BOS), and summed KL(reference || logits),
+    in float32 whatever the compute dtype."""
+    logp = logits[:, 1:-1].float().log_softmax(-1)
     ce = -logp.gather(-1, tokens[:, 2:, None]).sum()
     if reference is None:
-        return ce, torch.tensor(0.0)
-    ref = reference[:, 1:-1].log_softmax(-1)
+        return ce, ce.new_zeros(())
+    ref = reference[:, 1:-1].float().log_softmax(-1)
     return ce, (ref.exp() * (ref - logp)).sum()
 
 
@@ -127,16 +128,19 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
 
     With a cross-layer transcoder, a layer's replacement is what every earlier layer's features (encoded from
     that run's own inputs) write into it, so replacing layer L alone reads the clean earlier layers and
-    replacing all layers reads each layer's input in the replaced model, as circuit-tracer runs a CLT."""
+    replacing all layers reads each layer's input in the replaced model, as circuit-tracer runs a CLT.
+
+    Runs on the model's device (batches of `tokens` are moved there) in its dtype; losses and sums in float32/64."""
     replacements = replacements or {}
+    device = model.W_E.device
     layers = tset.layers
     hook_in = {layer: tset[layer].cfg.hook_in for layer in layers}
     hook_out = {layer: tset[layer].cfg.hook_out for layer in layers}
 
     # pass 1: the original model; reconstruction statistics and each MLP's mean output
-    recon_stats = {layer: Reconstruction(tset[layer].cfg.d_sae, model.cfg.d_model) for layer in layers}
+    recon_stats = {layer: Reconstruction(tset[layer].cfg.d_sae, model.cfg.d_model, device) for layer in layers}
     n_recon, ce_original, n_pred = 0, 0.0, 0
-    batches = [tokens[i : i + batch_contexts] for i in range(0, len(tokens), batch_contexts)]
+    batches = [tokens[i : i + batch_contexts].to(device) for i in range(0, len(tokens), batch_contexts)]
     originals = []
     for batch in tqdm(batches, desc="evaluating (original)", disable=not progress):
         names = [*hook_in.values(), *hook_out.values()]
@@ -152,7 +156,7 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
             x, y, z = xs[layer], cache[hook_out[layer]][:, 1:], zs[layer]
             recon = replacements[layer](x, y) if layer in replacements else tset.decode_into(layer, zs, xs)
             recon_stats[layer].add(recon, y, z)
-    means = {layer: stats.mean for layer, stats in recon_stats.items()}
+    means = {layer: stats.mean.to(model.W_E.dtype) for layer, stats in recon_stats.items()}  # an MLP output, in its dtype
 
     def run(batch: torch.Tensor, original: torch.Tensor, targets: list[int], how: str) -> tuple[float, float]:
         """One forward pass with `targets`' MLP outputs replaced (BOS position kept original)."""

@@ -241,7 +241,9 @@ class Outcome:
 
 def outcome(model, prompt: str, regime: Regime, edits: list[Edit], before: torch.Tensor, after: torch.Tensor,
             target_ids: list[int], k: int) -> Outcome:
-    """Compare two last-position logit vectors; targets default to the k most probable tokens before."""
+    """Compare two last-position logit vectors (in float32 whatever the compute dtype); targets default to the k
+    most probable tokens before."""
+    before, after = before.float(), after.float()
     log_p, log_q = before.log_softmax(-1), after.log_softmax(-1)
     kl = float((log_p.exp() * (log_p - log_q)).sum())
     decode = model.tokenizer.decode

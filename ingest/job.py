@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -25,6 +26,7 @@ from circuit_catalog.catalog.ids import feature_ids
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
 from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
+from circuit_catalog.ingest.device import dtype_name, resolve_dtype, score_dtype_for
 from circuit_catalog.ingest.mapped_weights import release_mapped
 from circuit_catalog.ingest.models import check_context, file_digest, weights_digest
 from circuit_catalog.ingest.pullbacks import DEFINITION as PULLBACK_DEFINITION
@@ -48,6 +50,9 @@ class IngestSettings:
     top_k: int | None = 16
     min_weight: float | None = None
     token_top_k: int = 20
+    # dtype of the pullback scores that choose candidate edges; the stored weights are float32 recomputations
+    # (`select_edges`): "float32", "bfloat16", or "auto" (`ingest.device.score_dtype_for` the model's device)
+    pullback_score_dtype: str = "auto"
 
 
 def _versions() -> dict[str, str]:
@@ -78,6 +83,9 @@ def build_manifest(model, model_name: str, tset: TranscoderSet, transcoders: str
         min_weight=settings.min_weight,
         token_top_k=settings.token_top_k,
         versions=_versions(),
+        dtype=dtype_name(model.W_E.dtype),
+        pullback_score_dtype=score_dtype_for(settings.pullback_score_dtype, model.W_E.device),
+        device=str(model.W_E.device),
         created=now(),
         definitions={"pullback": PULLBACK_DEFINITION},
     )
@@ -146,7 +154,8 @@ def _write_part(root: Path, manifest: Manifest, table: pa.Table, path: Path) -> 
 
 
 def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool) -> None:
-    settings = IngestSettings(top_k=manifest.top_k, min_weight=manifest.min_weight, token_top_k=manifest.token_top_k)
+    settings = IngestSettings(top_k=manifest.top_k, min_weight=manifest.min_weight, token_top_k=manifest.token_top_k,
+                              pullback_score_dtype=manifest.pullback_score_dtype)
     pairs = [(lo, hi) for hi in tset.layers for lo in tset.layers if lo < hi]
     bar = tqdm(total=1 + len(tset.layers) + len(pairs), desc="ingest", unit="part", disable=not progress)
     if not _finished(root, manifest, root / layout.TOKENS):
@@ -173,7 +182,7 @@ def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, p
         bar.set_postfix_str(f"pullbacks L{lo}->L{hi}")
         if not _finished(root, manifest, path):
             _write_part(root, manifest, pullback_table(model, tset, lo, hi, settings), path)
-            release_mapped()  # one pair's encoder and decoder in memory at a time (circuit_catalog.see ingest.mapped_weights)
+            release_mapped()  # one pair's encoder and decoder in memory at a time (see ingest.mapped_weights)
         bar.update()
     bar.close()
 
@@ -181,17 +190,19 @@ def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, p
 @torch.no_grad()
 def pullback_table(model, tset: TranscoderSet, lo: int, hi: int, settings: IngestSettings) -> pa.Table:
     """All kept pullback edges from layer `lo` features into layer `hi` features (a CLT feature's write into
-    layer `hi`'s input is the sum of its decoder slices into layers lo .. hi-1)."""
-    W_dec = as_read_by(model, tset[hi], tset.total_write(lo, hi))
-    return pullback_edges_table(W_dec, tset[hi].W_enc, lo, hi, settings)
+    layer `hi`'s input is the sum of its decoder slices into layers lo .. hi-1), computed in float32 whatever the
+    transcoders' dtype (a no-op for float32 weights, which so stay mapped views of their files)."""
+    W_dec = as_read_by(model, tset[hi], tset.total_write(lo, hi).float())
+    return pullback_edges_table(W_dec, tset[hi].W_enc.float(), lo, hi, settings)
 
 
 def pullback_edges_table(W_dec: torch.Tensor, W_enc: torch.Tensor, lo: int, hi: int, settings: IngestSettings) -> pa.Table:
-    """Select edges block by block and lay them out as the Parquet part's columns."""
-    blocks = list(select_edges(W_dec, W_enc, settings.top_k, settings.min_weight))
-    src = torch.cat([b.src for b in blocks]).numpy()
-    dst = torch.cat([b.dst for b in blocks]).numpy()
-    weight = torch.cat([b.weight for b in blocks]).numpy()
+    """Select edges block by block, on the weights' device, and lay them out as the Parquet part's columns."""
+    score_dtype = resolve_dtype(score_dtype_for(settings.pullback_score_dtype, W_dec.device))
+    blocks = list(select_edges(W_dec, W_enc, settings.top_k, settings.min_weight, score_dtype=score_dtype))
+    src = torch.cat([b.src for b in blocks]).cpu().numpy()
+    dst = torch.cat([b.dst for b in blocks]).cpu().numpy()
+    weight = torch.cat([b.weight for b in blocks]).cpu().numpy()
     return pa.table(
         [feature_ids(lo, pa.array(src)), feature_ids(hi, pa.array(dst)), pa.array(weight, pa.float32())],
         schema=layout.PULLBACK_SCHEMA,
@@ -208,7 +219,7 @@ def _deembed_table(layer: int, raw: TopTokens, extended: TopTokens) -> pa.Table:
     tables = []
     for variant, top in (("raw", raw), ("extended", extended)):
         n, k = top.token.shape
-        features = torch.arange(n).repeat_interleave(k).numpy()
+        features = np.repeat(np.arange(n), k)
         tables.append(pa.table(
             [pa.array(top.token.reshape(-1).numpy()), feature_ids(layer, pa.array(features)),
              pa.array(top.weight.reshape(-1).numpy(), pa.float32()), pa.array([variant] * (n * k), pa.string())],
@@ -219,7 +230,7 @@ def _deembed_table(layer: int, raw: TopTokens, extended: TopTokens) -> pa.Table:
 
 def _logit_table(layer: int, top: TopTokens) -> pa.Table:
     n, k = top.token.shape
-    features = torch.arange(n).repeat_interleave(k).numpy()
+    features = np.repeat(np.arange(n), k)
     return pa.table(
         [feature_ids(layer, pa.array(features)), pa.array(top.token.reshape(-1).numpy()),
          pa.array(top.weight.reshape(-1).numpy(), pa.float32())],

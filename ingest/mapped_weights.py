@@ -63,7 +63,7 @@ def read_mapped(path: Path) -> dict[str, torch.Tensor]:
             raise TranscoderError(f"{path}: tensor {name!r} runs past the end of the file or has the wrong size; truncated?")
         raw = data[start:end]
         array = raw.view(np_dtype) if start % np.dtype(np_dtype).itemsize == 0 else np.frombuffer(raw.tobytes(), np_dtype)
-        t = torch.from_numpy(array.reshape(shape))
+        t = torch.from_numpy(array.reshape(shape))  # the file's pages, so host memory; `TranscoderSet.to` copies elsewhere
         tensors[name] = t.view(torch_dtype) if torch_dtype == torch.bfloat16 else t
     return tensors
 

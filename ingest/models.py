@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from circuit_catalog.catalog.atomic import atomic_directory
+from circuit_catalog.ingest.device import dtype_name, resolve_device, resolve_dtype
 
 from circuit_catalog.errors import ModelError, first_line
 
@@ -85,22 +86,29 @@ def resolve_model(spec: str) -> ModelSpec:
     return ModelSpec("official", spec, spec)
 
 
-def load_model(spec: str | ModelSpec, device: str = "cpu"):
-    """Load a HookedTransformer in fp32 with TL's standard processing (folded norms, centred writes).
+def load_model(spec: str | ModelSpec, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+    """Load a HookedTransformer with TL's standard processing (folded norms, centred writes) on `device` in `dtype`.
 
     The processing matches `HookedTransformer.from_pretrained`, which is what SAELens and the
     original transcoders were trained against, so `blocks.L.ln2.hook_normalized` means the same thing.
+    Weights are read and processed in float32 (folding in bf16 would round twice), then cast to `dtype`;
+    `device` None means CUDA when available (`ingest.device.resolve_device`).
     """
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     ms = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
     if ms.kind == "official":
-        model = _load_official(ms.location, device)
+        source, model = Path(ms.location), _load_official(ms.location, device)
     else:
-        model = _load_hf_dir(_gguf_to_hf_dir(Path(ms.location)) if ms.kind == "gguf" else Path(ms.location), device)
+        source = _gguf_to_hf_dir(Path(ms.location)) if ms.kind == "gguf" else Path(ms.location)
+        model = _load_hf_dir(source, device)
+    if dtype != torch.float32:
+        model.to(dtype, print_details=False)
+    _check_finite(model, source)  # after the cast: float16 can overflow where float32 did not
     model.cfg.model_name = ms.name  # what the manifest records, whether the API got a spec or this model
     return model
 
 
-def _load_official(name: str, device: str):
+def _load_official(name: str, device: torch.device):
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
@@ -110,14 +118,13 @@ def _load_official(name: str, device: str):
         raise ModelError(f"unknown model {name!r}: not a TransformerLens official name; {OFFLINE_HINT}") from None
     try:
         with _quiet():
-            model = HookedTransformer.from_pretrained(name, device=device, dtype=torch.float32)
+            model = HookedTransformer.from_pretrained(name, device=str(device), dtype=torch.float32)
     except Exception as exc:  # hub unreachable, offline mode, missing files: the hub client raises many types
         raise ModelError(f"cannot download {name!r} from the hub ({type(exc).__name__}: {first_line(exc)[:120]}); {OFFLINE_HINT}") from None
-    _check_finite(model, Path(name))
     return model
 
 
-def _load_hf_dir(directory: Path, device: str):
+def _load_hf_dir(directory: Path, device: torch.device):
     """The manual route: TL config from the HF config, TL's weight converter, standard processing."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.loading_from_pretrained import convert_hf_model_config, get_pretrained_state_dict
@@ -152,7 +159,7 @@ def _load_hf_dir(directory: Path, device: str):
                              f"({type(exc).__name__}: {first_line(exc)[:120]})") from None
     cfg_dict.pop("quantization_method", None)
     cfg_dict["tokenizer_name"] = str(directory)
-    cfg = HookedTransformerConfig(**cfg_dict, device=device, dtype=torch.float32)
+    cfg = HookedTransformerConfig(**cfg_dict, device=str(device), dtype=torch.float32)
     with _quiet():
         state_dict = get_pretrained_state_dict(str(directory), cfg, hf_model=hf_model, dtype=torch.float32)
         # the MLP-input norms, before folding removes them: transcoders trained on the Hugging Face modules
@@ -169,10 +176,10 @@ def _load_hf_dir(directory: Path, device: str):
             fold_value_biases=True,
             refactor_factored_attn_matrices=False,
         )
-        model.to(device)
+        model.to(str(device))  # a string: TL keeps cfg.device as given, a torch.device would lose its index
+    # float32 whatever the model's dtype: `Transcoder.fold_into` folds them in float32 (`TranscoderSet.bind`)
     model.mlp_input_norms = {layer: (w.to(device), None if b is None else b.to(device)) for layer, (w, b) in norms.items()}
     model.eval()
-    _check_finite(model, directory)
     return model
 
 
@@ -198,7 +205,8 @@ def _check_finite(model: torch.nn.Module, source: Path) -> None:
     """NaN or Inf in a weight would flow silently into every edge the catalog stores."""
     for name, tensor in model.named_parameters():  # not buffers: the attention mask holds -inf on purpose
         if not torch.isfinite(tensor).all():
-            raise ModelError(f"{source}: the weight {name} holds NaN or Inf values")
+            cast = "" if tensor.dtype == torch.float32 else f" as {dtype_name(tensor.dtype)} (try --dtype float32 or bfloat16)"
+            raise ModelError(f"{source}: the weight {name} holds NaN or Inf values{cast}")
 
 
 def _gguf_to_hf_dir(gguf: Path) -> Path:
@@ -238,7 +246,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over parameter names, shapes and bytes: identifies the weights the catalog was built from."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

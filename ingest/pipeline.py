@@ -16,14 +16,15 @@ import torch
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec
 from circuit_catalog.ingest.transcoder import TranscoderSet
 
-def load_model(model, device: str | None = None):
+def load_model(model, device: str | None = None, dtype: str | None = None):
     """A HookedTransformer from a TransformerLens name, a Hugging Face directory, a .gguf file or an alias
-    (`smollm2-135m`); a model already loaded is returned as it is."""
+    (`smollm2-135m`), on `device` (None: CUDA when available) in `dtype` (None: float32); a model already loaded is
+    returned as it is."""
     if isinstance(model, torch.nn.Module):
         return model
     from circuit_catalog.ingest.models import load_model as load
 
-    return load(str(model), **({"device": device} if device else {}))
+    return load(str(model), device=device, dtype=dtype)
 
 
 def load_transcoders(transcoders, layers: list[int] | None = None, trust_pickle: bool = False,
@@ -40,11 +41,12 @@ def load_transcoders(transcoders, layers: list[int] | None = None, trust_pickle:
     return tset
 
 
-def load(model, transcoders, layers: list[int] | None = None, trust_pickle: bool = False, device: str | None = None):
+def load(model, transcoders, layers: list[int] | None = None, trust_pickle: bool = False, device: str | None = None,
+         dtype: str | None = None):
     """(model, transcoders): the transcoders read first (a bad file fails before a slow model load), then the
-    model, then the transcoders bound to it."""
+    model, then the transcoders bound to it (moved to its device and dtype)."""
     tset = load_transcoders(transcoders, layers, trust_pickle)
-    lm = load_model(model, device)
+    lm = load_model(model, device, dtype)
     tset.bind(lm)
     return lm, tset
 
@@ -70,7 +72,7 @@ class IngestResult:
 def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers: list[int] | None = None,
            trust_pickle: bool = False, dataset: str | None = None, n_tokens: int = 100_000, ctx_len: int = 128,
            prompts: list[str | PromptSpec] | str | Path | None = None, attribution: AttributionSettings | None = None,
-           device: str | None = None, progress: bool = True) -> IngestResult:
+           device: str | None = None, dtype: str | None = None, progress: bool = True) -> IngestResult:
     """Write the catalog: pullback, de-embedding and logit-lens edges (`settings`: an `IngestSettings`); with
     `dataset`, activation statistics over `n_tokens` tokens; with `prompts` (texts, `PromptSpec`s, or a .txt /
     .jsonl file), attribution graphs (`attribution`: an `AttributionSettings`). Resumable: a rerun computes only
@@ -83,7 +85,7 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
 
     catalog_dir = Path(catalog_dir)
     specs = _prompt_specs(prompts)
-    lm, tset = load(model, transcoders, layers, trust_pickle, device)
+    lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
     for spec in specs:  # every refusal comes before the first write
         check_prompt(lm, spec)
     manifest = build_manifest(lm, model_name(model), tset, tset.source or "in memory", settings or IngestSettings())
@@ -126,7 +128,7 @@ def train(model, out_dir: str | Path, config, force: bool = False, device: str |
     from circuit_catalog.ingest.train import reusable, train_transcoders
 
     out_dir = Path(out_dir)
-    lm = load_model(model, device)
+    lm = load_model(model, device, config.dtype)
     config = replace(config, model=model_name(model), layers=config.layers or list(range(lm.cfg.n_layers)))
     found = None if force else reusable(out_dir, config)
     if found is not None:
@@ -136,47 +138,49 @@ def train(model, out_dir: str | Path, config, force: bool = False, device: str |
 
 def evaluate(model, transcoders, dataset: str = "brown", n_tokens: int = 4096, ctx_len: int = 128,
              layers: list[int] | None = None, skip_contexts: int = 0, trust_pickle: bool = False,
-             device: str | None = None, progress: bool = True):
+             device: str | None = None, dtype: str | None = None, progress: bool = True):
     """Transcoder fidelity on a dataset: FVU, L0, dead features, next-token CE with MLPs replaced / zeroed /
     mean-ablated (an `EvalResult`)."""
     from circuit_catalog.ingest.datasets import token_contexts
     from circuit_catalog.ingest.evaluate import evaluate_transcoders
     from circuit_catalog.ingest.models import check_context
 
-    lm, tset = load(model, transcoders, layers, trust_pickle, device)
+    lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
     check_context(lm, ctx_len)
     tokens = token_contexts(lm.tokenizer, dataset, n_tokens, ctx_len, skip_contexts=skip_contexts)
     return evaluate_transcoders(lm, tset, tokens, progress=progress)
 
 
 def active(model, transcoders, prompt: str, pos: int = -1, k: int = 10, layers: list[int] | None = None,
-           trust_pickle: bool = False, device: str | None = None):
+           trust_pickle: bool = False, device: str | None = None, dtype: str | None = None):
     """The k most active transcoder features at one position of a prompt (a real forward pass)."""
     from circuit_catalog.ingest.activations import top_active_features
 
-    lm, tset = load(model, transcoders, layers, trust_pickle, device)
+    lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
     return top_active_features(lm, tset, prompt, pos, k)
 
 
 def intervene(model, transcoders, prompt: str, edits: list, regime=None, targets: list[str] = (), k: int = 10,
               catalog_dir: str | Path | None = None, n_generate: int | None = None, temperature: float = 0.0, seed: int = 0,
-              layers: list[int] | None = None, trust_pickle: bool = False, device: str | None = None):
+              layers: list[int] | None = None, trust_pickle: bool = False, device: str | None = None,
+              dtype: str | None = None):
     """Run the local replacement model with feature `edits` (`ingest.interventions.parse_edit("set", "L3/5@4=0")`)
     on a prompt (text, or with `catalog_dir` a catalog prompt's id or text): next-token probabilities and target
     logits before and after; optionally a steered continuation; recorded in the catalog when one is given."""
     from circuit_catalog.ingest.interventions import Regime
     from circuit_catalog.queries.intervention_runs import run_intervention
 
-    lm, tset = load(model, transcoders, layers, trust_pickle, device)
+    lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
     return run_intervention(lm, tset, prompt, edits, regime or Regime.REPLACEMENT, list(targets), k,
                             None if catalog_dir is None else Path(catalog_dir), n_generate, temperature, seed)
 
 
 def validate(model, transcoders, catalog_dir: str | Path, prompt: str, k: int = 20, n_paths: int = 5,
-             layers: list[int] | None = None, trust_pickle: bool = False, device: str | None = None):
+             layers: list[int] | None = None, trust_pickle: bool = False, device: str | None = None,
+             dtype: str | None = None):
     """Ablate a catalog prompt's k most influential features and its strongest paths: the graph's predicted
     logit changes against the measured ones (a `Validation`)."""
     from circuit_catalog.queries.validation import validate as validate_prompt
 
-    lm, tset = load(model, transcoders, layers, trust_pickle, device)
+    lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
     return validate_prompt(lm, tset, Path(catalog_dir), prompt, k, n_paths)

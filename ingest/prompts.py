@@ -151,8 +151,8 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
     def edges(mask: torch.Tensor) -> pa.Table:
         dst, src = mask.nonzero(as_tuple=True)
         id_array = pa.array(node_ids)
-        return pa.table([id_array.take(pa.array(src.numpy())), id_array.take(pa.array(dst.numpy())),
-                         pa.array(graph.adjacency[dst, src].numpy(), pa.float32())], schema=layout.ATTR_SCHEMA)
+        return pa.table([id_array.take(pa.array(src.cpu().numpy())), id_array.take(pa.array(dst.cpu().numpy())),
+                         pa.array(graph.adjacency[dst, src].cpu().numpy(), pa.float32())], schema=layout.ATTR_SCHEMA)
 
     return {
         "nodes": nodes,

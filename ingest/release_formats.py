@@ -197,7 +197,8 @@ def load_gemma_scope_v1(paths: list[Path]) -> TranscoderSet:
 
 
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
-    """A NumPy archive of arrays (pickled objects refused), as float32 tensors."""
+    """A NumPy archive of arrays (pickled objects refused), as float32 tensors in host memory (`TranscoderSet.bind`
+    moves them to the model's device)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {k: torch.from_numpy(np.asarray(archive[k], dtype=np.float32)) for k in archive.files}

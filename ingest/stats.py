@@ -10,7 +10,7 @@ their activations are attention-sink outliers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -36,12 +36,21 @@ class LayerStats:
     samples: QuantileSamples  # examples drawn from each interval of the activation range
 
     @classmethod
-    def empty(cls, d_sae: int, k: int, n_bins: int = QUANTILE_BINS, per_bin: int = PER_BIN, seed: int = 0) -> LayerStats:
+    def empty(cls, d_sae: int, k: int, n_bins: int = QUANTILE_BINS, per_bin: int = PER_BIN, seed: int = 0,
+              device: torch.device | None = None) -> LayerStats:
+        """Accumulators on `device`, the device of the activations they will take."""
         return cls(
-            torch.zeros(d_sae, dtype=torch.int64), torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae),
-            torch.zeros(d_sae, HIST_BINS, dtype=torch.int64), torch.zeros(d_sae, k), torch.full((d_sae, k), -1, dtype=torch.int64),
-            QuantileSamples.empty(d_sae, n_bins, per_bin, seed),
+            torch.zeros(d_sae, dtype=torch.int64, device=device), torch.zeros(d_sae, dtype=torch.float64, device=device),
+            torch.zeros(d_sae, device=device), torch.zeros(d_sae, HIST_BINS, dtype=torch.int64, device=device),
+            torch.zeros(d_sae, k, device=device), torch.full((d_sae, k), -1, dtype=torch.int64, device=device),
+            QuantileSamples.empty(d_sae, n_bins, per_bin, seed, device),
         )
+
+    def cpu(self) -> LayerStats:
+        """The accumulators on the CPU, for writing (the generator stays where it is: it draws on the CPU)."""
+        def moved(obj):
+            return replace(obj, **{f.name: getattr(obj, f.name).cpu() for f in fields(obj) if isinstance(getattr(obj, f.name), torch.Tensor)})
+        return replace(moved(self), samples=moved(self.samples))
 
     def update(self, acts: torch.Tensor, flat_index: torch.Tensor) -> None:
         """acts [n_tokens, d_sae] (>= 0); flat_index [n_tokens] global token positions.
@@ -52,11 +61,11 @@ class LayerStats:
         rows, cols = (acts > 0).nonzero(as_tuple=True)
         if not rows.numel():
             return
-        values = acts[rows, cols]
+        values = acts[rows, cols].float()  # float32 accumulators whatever the compute dtype
         d_sae, k = self.top_values.shape
         self.fired += torch.bincount(cols, minlength=d_sae)
         self.total.index_add_(0, cols, values.double())
-        self.maximum = torch.maximum(self.maximum, torch.zeros(d_sae).scatter_reduce_(0, cols, values, "amax"))
+        self.maximum = torch.maximum(self.maximum, torch.zeros_like(self.maximum).scatter_reduce_(0, cols, values, "amax"))
         self.histogram.view(-1).index_add_(0, cols * HIST_BINS + bin_of(values), torch.ones_like(cols))
         flat = flat_index[rows]
         self.samples.update(cols, values, flat, self.maximum)
@@ -88,22 +97,25 @@ def bin_edges() -> np.ndarray:
 @torch.no_grad()
 def collect_stats(model, tset: TranscoderSet, tokens: torch.Tensor, k: int = 20, batch_contexts: int = 8,
                   progress: bool = True) -> dict[int, LayerStats]:
-    """One pass over `tokens` [n_contexts, ctx_len]: every layer's statistics from one forward pass per batch."""
-    stats = {tc.layer: LayerStats.empty(tc.cfg.d_sae, k, seed=tc.layer) for tc in tset}
+    """One pass over `tokens` [n_contexts, ctx_len]: every layer's statistics from one forward pass per batch.
+
+    Accumulated on the model's device (batches of `tokens` are moved there), returned on the CPU."""
+    device = model.W_E.device
+    stats = {tc.layer: LayerStats.empty(tc.cfg.d_sae, k, seed=tc.layer, device=device) for tc in tset}
     hooks = [tc.cfg.hook_in for tc in tset]
     ctx_len = tokens.shape[1]
     bar = tqdm(total=tokens.numel(), desc="activation statistics", unit="tok", disable=not progress)
     for start in range(0, len(tokens), batch_contexts):
-        batch = tokens[start : start + batch_contexts]
+        batch = tokens[start : start + batch_contexts].to(device)
         _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=max(tset.layers) + 1)
-        flat = torch.arange(start * ctx_len, (start + len(batch)) * ctx_len)
+        flat = torch.arange(start * ctx_len, (start + len(batch)) * ctx_len, device=device)
         for tc in tset:
             acts = tc.encode(cache[tc.cfg.hook_in])  # [batch, ctx_len, d_sae]
             acts[:, 0] = 0  # BOS left out (zeroing is cheaper than slicing the inputs into a copy)
             stats[tc.layer].update(acts.view(-1, tc.cfg.d_sae), flat)
         bar.update(batch.numel())
     bar.close()
-    return stats
+    return {layer: s.cpu() for layer, s in stats.items()}
 
 
 def quantiles_from_histogram(histogram: np.ndarray, fired: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:

@@ -25,9 +25,10 @@ class Generation:
 
 
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    """The next token; sampled on the CPU (in float32) with a CPU generator, so a seed picks the same tokens on every device."""
     if temperature <= 0:
         return int(logits.argmax())
-    return int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
+    return int(torch.multinomial((logits.float().cpu() / temperature).softmax(-1), 1, generator=generator))
 
 
 @torch.no_grad()

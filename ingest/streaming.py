@@ -21,13 +21,13 @@ def rank_within_cells(cells: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Te
     ordered = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1) + 2**31  # IEEE order as 0 <= int < 2^32
     order = torch.argsort(cells * 2**32 + ordered, stable=True)
     _, counts = torch.unique_consecutive(cells[order], return_counts=True)
-    rank = torch.arange(len(order)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    rank = torch.arange(len(order), device=order.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     return order, rank
 
 
 def marked(cells: torch.Tensor, n_cells: int) -> torch.Tensor:
     """The distinct values of `cells`, ascending (a mask over all cells: cheaper than sorting many entries)."""
-    mask = torch.zeros(n_cells, dtype=torch.bool)
+    mask = torch.zeros(n_cells, dtype=torch.bool, device=cells.device)
     mask[cells] = True
     return mask.nonzero()[:, 0]
 
@@ -69,12 +69,14 @@ class QuantileSamples:
     generator: torch.Generator
 
     @classmethod
-    def empty(cls, d_sae: int, n_bins: int, per_bin: int, seed: int = 0) -> QuantileSamples:
+    def empty(cls, d_sae: int, n_bins: int, per_bin: int, seed: int = 0, device: torch.device | None = None) -> QuantileSamples:
+        """No samples yet, on `device`; the keys are drawn on the CPU whatever the device, so a seed gives the same
+        samples everywhere."""
         shape = (d_sae, n_bins, per_bin)
         return cls(
-            torch.full((d_sae,), NEVER, dtype=torch.int64), torch.zeros(d_sae, n_bins, dtype=torch.int64),
-            torch.full(shape, torch.inf), torch.zeros(shape), torch.full(shape, -1, dtype=torch.int64),
-            torch.Generator().manual_seed(seed),
+            torch.full((d_sae,), NEVER, dtype=torch.int64, device=device), torch.zeros(d_sae, n_bins, dtype=torch.int64, device=device),
+            torch.full(shape, torch.inf, device=device), torch.zeros(shape, device=device),
+            torch.full(shape, -1, dtype=torch.int64, device=device), torch.Generator().manual_seed(seed),
         )
 
     @property
@@ -94,7 +96,7 @@ class QuantileSamples:
             self._widen(grow, need[grow])
         cells = cols * self.n_bins + self.bin_of(values, self.exponent[cols])
         self.count.view(-1).index_add_(0, cells, torch.ones_like(cells))
-        keys = torch.rand(len(values), generator=self.generator)
+        keys = torch.rand(len(values), generator=self.generator, device=self.generator.device).to(values.device)
         enter = keys < self.key.view(-1, self.per_bin)[cells, -1]
         if enter.any():
             self._merge(cells[enter], keys[enter], values[enter], flat[enter])
@@ -119,14 +121,15 @@ class QuantileSamples:
         """Give `features` wider bins 2^exponent: old bin j joins new bin j >> (exponent - old exponent)."""
         n, k = self.n_bins, self.per_bin
         shift = (exponent - self.exponent[features]).clamp(max=62)  # a first firing shifts everything (empty) to bin 0
-        new_bin = torch.bitwise_right_shift(torch.arange(n)[None, :], shift[:, None])  # [F, n_bins]
-        self.count[features] = torch.zeros(len(features), n, dtype=torch.int64).scatter_add_(1, new_bin, self.count[features])
-        cells = (torch.arange(len(features))[:, None] * n + new_bin)[:, :, None].expand(-1, -1, k).reshape(-1)
+        at = features.device
+        new_bin = torch.bitwise_right_shift(torch.arange(n, device=at)[None, :], shift[:, None])  # [F, n_bins]
+        self.count[features] = torch.zeros(len(features), n, dtype=torch.int64, device=at).scatter_add_(1, new_bin, self.count[features])
+        cells = (torch.arange(len(features), device=at)[:, None] * n + new_bin)[:, :, None].expand(-1, -1, k).reshape(-1)
         old = [s[features].reshape(-1) for s in (self.key, self.value, self.index)]
         order, rank = rank_within_cells(cells, old[0])
         keep, rank = order[rank < k], rank[rank < k]
         for s, column, blank in zip((self.key, self.value, self.index), old, (torch.inf, 0.0, -1)):
-            fresh = torch.full((len(features) * n, k), blank, dtype=s.dtype)
+            fresh = torch.full((len(features) * n, k), blank, dtype=s.dtype, device=at)
             fresh[cells[keep], rank] = column[keep]
             s[features] = fresh.view(len(features), n, k)
         self.exponent[features] = exponent

@@ -69,12 +69,7 @@ def top_logit_tokens(model, W_dec: torch.Tensor, k: int, block: int = 1024) -> T
 
 def _top_per_feature(left: torch.Tensor, right: torch.Tensor, k: int, block: int) -> TopTokens:
     """Row-wise top-K of `left @ right` ([n_features, vocab]), computed `block` features at a time."""
-    n, vocab = left.shape[0], right.shape[1]
-    k = min(k, vocab)
-    tokens = torch.empty(n, k, dtype=torch.int64, device="cpu")  # bound for Parquet, whatever computes them
-    weights = torch.empty(n, k, dtype=torch.float32, device="cpu")
-    for start in range(0, n, block):
-        top = (left[start : start + block] @ right.to(left.dtype)).topk(k, dim=1)
-        tokens[start : start + block] = top.indices.cpu()
-        weights[start : start + block] = top.values.float().cpu()
-    return TopTokens(tokens, weights)
+    k = min(k, right.shape[1])
+    tops = [(left[start : start + block] @ right.to(left.dtype)).topk(k, dim=1) for start in range(0, left.shape[0], block)]
+    # bound for Parquet, whatever computed them: float32 on the CPU
+    return TopTokens(torch.cat([t.indices for t in tops]).cpu(), torch.cat([t.values for t in tops]).float().cpu())

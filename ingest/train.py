@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.ingest.datasets import token_contexts
+from circuit_catalog.ingest.device import dtype_name
 from circuit_catalog.ingest.evaluate import Reconstruction
 from circuit_catalog.ingest.models import check_context
 from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
@@ -50,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     hook_in: str = "ln2.hook_normalized"
     hook_out: str = "hook_mlp_out"
+    dtype: str = "float32"  # of the model's forward passes that collect the activations (training is float32)
 
 
 @dataclass
@@ -75,21 +77,25 @@ def hook_names(cfg: TrainConfig, layer: int) -> tuple[str, str]:
 
 
 def collect(model, tokens: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass -> (x, y), each [n_layers, n_tokens, d_model]; position 0 (BOS) left out.
+    """One forward pass -> (x, y), each [n_layers, n_tokens, d_model] on the model's device in its dtype; position 0
+    (BOS) left out.
 
     BOS activations are outliers of a different scale (attention sinks); like most published
     transcoders we neither train nor evaluate on them.
     """
     names = [h for layer in cfg.layers for h in hook_names(cfg, layer)]
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=max(cfg.layers) + 1)
+        _, cache = model.run_with_cache(tokens.to(model.W_E.device), names_filter=names, stop_at_layer=max(cfg.layers) + 1)
     x = torch.stack([cache[hook_names(cfg, layer)[0]][:, 1:].reshape(-1, model.cfg.d_model) for layer in cfg.layers])
     y = torch.stack([cache[hook_names(cfg, layer)[1]][:, 1:].reshape(-1, model.cfg.d_model) for layer in cfg.layers])
     return x, y
 
 
 class _StackedTranscoders(torch.nn.Module):
-    """Weights for all layers stacked on dim 0, trained in normalised units."""
+    """Weights for all layers stacked on dim 0, trained in normalised units, in float32 whatever the model's dtype.
+
+    Built on the device of the first batch it is given (the host-memory buffer's, so a seed gives the same start
+    on every device), then moved to the model's."""
 
     def __init__(self, n_layers: int, d: int, d_sae: int, x: torch.Tensor, y: torch.Tensor, skip: bool = False):
         super().__init__()
@@ -99,14 +105,14 @@ class _StackedTranscoders(torch.nn.Module):
         self.register_buffer("s_in", x.pow(2).sum(-1).mean(-1).sqrt().clamp_min(1e-6))
         y_var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1)
         self.register_buffer("s_out", y_var.sqrt().clamp_min(1e-6))
-        W_dec = torch.randn(n_layers, d_sae, d)
+        W_dec = torch.randn(n_layers, d_sae, d, device=x.device)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = torch.nn.Parameter(W_dec)
         self.W_enc = torch.nn.Parameter(W_dec.transpose(1, 2).clone())
-        self.b_enc = torch.nn.Parameter(torch.zeros(n_layers, 1, d_sae))
+        self.b_enc = torch.nn.Parameter(torch.zeros(n_layers, 1, d_sae, device=x.device))
         self.b_dec = torch.nn.Parameter((y / self.s_out[:, None, None]).mean(1, keepdim=True))
         # skip transcoders (seed 004): an affine path x @ W_skip beside the features, starting at zero
-        self.W_skip = torch.nn.Parameter(torch.zeros(n_layers, d, d)) if skip else None
+        self.W_skip = torch.nn.Parameter(torch.zeros(n_layers, d, d, device=x.device)) if skip else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n_layers, B, d] raw -> (reconstruction in normalised units, feature activations)."""
@@ -147,6 +153,8 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
     if out_dir.exists() and not out_dir.is_dir():  # found out now, not after the training
         raise OutputError(f"{out_dir}: is a file, not a directory for the transcoders")
     check_context(model, cfg.ctx_len)
+    if dtype_name(model.W_E.dtype) != cfg.dtype:
+        raise ValueError(f"the model runs in {dtype_name(model.W_E.dtype)}, the config says {cfg.dtype}")
     torch.manual_seed(cfg.seed)
     tokens = token_contexts(model.tokenizer, cfg.dataset, cfg.n_tokens + cfg.eval_tokens, cfg.ctx_len)
     n_eval = max(1, -(-cfg.eval_tokens // cfg.ctx_len))
@@ -154,15 +162,15 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
     if len(train_tokens) == 0:
         raise TranscoderError("no training tokens: increase --tokens")
     x_buf, y_buf = _activation_buffer(model, train_tokens, cfg, progress)
-    d, n_layers, n = model.cfg.d_model, len(cfg.layers), x_buf.shape[1]
-    first = torch.randperm(n)[: min(n, 8192)]
-    net = _StackedTranscoders(n_layers, d, cfg.d_sae, x_buf[:, first].float(), y_buf[:, first].float(), skip=cfg.skip)
+    d, n_layers, n, device = model.cfg.d_model, len(cfg.layers), x_buf.shape[1], model.W_E.device
+    first = torch.randperm(n, device=x_buf.device)[: min(n, 8192)]
+    net = _StackedTranscoders(n_layers, d, cfg.d_sae, x_buf[:, first].float(), y_buf[:, first].float(), skip=cfg.skip).to(device)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=True)
     steps_per_epoch = -(-n // cfg.minibatch)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="training", unit="step", disable=not progress)
     for _ in range(cfg.epochs):
-        for mb in torch.randperm(n).split(cfg.minibatch):
-            x, y_n = x_buf[:, mb].float(), y_buf[:, mb].float() / net.s_out[:, None, None]
+        for mb in torch.randperm(n, device=x_buf.device).split(cfg.minibatch):
+            x, y_n = x_buf[:, mb].to(device).float(), y_buf[:, mb].to(device).float() / net.s_out[:, None, None]
             recon, z = net(x)
             mse = (recon - y_n).pow(2).sum(-1).mean(-1)  # per layer, ~FVU
             l1 = z.sum(-1).mean(-1)  # decoder rows are unit norm, so this is the weighted L1
@@ -187,6 +195,8 @@ def _activation_buffer(model, tokens: torch.Tensor, cfg: TrainConfig, progress: 
 
     One forward pass per batch serves every layer; the buffer lets training take several epochs
     without paying for the forward passes again (they cost as much as the training itself here).
+    It lives in host memory whatever the model's device (up to BUFFER_LIMIT_BYTES, more than many GPUs
+    hold beside a model); minibatches are moved to the device.
     """
     n = tokens.shape[0] * (tokens.shape[1] - 1)
     need = 2 * len(cfg.layers) * n * model.cfg.d_model * 2
@@ -201,8 +211,8 @@ def _activation_buffer(model, tokens: torch.Tensor, cfg: TrainConfig, progress: 
     at = 0
     for start in range(0, len(tokens), cfg.batch_contexts):
         x, y = collect(model, tokens[start : start + cfg.batch_contexts], cfg)
-        x_buf[:, at : at + x.shape[1]] = x
-        y_buf[:, at : at + x.shape[1]] = y
+        x_buf[:, at : at + x.shape[1]] = x.to(x_buf.device)
+        y_buf[:, at : at + x.shape[1]] = y.to(y_buf.device)
         at += x.shape[1]
         bar.update(x.shape[1])
     bar.close()
@@ -213,10 +223,12 @@ def _activation_buffer(model, tokens: torch.Tensor, cfg: TrainConfig, progress: 
 
 @torch.no_grad()
 def evaluate(model, tset: TranscoderSet, tokens: torch.Tensor, cfg: TrainConfig) -> list[LayerMetrics]:
-    """FVU, L0 and dead fraction per layer on `tokens`, BOS excluded (as `eval` measures them)."""
-    stats = {layer: Reconstruction(cfg.d_sae, model.cfg.d_model) for layer in cfg.layers}
+    """FVU, L0 and dead fraction per layer on `tokens`, BOS excluded (as `eval` measures them); in float32 (the
+    transcoders' dtype)."""
+    stats = {layer: Reconstruction(cfg.d_sae, model.cfg.d_model, model.W_E.device) for layer in cfg.layers}
     for start in range(0, len(tokens), cfg.batch_contexts):
         x, y = collect(model, tokens[start : start + cfg.batch_contexts], cfg)
+        x, y = x.float(), y.float()
         for i, layer in enumerate(cfg.layers):
             z = tset[layer].encode(x[i])
             stats[layer].add(tset[layer].decode(z, x[i]), y[i], z)
@@ -239,9 +251,10 @@ def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:
         return None
     try:
         record = json.loads(record_path.read_text())
-    except json.JSONDecodeError:
+        recorded = TrainConfig(**record["config"])  # a field added since then reads as its default
+    except (json.JSONDecodeError, KeyError, TypeError):
         return None
-    if record.get("config") != asdict(cfg):
+    if recorded != cfg:
         return None
     try:
         load_transcoders(out_dir)

@@ -113,8 +113,9 @@ class Transcoder:
         return None
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., d_in] -> [..., d_sae] encoder pre-activations."""
-        return x @ self.W_enc + self.b_enc
+        """[..., d_in] -> [..., d_sae] encoder pre-activations, in the weights' dtype (TransformerLens hands norm
+        outputs over in float32 when the model runs in bf16/fp16)."""
+        return x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         if self.cfg.activation == "relu":
@@ -134,7 +135,7 @@ class Transcoder:
         if self.W_skip is not None:
             if x is None:
                 raise ValueError("a skip transcoder needs its input to decode")
-            out = out + x @ self.W_skip
+            out = out + x.to(self.W_skip.dtype) @ self.W_skip
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +230,7 @@ class TranscoderSet:
         """Layer `layer`'s reconstructed MLP output from the activations `z` of every layer writing into it
         (and its input `x[layer]`, for a skip path): its `b_dec`, its skip path, and every decoder slice."""
         tc = self[layer]
-        recon = tc.b_dec + (x[layer] @ tc.W_skip if tc.W_skip is not None else 0)
+        recon = tc.b_dec + (x[layer].to(tc.W_skip.dtype) @ tc.W_skip if tc.W_skip is not None else 0)
         for src, W in self.writes_into(layer):
             recon = recon + z[src.layer] @ W
         return recon
@@ -249,13 +250,30 @@ class TranscoderSet:
             raise TranscoderError(f"no transcoder for layer(s) {missing}; available: {self.layers}")
         return replace(self, by_layer={layer: self.by_layer[layer] for layer in layers})
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TranscoderSet:
+        """Move every weight to `device` and/or cast it to `dtype`, in place (returns the set).
+
+        Weights already there stay the same tensors: on the CPU in float32 the memory-mapped views of the
+        files stay views (no copy), which keeps the bounded-memory pullback ingest bounded. Elsewhere they are
+        copied (a set larger than the device's memory does not fit there)."""
+        names = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "threshold", "W_dec_later")
+        for tc in self:
+            for name in names:
+                t = getattr(tc, name)
+                if t is not None:
+                    setattr(tc, name, t.to(device=device, dtype=dtype))
+        return self
+
     def bind(self, model) -> None:
-        """Check the set fits `model`, then express every transcoder trained on the Hugging Face modules in the
-        loaded model's terms (`Transcoder.fold_into`), once."""
+        """Check the set fits `model`, move it to the model's device and dtype, and express every transcoder
+        trained on the Hugging Face modules in the loaded model's terms (`Transcoder.fold_into`, in float32
+        before the cast), once."""
         self.validate_against(model)
+        self.to(model.W_E.device)
         for tc in self:
             if tc.cfg.hf_modules:
                 tc.fold_into(model)
+        self.to(dtype=model.W_E.dtype)
 
     def require_bound(self) -> None:
         """Computations on a model need `bind(model)` first where a transcoder was trained on the HF modules."""

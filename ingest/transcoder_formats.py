@@ -233,7 +233,7 @@ def save_saelens(tc: Transcoder, directory: Path) -> None:
         tensors["W_skip"] = tc.W_skip.T
     if tc.threshold is not None:
         tensors["threshold"] = tc.threshold
-    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, directory / SAELENS_WEIGHTS)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, directory / SAELENS_WEIGHTS)
     cfg = {
         "architecture": arch, "d_in": c.d_in, "d_sae": c.d_sae, "d_out": c.d_out, "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
@@ -364,8 +364,8 @@ def save_circuit_tracer_clt(tset: TranscoderSet, directory: Path, model_name: st
         if tc.threshold is not None:
             enc[f"threshold_{i}"] = tc.threshold
         W_dec = tc.W_dec[:, None] if tc.W_dec_later is None else torch.cat([tc.W_dec[:, None], tc.W_dec_later], 1)
-        save_file({k: v.detach().float().contiguous() for k, v in enc.items()}, directory / f"W_enc_{i}.safetensors")
-        save_file({f"W_dec_{i}": W_dec.detach().float().contiguous()}, directory / f"W_dec_{i}.safetensors")
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in enc.items()}, directory / f"W_enc_{i}.safetensors")
+        save_file({f"W_dec_{i}": W_dec.detach().float().cpu().contiguous()}, directory / f"W_dec_{i}.safetensors")
     config = {"model_kind": "cross_layer_transcoder", "model_name": model_name or first.model_name,
               "scan": model_name or first.model_name or directory.name, "feature_input_hook": rel_in, "feature_output_hook": rel_out}
     (directory / CT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
@@ -388,7 +388,7 @@ def save_circuit_tracer(tset: TranscoderSet, directory: Path, model_name: str = 
             tensors["W_skip"] = tc.W_skip.T
         if tc.threshold is not None:
             tensors["activation_function.threshold"] = tc.threshold
-        save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, directory / f"layer_{tc.layer}.safetensors")
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, directory / f"layer_{tc.layer}.safetensors")
     config = {
         "model_kind": "transcoder_set", "model_name": model_name or first.model_name,
         "scan": model_name or first.model_name or directory.name,  # circuit-tracer's own loader requires it
@@ -427,6 +427,7 @@ def _load_original_gpt2(paths: list[Path], trust_pickle: bool) -> TranscoderSet:
     by_layer = {}
     for p in paths:
         try:
+            # read into host memory like every loader; `TranscoderSet.bind` moves the set to the model's device
             blob = torch.load(p, map_location="cpu", weights_only=False, pickle_module=_original_gpt2_pickle)
         except Exception as exc:  # any unpickling failure is a bad file, not a bug of ours
             raise TranscoderError(f"{p}: cannot unpickle ({type(exc).__name__}: {str(exc)[:120]})") from None
@@ -455,7 +456,8 @@ def _load_original_gpt2(paths: list[Path], trust_pickle: bool) -> TranscoderSet:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A file's tensors as float32 views of its mapped pages (float32 files are not copied: see `mapped_weights`).
+    """A file's tensors as float32 views of its mapped pages (float32 files are not copied: see `mapped_weights`),
+    in host memory whatever the model's device: `TranscoderSet.bind` moves the set there.
 
     Loaders read their files one after another, so the pages the previous file's validation touched are
     handed back first: loading holds about one file in memory."""

@@ -67,10 +67,12 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     tokens, zero_bos = graph_tokens(model, info)
     clean = clean_run(model, tset, tokens, zero_bos)
     readout, offset = _readout(model, info, logits)
-    before = clean.final_normalised @ readout + offset
-    stored = torch.tensor([n.value for n in logits])
-    if not torch.allclose(before, stored, rtol=1e-3, atol=1e-3 * float(stored.abs().max())):
-        raise CatalogDirError(f"prompt {pid}: the model's logits differ from the catalog's graph; was it built with other weights or transcoders?")
+    before = clean.final_normalised.float() @ readout + offset
+    stored = torch.tensor([n.value for n in logits], device=before.device)
+    tol = max(1e-3, 4 * torch.finfo(model.W_U.dtype).eps)  # the graph's values were rounded to the compute dtype
+    if not torch.allclose(before, stored, rtol=tol, atol=tol * float(stored.abs().max())):
+        raise CatalogDirError(f"prompt {pid}: the model's logits differ from the catalog's graph; was it built with other weights, "
+                              "transcoders or --dtype?")
 
     features = sorted((n for n in nodes if n.kind == "feature"), key=lambda n: -n.influence)[:k]
     groups = [[n.id] for n in features]
@@ -85,8 +87,8 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
         batch = groups[start:start + batch_size]
         edit_sets = [[Edit("set", graph.nodes[n].layer, graph.nodes[n].feature_index, graph.nodes[n].pos, 0.0) for n in group]
                      for group in batch]
-        direct = run_batch(model, tset, tokens, edit_sets, Regime.DIRECT_ONLY, clean, zero_bos).final_normalised @ readout + offset - before
-        full = run_batch(model, tset, tokens, edit_sets, Regime.REPLACEMENT, clean, zero_bos).final_normalised @ readout + offset - before
+        direct = run_batch(model, tset, tokens, edit_sets, Regime.DIRECT_ONLY, clean, zero_bos).final_normalised.float() @ readout + offset - before
+        full = run_batch(model, tset, tokens, edit_sets, Regime.REPLACEMENT, clean, zero_bos).final_normalised.float() @ readout + offset - before
         for group, d, f in zip(batch, direct.tolist(), full.tolist()):
             predicted = [-sum(weights[n].get(t, 0.0) for n in group) for t in logit_ids]
             checks.append(Check(" + ".join(split_node_id(n)[1] for n in group), predicted, d, f))
@@ -94,7 +96,7 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
 
 
 def _readout(model, info: dict, targets: list[PNode]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[d, n_targets] directions and [n_targets] constants: a logit's unembedding column and bias, or the
+    """[d, n_targets] directions and [n_targets] constants, in float32: a logit's unembedding column and bias, or the
     custom target rebuilt from its definition in prompt.json."""
     vectors, offsets = [], []
     for n in targets:
@@ -105,5 +107,5 @@ def _readout(model, info: dict, targets: list[PNode]) -> tuple[torch.Tensor, tor
             d = info["custom_target"]
             custom = custom_target(model, d.get("tokens", []), d.get("contrast", []), d.get("direction"), d["weight"])
             vectors.append(custom.vector)
-            offsets.append(torch.tensor(custom.bias))
-    return torch.stack(vectors, 1), torch.stack(offsets)
+            offsets.append(custom.vector.new_tensor(custom.bias))
+    return torch.stack(vectors, 1).float(), torch.stack(offsets).float()

@@ -7,24 +7,27 @@ bash scripts/setup.sh
 
 out=${OUT:-data/smollm2-135m}
 cc=.venv/bin/circuit-catalog
+# where and in what precision the model runs, for the commands that run it (README, "On a GPU"), e.g.
+# COMPUTE="--device cuda --dtype bfloat16"; by default CUDA when available, else the CPU, in float32
+compute=${COMPUTE:-}
 prompt="The capital of France is"
 
 echo "== 1. transcoders: one per layer, 1536 features, 40k Brown tokens x 3 epochs"
 # lr 1e-3 rather than the seed's 4e-4: this budget allows ~900 steps, where 1e-3 reaches a lower FVU
 $cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epochs 3 --lr 1e-3 --l1 0.01 \
-    --out "$out/transcoders"
+    --out "$out/transcoders" $compute
 
 echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens, activation statistics,"
 echo "      and the attribution graphs of three prompts (scripts/demo_prompts.jsonl)"
 $cc ingest --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --top-k 16 \
-    --dataset brown --tokens 8192 --prompts scripts/demo_prompts.jsonl
+    --dataset brown --tokens 8192 --prompts scripts/demo_prompts.jsonl $compute
 
 echo "== 3. load the catalog into the embedded graph store (LadybugDB, at $out/catalog/graph)"
 $cc load --catalog "$out/catalog"
 
 echo "== 4. which late-layer features fire on the last token of: $prompt"
-$cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --layers 26-29 -k 5
-feature=$($cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --layers 26-29 -k 1 --format ids)
+$cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --layers 26-29 -k 5 $compute
+feature=$($cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --layers 26-29 -k 1 --format ids $compute)
 
 echo "== 5. what $feature reads and writes, what feeds it (Cypher over the store)"
 $cc show "$feature" --catalog "$out/catalog" -k 8
@@ -47,9 +50,9 @@ $cc prompts-using "$feature" --catalog "$out/catalog"
 echo "== 9. test the circuit: ablate the graph's 20 most influential features (and its strongest paths' features)"
 echo "      one check at a time: the graph's predicted logit change beside the change measured with only direct effects"
 echo "      (equal: the graph is exact there) and in the full model; then ablate $feature at the last token (recorded)"
-$cc intervene --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --prompt "$prompt" --validate -k 20
+$cc intervene --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --prompt "$prompt" --validate -k 20 $compute
 $cc intervene --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --prompt "$prompt" \
-    --set "$feature@-1=0" --target " Paris" -k 5
+    --set "$feature@-1=0" --target " Paris" -k 5 $compute
 
 echo "== 10. HTML reports: a feature card for $feature (and its neighbours' cards), the prompt's attribution graph,"
 echo "      then the catalog overview"

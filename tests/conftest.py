@@ -151,18 +151,43 @@ def llama_dir(tmp_path_factory) -> Path:
     return build_hf_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
+# Where the device-parametrised tests run: the CPU always, CUDA where there is one; the CUDA case is always
+# collected, so a run without it reports the skip and its reason.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
 @pytest.fixture(scope="session")
-def gpt2(gpt2_dir):
+def model_on(gpt2_dir, llama_dir):
+    """`model_on(arch, device="cpu", dtype="float32")`: the tiny "gpt2" or "llama" loaded there, once per combination
+    (the session's `gpt2` and `llama` are the CPU float32 ones)."""
     from circuit_catalog.ingest.models import load_model
 
-    return load_model(str(gpt2_dir))
+    dirs, loaded = {"gpt2": gpt2_dir, "llama": llama_dir}, {}
+
+    def get(arch: str, device: str = "cpu", dtype: str = "float32"):
+        if (arch, device, dtype) not in loaded:
+            loaded[arch, device, dtype] = load_model(str(dirs[arch]), device=device, dtype=dtype)
+        return loaded[arch, device, dtype]
+
+    return get
+
+
+def arch_of(model) -> str:
+    """"gpt2" or "llama": which tiny model this is (to load it again elsewhere with `model_on`)."""
+    return {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}[model.cfg.original_architecture]
 
 
 @pytest.fixture(scope="session")
-def llama(llama_dir):
-    from circuit_catalog.ingest.models import load_model
+def gpt2(model_on):
+    return model_on("gpt2")
 
-    return load_model(str(llama_dir))
+
+@pytest.fixture(scope="session")
+def llama(model_on):
+    return model_on("llama")
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

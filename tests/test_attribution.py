@@ -15,7 +15,7 @@ import torch
 from circuit_catalog.catalog.ids import feature_id
 from circuit_catalog.ingest.attribution import AttributionGraph, attribute, target_token
 from circuit_catalog.ingest.job import IngestSettings, pullback_table
-from conftest import random_transcoders, with_skip
+from conftest import DEVICES, arch_of, random_transcoders, with_skip
 
 from circuit_catalog.errors import AttributionError
 
@@ -23,8 +23,7 @@ PROMPT = "the capital of france is"
 
 
 def hf_model_dir(request, model) -> Path:
-    arch = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}[model.cfg.original_architecture]
-    return request.getfixturevalue(f"{arch}_dir")
+    return request.getfixturevalue(f"{arch_of(model)}_dir")
 
 
 @pytest.fixture(scope="module", params=["plain", "skip", "subset"])
@@ -326,3 +325,64 @@ def test_position_zero_without_a_bos(tiny, request):
         assert not graph.adjacency[:, [graph.error_index(layer, 0) for layer in range(graph.n_layers)]].any()
         assert_values_are_the_models(graph, tset, model_dir)
         assert_complete(graph)
+
+
+def autograd_edges(model, tset, graph: AttributionGraph, rows: list[int], sources: list[int]) -> torch.Tensor:
+    """[len(rows), len(sources)] direct effects of feature nodes on targets, by autograd through the model itself.
+
+    Every transcoder layer's MLP output becomes its reconstruction from leaf activations (the graph's: position
+    0 zeroed) plus the clean run's error, a constant; norm scales and attention patterns are the clean run's
+    (hooks), so nothing responds but the linear residual paths (and live skip paths): d target / d activation,
+    times the activation, is the edge. Shares no code with the transposed sweep."""
+    tokens = graph.tokens[None]
+    _, cache = model.run_with_cache(tokens)
+    z = {}
+    for tc in tset:
+        clean = tc.encode(cache[tc.cfg.hook_in][0])
+        clean[0] = 0
+        z[tc.layer] = clean.detach().requires_grad_(True)
+    x_clean = {tc.layer: cache[tc.cfg.hook_in] for tc in tset}
+    errors = {layer: cache[f"blocks.{layer}.hook_mlp_out"] - tset.decode_into(layer, z, x_clean) for layer in tset.layers}
+    seen = {}
+    hooks = [(name, lambda value, hook: cache[hook.name]) for name in cache if name.endswith(("hook_scale", "hook_pattern"))]
+    hooks += [(tc.cfg.hook_in, lambda value, hook, layer=tc.layer: seen.setdefault(layer, value)) for tc in tset]
+    hooks += [(f"blocks.{layer}.hook_mlp_out", lambda value, hook, layer=layer:
+               tset.decode_into(layer, z, seen) + errors[layer].detach() if layer in tset.by_layer else cache[hook.name])
+              for layer in range(model.cfg.n_layers)]
+    out = torch.zeros(len(rows), len(sources))
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        for i, row in enumerate(rows):
+            if row < graph.n_features:
+                layer, pos, index = graph.features[row].tolist()
+                target = tset[layer].pre_acts(seen[layer][0, pos])[index]
+            else:
+                target = logits[0, -1, graph.logit_tokens[row - graph.logit_index(0)]]
+            grads = torch.autograd.grad(target, list(z.values()), retain_graph=True, allow_unused=True)
+            by_layer = dict(zip(z, grads))
+            for j, s in enumerate(sources):
+                layer, pos, index = graph.features[s].tolist()
+                grad = by_layer[layer]
+                out[i, j] = 0.0 if grad is None else float(grad[pos, index] * graph.activations[s])
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_on_each_device_equals_the_float32_cpu_graph(tiny, model_on, device):
+    """On each device: the same nodes and edges as the float32 graph on the CPU, complete against that device's own
+    forward pass, and its strongest edges into the logits and into later features equal to autograd there."""
+    model = model_on(arch_of(tiny), device)
+    tset = with_skip(random_transcoders(tiny, d_sae=40, seed=3)).to(device)  # drawn on the CPU, moved
+    reference = attribute(tiny, with_skip(random_transcoders(tiny, d_sae=40, seed=3)), PROMPT)
+    graph = attribute(model, tset, PROMPT)
+    assert graph.adjacency.device.type == device and graph.adjacency.dtype == torch.float32
+    assert torch.equal(graph.features.cpu(), reference.features)
+    torch.testing.assert_close(graph.adjacency.cpu(), reference.adjacency, rtol=1e-4, atol=1e-5)
+    assert_complete(graph)
+    strength = graph.adjacency[:, :graph.n_features].abs().sum(0)
+    sources = strength.argsort(descending=True)[:4].tolist()
+    later = [t for t in range(graph.n_features) if graph.features[t, 0] > graph.features[sources, 0].min()][:3]
+    rows = list(range(graph.logit_index(0), graph.n_nodes)) + later
+    expected = autograd_edges(model, tset, graph, rows, sources)
+    torch.testing.assert_close(graph.adjacency[rows][:, sources].cpu(), expected, rtol=1e-4, atol=1e-5)
+    assert int((expected.abs() > 1e-3).sum()) > 5  # real, non-zero edges were compared

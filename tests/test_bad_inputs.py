@@ -105,6 +105,14 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("active: model config a list", ["active", "--model", "{model_list_cfg}", "--transcoders", "{tc}", "--prompt", "the"], 1, "JSON object"),
     ("eval: unknown model", ["eval", "--model", "nope", "--transcoders", "{tc}"], 1, "offline options"),
     ("train: unknown model", ["train", "--model", "nope", "--out", "{new}"], 1, "offline options"),
+    # ---- devices and dtypes (--device cuda itself where there is no CUDA device: the cases after the table)
+    ("device absent", [*ING, "--device", "cuda:99"], 1, "cuda:99 requested"),
+    ("device unknown", [*ACT, "--device", "tpu"], 1, "unknown device 'tpu'"),
+    ("eval: device of another kind", [*EVAL, "--device", "xla"], 1, "unsupported device"),
+    ("dtype unknown", [*ING, "--dtype", "float64"], 2, "--dtype"),
+    ("pullback score dtype unknown", [*ING, "--pullback-score-dtype", "float16"], 2, "--pullback-score-dtype"),
+    ("train: dtype unknown", ["train", "--model", "{model}", "--out", "{new}", "--dtype", "int8"], 2, "--dtype"),
+    ("intervene: device unknown", [*INT, "--set", "L1/2=0", "--device", "gpu"], 1, "unknown device 'gpu'"),
     # ---- transcoders
     ("transcoders missing", ["ingest", "--model", "{model}", "--transcoders", "{tmp}/nope", "--catalog", "{new}"], 1, "nope"),
     ("transcoders a plain file", ["ingest", "--model", "{model}", "--transcoders", "{file}", "--catalog", "{new}"], 1, "file.txt"),
@@ -223,6 +231,12 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("missing option", ["show", "L1/2"], 2, "--catalog"),
     ("unknown option", ["sql", "SELECT 1", *CAT, "--colour"], 2, "--colour"),
 ]
+
+
+if not torch.cuda.is_available():  # the case: on a machine without CUDA, asking for it is one line
+    CASES += [(f"{command}: --device cuda without CUDA", [*args, "--device", "cuda"], 1, "cuda requested but torch.cuda.is_available() is False")
+              for command, args in (("ingest", ING), ("active", ACT), ("eval", EVAL), ("intervene", [*INT, "--set", "L1/2=0"]),
+                                    ("train", ["train", "--model", "{model}", "--out", "{new}"]))]
 
 
 @pytest.mark.parametrize("name, args, code, fragment", CASES, ids=[c[0] for c in CASES])

@@ -10,11 +10,11 @@ from circuit_catalog.ingest.evaluate import evaluate_transcoders
 from circuit_catalog.ingest.models import load_model
 from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 
-from tests.conftest import build_hf_model, random_transcoders
+from tests.conftest import DEVICES, build_hf_model, random_transcoders
 
 
 @pytest.fixture(scope="module")
-def relu_gpt2(tmp_path_factory):
+def relu_gpt2_dir(tmp_path_factory):
     """A tiny GPT-2 whose MLPs use ReLU, so a transcoder can reproduce them exactly."""
     from transformers import GPT2Config
 
@@ -23,7 +23,12 @@ def relu_gpt2(tmp_path_factory):
     cfg = GPT2Config.from_pretrained(path)
     cfg.activation_function = "relu"
     cfg.save_pretrained(path)
-    return load_model(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def relu_gpt2(relu_gpt2_dir):
+    return load_model(str(relu_gpt2_dir), device="cpu")
 
 
 def exact_transcoders(model) -> TranscoderSet:
@@ -46,16 +51,20 @@ def inexact_transcoders(model) -> TranscoderSet:
 
 
 def direct_ce(model, tokens, fwd_hooks=()) -> float:
-    """Mean CE of predicting tokens[:, 2:] (not from BOS) in one forward pass with `fwd_hooks`."""
+    """Mean CE of predicting tokens[:, 2:] (not from BOS) in one forward pass with `fwd_hooks`, on the model's device."""
+    tokens = tokens.to(model.W_E.device)
     logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))
     logp = logits[:, 1:-1].log_softmax(-1)
     return -logp.gather(-1, tokens[:, 2:, None]).mean().item()
 
 
-def test_exact_transcoders_recover_everything(relu_gpt2, text_file):
-    tokens = token_contexts(relu_gpt2.tokenizer, str(text_file), 256, 16)
-    result = evaluate_transcoders(relu_gpt2, exact_transcoders(relu_gpt2), tokens, progress=False)
-    assert result.ce_original == pytest.approx(direct_ce(relu_gpt2, tokens), rel=1e-5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_transcoders_recover_everything(relu_gpt2_dir, text_file, device):
+    """On each device: the replaced, zero- and mean-ablated passes all run there (the tokens on the CPU until then)."""
+    model = load_model(str(relu_gpt2_dir), device=device)
+    tokens = token_contexts(model.tokenizer, str(text_file), 256, 16)
+    result = evaluate_transcoders(model, exact_transcoders(model), tokens, progress=False)
+    assert result.ce_original == pytest.approx(direct_ce(model, tokens), rel=1e-5)
     for layer in result.layers:
         assert layer.fvu < 1e-8
         assert layer.ce_recovered == pytest.approx(1.0, abs=1e-4)

@@ -16,12 +16,22 @@ import pytest
 import torch
 from circuit_catalog.catalog import layout
 from circuit_catalog.ingest.attribution import attribute, prompt_tokens
-from circuit_catalog.ingest.interventions import Edit, Regime, clean_run, parse_edit, resolve, run_batch, run_edited
+from circuit_catalog.ingest.interventions import (
+    Edit,
+    Regime,
+    clean_run,
+    intervene,
+    parse_edit,
+    resolve,
+    run_batch,
+    run_edited,
+)
+from circuit_catalog.ingest.steering import generate
 from circuit_catalog.ingest.token_edges import top_logit_tokens
 from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_circuit_tracer
 
 from circuit_catalog.errors import InterventionError
-from tests.conftest import random_clt, random_transcoders, with_skip
+from tests.conftest import DEVICES, arch_of, random_clt, random_transcoders, with_skip
 from tests.test_circuit_tracer import ROOT
 
 PROMPT = "the capital of france is"
@@ -38,9 +48,12 @@ def case(request, tiny):
     return tiny, tset, prompt_tokens(tiny, PROMPT)
 
 
-@torch.no_grad()
 def test_unedited_run_is_the_model(case):
-    model, tset, tokens = case
+    check_unedited_run(*case)
+
+
+@torch.no_grad()
+def check_unedited_run(model, tset, tokens):
     logits = model(tokens[None])[0]
     for regime in Regime:
         run = run_edited(model, tset, tokens, [], regime)
@@ -54,7 +67,10 @@ def test_unedited_run_is_the_model(case):
 
 
 def test_direct_only_ablation_moves_each_target_by_minus_its_edge(case):
-    model, tset, tokens = case
+    check_direct_only_ablations(*case)
+
+
+def check_direct_only_ablations(model, tset, tokens):
     graph = attribute(model, tset, PROMPT)
     clean = clean_run(model, tset, tokens)
     base = run_edited(model, tset, tokens, [], Regime.DIRECT_ONLY, clean)
@@ -74,6 +90,27 @@ def test_direct_only_ablation_moves_each_target_by_minus_its_edge(case):
             assert float(change) == pytest.approx(-float(graph.adjacency[t, group].sum()), abs=1e-5)
         checked += int((predicted.abs() > 1e-3).sum())
     assert checked > 10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_interventions_on_each_device(tiny, model_on, device):
+    """On each device, with a cross-layer transcoder and skip paths: the unedited run is the model there, direct-only
+    ablations move each target by minus its edge in the graph computed there, and an outcome's figures (and a sampled
+    steered continuation, drawn on the CPU) are the float32 CPU run's."""
+    model = model_on(arch_of(tiny), device)
+    tset = with_skip(random_clt(tiny, d_sae=40, seed=3)).to(device)
+    tokens = prompt_tokens(model, PROMPT)
+    assert tokens.device.type == device
+    check_unedited_run(model, tset, tokens)
+    check_direct_only_ablations(model, tset, tokens)
+    edits = [Edit("set", 1, 3, None, 0.0), Edit("add", 2, 5, -1, 3.0)]
+    reference = with_skip(random_clt(tiny, d_sae=40, seed=3))
+    here, there = (intervene(m, t, prompt_tokens(m, PROMPT), edits, Regime.FREEZE_ATTENTION) for m, t in ((model, tset), (tiny, reference)))
+    assert [t.token_id for t in here.targets] == [t.token_id for t in there.targets]
+    assert [t.change for t in here.targets] == pytest.approx([t.change for t in there.targets], rel=1e-4, abs=1e-5)
+    assert here.kl == pytest.approx(there.kl, rel=1e-4, abs=1e-7)
+    steered = (generate(m, t, prompt_tokens(m, PROMPT), edits, 4, temperature=1.0, seed=5) for m, t in ((model, tset), (tiny, reference)))
+    assert next(steered) == next(steered)
 
 
 def test_a_batch_of_interventions_equals_each_run_alone(case):
@@ -289,7 +326,6 @@ def test_feature_card_and_prompt_report_show_interventions(stats_catalog, gpt2, 
     from circuit_catalog.catalog.manifest import Manifest
     from circuit_catalog.catalog.store import open_loaded_store
     from circuit_catalog.ingest.intervention_log import add_intervention, intervention_row
-    from circuit_catalog.ingest.interventions import intervene
     from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
     from circuit_catalog.queries.lookups import Lookups
     from circuit_catalog.queries.reports.feature import write_feature_cards

@@ -41,3 +41,19 @@ def test_truncated_files_are_one_error(tmp_path, cut):
     with pytest.raises(TranscoderError, match="truncated") as info:
         read_mapped(path)
     assert "\n" not in str(info.value)
+
+
+def test_binding_keeps_the_mapped_views_on_the_cpu_in_float32(saelens_dir, gpt2):
+    """The bounded-memory pullback ingest needs the weights to stay views of the files once bound to a CPU float32
+    model; casting (or moving) copies them, and leaves the files' views as they were."""
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
+
+    tset = load_transcoders(saelens_dir)
+    pointers = {(tc.layer, name): getattr(tc, name).data_ptr() for tc in tset for name in ("W_enc", "W_dec")}
+    mapped = tset[1].W_enc
+    assert not mapped.untyped_storage().resizable()  # a numpy-mapped buffer, not torch-allocated memory
+    tset.bind(gpt2)
+    assert {(tc.layer, name): getattr(tc, name).data_ptr() for tc in tset for name in ("W_enc", "W_dec")} == pointers
+    tset.to(dtype=torch.bfloat16)
+    assert tset[1].W_enc.dtype == torch.bfloat16 and tset[1].W_enc.data_ptr() != pointers[1, "W_enc"]
+    torch.testing.assert_close(tset[1].W_enc.float(), mapped, rtol=2**-8, atol=0)

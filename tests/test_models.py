@@ -17,7 +17,7 @@ def test_hf_directory_matches_transformers_forward(arch_dir, request):
     from transformers import AutoModelForCausalLM
 
     path = request.getfixturevalue(arch_dir)
-    model = load_model(str(path))
+    model = load_model(str(path), device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokens = model.to_tokens("the capital of france is paris")
     with torch.no_grad():

@@ -11,7 +11,7 @@ from circuit_catalog.catalog.layout import pullback_part
 from circuit_catalog.ingest.job import IngestSettings, pullback_table
 from circuit_catalog.ingest.pullbacks import select_edges
 
-from tests.conftest import random_transcoders, with_skip
+from tests.conftest import DEVICES, arch_of, random_transcoders, with_skip
 
 
 def brute_force(W_dec, W_enc, top_k, min_weight):
@@ -92,20 +92,23 @@ def _frozen_gradient(model, tset, lo, hi, tokens, pos, feature):
     return grad[0, pos] * state["scale"][0, pos, 0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lo, hi", [(0, 1), (0, 2), (1, 2)])
-def test_stored_pullback_equals_frozen_autograd_gradient(tiny, tmp_path, lo, hi):
-    tset = random_transcoders(tiny, d_sae=24, seed=lo * 10 + hi)
+def test_stored_pullback_equals_frozen_autograd_gradient(tiny, model_on, tmp_path, lo, hi, device):
+    """On each device (the pullbacks and the autograd reference both computed there)."""
+    model = model_on(arch_of(tiny), device)
+    tset = random_transcoders(tiny, d_sae=24, seed=lo * 10 + hi).to(device)
     settings = IngestSettings(top_k=24, min_weight=None)  # keep every edge so each one can be compared
     path = pullback_part(tmp_path, lo, hi)
     path.parent.mkdir(parents=True)
-    pq.write_table(pullback_table(tiny, tset, lo, hi, settings), path)
+    pq.write_table(pullback_table(model, tset, lo, hi, settings), path)
     stored = {(r["src"], r["dst"]): r["weight"] for r in pq.read_table(path).to_pylist()}
     assert len(stored) == 24 * 24
-    tokens = tiny.to_tokens("the capital of france is paris")
+    tokens = model.to_tokens("the capital of france is paris")
     for feature in (0, 7, 23):
-        grad = _frozen_gradient(tiny, tset, lo, hi, tokens, pos=3, feature=feature)
+        grad = _frozen_gradient(model, tset, lo, hi, tokens, pos=3, feature=feature)
         weights = torch.tensor([stored[(feature_id(lo, i), feature_id(hi, feature))] for i in range(24)])
-        torch.testing.assert_close(weights, grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights, grad.cpu(), rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
@@ -150,18 +153,23 @@ def test_stored_pullback_is_the_direct_path_under_intervention(tiny, skip):
         torch.testing.assert_close((changed - base) * scale, expected, rtol=1e-4, atol=1e-5)
 
 
+def kept(blocks) -> dict[tuple[int, int], float]:
+    """(src, dst) -> weight of `select_edges`' blocks, read on the CPU."""
+    return {(s, d): w for b in blocks for s, d, w in zip(b.src.tolist(), b.dst.tolist(), b.weight.tolist())}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("top_k, min_weight", [(8, None), (None, 1.0), (8, 0.8)])
-def test_bf16_scores_choose_candidates_and_float32_weights_are_stored(top_k, min_weight):
+def test_bf16_scores_choose_candidates_and_float32_weights_are_stored(top_k, min_weight, device):
     """bfloat16 scores pick the candidates; the stored weights are float32 recomputations, and the kept set is
-    float32's except for weights within bf16's error of the cut (here: of the K-th weight, or of min_weight)."""
+    float32's except for weights within bf16's error of the cut (here: of the K-th weight, or of min_weight).
+    Selected on each device, held to the float32 CPU selection."""
     g = torch.Generator().manual_seed(3)
     W_dec, W_enc = torch.randn(300, 64, generator=g), torch.randn(64, 40, generator=g) / 4
     full = W_dec @ W_enc
     bound = 2**-7 * (W_dec.abs() @ W_enc.abs())  # |bf16 score - float32 score| stays under this
-    exact = {(int(s), int(d)): float(w) for b in select_edges(W_dec, W_enc, top_k, min_weight, block=16)
-             for s, d, w in zip(b.src, b.dst, b.weight)}
-    rough = {(int(s), int(d)): float(w) for b in select_edges(W_dec, W_enc, top_k, min_weight, block=16, score_dtype=torch.bfloat16)
-             for s, d, w in zip(b.src, b.dst, b.weight)}
+    exact = kept(select_edges(W_dec, W_enc, top_k, min_weight, block=16))
+    rough = kept(select_edges(W_dec.to(device), W_enc.to(device), top_k, min_weight, block=16, score_dtype=torch.bfloat16))
     for (s, d), w in rough.items():
         assert w == pytest.approx(float(full[s, d]), rel=1e-5, abs=1e-6)  # float32, not bf16
     differing = set(exact) ^ set(rough)

@@ -379,7 +379,7 @@ def test_releases_are_bound_to_the_models_norms_and_centred_writes(arch, tmp_pat
     from tests.conftest import build_hf_model
 
     model_dir = build_hf_model(tmp_path / "model", arch, random_norms=True)
-    model = load_model(str(model_dir))
+    model = load_model(str(model_dir), device="cpu")
     d, n = model.cfg.d_model, model.cfg.n_layers
     params = {i: gs2_params(80 + i, d=d, affine=True) for i in range(n)}
     for i, p in params.items():

@@ -19,25 +19,30 @@ from click.testing import CliRunner
 
 from circuit_catalog.cli import main
 from circuit_catalog.errors import CatalogDirError, SqlError
-from tests.conftest import STATS_CTX, STATS_TOKENS
+from tests.conftest import DEVICES, STATS_CTX, STATS_TOKENS, random_transcoders
 
 N_TOKENS, CTX = STATS_TOKENS, STATS_CTX
 
 
-def brute_force(gpt2, tset, text_file, layer):
-    tokens = token_contexts(gpt2.tokenizer, str(text_file), N_TOKENS, CTX)
-    _, cache = gpt2.run_with_cache(tokens)
-    acts = tset[layer].encode(cache[f"blocks.{layer}.ln2.hook_normalized"])  # [n_ctx, CTX, d_sae]
+def brute_force(model, tset, text_file, layer):
+    """(tokens, activations [n_ctx, CTX, d_sae] on the CPU with BOS positions at -1): one forward pass on the model's device."""
+    tokens = token_contexts(model.tokenizer, str(text_file), N_TOKENS, CTX)
+    _, cache = model.run_with_cache(tokens.to(model.W_E.device))
+    acts = tset[layer].encode(cache[f"blocks.{layer}.ln2.hook_normalized"]).float().cpu()  # [n_ctx, CTX, d_sae]
     acts[:, 0] = -1  # BOS positions are not counted
     return tokens, acts
 
 
 def test_statistics_equal_brute_force(stats_catalog, gpt2, text_file):
     root, tset = stats_catalog
-    layer = 1
-    tokens, acts = brute_force(gpt2, tset, text_file, layer)
+    features, top = (pq.read_table(layout.stats_file(root, name)).to_pylist() for name in ("features", "top_examples"))
+    check_statistics(features, top, *brute_force(gpt2, tset, text_file, 1), layer=1)
+
+
+def check_statistics(features: list[dict], top_examples: list[dict], tokens, acts, layer: int) -> None:
+    """A layer's feature rows and one feature's top examples against the brute-force activations."""
     counted = acts[:, 1:].reshape(-1, 24)
-    rows = {r["id"]: r for r in pq.read_table(layout.stats_file(root, "features")).to_pylist()}
+    rows = {r["id"]: r for r in features}
     for f in range(24):
         r = rows[feature_id(layer, f)]
         fired = (counted[:, f] > 0).sum().item()
@@ -52,7 +57,7 @@ def test_statistics_equal_brute_force(stats_catalog, gpt2, text_file):
             assert r["log10_histogram"] == expected_hist.tolist()
             true_median = np.quantile(positive, 0.5, method="inverted_cdf")
             assert true_median <= r["q50"] <= true_median * 10 ** (8 / 64) * 1.0001  # upper edge of its bin
-    examples = [e for e in pq.read_table(layout.stats_file(root, "top_examples")).to_pylist() if e["feature"] == feature_id(layer, 3)]
+    examples = [e for e in top_examples if e["feature"] == feature_id(layer, 3)]
     flat = acts.reshape(-1, 24)[:, 3]
     top = flat.topk(5).values
     # the corpus repeats itself, so equal activations tie: hold the values exactly, and each example to its place
@@ -67,12 +72,13 @@ def test_statistics_equal_brute_force(stats_catalog, gpt2, text_file):
 def test_quantile_examples_equal_brute_force(stats_catalog, gpt2, text_file):
     """Each interval of (0, max] with occurrences holds min(PER_BIN, occurrences) real examples from it."""
     root, tset = stats_catalog
-    layer = 2
-    tokens, acts = brute_force(gpt2, tset, text_file, layer)
     table = pq.read_table(layout.stats_file(root, "quantile_examples"))
     assert table.schema.names[:6] == ["feature", "bin", "lower", "upper", "bin_count", "rank"]
     assert table.schema.names[6:] == pq.read_table(layout.stats_file(root, "top_examples")).schema.names[2:]
-    rows = table.to_pylist()
+    check_quantile_examples(table.to_pylist(), *brute_force(gpt2, tset, text_file, 2), layer=2)
+
+
+def check_quantile_examples(rows: list[dict], tokens, acts, layer: int) -> None:
     checked_full = checked_partial = 0
     for f in range(24):
         a = acts[..., f]
@@ -99,6 +105,22 @@ def test_quantile_examples_equal_brute_force(stats_catalog, gpt2, text_file):
                 assert r["token_id"] == tokens[r["context"], r["pos"]].item()
                 assert r["window_tokens"] == tokens[r["context"], r["window_start"]: r["pos"] + 5].tolist()
     assert checked_full and checked_partial  # both cases occur in this dataset
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_on_each_device(gpt2, model_on, text_file, device):
+    """Accumulated on each device, written from the CPU in float32: the same checks, against a forward pass there."""
+    import pyarrow as pa
+    from circuit_catalog.ingest.stats import collect_stats, stats_tables
+
+    model = model_on("gpt2", device)
+    tset = random_transcoders(gpt2, d_sae=24, seed=11).to(device)
+    tokens = token_contexts(model.tokenizer, str(text_file), N_TOKENS, CTX)
+    tables = stats_tables(tset, collect_stats(model, tset, tokens, k=5, progress=False), tokens)
+    assert {tables["features"].schema.field(c).type for c in ("mean_act", "max_act")} == {pa.float32()}
+    assert {tables[t].schema.field("activation").type for t in ("top_examples", "quantile_examples")} == {pa.float32()}
+    check_statistics(tables["features"].to_pylist(), tables["top_examples"].to_pylist(), *brute_force(model, tset, text_file, 1), layer=1)
+    check_quantile_examples(tables["quantile_examples"].to_pylist(), *brute_force(model, tset, text_file, 2), layer=2)
 
 
 def test_rerun_skips_and_other_settings_refused(stats_catalog, gpt2, text_file):
