@@ -29,7 +29,7 @@ ALLOWED = {
         "a view of a file's mapped pages, host memory by nature; TranscoderSet.to/bind copy it to another device",
     ("ingest/release_formats.py", "_read_npz", "torch.from_numpy"):
         "loading a file: host memory first, then TranscoderSet.bind moves the set to the model's device",
-    ("ingest/transcoder_formats.py", "_load_seed", "'cpu'"):
+    ("ingest/transcoder_formats.py", "_load_original_gpt2", "'cpu'"):
         "torch.load's map_location: a pickle saved on a GPU loads into host memory, then bind moves it",
     ("ingest/transcoder_formats.py", "save_saelens", "'cpu'"):
         "SAELens's cfg.json field `device` in the files we write, not a device we compute on",
