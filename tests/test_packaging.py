@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -33,14 +34,17 @@ def test_wheel_holds_one_top_level_package_with_its_queries(wheel):
 
 def test_installing_the_wheel_adds_only_circuit_catalog(wheel, tmp_path):
     venv = tmp_path / "venv"
+    # the fresh venv sees only what is installed in it: a PYTHONPATH holding the source tree (with the egg-info
+    # that building the wheel leaves there) would make pip take the package for installed already
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     listing = [str(python), "-c", "import sysconfig, os; print('\\n'.join(sorted(os.listdir(sysconfig.get_paths()['purelib']))))"]
-    before = set(subprocess.run(listing, capture_output=True, text=True, check=True).stdout.split())
+    before = set(subprocess.run(listing, capture_output=True, text=True, check=True, env=env).stdout.split())
     done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    after = set(subprocess.run(listing, capture_output=True, text=True, check=True).stdout.split())
+    after = set(subprocess.run(listing, capture_output=True, text=True, check=True, env=env).stdout.split())
     added = {n for n in after - before if not n.endswith(".dist-info")}
     assert added == {"circuit_catalog"}
     # the package's own modules resolve inside it (errors needs nothing beyond the standard library), and
@@ -48,5 +52,5 @@ def test_installing_the_wheel_adds_only_circuit_catalog(wheel, tmp_path):
     probe = ("import circuit_catalog, circuit_catalog.errors as e, sys; "
              "assert e.__file__.startswith(circuit_catalog.__path__[0]); "
              "assert len(circuit_catalog.__path__) == 1, circuit_catalog.__path__; print('ok')")
-    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
