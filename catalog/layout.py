@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from circuit_catalog.errors import UnknownFeature
+from circuit_catalog.errors import UnknownFeature, UnknownHead
 
 MANIFEST = "manifest.json"
 FEATURES = "features.parquet"
@@ -30,6 +30,14 @@ INTERVENTIONS = "interventions.parquet"
 INTERVENTION_ON = "interventions_on.parquet"
 INTERVENTION_TOUCHES = "interventions_touches.parquet"
 INTERVENTION_CHANGES = "interventions_changes.parquet"
+# Attention heads (`ingest.heads`): OV pullbacks per head, `heads/ov/A{m}_L{L}.parquet` (feature sources) and
+# `heads/ov_tokens/A{m}_L{L}.parquet` (token sources) for attention layer m into transcoder layer L, and the
+# Head nodes `heads/heads.parquet`; component tallies of features over their top examples `stats/components.parquet`
+HEADS = "heads"
+OV = "heads/ov"
+OV_TOKENS = "heads/ov_tokens"
+HEAD_INDEX = "heads/heads.parquet"
+COMPONENTS = "stats/components.parquet"
 GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
 WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
 
@@ -53,6 +61,9 @@ DEEMBED_SCHEMA = pa.schema(
     [("src", pa.int64()), ("dst", pa.string()), ("weight", pa.float32()), ("variant", pa.string())]
 )
 LOGIT_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.int64()), ("weight", pa.float32())])
+OV_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32()), ("head", pa.string())])
+OV_TOKEN_SCHEMA = pa.schema([("src", pa.int64()), ("dst", pa.string()), ("weight", pa.float32()), ("head", pa.string())])
+HEAD_SCHEMA = pa.schema([("id", pa.string()), ("layer", pa.int64()), ("head", pa.int64()), ("kv_head", pa.int64())])
 TOKEN_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
 
 # One prompt's attribution graph. Node ids are `<prompt_id>:<local>`, local being `tok@3`,
@@ -64,6 +75,9 @@ PNODE_SCHEMA = pa.schema([
     ("dropped", pa.float32()), ("probability", pa.float32()), ("influence", pa.float32()), ("kept", pa.bool_()),
 ])
 ATTR_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32())])
+# per-head terms of each pruned edge (`ingest.head_terms`): `head` is a Head id (`L7H3`), `direct` (no attention on
+# the path) or `other` (the heads beyond the top ones); an edge's rows sum to its ATTR weight
+ATTR_HEAD_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("head", pa.string()), ("weight", pa.float32())])
 PROMPT_SCHEMA = pa.schema([
     ("id", pa.string()), ("text", pa.string()), ("target", pa.string()), ("n_tokens", pa.int32()),
     ("replacement_score", pa.float32()), ("completeness_score", pa.float32()), ("n_active_features", pa.int32()),
@@ -83,7 +97,7 @@ INTERVENTION_SCHEMA = pa.schema([
 
 def temporaries(root: Path) -> list[Path]:
     """Every temporary in the catalog: stale whenever no writer holds the lock."""
-    dirs = (root, root / PULLBACKS, root / DEEMBED, root / LOGITS, root / STATS, root / PROMPTS)
+    dirs = (root, root / PULLBACKS, root / DEEMBED, root / LOGITS, root / STATS, root / PROMPTS, root / HEADS, root / OV, root / OV_TOKENS)
     return sorted({p for d in dirs for pattern in TEMPORARY for p in d.glob(pattern)})
 
 
@@ -103,6 +117,14 @@ def logit_part(root: Path, layer: int) -> Path:
     return root / LOGITS / f"L{layer:03d}.parquet"
 
 
+def ov_part(root: Path, attn_layer: int, dst_layer: int) -> Path:
+    return root / OV / f"A{attn_layer:03d}_L{dst_layer:03d}.parquet"
+
+
+def ov_token_part(root: Path, attn_layer: int, dst_layer: int) -> Path:
+    return root / OV_TOKENS / f"A{attn_layer:03d}_L{dst_layer:03d}.parquet"
+
+
 FEATURE_ID = re.compile(r"L(\d{1,6})/(\d{1,12})")  # bounded: int() of 5,000 digits raises
 
 
@@ -115,4 +137,20 @@ def parse_feature_id(fid: str) -> tuple[int, int]:
     m = FEATURE_ID.fullmatch(fid)  # not match + $: that accepts a trailing newline
     if not m:
         raise UnknownFeature(f"malformed feature id {fid[:40]!r}: expected L<layer>/<index>, e.g. L8/355")
+    return int(m.group(1)), int(m.group(2))
+
+
+HEAD_ID = re.compile(r"L(\d{1,6})H(\d{1,6})")
+
+
+def head_id(layer: int, head: int) -> str:
+    """An attention head's id: `L7H3` is head 3 of layer 7 (the seeds' naming)."""
+    return f"L{layer}H{head}"
+
+
+def parse_head_id(hid: str) -> tuple[int, int]:
+    """'L7H3' -> (7, 3); anything else is a user error."""
+    m = HEAD_ID.fullmatch(hid)
+    if not m:
+        raise UnknownHead(f"malformed head id {hid[:40]!r}: expected L<layer>H<head>, e.g. L7H3")
     return int(m.group(1)), int(m.group(2))

@@ -137,6 +137,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("-k", "--top-k", type=click.IntRange(1), default=16, show_default=True, help="Pullback sources kept per (feature, earlier layer).")
 @click.option("--min-weight", type=click.FloatRange(0), callback=_finite, default=None, help="Drop pullback edges with |weight| below this.")
 @click.option("--token-top-k", type=click.IntRange(1), default=20, show_default=True, help="Tokens kept per feature for de-embedding and logit lens.")
+@click.option("--heads-top-k", type=click.IntRange(1), default=None, help="Also OV pullbacks per attention head: feature and token sources kept per (feature, head).")
 @click.option("--trust-pickle", is_flag=True, help="Allow the pickled original GPT-2 transcoder files (pickle can run code).")
 @click.option("--dataset", default=None, help="Also collect activation statistics over this dataset ('brown', files, HF name).")
 @click.option("--tokens", "n_tokens", type=click.IntRange(1), default=100_000, show_default=True, help="Tokens of --dataset for statistics.")
@@ -155,7 +156,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--contrast", multiple=True, help="With --target: minus these tokens' logits, e.g. --target ' Paris' --contrast ' London'.")
 @click.option("--direction", type=click.Path(path_type=Path), default=None, help="Custom target: a .npy vector of d_model values read after the final norm at the last position.")
 @click.option("--target-weight", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="The custom target's weight in pruning (as a logit's probability).")
-def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len,
+def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, heads_top_k, trust_pickle, dataset, n_tokens, ctx_len,
            prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size,
            bos_features, custom_tokens, contrast, direction, target_weight):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
@@ -181,7 +182,7 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     tset.bind(lm)
     for prompt in specs:  # every refusal comes before the first write
         check_prompt(lm, prompt)
-    manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k))
+    manifest = build_manifest(lm, spec.name, tset, str(transcoders), IngestSettings(top_k, min_weight, token_top_k, heads_top_k))
     stats_plan = plan_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len) if dataset is not None else None
     settings = AttributionSettings(max_feature_nodes=None if all_features else max_feature_nodes, max_n_logits=max_n_logits,
                                    desired_logit_prob=desired_logit_prob, node_threshold=node_threshold,
@@ -320,6 +321,30 @@ def _tokens_table(card, k: int) -> Table:
             row += [repr(pairs[i][0]), f"{pairs[i][1]:+.3f}"] if i < len(pairs) else ["", ""]
         table.add_row(*row)
     return table
+
+
+@main.command()
+@click.argument("feature")
+@store_options
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--head", default=None, help="Only this head, e.g. L7H3.")
+@click.option("--layer", type=click.IntRange(0, 99_999), default=None, help="Only feature sources of this layer.")
+@format_option
+def heads(feature, catalog_dir, store_uri, database, k, head, layer, fmt):
+    """Which earlier features and tokens reach FEATURE through which attention heads (OV pullbacks per head: the change
+    in FEATURE's pre-activation per unit of the source when the head attends to it with weight 1, norm scales left out)."""
+    from circuit_catalog.queries.heads import head_inputs
+
+    with _lookups(catalog_dir, store_uri, database) as lookups:
+        found = head_inputs(lookups, feature, k, head, layer)
+    if fmt == "json":
+        _print_json(asdict(found))
+        return
+    for title, rows in ((f"features reaching {feature} through heads", found.features), (f"tokens reaching {feature} through heads", found.tokens)):
+        table = Table("source", "head", "weight", "its top extended de-embedding tokens", title=title)
+        for r in rows:
+            table.add_row(r.source if r in found.features else repr(r.source), r.head, f"{r.weight:+.4f}", " ".join(repr(t) for t in r.tokens))
+        out.print(table)
 
 
 @main.command()

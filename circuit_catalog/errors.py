@@ -68,3 +68,7 @@ class SqlError(UserError):
 
 class UnknownPrompt(UserError):
     """A prompt id, token or logit that is not in the catalog's graphs."""
+
+
+class UnknownHead(UserError):
+    """An attention-head id that is malformed or not in the model."""

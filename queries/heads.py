@@ -1,0 +1,45 @@
+"""Lookups about attention heads over a graph store: which earlier features and tokens reach a feature through
+which heads (the OV pullbacks per head of `ingest.heads`), as dataclasses for the CLI, reports and Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from circuit_catalog.catalog.layout import parse_head_id
+from circuit_catalog.queries.api import Lookups
+
+from circuit_catalog.errors import CatalogDirError, UnknownHead
+
+
+@dataclass
+class HeadInput:
+    """One OV pullback: `source` reaches the feature through `head` with `weight` (per unit, pattern 1, scales out)."""
+
+    source: str  # feature id, or token text for token sources
+    head: str  # e.g. L7H3
+    weight: float
+    tokens: list[str] = field(default_factory=list)  # a feature source's top extended de-embedding tokens
+
+
+@dataclass
+class HeadInputs:
+    feature: str
+    features: list[HeadInput]
+    tokens: list[HeadInput]
+
+
+def head_inputs(lookups: Lookups, fid: str, k: int = 10, head: str | None = None, layer: int | None = None,
+                n_tokens: int = 5) -> HeadInputs:
+    """The k strongest feature sources and the k strongest token sources of `fid` through attention heads (all, or
+    one `head`; feature sources of one `layer`), strongest |weight| first."""
+    lookups.check_feature(fid)
+    if head is not None:
+        parse_head_id(head)
+    if not lookups._q("head", id=""):
+        raise CatalogDirError("this catalog has no attention-head edges: ingest it with --heads-top-k K")
+    if head is not None and not lookups._q("head", id=head):
+        raise UnknownHead(f"unknown head {head}: not in this model")
+    rows = lookups._q("heads", id=fid, k=k, head=head or "", layer=-1 if layer is None else layer)
+    features = [HeadInput(r["source"], r["head"], float(r["weight"]), list(r["tokens"] or [])[:n_tokens]) for r in rows]
+    tokens = [HeadInput(r["token"], r["head"], float(r["weight"])) for r in lookups._q("heads_tokens", id=fid, k=k, head=head or "")]
+    return HeadInputs(fid, features, tokens)
