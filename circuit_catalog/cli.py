@@ -819,6 +819,47 @@ def interventions(feature, catalog_dir, store_uri, database, k, fmt):
 @main.command()
 @click.option("--model", required=True, help=MODEL_HELP)
 @click.option("--transcoders", required=True, type=click.Path(path_type=Path))
+@click.option("--prompt", "prompt_key", required=True, help="Prompt text, or with --catalog the id or exact text of a catalog prompt.")
+@click.option("--catalog", "catalog_dir", type=click.Path(path_type=Path), default=None, help="Catalog whose prompts --prompt may name.")
+@click.option("--head", required=True, help="Attention head, e.g. L7H3.")
+@click.option("--query-pos", type=int, required=True, help="Query position (negative counts from the end).")
+@click.option("--key-pos", type=int, required=True, help="Key position (negative counts from the end).")
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--layers", default="all", show_default=True, help="Transcoder layers to use.")
+@click.option("--trust-pickle", is_flag=True)
+@format_option
+def qk(model, transcoders, prompt_key, catalog_dir, head, query_pos, key_pos, k, layers, trust_pickle, fmt):
+    """Why HEAD attended from the query to the key position: its pre-softmax score as the sum of bilinear terms
+    (query-side node x key-side node: features, errors, tokens, bias), norm scales frozen, rotary as the model applies it."""
+    from circuit_catalog.ingest.models import load_model
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.queries.heads import qk_for_prompt
+
+    tset = load_transcoders(transcoders, trust_pickle=trust_pickle).select(parse_layers(layers))
+    lm = load_model(model)
+    tset.bind(lm)
+    found = qk_for_prompt(lm, tset, prompt_key, head, query_pos, key_pos, catalog_dir)
+    if fmt == "json":
+        _print_json({"head": found.head, "query_pos": found.query_pos, "key_pos": found.key_pos, "score": found.score,
+                     "pattern": found.pattern, "sum_of_terms": found.total, "pairs": found.top_pairs(k),
+                     "query_totals": found.query_totals(k), "key_totals": found.key_totals(k)})
+        return
+    out.print(f"{head} from {found.query_pos} ({found.tokens[found.query_pos]!r}) to {found.key_pos} ({found.tokens[found.key_pos]!r}): "
+              f"score {found.score:+.4f} (sum of terms {found.total:+.4f}), attention weight {found.pattern:.4f}", highlight=False)
+    table = Table("query-side node", "key-side node", "term", title="largest bilinear terms")
+    for a, b, v in found.top_pairs(k):
+        table.add_row(a, b, f"{v:+.4f}")
+    out.print(table)
+    for title, rows in (("query-side totals (node . whole key)", found.query_totals(k)), ("key-side totals (whole query . node)", found.key_totals(k))):
+        table = Table("node", "total", title=title)
+        for name, v in rows:
+            table.add_row(name, f"{v:+.4f}")
+        out.print(table)
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--transcoders", required=True, type=click.Path(path_type=Path))
 @click.option("--prompt", required=True)
 @click.option("--layers", default="all", show_default=True)
 @click.option("--pos", type=int, default=-1, show_default=True, help="Token position (negative counts from the end).")

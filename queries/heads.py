@@ -4,8 +4,13 @@ which heads (the OV pullbacks per head of `ingest.heads`), as dataclasses for th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.layout import parse_head_id
+from circuit_catalog.ingest.attribution import prompt_tokens
+from circuit_catalog.ingest.qk import QKAttribution, qk_attribution
+from circuit_catalog.ingest.transcoder import TranscoderSet
 from circuit_catalog.queries.api import Lookups
 
 from circuit_catalog.errors import CatalogDirError, UnknownHead
@@ -43,3 +48,16 @@ def head_inputs(lookups: Lookups, fid: str, k: int = 10, head: str | None = None
     features = [HeadInput(r["source"], r["head"], float(r["weight"]), list(r["tokens"] or [])[:n_tokens]) for r in rows]
     tokens = [HeadInput(r["token"], r["head"], float(r["weight"])) for r in lookups._q("heads_tokens", id=fid, k=k, head=head or "")]
     return HeadInputs(fid, features, tokens)
+
+
+def qk_for_prompt(model, tset: TranscoderSet, prompt: str, head: str, query_pos: int, key_pos: int,
+                  catalog_dir: Path | None = None) -> QKAttribution:
+    """QK attribution on a catalog prompt (by id or text, on the token ids its graph was built on) or on any text."""
+    from circuit_catalog.queries.intervention_runs import catalog_prompt, graph_tokens
+
+    if catalog_dir is not None and (Path(catalog_dir) / layout.PROMPT_INDEX).is_file():
+        _, info = catalog_prompt(catalog_dir, prompt)
+        tokens, zero_bos = graph_tokens(model, info)
+    else:
+        tokens, zero_bos = prompt_tokens(model, prompt), True
+    return qk_attribution(model, tset, tokens, head, query_pos, key_pos, zero_bos)
