@@ -71,6 +71,9 @@ RELS = (
     RelSet("DEEMBED", "Token", "Feature", (("weight", "FLOAT"), ("variant", "STRING")), f"{layout.DEEMBED}/*.parquet"),
     RelSet("LOGIT", "Feature", "Token", (("weight", "FLOAT"),), f"{layout.LOGITS}/*.parquet"),
     RelSet("ATTR", "PNode", "PNode", (("weight", "FLOAT"),), f"{layout.PROMPTS}/*/edges.parquet"),
+    # each ATTR edge's terms per attention head (the last head its paths cross), `direct` and `other`: parallel
+    # edges beside ATTR, which stays as it was; a row per (edge, head), so "edges carried by L7H3" is a property test
+    RelSet("ATTR_HEAD", "PNode", "PNode", (("head", "STRING"), ("weight", "FLOAT")), f"{layout.PROMPTS}/*/edges_heads.parquet"),
     RelSet("INSTANCE_OF", "PNode", "Feature", (), f"{layout.PROMPTS}/*/links_feature.parquet"),
     RelSet("INSTANCE_OF", "PNode", "Token", (), f"{layout.PROMPTS}/*/links_token.parquet"),
     RelSet("ON", "Intervention", "Prompt", (), layout.INTERVENTION_ON),

@@ -61,3 +61,22 @@ def qk_for_prompt(model, tset: TranscoderSet, prompt: str, head: str, query_pos:
     else:
         tokens, zero_bos = prompt_tokens(model, prompt), True
     return qk_attribution(model, tset, tokens, head, query_pos, key_pos, zero_bos)
+
+
+def edge_heads(lookups: Lookups, prompt_id: str) -> dict[tuple[str, str], list[tuple[str, float]]]:
+    """A prompt's pruned edges split by head: (src, dst) -> [(head, term)], largest |term| first; `direct` is the part
+    through no head and `other` the heads beyond the stored top ones. Empty for a prompt computed without them."""
+    found: dict[tuple[str, str], list[tuple[str, float]]] = {}
+    for r in lookups._q("prompt_edge_heads", id=prompt_id):
+        found.setdefault((r["src"], r["dst"]), []).append((r["head"], float(r["weight"])))
+    for terms in found.values():
+        terms.sort(key=lambda t: -abs(t[1]))
+    return found
+
+
+def carried_by(terms: list[tuple[str, float]], weight: float, n: int = 3) -> str:
+    """'L7H3 62%, L9H1 20%, direct 10%': each term's share of the edge's weight (shares of a signed sum: they add to
+    100% and may exceed it where terms cancel)."""
+    if not weight:
+        return ""
+    return ", ".join(f"{head} {term / weight:.0%}" for head, term in terms[:n])

@@ -160,6 +160,7 @@ def ref(catalog_dir):
         "features": {r["id"]: r for r in pq.read_table(catalog_dir / layout.FEATURES).to_pylist()},
         "pnodes": rows("prompts/*/nodes.parquet"),
         "attr": rows("prompts/*/edges.parquet"),
+        "attr_heads": rows("prompts/*/edges_heads.parquet"),
         "prompts": pq.read_table(catalog_dir / layout.PROMPT_INDEX).to_pylist(),
     }
 
@@ -203,6 +204,24 @@ def test_heads(store, ref, fid, head, layer):
     expected = sorted(((ref["tokens"][r["src"]], r["head"], r["weight"], r["src"]) for r in ref["ov_tokens"] if r["dst"] == fid
                        and head in (None, r["head"])), key=lambda e: (-abs(e[2]), e[3], e[1]))[:6]
     assert [(e.source, e.head) for e in got.tokens] == [e[:2] for e in expected]
+
+
+def test_edge_heads_round_trip_and_sum_to_each_edge(store, ref, catalog_dir, tmp_path):
+    """ATTR_HEAD: each pruned edge's per-head terms come back from the store as stored, sum to the ATTR weight,
+    and the prompt report shows which heads carried the strongest edges across positions."""
+    from circuit_catalog.queries.heads import edge_heads
+    from circuit_catalog.queries.reports.prompt import write_prompt_report
+
+    lookups = Lookups(store)
+    for prompt in ref["prompts"]:
+        got = edge_heads(lookups, prompt["id"])
+        stored = [r for r in ref["attr_heads"] if r["dst"].startswith(prompt["id"] + ":")]
+        assert sum(len(v) for v in got.values()) == len(stored) > 0
+        for r in ref["attr"]:
+            if r["dst"].startswith(prompt["id"] + ":"):
+                assert sum(w for _, w in got[(r["src"], r["dst"])]) == pytest.approx(r["weight"], rel=1e-4, abs=1e-5)
+    html = write_prompt_report(lookups, catalog_dir, ref["prompts"][0]["id"], tmp_path / "p.html").read_text()
+    assert "which heads carried them" in html and re.search(r"L\dH\d -?\d+%", html)
 
 
 def test_heads_unknown(store):
