@@ -340,11 +340,14 @@ def heads(feature, catalog_dir, store_uri, database, k, head, layer, fmt):
     if fmt == "json":
         _print_json(asdict(found))
         return
-    for title, rows in ((f"features reaching {feature} through heads", found.features), (f"tokens reaching {feature} through heads", found.tokens)):
-        table = Table("source", "head", "weight", "its top extended de-embedding tokens", title=title)
-        for r in rows:
-            table.add_row(r.source if r in found.features else repr(r.source), r.head, f"{r.weight:+.4f}", " ".join(repr(t) for t in r.tokens))
-        out.print(table)
+    table = Table("source", "head", "weight", "its top extended de-embedding tokens", title=f"features reaching {feature} through heads")
+    for r in found.features:
+        table.add_row(r.source, r.head, f"{r.weight:+.4f}", " ".join(repr(t) for t in r.tokens))
+    out.print(table)
+    table = Table("token", "head", "weight", title=f"tokens reaching {feature} through heads")
+    for r in found.tokens:
+        table.add_row(repr(r.source), r.head, f"{r.weight:+.4f}")
+    out.print(table)
 
 
 @main.command()

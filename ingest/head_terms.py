@@ -174,7 +174,7 @@ def head_table(terms: HeadTerms, ids: list[str], top: int = 8) -> pa.Table:
     (src, dst, head, weight); an edge's rows sum to its weight. Zero terms are left out."""
     E, H = terms.terms.shape
     k = min(top, H)
-    top_vals, top_idx = terms.terms.abs().topk(k, dim=1) if E else (torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long))
+    top_idx = terms.terms.abs().topk(k, dim=1).indices if E else torch.zeros(0, k, dtype=torch.long)
     kept = terms.terms.gather(1, top_idx)
     other = terms.terms.sum(1) - kept.sum(1)
     head_names = pa.array(terms.heads + ["direct", "other"])

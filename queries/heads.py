@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.layout import parse_head_id
-from circuit_catalog.ingest.attribution import prompt_tokens
-from circuit_catalog.ingest.qk import QKAttribution, qk_attribution
-from circuit_catalog.ingest.transcoder import TranscoderSet
 from circuit_catalog.queries.api import Lookups
 
 from circuit_catalog.errors import CatalogDirError, UnknownHead
+
+if TYPE_CHECKING:  # the store lookups below need no torch; qk_for_prompt imports the model side when called
+    from circuit_catalog.ingest.qk import QKAttribution
+    from circuit_catalog.ingest.transcoder import TranscoderSet
 
 
 @dataclass
@@ -53,6 +55,8 @@ def head_inputs(lookups: Lookups, fid: str, k: int = 10, head: str | None = None
 def qk_for_prompt(model, tset: TranscoderSet, prompt: str, head: str, query_pos: int, key_pos: int,
                   catalog_dir: Path | None = None) -> QKAttribution:
     """QK attribution on a catalog prompt (by id or text, on the token ids its graph was built on) or on any text."""
+    from circuit_catalog.ingest.attribution import prompt_tokens
+    from circuit_catalog.ingest.qk import qk_attribution
     from circuit_catalog.queries.intervention_runs import catalog_prompt, graph_tokens
 
     if catalog_dir is not None and (Path(catalog_dir) / layout.PROMPT_INDEX).is_file():

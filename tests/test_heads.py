@@ -113,5 +113,5 @@ def test_token_ov_weights_are_the_frozen_single_head_gradient(tiny):
             rows = [(t, w) for t, d, w, hd in zip(table["src"], table["dst"], table["weight"], table["head"])
                     if d == f"L{L}/{feature}" and hd == f"L{m}H{h}"]
             expected = tiny.W_E.detach() @ grad  # every token's weight: its embedding row against the gradient
-            assert [t for t, _ in rows] and set(t for t, _ in rows) == set(expected.abs().topk(7).indices.tolist())
+            assert [t for t, _ in rows] and {t for t, _ in rows} == set(expected.abs().topk(7).indices.tolist())
             torch.testing.assert_close(torch.tensor([w for _, w in rows]), expected[[t for t, _ in rows]], rtol=1e-4, atol=1e-5)
