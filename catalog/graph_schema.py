@@ -64,17 +64,26 @@ NODES = (
                              ("spec", "STRING"), ("kl", "DOUBLE"), ("top_before", "STRING[]"), ("top_after", "STRING[]"),
                              ("generated_original", "STRING"), ("generated_steered", "STRING"), ("created", "STRING")),
             layout.INTERVENTIONS),
+    # attention heads (`ingest.heads`): `L7H3`; OV and ATTR_HEAD edges name theirs in a `head` property
+    NodeSet("Head", (("id", "STRING"), ("layer", "INT64"), ("head", "INT64"), ("kv_head", "INT64")), layout.HEAD_INDEX),
 )
 RELS = (
     RelSet("PULLBACK", "Feature", "Feature", (("weight", "FLOAT"),), layout.PULLBACK_PARTS),
     RelSet("DEEMBED", "Token", "Feature", (("weight", "FLOAT"), ("variant", "STRING")), layout.DEEMBED_PARTS),
     RelSet("LOGIT", "Feature", "Token", (("weight", "FLOAT"),), layout.LOGIT_PARTS),
     RelSet("ATTR", "PNode", "PNode", (("weight", "FLOAT"),), layout.prompt_part_glob("edges")),
+    # each ATTR edge's terms per attention head (the last head its paths cross), `direct` and `other`: parallel
+    # edges beside ATTR, which stays as it was; a row per (edge, head), so "edges carried by L7H3" is a property test
+    RelSet("ATTR_HEAD", "PNode", "PNode", (("head", "STRING"), ("weight", "FLOAT")), layout.prompt_part_glob("edges_heads")),
     RelSet("INSTANCE_OF", "PNode", "Feature", (), layout.prompt_part_glob("links_feature")),
     RelSet("INSTANCE_OF", "PNode", "Token", (), layout.prompt_part_glob("links_token")),
     RelSet("ON", "Intervention", "Prompt", (), layout.INTERVENTION_ON),
     RelSet("TOUCHES", "Intervention", "Feature", (("edits", "STRING"),), layout.INTERVENTION_TOUCHES),
     RelSet("CHANGES", "Intervention", "Token", (("before", "FLOAT"), ("after", "FLOAT"), ("change", "FLOAT")), layout.INTERVENTION_CHANGES),
+    # OV pullbacks per head: a (source, head, target) triple is an edge with the head's id as a property, so "which
+    # earlier features reach f through which heads" is one hop into f
+    RelSet("OV", "Feature", "Feature", (("weight", "FLOAT"), ("head", "STRING")), f"{layout.OV}/*.parquet"),
+    RelSet("OV_TOKEN", "Token", "Feature", (("weight", "FLOAT"), ("head", "STRING")), f"{layout.OV_TOKENS}/*.parquet"),
 )
 
 

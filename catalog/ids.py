@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from circuit_catalog.errors import UnknownFeature, UnknownPrompt
+from circuit_catalog.errors import UnknownFeature, UnknownHead, UnknownPrompt
 
 FEATURE_ID = re.compile(r"L(\d{1,6})/(\d{1,12})")  # bounded: int() of 5,000 digits raises
 TARGET = "target"
@@ -105,3 +105,19 @@ def parse_local(local: str) -> LocalNode:
     if g["token_id"] is not None:
         return LocalNode("logit", token_id=g["token_id"])
     return LocalNode(TARGET)
+
+
+HEAD_ID = re.compile(r"L(\d{1,6})H(\d{1,6})")
+
+
+def head_id(layer: int, head: int) -> str:
+    """An attention head's id: `L7H3` is head 3 of layer 7 (the seeds' naming)."""
+    return f"L{layer}H{head}"
+
+
+def parse_head_id(hid: str) -> tuple[int, int]:
+    """'L7H3' -> (7, 3); anything else is a user error."""
+    m = HEAD_ID.fullmatch(hid)
+    if not m:
+        raise UnknownHead(f"malformed head id {hid[:40]!r}: expected L<layer>H<head>, e.g. L7H3")
+    return int(m.group(1)), int(m.group(2))

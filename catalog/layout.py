@@ -26,7 +26,7 @@ STATS_INFO = "info.json"  # what the statistics were collected from, and each pa
 EVAL = "eval.json"  # optional: `circuit-catalog eval --out DIR/eval.json`, read by the overview report
 REPORTS = "reports"  # default directory for HTML reports
 PROMPTS = "prompts"  # prompts/<prompt_id>/: prompt.json (`prompt_info`) and <part>.parquet for each of PROMPT_PARTS (`prompt_part`)
-PROMPT_PARTS = ("nodes", "edges", "edges_full", "links_feature", "links_token")
+PROMPT_PARTS = ("nodes", "edges", "edges_full", "links_feature", "links_token", "edges_heads")
 PROMPT_INFO = "prompt.json"
 PROMPT_INDEX = "prompts.parquet"
 # `intervene --catalog`: one row per intervention (INTERVENTION_SCHEMA), and the store's links derived from it:
@@ -35,6 +35,14 @@ INTERVENTIONS = "interventions.parquet"
 INTERVENTION_ON = "interventions_on.parquet"
 INTERVENTION_TOUCHES = "interventions_touches.parquet"
 INTERVENTION_CHANGES = "interventions_changes.parquet"
+# Attention heads (`ingest.heads`): OV pullbacks per head, `heads/ov/A{m}_L{L}.parquet` (feature sources) and
+# `heads/ov_tokens/A{m}_L{L}.parquet` (token sources) for attention layer m into transcoder layer L, and the
+# Head nodes `heads/heads.parquet`; component tallies of features over their top examples `stats/components.parquet`
+HEADS = "heads"
+OV = "heads/ov"
+OV_TOKENS = "heads/ov_tokens"
+HEAD_INDEX = "heads/heads.parquet"
+COMPONENTS = "stats/components.parquet"
 GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
 WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
 
@@ -42,6 +50,8 @@ WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or i
 PULLBACK_PARTS = f"{PULLBACKS}/*.parquet"
 DEEMBED_PARTS = f"{DEEMBED}/*.parquet"
 LOGIT_PARTS = f"{LOGITS}/*.parquet"
+OV_PARTS = f"{OV}/*.parquet"
+OV_TOKEN_PARTS = f"{OV_TOKENS}/*.parquet"
 PROMPT_INFOS = f"{PROMPTS}/*/{PROMPT_INFO}"
 
 # Crash leftovers: everything written under a temporary name has a hidden one, `.<name>.tmp-*`
@@ -64,6 +74,9 @@ DEEMBED_SCHEMA = pa.schema(
     [("src", pa.int64()), ("dst", pa.string()), ("weight", pa.float32()), ("variant", pa.string())]
 )
 LOGIT_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.int64()), ("weight", pa.float32())])
+OV_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32()), ("head", pa.string())])
+OV_TOKEN_SCHEMA = pa.schema([("src", pa.int64()), ("dst", pa.string()), ("weight", pa.float32()), ("head", pa.string())])
+HEAD_SCHEMA = pa.schema([("id", pa.string()), ("layer", pa.int64()), ("head", pa.int64()), ("kv_head", pa.int64())])
 TOKEN_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
 
 # One prompt's attribution graph. Node ids are written and read by `catalog.ids` (`<prompt_id>:L8/355@3`, ...);
@@ -75,6 +88,9 @@ PNODE_SCHEMA = pa.schema([
     ("dropped", pa.float32()), ("probability", pa.float32()), ("influence", pa.float32()), ("kept", pa.bool_()),
 ])
 ATTR_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32())])
+# per-head terms of each pruned edge (`ingest.head_terms`): `head` is a Head id (`L7H3`), `direct` (no attention on
+# the path) or `other` (the heads beyond the top ones); an edge's rows sum to its ATTR weight
+ATTR_HEAD_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("head", pa.string()), ("weight", pa.float32())])
 PROMPT_SCHEMA = pa.schema([
     ("id", pa.string()), ("text", pa.string()), ("target", pa.string()), ("n_tokens", pa.int32()),
     ("replacement_score", pa.float32()), ("completeness_score", pa.float32()), ("n_active_features", pa.int32()),
@@ -94,7 +110,7 @@ INTERVENTION_SCHEMA = pa.schema([
 
 def temporaries(root: Path) -> list[Path]:
     """Every temporary in the catalog: stale whenever no writer holds the lock."""
-    dirs = (root, root / PULLBACKS, root / DEEMBED, root / LOGITS, root / STATS, root / PROMPTS)
+    dirs = (root, root / PULLBACKS, root / DEEMBED, root / LOGITS, root / STATS, root / PROMPTS, root / HEADS, root / OV, root / OV_TOKENS)
     return sorted({p for d in dirs for pattern in TEMPORARY for p in d.glob(pattern)})
 
 
@@ -155,3 +171,11 @@ def deembed_part(root: Path, layer: int) -> Path:
 
 def logit_part(root: Path, layer: int) -> Path:
     return root / LOGITS / f"L{layer:03d}.parquet"
+
+
+def ov_part(root: Path, attn_layer: int, dst_layer: int) -> Path:
+    return root / OV / f"A{attn_layer:03d}_L{dst_layer:03d}.parquet"
+
+
+def ov_token_part(root: Path, attn_layer: int, dst_layer: int) -> Path:
+    return root / OV_TOKENS / f"A{attn_layer:03d}_L{dst_layer:03d}.parquet"

@@ -45,11 +45,12 @@ class Manifest:
     definitions: dict[str, str] = field(default_factory=dict)  # what the stored weights mean, for a reader of the files
     parts: dict[str, int] = field(default_factory=dict)  # finished part (relative path) -> rows, checked on resume
     format: int = FORMAT  # the catalog format written (`layout.FORMAT`); manifests before numbered formats lack it: 1
+    heads_top_k: int | None = None  # OV pullbacks per attention head kept per (target feature, head); None: not computed
 
     def identity(self) -> dict:
         """The fields that decide the catalog's content."""
         keys = ("model_weights_sha256", "transcoder_files", "layers", "top_k", "min_weight", "token_top_k", "dtype",
-                "pullback_score_dtype")
+                "pullback_score_dtype", "heads_top_k")
         return {k: getattr(self, k) for k in keys}
 
     def write(self, root: Path) -> None:

@@ -80,8 +80,8 @@ def rel_statement(r: RelSet, merge: bool) -> str:
     if not merge:
         props = ", ".join(f"{c}: r.{c}" for c, _ in r.properties)
         return match + f"CREATE (a)-[:{r.type}" + (f" {{{props}}}" if props else "") + "]->(b)"
-    # properties that tell parallel edges apart (DEEMBED's variant) go into the MERGE pattern
-    keyed = [c for c, _ in r.properties if c == "variant"]
+    # properties that tell parallel edges apart (DEEMBED's variant, the head of OV and ATTR_HEAD) go into the MERGE pattern
+    keyed = [c for c, _ in r.properties if c in ("variant", "head")]
     pattern = " {" + ", ".join(f"{c}: r.{c}" for c in keyed) + "}" if keyed else ""
     sets = ", ".join(f"e.{c} = r.{c}" for c, _ in r.properties if c not in keyed)
     return match + f"MERGE (a)-[e:{r.type}{pattern}]->(b)" + (f" SET {sets}" if sets else "")

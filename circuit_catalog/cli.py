@@ -141,6 +141,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--top-k", type=click.IntRange(1), default=16, show_default=True, help="Pullback sources kept per (feature, earlier layer).")
 @click.option("--min-weight", type=click.FloatRange(0), callback=_finite, default=None, help="Drop pullback edges with |weight| below this.")
 @click.option("--token-top-k", type=click.IntRange(1), default=20, show_default=True, help="Tokens kept per feature for de-embedding and logit lens.")
+@click.option("--heads-top-k", type=click.IntRange(1), default=None, help="Also OV pullbacks per attention head: feature and token sources kept per (feature, head).")
 @click.option("--trust-pickle", is_flag=True, help="Allow the pickled original GPT-2 transcoder files (pickle can run code).")
 @click.option("--dataset", default=None, help="Also collect activation statistics over this dataset ('brown', files, HF name).")
 @click.option("--tokens", "n_tokens", type=click.IntRange(1), default=100_000, show_default=True, help="Tokens of --dataset for statistics.")
@@ -164,7 +165,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
               help="Precision of the pullback scores that choose each feature's candidate edges (twice --top-k, or those near "
                    "--min-weight); the kept edges' weights are then recomputed and stored in float32. 'auto': bfloat16 on CUDA, "
                    "float32 elsewhere (on a CPU the bf16 path measured slower).")
-def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, trust_pickle, dataset, n_tokens, ctx_len,
+def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, heads_top_k, trust_pickle, dataset, n_tokens, ctx_len,
            prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size,
            bos_features, custom_tokens, contrast, direction, target_weight, device, dtype, pullback_score_dtype):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
@@ -179,7 +180,8 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     attribution = AttributionSettings(max_feature_nodes=None if all_features else max_feature_nodes, max_n_logits=max_n_logits,
                                       desired_logit_prob=desired_logit_prob, node_threshold=node_threshold,
                                       edge_threshold=edge_threshold, batch_size=batch_size, zero_bos=not bos_features)
-    settings = IngestSettings(top_k=top_k, min_weight=min_weight, token_top_k=token_top_k, pullback_score_dtype=pullback_score_dtype)
+    settings = IngestSettings(top_k=top_k, min_weight=min_weight, token_top_k=token_top_k, pullback_score_dtype=pullback_score_dtype,
+                              heads_top_k=heads_top_k)
     result = ingest_(model, transcoders, catalog_dir, layers=parse_layers(layers), trust_pickle=trust_pickle, settings=settings,
                      dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len, prompts=specs, attribution=attribution,
                      device=device, dtype=dtype)
@@ -311,6 +313,30 @@ def _tokens_table(card, k: int) -> Table:
             row += [repr(pairs[i].token), f"{pairs[i].weight:+.3f}"] if i < len(pairs) else ["", ""]
         table.add_row(*row)
     return table
+
+
+@main.command()
+@click.argument("feature")
+@store_options
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--head", default=None, help="Only this head, e.g. L7H3.")
+@click.option("--layer", type=click.IntRange(0, 99_999), default=None, help="Only feature sources of this layer.")
+@format_option
+def heads(feature, cat, k, head, layer, fmt):
+    """Which earlier features and tokens reach FEATURE through which attention heads (OV pullbacks per head: the change
+    in FEATURE's pre-activation per unit of the source when the head attends to it with weight 1, norm scales left out)."""
+    found = cat.heads(feature, k, head, layer)
+    if fmt == "json":
+        _print_json(found)
+        return
+    table = Table("source", "head", "weight", "its top extended de-embedding tokens", title=f"features reaching {feature} through heads")
+    for r in found.features:
+        table.add_row(r.source, r.head, f"{r.weight:+.4f}", " ".join(repr(t) for t in r.tokens))
+    out.print(table)
+    table = Table("token", "head", "weight", title=f"tokens reaching {feature} through heads")
+    for r in found.tokens:
+        table.add_row(repr(r.source), r.head, f"{r.weight:+.4f}")
+    out.print(table)
 
 
 @main.command()
@@ -728,6 +754,44 @@ def interventions(feature, cat, k, fmt):
         changes = ", ".join(f"{c.token!r} {c.change:+.3f}" for c in u.changes[:3])
         table.add_row(u.id, u.prompt_id or repr(u.prompt[:30]), u.regime, u.spec, f"{u.kl:.4f}", changes)
     out.print(table)
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--transcoders", required=True, type=click.Path(path_type=Path))
+@click.option("--prompt", "prompt_key", required=True, help="Prompt text, or with --catalog the id or exact text of a catalog prompt.")
+@click.option("--catalog", "catalog_dir", type=click.Path(path_type=Path), default=None, help="Catalog whose prompts --prompt may name.")
+@click.option("--head", required=True, help="Attention head, e.g. L7H3.")
+@click.option("--query-pos", type=int, required=True, help="Query position (negative counts from the end).")
+@click.option("--key-pos", type=int, required=True, help="Key position (negative counts from the end).")
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--layers", default="all", show_default=True, help="Transcoder layers to use.")
+@click.option("--trust-pickle", is_flag=True)
+@compute_options
+@format_option
+def qk(model, transcoders, prompt_key, catalog_dir, head, query_pos, key_pos, k, layers, trust_pickle, device, dtype, fmt):
+    """Why HEAD attended from the query to the key position: its pre-softmax score as the sum of bilinear terms
+    (query-side node x key-side node: features, errors, tokens, bias), norm scales frozen, rotary as the model applies it."""
+    from circuit_catalog.ingest.pipeline import qk as qk_
+
+    found = qk_(model, transcoders, prompt_key, head, query_pos, key_pos, catalog_dir, parse_layers(layers), trust_pickle,
+                device=device, dtype=dtype)
+    if fmt == "json":
+        _print_json({"head": found.head, "query_pos": found.query_pos, "key_pos": found.key_pos, "score": found.score,
+                     "pattern": found.pattern, "sum_of_terms": found.total, "pairs": found.top_pairs(k),
+                     "query_totals": found.query_totals(k), "key_totals": found.key_totals(k)})
+        return
+    out.print(f"{head} from {found.query_pos} ({found.tokens[found.query_pos]!r}) to {found.key_pos} ({found.tokens[found.key_pos]!r}): "
+              f"score {found.score:+.4f} (sum of terms {found.total:+.4f}), attention weight {found.pattern:.4f}", highlight=False)
+    table = Table("query-side node", "key-side node", "term", title="largest bilinear terms")
+    for a, b, v in found.top_pairs(k):
+        table.add_row(a, b, f"{v:+.4f}")
+    out.print(table)
+    for title, rows in (("query-side totals (node . whole key)", found.query_totals(k)), ("key-side totals (whole query . node)", found.key_totals(k))):
+        table = Table("node", "total", title=title)
+        for name, v in rows:
+            table.add_row(name, f"{v:+.4f}")
+        out.print(table)
 
 
 @main.command()

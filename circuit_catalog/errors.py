@@ -72,3 +72,7 @@ class SqlError(UserError):
 
 class UnknownPrompt(UserError):
     """A prompt id, node id, token or logit that is malformed or not in the catalog's graphs."""
+
+
+class UnknownHead(UserError):
+    """An attention-head id that is malformed or not in the model."""

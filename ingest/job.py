@@ -27,6 +27,8 @@ from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
 from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
 from circuit_catalog.ingest.device import dtype_name, resolve_dtype, score_dtype_for
+from circuit_catalog.ingest.heads import DEFINITION as OV_DEFINITION
+from circuit_catalog.ingest.heads import head_pairs, head_table, ov_table, ov_token_table
 from circuit_catalog.ingest.mapped_weights import release_mapped
 from circuit_catalog.ingest.models import check_context, file_digest, weights_digest
 from circuit_catalog.ingest.pullbacks import DEFINITION as PULLBACK_DEFINITION
@@ -53,6 +55,7 @@ class IngestSettings:
     # dtype of the pullback scores that choose candidate edges; the stored weights are float32 recomputations
     # (`select_edges`): "float32", "bfloat16", or "auto" (`ingest.device.score_dtype_for` the model's device)
     pullback_score_dtype: str = "auto"
+    heads_top_k: int | None = None  # OV pullbacks per attention head (`ingest.heads`): kept per (target feature, head)
 
 
 def _versions() -> dict[str, str]:
@@ -87,7 +90,8 @@ def build_manifest(model, model_name: str, tset: TranscoderSet, transcoders: str
         pullback_score_dtype=score_dtype_for(settings.pullback_score_dtype, model.W_E.device),
         device=str(model.W_E.device),
         created=now(),
-        definitions={"pullback": PULLBACK_DEFINITION},
+        definitions={"pullback": PULLBACK_DEFINITION, **({"ov": OV_DEFINITION} if settings.heads_top_k else {})},
+        heads_top_k=settings.heads_top_k,
     )
 
 
@@ -104,7 +108,7 @@ def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progr
         existing = _existing(root, manifest)
         if existing is not None:
             manifest.created, manifest.parts = existing.created, dict(existing.parts)
-            if existing.status == "complete" and all(_finished(root, manifest, p) for p in _all_parts(root, tset)):
+            if existing.status == "complete" and all(_finished(root, manifest, p) for p in _all_parts(root, tset, model, bool(manifest.heads_top_k))):
                 return existing
         manifest.status = "in-progress"
         manifest.write(root)
@@ -128,10 +132,14 @@ def _existing(root: Path, manifest: Manifest) -> Manifest | None:
     return existing
 
 
-def _all_parts(root: Path, tset: TranscoderSet) -> list[Path]:
+def _all_parts(root: Path, tset: TranscoderSet, model=None, heads: bool = False) -> list[Path]:
     parts = [root / layout.TOKENS, root / layout.FEATURES]
     parts += [p for tc in tset for p in (layout.deembed_part(root, tc.layer), layout.logit_part(root, tc.layer))]
-    return parts + [layout.pullback_part(root, lo, hi) for hi in tset.layers for lo in tset.layers if lo < hi]
+    parts += [layout.pullback_part(root, lo, hi) for hi in tset.layers for lo in tset.layers if lo < hi]
+    if heads:
+        parts += [root / layout.HEAD_INDEX]
+        parts += [p for m, L in head_pairs(model, tset) for p in (layout.ov_part(root, m, L), layout.ov_token_part(root, m, L))]
+    return parts
 
 
 def _finished(root: Path, manifest: Manifest, path: Path) -> bool:
@@ -155,9 +163,10 @@ def _write_part(root: Path, manifest: Manifest, table: pa.Table, path: Path) -> 
 
 def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool) -> None:
     settings = IngestSettings(top_k=manifest.top_k, min_weight=manifest.min_weight, token_top_k=manifest.token_top_k,
-                              pullback_score_dtype=manifest.pullback_score_dtype)
+                              pullback_score_dtype=manifest.pullback_score_dtype, heads_top_k=manifest.heads_top_k)
     pairs = [(lo, hi) for hi in tset.layers for lo in tset.layers if lo < hi]
-    bar = tqdm(total=1 + len(tset.layers) + len(pairs), desc="ingest", unit="part", disable=not progress)
+    ov_pairs = head_pairs(model, tset) if settings.heads_top_k else []
+    bar = tqdm(total=1 + len(tset.layers) + len(pairs) + len(ov_pairs), desc="ingest", unit="part", disable=not progress)
     if not _finished(root, manifest, root / layout.TOKENS):
         _write_part(root, manifest, _token_table(model), root / layout.TOKENS)
     bar.update()
@@ -183,6 +192,18 @@ def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, p
         if not _finished(root, manifest, path):
             _write_part(root, manifest, pullback_table(model, tset, lo, hi, settings), path)
             release_mapped()  # one pair's encoder and decoder in memory at a time (see ingest.mapped_weights)
+        bar.update()
+
+    if ov_pairs and not _finished(root, manifest, root / layout.HEAD_INDEX):
+        _write_part(root, manifest, head_table(model), root / layout.HEAD_INDEX)
+    for m, L in ov_pairs:  # OV pullbacks per head (ingest.heads): attention layer m into transcoder layer L
+        bar.set_postfix_str(f"heads A{m}->L{L}")
+        path, token_path = layout.ov_part(root, m, L), layout.ov_token_part(root, m, L)
+        if not _finished(root, manifest, path):
+            _write_part(root, manifest, ov_table(model, tset, m, L, settings.heads_top_k), path)
+            release_mapped()
+        if not _finished(root, manifest, token_path):
+            _write_part(root, manifest, ov_token_table(model, tset, m, L, settings.heads_top_k), token_path)
         bar.update()
     bar.close()
 
@@ -300,6 +321,8 @@ def count_rows(root: Path) -> dict[str, int]:
         "pullback_edges": rows(layout.part_files(root, layout.PULLBACK_PARTS)),
         "deembed_edges": rows(layout.part_files(root, layout.DEEMBED_PARTS)),
         "logit_edges": rows(layout.part_files(root, layout.LOGIT_PARTS)),
+        **({"ov_edges": rows(layout.part_files(root, layout.OV_PARTS)),
+            "ov_token_edges": rows(layout.part_files(root, layout.OV_TOKEN_PARTS))} if (root / layout.OV).is_dir() else {}),
     }
 
 

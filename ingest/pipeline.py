@@ -184,3 +184,13 @@ def validate(model, transcoders, catalog_dir: str | Path, prompt: str, k: int = 
 
     lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
     return validate_prompt(lm, tset, Path(catalog_dir), prompt, k, n_paths)
+
+
+def qk(model, transcoders, prompt: str, head: str, query_pos: int, key_pos: int, catalog_dir: str | Path | None = None,
+       layers: list[int] | None = None, trust_pickle: bool = False, device: str | None = None, dtype: str | None = None):
+    """Why `head` (e.g. "L7H3") attended from `query_pos` to `key_pos` of a prompt (text, or with `catalog_dir` a
+    catalog prompt's id or text): its pre-softmax score split into exact bilinear node-pair terms (a `QKAttribution`)."""
+    from circuit_catalog.queries.heads import qk_for_prompt
+
+    lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
+    return qk_for_prompt(lm, tset, prompt, head, query_pos, key_pos, None if catalog_dir is None else Path(catalog_dir))

@@ -23,6 +23,7 @@ from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
 from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
 from circuit_catalog.ingest.attribution import AttributionGraph, attribute, prompt_tokens, target_token
+from circuit_catalog.ingest.head_terms import head_table, head_terms
 from circuit_catalog.ingest.pruning import Pruned, graph_scores, prune
 from circuit_catalog.ingest.targets import CustomTarget, custom_target
 from circuit_catalog.ingest.transcoder import TranscoderSet
@@ -61,7 +62,8 @@ class AttributionSettings:
     edge_threshold: float = 0.98
     batch_size: int = 256
     zero_bos: bool = True  # no feature nodes at position 0 (BOS or another special token), as circuit-tracer
-    definitions: int = 2  # raised when what a graph holds changes, so older prompt graphs are recomputed
+    head_terms: int = 8  # per pruned edge: its terms through its top heads, `direct` and `other` (`ingest.head_terms`)
+    definitions: int = 3  # raised when what a graph holds changes, so older prompt graphs are recomputed
 
 
 def read_prompts(path: Path) -> list[PromptSpec]:
@@ -219,6 +221,9 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
     pruned = prune(graph, settings.node_threshold, settings.edge_threshold)
     replacement, completeness = graph_scores(graph)
     tables = graph_tables(graph, pruned, pid, model.tokenizer.decode)
+    dst, src = pruned.edge_mask.nonzero(as_tuple=True)  # the order of `edges`: each kept edge split by head
+    terms = head_terms(model, tset, graph, dst, src, None if custom is None else custom.vector)
+    tables["edges_heads"] = head_table(terms, [f"{pid}:{local}" for local in local_ids(graph)], settings.head_terms)
     info = {
         "id": pid, "text": spec.text, "target": spec.target if custom is None else custom.name, "n_tokens": graph.n_pos, "tokens": graph.tokens.tolist(),
         "decoded": model.tokenizer.decode(graph.tokens.tolist()),  # the tokens as text, BOS included (the viewer's prompt)

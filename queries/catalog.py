@@ -132,6 +132,13 @@ class Catalog:
         """The feature's pullback neighbourhood (`.to_networkx()` for your own graph algorithms)."""
         return self.lookups.neighbourhood(feature, depth, k)
 
+    def heads(self, feature: str, k: int = 10, head: str | None = None, layer: int | None = None):
+        """Which earlier features and tokens reach `feature` through which attention heads (OV pullbacks per head;
+        a catalog ingested with `heads_top_k`): a `HeadInputs`."""
+        from circuit_catalog.queries.heads import head_inputs
+
+        return head_inputs(self.lookups, feature, k, head, layer)
+
     # ------------------------------------------------------------------ prompts
 
     def prompts(self) -> Rows[PromptInfo]:

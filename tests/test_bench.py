@@ -19,6 +19,7 @@ EXPECTED = {  # benchmark -> a line its report must print
     "agreement.py": "prune masks at 6 threshold pairs",
     "mapped_pullbacks.py": "x the set on disk",
     "interventions.py": "--validate -k 20",
+    "heads.py": "head-resolved graph",
 }
 
 

@@ -129,3 +129,57 @@ def test_saelens_setting_we_cannot_reproduce(tmp_path, saelens_dir, gpt2_dir):
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "normalize_activations": "layer_norm"}))
     assert_one_line_error(*run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", tmp_path / "c"),
                           'normalize_activations="layer_norm" is not supported')
+
+
+def test_heads_command(tmp_path, saelens_dir, gpt2_dir):
+    """`ingest --heads-top-k`: OV parts per (attention layer, target layer), resumable; `heads FEATURE` lists them."""
+    import pyarrow.parquet as pq
+
+    from circuit_catalog.catalog import layout
+
+    catalog = tmp_path / "c"
+    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "-k", "3", "--heads-top-k", "2")
+    assert code == 0 and "ov_edges" in output, output
+    parts = sorted((catalog / layout.OV).glob("*.parquet"))
+    assert [p.name for p in parts] == ["A000_L000.parquet", "A000_L001.parquet", "A000_L002.parquet", "A001_L001.parquet",
+                                       "A001_L002.parquet", "A002_L002.parquet"]
+    stamps = {p: p.stat().st_mtime_ns for p in parts}
+    code, _ = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "-k", "3", "--heads-top-k", "2")
+    assert code == 0 and stamps == {p: p.stat().st_mtime_ns for p in parts}  # a rerun recomputes nothing
+    found = run_json("heads", "L2/1", "--catalog", catalog)
+    rows = [r for p in parts for r in pq.read_table(p).to_pylist() if r["dst"] == "L2/1"]
+    expected = sorted(rows, key=lambda r: (-abs(r["weight"]), r["src"], r["head"]))[:10]
+    assert [(f["source"], f["head"]) for f in found["features"]] == [(r["src"], r["head"]) for r in expected]
+    assert len(found["tokens"]) == 10
+    code, output = run("heads", "L2/1", "--catalog", catalog, "--head", "L1H3")
+    assert code == 0 and "L1H3" in output and "L2H0" not in output
+    assert_one_line_error(*run("heads", "L2/1", "--catalog", catalog, "--head", "L7H9"), "unknown head L7H9")
+    plain = tmp_path / "plain"
+    assert run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", plain, "-k", "3")[0] == 0
+    assert_one_line_error(*run("heads", "L2/1", "--catalog", plain), "--heads-top-k")
+
+
+def test_qk_command(tmp_path, saelens_dir, gpt2_dir):
+    """`qk`: the terms' sum is the model's score, on a catalog prompt by id and on plain text."""
+    import pytest
+
+    from circuit_catalog.ingest.models import load_model
+
+    catalog = tmp_path / "c"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the capital of france is\n")
+    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "-k", "2", "--prompts", prompts)
+    assert code == 0, output
+    pid = run_json("prompts", "--catalog", catalog)[0]["id"]
+    found = run_json("qk", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "--prompt", pid,
+                     "--head", "L2H1", "--query-pos", "5", "--key-pos", "2", "-k", "4")
+    model = load_model(str(gpt2_dir))
+    _, cache = model.run_with_cache(model.to_tokens("the capital of france is"))
+    assert found["score"] == pytest.approx(cache["blocks.2.attn.hook_attn_scores"][0, 1, 5, 2].item(), rel=1e-5)
+    assert found["sum_of_terms"] == pytest.approx(found["score"], rel=1e-4, abs=1e-4)
+    assert len(found["pairs"]) == 4 and len(found["query_totals"]) == 4
+    code, output = run("qk", "--model", gpt2_dir, "--transcoders", saelens_dir, "--prompt", "the capital of france is",
+                       "--head", "L2H1", "--query-pos", "-1", "--key-pos", "2")
+    assert code == 0 and "largest bilinear terms" in output and "query-side totals" in output, output
+    assert_one_line_error(*run("qk", "--model", gpt2_dir, "--transcoders", saelens_dir, "--prompt", "the capital",
+                               "--head", "L2H1", "--query-pos", "1", "--key-pos", "2"), "causal")

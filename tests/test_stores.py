@@ -42,7 +42,7 @@ def catalog_dir(tmp_path_factory, gpt2) -> Path:
     """A real catalog of a tiny GPT-2: 3 layers x 200 features, ~4,800 pullback edges, three prompts' graphs."""
     root = tmp_path_factory.mktemp("catalog")
     tset = random_transcoders(gpt2, d_sae=200, seed=7)
-    settings = IngestSettings(top_k=4, token_top_k=5)
+    settings = IngestSettings(top_k=4, token_top_k=5, heads_top_k=3)
     run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", settings), progress=False)
     ids = run_prompts(gpt2, tset, root, PROMPTS, AttributionSettings(max_feature_nodes=250, node_threshold=0.6), progress=False)
     record_interventions(gpt2, tset, root, ids[0])
@@ -156,9 +156,12 @@ def ref(catalog_dir):
         "pullbacks": rows(layout.PULLBACK_PARTS),
         "deembed": rows(layout.DEEMBED_PARTS),
         "logits": rows(layout.LOGIT_PARTS),
+        "ov": rows(layout.OV_PARTS),
+        "ov_tokens": rows(layout.OV_TOKEN_PARTS),
         "features": {r["id"]: r for r in pq.read_table(catalog_dir / layout.FEATURES).to_pylist()},
         "pnodes": rows(layout.prompt_part_glob("nodes")),
         "attr": rows(layout.prompt_part_glob("edges")),
+        "attr_heads": rows(layout.prompt_part_glob("edges_heads")),
         "prompts": pq.read_table(catalog_dir / layout.PROMPT_INDEX).to_pylist(),
     }
 
@@ -185,6 +188,51 @@ def test_upstream_and_downstream(store, ref, fid, layer, sign):
         assert [e.weight for e in got] == pytest.approx([e[1] for e in expected], rel=1e-6)
         for e in got:  # orientation tokens: the other feature's top extended de-embedding tokens
             assert e.tokens == ref["features"][e.feature]["deembed_ext_tokens"][:5]
+
+
+@pytest.mark.parametrize("fid, head, layer", [("L2/5", None, None), ("L2/5", "L2H1", None), ("L1/150", None, 0), ("L0/3", None, None)])
+def test_heads(store, ref, fid, head, layer):
+    """`heads`: the k strongest OV pullbacks into a feature (one edge per source and head), as the Parquet has them."""
+    from circuit_catalog.queries.heads import head_inputs
+
+    got = head_inputs(Lookups(store), fid, k=6, head=head, layer=layer)
+    expected = sorted(((r["src"], r["head"], r["weight"]) for r in ref["ov"] if r["dst"] == fid and head in (None, r["head"])
+                       and layer in (None, layer_of(r["src"]))), key=lambda e: (-abs(e[2]), e[0], e[1]))[:6]
+    assert [(e.source, e.head) for e in got.features] == [e[:2] for e in expected]
+    assert [e.weight for e in got.features] == pytest.approx([e[2] for e in expected], rel=1e-6)
+    if fid == "L0/3":
+        assert got.features == []  # attention layer 0 has no earlier transcoder: token sources only
+    expected = sorted(((ref["tokens"][r["src"]], r["head"], r["weight"], r["src"]) for r in ref["ov_tokens"] if r["dst"] == fid
+                       and head in (None, r["head"])), key=lambda e: (-abs(e[2]), e[3], e[1]))[:6]
+    assert [(e.source, e.head) for e in got.tokens] == [e[:2] for e in expected]
+
+
+def test_edge_heads_round_trip_and_sum_to_each_edge(store, ref, catalog_dir, tmp_path):
+    """ATTR_HEAD: each pruned edge's per-head terms come back from the store as stored, sum to the ATTR weight,
+    and the prompt report shows which heads carried the strongest edges across positions."""
+    from circuit_catalog.queries.heads import edge_heads
+    from circuit_catalog.queries.reports.prompt import write_prompt_report
+
+    lookups = Lookups(store)
+    for prompt in ref["prompts"]:
+        got = edge_heads(lookups, prompt["id"])
+        stored = [r for r in ref["attr_heads"] if r["dst"].startswith(prompt["id"] + ":")]
+        assert sum(len(v) for v in got.values()) == len(stored) > 0
+        for r in ref["attr"]:
+            if r["dst"].startswith(prompt["id"] + ":"):
+                assert sum(w for _, w in got[(r["src"], r["dst"])]) == pytest.approx(r["weight"], rel=1e-4, abs=1e-5)
+    html = write_prompt_report(lookups, catalog_dir, ref["prompts"][0]["id"], tmp_path / "p.html").read_text()
+    assert "which heads carried them" in html and re.search(r"L\dH\d -?\d+%", html)
+
+
+def test_heads_unknown(store):
+    from circuit_catalog.errors import UnknownHead
+    from circuit_catalog.queries.heads import head_inputs
+
+    with pytest.raises(UnknownHead, match="unknown head L9H0"):
+        head_inputs(Lookups(store), "L2/5", head="L9H0")
+    with pytest.raises(UnknownHead, match="malformed"):
+        head_inputs(Lookups(store), "L2/5", head="7.3")
 
 
 def test_tokens(store, ref):
@@ -342,12 +390,16 @@ def test_prompt_paths_equal_enumeration(store, ref):
 def _counts(store) -> tuple:
     n = store.run("MATCH (f:Feature) RETURN count(f) AS n")[0]["n"]
     t = store.run("MATCH (t:Token) RETURN count(t) AS n")[0]["n"]
-    e = [store.run(f"MATCH ()-[e:{rel}]->() RETURN count(e) AS n")[0]["n"] for rel in ("PULLBACK", "DEEMBED", "LOGIT")]
+    e = [store.run(f"MATCH ()-[e:{rel}]->() RETURN count(e) AS n")[0]["n"] for rel in ("PULLBACK", "DEEMBED", "LOGIT", "OV", "OV_TOKEN")]
     return (n, t, *e)
 
 
+def _expected_counts(ref) -> tuple:
+    return tuple(len(ref[k]) for k in ("features", "tokens", "pullbacks", "deembed", "logits", "ov", "ov_tokens"))
+
+
 def test_load_is_complete_and_idempotent(store, catalog_dir, ref):
-    expected = (len(ref["features"]), len(ref["tokens"]), len(ref["pullbacks"]), len(ref["deembed"]), len(ref["logits"]))
+    expected = _expected_counts(ref)
     assert _counts(store) == expected
     assert store.load(catalog_dir, progress=False) is False  # already current
     assert _counts(store) == expected
@@ -392,7 +444,7 @@ def test_bolt_interrupted_load_resumes_without_duplicates(bolt_server, catalog_d
     # forget that the last parts finished, as if the load had died inside them; the rerun merges them again
     s.execute("MATCH (c:CatalogState {id: 'catalog'}) SET c.parts = c.parts[0..3]", None, write=True)
     assert s.load(catalog_dir, progress=False, batch_rows=2000)
-    assert _counts(s) == (len(ref["features"]), len(ref["tokens"]), len(ref["pullbacks"]), len(ref["deembed"]), len(ref["logits"]))
+    assert _counts(s) == _expected_counts(ref)  # parallel OV edges (one per head) told apart on MERGE
     s.close()
 
 
@@ -543,7 +595,7 @@ def test_bolt_load_from_the_cli_with_two_writers(bolt_server, catalog_dir, ref, 
     result = CliRunner().invoke(main, ["load", "--catalog", str(catalog_dir), "--store", uri, "--database", database, "--writers", "2"])
     assert result.exit_code == 0, result.output
     s = _bolt_store((uri, lambda: database))
-    assert _counts(s) == (len(ref["features"]), len(ref["tokens"]), len(ref["pullbacks"]), len(ref["deembed"]), len(ref["logits"]))
+    assert _counts(s) == _expected_counts(ref)
     assert s.run("MATCH ()-[e:ATTR]->() RETURN count(e) AS n")[0]["n"] == len(ref["attr"])
     s.close()
     result = CliRunner().invoke(main, ["load", "--catalog", str(catalog_dir), "--store", "embedded", "--writers", "2"])
@@ -613,7 +665,7 @@ def test_bolt_lost_connection_is_one_error_and_the_next_load_resumes(catalog_dir
         state = store.run(STATE_READ, {"id": "catalog"})[0]
         assert state["parts"] and set(state["started"]) - set(state["parts"])  # some finished, some cut short
         assert store.load(catalog_dir, progress=False) is True
-        assert _counts(store) == (len(ref["features"]), len(ref["tokens"]), len(ref["pullbacks"]), len(ref["deembed"]), len(ref["logits"]))
+        assert _counts(store) == _expected_counts(ref)
         assert store.run("MATCH (n:PNode) RETURN count(n) AS n")[0]["n"] == len(ref["pnodes"])
         assert store.run("MATCH ()-[e:ATTR]->() RETURN count(e) AS n")[0]["n"] == len(ref["attr"])
         store.close()

@@ -47,11 +47,15 @@ def write_prompt_report(lookups: Lookups, root: Path, key: str, out: Path | None
 
     nav = [(OVERVIEW, "catalog overview")] if (out.parent / OVERVIEW).is_file() else []
     interventions = lookups.prompt_interventions(graph.info.id, k)
-    return write_page(out, render_prompt(graph, paths, top_logit.id, Manifest.read(root), href, max_nodes, max_links, k, nav, interventions))
+    from circuit_catalog.queries.heads import edge_heads
+
+    return write_page(out, render_prompt(graph, paths, top_logit.id, Manifest.read(root), href, max_nodes, max_links, k, nav, interventions,
+                                         edge_heads(lookups, graph.info.id)))
 
 
 def render_prompt(graph: PromptGraph, paths: list[NodePath], path_logit: str, manifest: Manifest, href,
-                  max_nodes: int, max_links: int, k: int, nav, interventions: list[InterventionUse] = ()) -> str:
+                  max_nodes: int, max_links: int, k: int, nav, interventions: list[InterventionUse] = (),
+                  heads: dict | None = None) -> str:
     info = graph.info
     kinds = {kind: graph.of_kind(kind) for kind in ("token", "feature", "error", "logit")}
     n_edges = sum(len(v) for v in graph.edges.values())
@@ -59,7 +63,7 @@ def render_prompt(graph: PromptGraph, paths: list[NodePath], path_logit: str, ma
                     ("completeness score", f"{info.completeness_score:.3f}"), ("feature nodes", len(kinds["feature"])),
                     ("error nodes", len(kinds["error"])), ("edges", f"{n_edges:,}")])
     parts = [head, _picture(graph, href, max_nodes, max_links), _logits(kinds["logit"]), _paths(graph, paths, path_logit, href),
-             _top_nodes(graph, href, k), interventions_section(list(interventions), "edits")]
+             _top_nodes(graph, href, k), _heads(graph, heads or {}, href, k), interventions_section(list(interventions), "edits")]
     subtitle = f"{info.text!r} · {manifest.model} · transcoders {manifest.transcoders} · prompt {info.id}"
     return page("Attribution graph", join(parts), subtitle, nav, meta={"circuit-catalog-report": "prompt"})
 
@@ -115,6 +119,22 @@ def _paths(graph: PromptGraph, paths: list[NodePath], logit: str, href) -> Marku
     note = ("Strength: the product of each edge's weight per unit of its source's activation, i.e. the token's effect on the "
             "logit through exactly that path in the local replacement model.")
     return section(f"Strongest paths to {graph.nodes[logit].token!r}", table(["strength", "path"], rows, numeric=[0], cls="paths"), note=note)
+
+
+def _heads(graph: PromptGraph, heads: dict, href, k: int) -> Markup:
+    """The strongest edges that cross positions, each with the heads that carried it."""
+    from circuit_catalog.queries.heads import carried_by
+
+    edges = [(src, dst, w) for dst, ins in graph.edges.items() for src, w in ins
+             if graph.nodes[src].pos != graph.nodes[dst].pos and (src, dst) in heads]
+    edges = sorted(edges, key=lambda e: -abs(e[2]))[:k]
+    if not edges:
+        return Markup("")
+    rows = [[join([_node_link(graph, s, href), _node_link(graph, d, href)], " → "), signed(w, "{:+.4f}"), carried_by(heads[(s, d)], w)]
+            for s, d, w in edges]
+    note = ("Each edge split by the last attention head its paths cross before the target (`direct`: no head; `other`: "
+            "the heads beyond the stored top ones); a share is the term over the edge's weight, so the shares add to 100%.")
+    return section("Edges across positions: which heads carried them", table(["edge", "weight", "carried by"], rows, numeric=[1], cls="heads"), note=note)
 
 
 def _top_nodes(graph: PromptGraph, href, k: int) -> Markup:
