@@ -122,8 +122,8 @@ def _select(A: torch.Tensor, B: torch.Tensor, attn, top_k: int | None, min_weigh
         for block in select_edges(A[kv_of(attn, h)], B[h], top_k, min_weight):
             parts.append(HeadEdges(block.src, block.dst, torch.full_like(block.src, h), block.weight))
     if not parts:
-        empty = torch.zeros(0, dtype=torch.int64, device="cpu")  # results are returned on the CPU, like the cat below
-        return HeadEdges(empty, empty, empty, torch.zeros(0, device="cpu"))
+        empty = torch.zeros(0, dtype=torch.int64, device=A.device).cpu()  # on the CPU, as the edges below
+        return HeadEdges(empty, empty, empty, torch.zeros(0, device=A.device).cpu())
     return HeadEdges(*(torch.cat([getattr(p, name) for p in parts]).cpu() for name in ("src", "dst", "head", "weight")))
 
 
