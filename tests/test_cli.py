@@ -138,13 +138,13 @@ def test_heads_command(tmp_path, saelens_dir, gpt2_dir):
     from circuit_catalog.catalog import layout
 
     catalog = tmp_path / "c"
-    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "-k", "3", "--heads-top-k", "2")
+    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "--top-k", "3", "--heads-top-k", "2")
     assert code == 0 and "ov_edges" in output, output
     parts = sorted((catalog / layout.OV).glob("*.parquet"))
     assert [p.name for p in parts] == ["A000_L000.parquet", "A000_L001.parquet", "A000_L002.parquet", "A001_L001.parquet",
                                        "A001_L002.parquet", "A002_L002.parquet"]
     stamps = {p: p.stat().st_mtime_ns for p in parts}
-    code, _ = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "-k", "3", "--heads-top-k", "2")
+    code, _ = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "--top-k", "3", "--heads-top-k", "2")
     assert code == 0 and stamps == {p: p.stat().st_mtime_ns for p in parts}  # a rerun recomputes nothing
     found = run_json("heads", "L2/1", "--catalog", catalog)
     rows = [r for p in parts for r in pq.read_table(p).to_pylist() if r["dst"] == "L2/1"]
@@ -155,7 +155,7 @@ def test_heads_command(tmp_path, saelens_dir, gpt2_dir):
     assert code == 0 and "L1H3" in output and "L2H0" not in output
     assert_one_line_error(*run("heads", "L2/1", "--catalog", catalog, "--head", "L7H9"), "unknown head L7H9")
     plain = tmp_path / "plain"
-    assert run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", plain, "-k", "3")[0] == 0
+    assert run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", plain, "--top-k", "3")[0] == 0
     assert_one_line_error(*run("heads", "L2/1", "--catalog", plain), "--heads-top-k")
 
 
@@ -168,7 +168,7 @@ def test_qk_command(tmp_path, saelens_dir, gpt2_dir):
     catalog = tmp_path / "c"
     prompts = tmp_path / "p.txt"
     prompts.write_text("the capital of france is\n")
-    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "-k", "2", "--prompts", prompts)
+    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "--top-k", "2", "--prompts", prompts)
     assert code == 0, output
     pid = run_json("prompts", "--catalog", catalog)[0]["id"]
     found = run_json("qk", "--model", gpt2_dir, "--transcoders", saelens_dir, "--catalog", catalog, "--prompt", pid,
