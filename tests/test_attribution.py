@@ -357,7 +357,7 @@ def autograd_edges(model, tset, graph: AttributionGraph, rows: list[int], source
                 layer, pos, index = graph.features[row].tolist()
                 target = tset[layer].pre_acts(seen[layer][0, pos])[index]
             else:
-                target = logits[0, -1, graph.logit_tokens[row - graph.logit_index(0)]]
+                target = logits[0, -1, graph.logit_targets[row - graph.logit_index(0)]]
             grads = torch.autograd.grad(target, list(z.values()), retain_graph=True, allow_unused=True)
             by_layer = dict(zip(z, grads))
             for j, s in enumerate(sources):

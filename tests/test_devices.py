@@ -106,7 +106,7 @@ def test_a_bfloat16_ingest_writes_the_float32_catalog_to_bf16_precision(gpt2, gp
 
     def ingest(catalog, *extra):
         return CliRunner().invoke(main, ["ingest", "--model", str(gpt2_dir), "--transcoders", str(tc), "--catalog", str(catalog),
-                                         "-k", "6", "--token-top-k", "8", "--dataset", str(text_file), "--tokens", "300",
+                                         "--top-k", "6", "--token-top-k", "8", "--dataset", str(text_file), "--tokens", "300",
                                          "--ctx-len", "16", "--prompts", str(tmp_path / "p.txt"), "--max-feature-nodes", "30",
                                          "--device", "cpu", *extra])
 
