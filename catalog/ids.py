@@ -1,4 +1,4 @@
-"""Feature ids and prompt-graph node ids: the one module that writes and reads them.
+"""Feature ids, prompt-graph node ids and attention-head ids: the one module that writes and reads them.
 
 A feature is `L{layer}/{index}` (`L8/355`). A node of a prompt's attribution graph is `<prompt_id>:<local>`,
 the local part naming it within its graph by kind (the `kind` column of nodes.parquet):
@@ -7,7 +7,8 @@ the local part naming it within its graph by kind (the `kind` column of nodes.pa
 - token `tok@3` (the input token at position 3), logit `logit:1234` (the logit of token id 1234),
 - target `target` (the prompt's custom target, `ingest.targets`; at most one per graph).
 
-Prompt ids are hex digests, so the first `:` ends them. Malformed ids are user errors, printed on one line.
+An attention head is `L{layer}H{head}` (`L7H3`, the seeds' naming). Prompt ids are hex digests, so the first `:`
+ends them. Malformed ids are user errors, printed on one line.
 """
 
 from __future__ import annotations
