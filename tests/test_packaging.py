@@ -34,13 +34,10 @@ def test_wheel_holds_one_top_level_package_with_its_queries(wheel):
 
 def test_installing_the_wheel_adds_only_circuit_catalog(wheel, tmp_path):
     venv = tmp_path / "venv"
-    # the fresh venv sees only what is installed in it: a PYTHONPATH holding the source tree (with the egg-info
-    # that building the wheel leaves there) would make pip take the package for installed already
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    # the fresh venv alone: with the checkout on PYTHONPATH, pip would take the egg-info the wheel build left there
-    # for circuit-catalog already installed, and install nothing
+    # the fresh venv must not see the checkout: through PYTHONPATH pip finds the egg-info the wheel's build left
+    # there ("already installed") and `import circuit_catalog` finds the source tree
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     listing = [str(python), "-c", "import sysconfig, os; print('\\n'.join(sorted(os.listdir(sysconfig.get_paths()['purelib']))))"]
     before = set(subprocess.run(listing, capture_output=True, text=True, check=True, env=env).stdout.split())
