@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from circuit_catalog.ingest.models import require_pre_norm_blocks
 from circuit_catalog.ingest.pruning import partial_influence
 from circuit_catalog.ingest.residual import centres, reads_normalised
 from circuit_catalog.ingest.transcoder import TranscoderSet
 from tqdm.auto import tqdm
 
-from circuit_catalog.errors import AttributionError, ModelError, TranscoderError
+from circuit_catalog.errors import AttributionError, TranscoderError
 
 if TYPE_CHECKING:  # circuit_catalog.ingest.targets imports this module for target_token
     from circuit_catalog.ingest.targets import CustomTarget
@@ -110,12 +111,7 @@ class PromptTrace:
 def check_supported(model, tset: TranscoderSet) -> None:
     """The sweep's algebra assumes pre-norm blocks with folded norms and MLP-replacing transcoders."""
     tset.require_bound()
-    cfg = model.cfg
-    if cfg.normalization_type not in ("LNPre", "RMSPre"):
-        raise ModelError(f"attribution needs folded norms (LNPre/RMSPre), the model has {cfg.normalization_type!r}; "
-                         "load it through circuit-catalog's loader")
-    if getattr(cfg, "parallel_attn_mlp", False) or getattr(cfg, "use_normalization_before_and_after", False):
-        raise ModelError("attribution supports sequential pre-norm blocks only (no parallel attention/MLP, no post-norms)")
+    require_pre_norm_blocks(model, "attribution")
     for tc in tset:
         layer = tc.layer
         if tc.cfg.hook_out != f"blocks.{layer}.hook_mlp_out":

@@ -34,11 +34,11 @@ import pyarrow as pa
 import torch
 from circuit_catalog.catalog import ids, layout
 from circuit_catalog.catalog.ids import feature_ids
+from circuit_catalog.ingest.models import require_pre_norm_blocks
 from circuit_catalog.ingest.pullbacks import select_edges
 from circuit_catalog.ingest.residual import as_read_by, centres
 from circuit_catalog.ingest.transcoder import TranscoderSet
 
-from circuit_catalog.errors import ModelError
 
 DEFINITION = ("w[i, f, h] = P1(W_dec^(l->m)[i]) . W_V^h W_O^h . P2(W_enc^(L)[:, f]): the change in f's pre-activation "
               "per unit of i when head h (layer m) attends with weight 1 from f's position to i's and every other path is "
@@ -47,12 +47,7 @@ DEFINITION = ("w[i, f, h] = P1(W_dec^(l->m)[i]) . W_V^h W_O^h . P2(W_enc^(L)[:, 
 
 def check_attention(model) -> None:
     """The OV algebra assumes pre-norm blocks whose attention reads ln1's output of the residual stream."""
-    cfg = model.cfg
-    if cfg.normalization_type not in ("LNPre", "RMSPre"):
-        raise ModelError(f"head circuits need folded norms (LNPre/RMSPre), the model has {cfg.normalization_type!r}; "
-                         "load it through circuit-catalog's loader")
-    if getattr(cfg, "parallel_attn_mlp", False) or getattr(cfg, "use_normalization_before_and_after", False):
-        raise ModelError("head circuits support sequential pre-norm blocks only (no parallel attention/MLP, no post-norms)")
+    require_pre_norm_blocks(model, "head circuits")
 
 
 def n_kv_heads(attn) -> int:

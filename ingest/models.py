@@ -183,6 +183,16 @@ def _load_hf_dir(directory: Path, device: torch.device):
     return model
 
 
+def require_pre_norm_blocks(model, what: str) -> None:
+    """The linear algebra of attribution and head circuits assumes sequential pre-norm blocks with folded norms."""
+    cfg = model.cfg
+    if cfg.normalization_type not in ("LNPre", "RMSPre"):
+        raise ModelError(f"{what} needs folded norms (LNPre/RMSPre), the model has {cfg.normalization_type!r}; "
+                         "load it through circuit-catalog's loader")
+    if getattr(cfg, "parallel_attn_mlp", False) or getattr(cfg, "use_normalization_before_and_after", False):
+        raise ModelError(f"{what} supports sequential pre-norm blocks only (no parallel attention/MLP, no post-norms)")
+
+
 def check_context(model, ctx_len: int) -> None:
     """A context longer than the model's positions would fail deep inside the forward pass."""
     if ctx_len > model.cfg.n_ctx:
