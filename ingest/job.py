@@ -186,13 +186,14 @@ def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, p
             _write_part(root, manifest, _logit_table(tc.layer, logit_lens), l_path)
         bar.update()
 
-    for lo, hi in pairs:
-        path = layout.pullback_part(root, lo, hi)
-        bar.set_postfix_str(f"pullbacks L{lo}->L{hi}")
-        if not _finished(root, manifest, path):
-            _write_part(root, manifest, pullback_table(model, tset, lo, hi, settings), path)
+    for lo in tset.layers:  # source-major: a CLT source's write into each later reader is one running sum
+        todo = [hi for hi in tset.layers if hi > lo and not _finished(root, manifest, layout.pullback_part(root, lo, hi))]
+        bar.update(sum(1 for hi in tset.layers if hi > lo) - len(todo))
+        for hi, write in tset.writes_from(lo, todo):
+            bar.set_postfix_str(f"pullbacks L{lo}->L{hi}")
+            _write_part(root, manifest, pullback_table(model, tset, lo, hi, settings, write), layout.pullback_part(root, lo, hi))
             release_mapped()  # one pair's encoder and decoder in memory at a time (see ingest.mapped_weights)
-        bar.update()
+            bar.update()
 
     if ov_pairs and not _finished(root, manifest, root / layout.HEAD_INDEX):
         _write_part(root, manifest, head_table(model), root / layout.HEAD_INDEX)
@@ -209,11 +210,14 @@ def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, p
 
 
 @torch.no_grad()
-def pullback_table(model, tset: TranscoderSet, lo: int, hi: int, settings: IngestSettings) -> pa.Table:
+def pullback_table(model, tset: TranscoderSet, lo: int, hi: int, settings: IngestSettings,
+                   write: torch.Tensor | None = None) -> pa.Table:
     """All kept pullback edges from layer `lo` features into layer `hi` features (a CLT feature's write into
-    layer `hi`'s input is the sum of its decoder slices into layers lo .. hi-1), computed in float32 whatever the
-    transcoders' dtype (a no-op for float32 weights, which so stay mapped views of their files)."""
-    W_dec = as_read_by(model, tset[hi], tset.total_write(lo, hi).float())
+    layer `hi`'s input is the sum of its decoder slices into layers lo .. hi-1: `write`, when the caller keeps it
+    as a running sum, else computed here), in float32 whatever the transcoders' dtype (a no-op for float32
+    weights, which so stay mapped views of their files)."""
+    write = tset.total_write(lo, hi) if write is None else write
+    W_dec = as_read_by(model, tset[hi], write.float())
     return pullback_edges_table(W_dec, tset[hi].W_enc.float(), lo, hi, settings)
 
 

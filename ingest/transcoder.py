@@ -13,6 +13,7 @@ serves both; code that reads `W_dec` alone is per-layer only and says so (`requi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -225,6 +226,21 @@ class TranscoderSet:
                 total += W
                 release_mapped()
         return total
+
+    def writes_from(self, layer: int, readers: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(reader, `total_write(layer, reader)`) for each reader after `layer`, in increasing order, kept as one
+        running sum: a CLT's decoder slices are each read once per source layer, not once per (source, reader)
+        pair. The tensor yielded is updated in place at the next step: use it before asking for the next."""
+        tc = self[layer]
+        total, upto = tc.W_dec.clone(), layer + 1
+        for reader in sorted(r for r in readers if r > layer):
+            for lay in range(upto, reader):
+                W = tc.decoder_into(lay)
+                if W is not None:
+                    total += W
+                    release_mapped()
+            upto = reader
+            yield reader, total
 
     def decode_into(self, layer: int, z: dict[int, torch.Tensor], x: dict[int, torch.Tensor]) -> torch.Tensor:
         """Layer `layer`'s reconstructed MLP output from the activations `z` of every layer writing into it

@@ -158,6 +158,18 @@ def test_edges_agree_with_circuit_tracer_on_a_clt(arch, ct_python, request, tmp_
     torch.testing.assert_close(A, R, rtol=1e-4, atol=1e-5 * float(R.abs().max()))
 
 
+def test_running_writes_equal_each_pairs_total_write(clt):
+    """The ingest's source-major running sum gives every reader the same write as summing its slices afresh."""
+    model, _, tset = clt
+    n = model.cfg.n_layers
+    for lo in range(n):
+        for readers in (list(range(lo + 1, n)), [n - 1] if lo < n - 1 else [], []):
+            got = [(hi, write.clone()) for hi, write in tset.writes_from(lo, readers)]
+            assert [hi for hi, _ in got] == readers
+            for hi, write in got:
+                torch.testing.assert_close(write, tset.total_write(lo, hi), rtol=0, atol=1e-6)
+
+
 def test_a_clt_catalog_is_ingested_loaded_and_queried(clt, text_file, tmp_path):
     model, directory, tset = clt
     root = tmp_path / "catalog"
