@@ -1,8 +1,8 @@
 """One prompt's attribution graph as the query layer reads it, wherever it comes from, and path searches over it.
 
 `PromptGraph` is the one reader: the rows of a store (`from_rows`, via `Lookups.prompt_graph`), the catalog's
-Parquet parts (`from_catalog`: the export and the validation read these) and the tables the ingest writes
-(`ingest.prompts.graph_tables`) all map onto it. Node ids are the catalog's (`catalog.ids`); a prompt is
+Parquet parts (`from_catalog`: the export and the validation read these) and a graph computed in memory, through
+the tables the ingest writes for it (`from_tables` of `ingest.prompts.graph_tables`), all map onto it. Node ids are the catalog's (`catalog.ids`); a prompt is
 found by its id or exact text through `find_prompt`, whichever source, with one error type (`UnknownPrompt`).
 
 An edge s -> t holds s's direct effect on t. Per unit of a feature's activation that is
@@ -141,6 +141,11 @@ class PromptGraph:
         for e in edges:
             graph.edges[e["dst"]].append((e["src"], float(e["weight"])))
         return graph
+
+    @classmethod
+    def from_tables(cls, info: PromptInfo, tables: dict[str, pa.Table]) -> PromptGraph:
+        """From the tables the ingest writes for a graph computed in memory (`ingest.prompts.graph_tables`)."""
+        return cls.from_rows(info, [n for n in tables["nodes"].to_pylist() if n["kept"]], tables["edges"].to_pylist())
 
     @classmethod
     def from_catalog(cls, root: Path, key: str, all_nodes: bool = False) -> PromptGraph:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
 
 import circuit_catalog
 from circuit_catalog import AttributionSettings, Catalog, IngestSettings, PromptSpec, ingest, load_model, load_transcoders
-from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.errors import CatalogDirError, UnknownFeature, UnknownPrompt
 from circuit_catalog.ingest.transcoder_formats import save_saelens
@@ -65,13 +63,18 @@ def test_ingest_with_loaded_objects_is_the_same_catalog(api_catalog, gpt2_dir):
 
 
 def test_one_prompt_graph_from_store_parquet_and_memory(api_catalog, gpt2_dir):
-    catalog, _ = api_catalog
+    from circuit_catalog.ingest.attribution import attribute
+    from circuit_catalog.ingest.prompts import graph_tables
+    from circuit_catalog.ingest.pruning import prune
+
+    catalog, tc_dir = api_catalog
     with Catalog(catalog, progress=False) as cat:
         from_store = cat.prompt_graph(PROMPTS[0])
     from_parquet = PromptGraph.from_catalog(catalog, PROMPTS[0])
-    pid = from_store.info.id
-    nodes = [n for n in pq.read_table(layout.prompt_part(catalog, pid, "nodes")).to_pylist() if n["kept"]]
-    in_memory = PromptGraph.from_rows(from_store.info, nodes, pq.read_table(layout.prompt_part(catalog, pid, "edges")).to_pylist())
+    model = load_model(gpt2_dir)  # the same graph computed again, in memory, with the catalog's settings
+    graph = attribute(model, load_transcoders(tc_dir, model=model), PROMPTS[0], max_feature_nodes=64)
+    tables = graph_tables(graph, prune(graph), from_store.info.id, model.tokenizer.decode)
+    in_memory = PromptGraph.from_tables(from_store.info, tables)
     for other in (from_parquet, in_memory):
         assert set(other.nodes) == set(from_store.nodes)
         for nid, node in from_store.nodes.items():
