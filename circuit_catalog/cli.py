@@ -318,7 +318,7 @@ def _tokens_table(card, k: int) -> Table:
 @main.command()
 @click.argument("feature")
 @store_options
-@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Sources shown per kind (features, tokens).")
 @click.option("--head", default=None, help="Only this head, e.g. L7H3.")
 @click.option("--layer", type=click.IntRange(0, 99_999), default=None, help="Only feature sources of this layer.")
 @format_option
@@ -740,7 +740,7 @@ def _print_validation(v, fmt: str) -> None:
 @main.command()
 @click.argument("feature")
 @store_options
-@click.option("-k", type=click.IntRange(1), default=20, show_default=True)
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True, help="Interventions shown.")
 @format_option
 def interventions(feature, cat, k, fmt):
     """Recorded interventions that edited FEATURE (newest first): the edits, the prompt, what they did to the logits."""
@@ -764,7 +764,7 @@ def interventions(feature, cat, k, fmt):
 @click.option("--head", required=True, help="Attention head, e.g. L7H3.")
 @click.option("--query-pos", type=int, required=True, help="Query position (negative counts from the end).")
 @click.option("--key-pos", type=int, required=True, help="Key position (negative counts from the end).")
-@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Node pairs and one-sided totals shown.")
 @click.option("--layers", default="all", show_default=True, help="Transcoder layers to use.")
 @click.option("--trust-pickle", is_flag=True)
 @compute_options
@@ -800,7 +800,7 @@ def qk(model, transcoders, prompt_key, catalog_dir, head, query_pos, key_pos, k,
 @click.option("--prompt", required=True)
 @click.option("--layers", default="all", show_default=True)
 @click.option("--pos", type=int, default=-1, show_default=True, help="Token position (negative counts from the end).")
-@click.option("-k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Features shown.")
 @click.option("--format", "fmt", type=click.Choice(["table", "ids"]), default="table", show_default=True)
 @click.option("--trust-pickle", is_flag=True)
 @compute_options
