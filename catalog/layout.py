@@ -21,7 +21,7 @@ PULLBACKS = "pullbacks"  # pullbacks/L{lo:03d}_to_L{hi:03d}.parquet (`pullback_p
 DEEMBED = "deembed"  # deembed/L{layer:03d}.parquet (`deembed_part`)
 LOGITS = "logits"  # logits/L{layer:03d}.parquet (`logit_part`)
 STATS = "stats"  # stats/<part>.parquet for each of STATS_PARTS (`stats_file`), and stats/info.json (`stats_info`)
-STATS_PARTS = ("features", "top_examples", "quantile_examples", "tokens")
+STATS_PARTS = ("features", "top_examples", "quantile_examples", "tokens", "components")  # components: when computable
 STATS_INFO = "info.json"  # what the statistics were collected from, and each part's rows
 EVAL = "eval.json"  # optional: `circuit-catalog eval --out DIR/eval.json`, read by the overview report
 REPORTS = "reports"  # default directory for HTML reports
@@ -37,12 +37,11 @@ INTERVENTION_TOUCHES = "interventions_touches.parquet"
 INTERVENTION_CHANGES = "interventions_changes.parquet"
 # Attention heads (`ingest.heads`): OV pullbacks per head, `heads/ov/A{m}_L{L}.parquet` (feature sources) and
 # `heads/ov_tokens/A{m}_L{L}.parquet` (token sources) for attention layer m into transcoder layer L, and the
-# Head nodes `heads/heads.parquet`; component tallies of features over their top examples `stats/components.parquet`
+# Head nodes `heads/heads.parquet`
 HEADS = "heads"
 OV = "heads/ov"
 OV_TOKENS = "heads/ov_tokens"
 HEAD_INDEX = "heads/heads.parquet"
-COMPONENTS = "stats/components.parquet"
 GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
 WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
 
@@ -78,6 +77,12 @@ OV_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa
 OV_TOKEN_SCHEMA = pa.schema([("src", pa.int64()), ("dst", pa.string()), ("weight", pa.float32()), ("head", pa.string())])
 HEAD_SCHEMA = pa.schema([("id", pa.string()), ("layer", pa.int64()), ("head", pa.int64()), ("kv_head", pa.int64())])
 TOKEN_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
+# component tallies (`ingest.components`): a feature's mean direct terms over its top examples; `component` is `embed`,
+# a Head id (`L7H3`), `MLP{m}`, `bias` or `rest` (the terms not kept); a feature's rows sum to its mean pre-activation
+COMPONENT_SCHEMA = pa.schema([
+    ("feature", pa.string()), ("component", pa.string()), ("kind", pa.string()), ("layer", pa.int32()), ("head", pa.int32()),
+    ("contribution", pa.float32()), ("examples", pa.int32()),
+])
 
 # One prompt's attribution graph. Node ids are written and read by `catalog.ids` (`<prompt_id>:L8/355@3`, ...);
 # layer is -1 for tokens and n_layers for logits.

@@ -473,9 +473,11 @@ def graph(cat, prompt_key, k, fmt):
 @click.option("--prompt", "prompt_key", required=True, help="Prompt id or exact text.")
 @click.option("--neuronpedia", "out_file", required=True, type=click.Path(path_type=Path),
               help="Graph JSON to write (Neuronpedia / circuit-tracer viewer format); graph-metadata.json beside it lists it.")
-def export(cat, prompt_key, out_file):
+@click.option("--heads", is_flag=True, help="Add the attention heads that carried each link (a `heads` field) and each node's "
+              "inputs (in its label, which the viewer shows); without it the file is exactly circuit-tracer's.")
+def export(cat, prompt_key, out_file, heads):
     """Export a prompt's pruned attribution graph for circuit-tracer's local viewer or Neuronpedia."""
-    graph = cat.export_neuronpedia(prompt_key, out_file)
+    graph = cat.export_neuronpedia(prompt_key, out_file, heads)
     out.print(f"wrote {out_file}: {len(graph['nodes'])} nodes, {len(graph['links'])} links "
               f"(serve {out_file.parent} with circuit-tracer's local viewer)")
 
@@ -588,12 +590,34 @@ def stats(feature, cat, k, fmt):
 
 
 @main.command()
+@click.argument("feature")
+@catalog_option
+@format_option
+def components(feature, cat, fmt):
+    """What the embeddings, each attention head and each MLP write directly into FEATURE's pre-activation, averaged
+    over its top activating examples (norm scale frozen at each example's value; the rows sum to the mean
+    pre-activation: the largest terms, then the encoder and attention biases, then the rest)."""
+    rows = cat.components(feature)
+    if fmt == "json":
+        _print_json(rows)
+        return
+    if not rows:
+        out.print(f"{feature} has no top activating examples in the statistics: nothing to tally")
+        return
+    table = Table("component", "mean contribution", title=f"what writes {feature}'s pre-activation (over its top {rows[0].examples} examples)")
+    for r in rows:
+        table.add_row(r.component, f"{r.contribution:+.4f}")
+    table.add_row("total", f"{sum(r.contribution for r in rows):+.4f}", style="bold")
+    out.print(table)
+
+
+@main.command()
 @click.argument("query")
 @catalog_option
 @format_option
 def sql(query, cat, fmt):
     """Run a read-only SQL QUERY (DuckDB) over the catalog's Parquet: views features, tokens, pullbacks,
-    deembed, logits, stats, top_examples, quantile_examples, dataset_tokens."""
+    deembed, logits, stats, top_examples, quantile_examples, dataset_tokens, components."""
     rows = cat.sql(query)
     if fmt == "json":
         _print_json(rows)

@@ -341,6 +341,8 @@ class StatsPlan:
 
 # info.json fields that decide the statistics; `dataset` (the name given) and `parts` only describe them
 _STATS_IDENTITY = ("tokens_sha256", "tokens", "ctx_len", "top_k", "layers", "quantile_bins", "per_bin")
+# added after the first statistics: a catalog without it gains it by collecting anew (nothing else differs)
+_STATS_ADDED = ("component_examples",)
 
 
 def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: int, ctx_len: int = 128,
@@ -352,13 +354,17 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
     size records what was collected.
     """
     from circuit_catalog.ingest.datasets import token_contexts
+    from circuit_catalog.ingest.components import EXAMPLES, supported
     from circuit_catalog.ingest.stats import PER_BIN, QUANTILE_BINS
 
     check_context(model, ctx_len)
+    unsupported = supported(model, tset)
     tokens = token_contexts(model.tokenizer, dataset, n_tokens, ctx_len)
     info = {"dataset": dataset, "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
             "tokens": tokens.numel(), "ctx_len": ctx_len, "top_k": top_k, "layers": tset.layers,
-            "quantile_bins": QUANTILE_BINS, "per_bin": PER_BIN}
+            "quantile_bins": QUANTILE_BINS, "per_bin": PER_BIN,
+            "component_examples": 0 if unsupported else min(EXAMPLES, top_k),
+            **({"components_skipped": unsupported} if unsupported else {})}
     info_path = layout.stats_info(root)
     if not info_path.is_file():
         return StatsPlan(tokens, info, done=False)
@@ -366,7 +372,9 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
         old = json.loads(info_path.read_text())
     except (OSError, ValueError):
         return StatsPlan(tokens, info, done=False)  # unreadable: collected anew
-    if any(old.get(k) != info[k] for k in _STATS_IDENTITY):
+    if any(k not in old for k in _STATS_ADDED):
+        return StatsPlan(tokens, info, done=False)
+    if any(old.get(k) != info[k] for k in _STATS_IDENTITY + _STATS_ADDED):
         raise CatalogDirError(f"{root / layout.STATS} holds statistics collected with other settings or another dataset "
                               "(or by an older version); remove it to collect anew")
     intact = all(part_intact(root / layout.STATS / name, rows) for name, rows in old.get("parts", {}).items())
@@ -375,12 +383,18 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
 
 def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progress: bool = True) -> bool:
     """Collect the planned statistics into `DIR/stats/` (all files appear together); False if already there."""
+    from circuit_catalog.ingest.components import collect_components, components_table
     from circuit_catalog.ingest.stats import collect_stats, stats_tables
 
     if plan.done:
         return False
     with writer_lock(root):
-        tables = stats_tables(tset, collect_stats(model, tset, plan.tokens, plan.info["top_k"], progress=progress), plan.tokens)
+        stats = collect_stats(model, tset, plan.tokens, plan.info["top_k"], progress=progress)
+        tables = stats_tables(tset, stats, plan.tokens)
+        if n_examples := plan.info["component_examples"]:
+            top_index = {layer: s.top_index for layer, s in stats.items()}
+            tallies = collect_components(model, tset, plan.tokens, top_index, n_examples, progress=progress)
+            tables["components"] = components_table(tset, tallies, model.cfg.n_heads)
         with atomic_directory(root / layout.STATS) as tmp:
             for name, table in tables.items():
                 write_atomic(table, tmp / layout.parquet_name(name))

@@ -33,7 +33,7 @@ from circuit_catalog.queries.lookups import (
 )
 from circuit_catalog.queries.prompt_graph import GraphSummary, PromptGraph, PromptInfo
 from circuit_catalog.queries.rows import Rows, rows_of
-from circuit_catalog.queries.stats import FeatureStats
+from circuit_catalog.queries.stats import Component, FeatureStats
 
 
 @dataclass
@@ -185,6 +185,14 @@ class Catalog:
 
         return feature_stats(self.directory, feature, k)
 
+    def components(self, feature: str) -> Rows[Component]:
+        """What embeddings, each attention head and each MLP write directly into `feature`'s pre-activation, averaged
+        over its top activating examples (largest first, then `bias` and `rest`; the rows sum to the mean
+        pre-activation). Collected with the statistics."""
+        from circuit_catalog.queries.stats import feature_components
+
+        return Rows(feature_components(self.directory, feature))
+
     def sql(self, query: str) -> Rows[dict]:
         """A read-only DuckDB query over the catalog's Parquet views (features, pullbacks, stats, ...)."""
         from circuit_catalog.queries.sql import run_sql
@@ -218,8 +226,9 @@ class Catalog:
 
         return write_overview(self.directory, out_file, eval_file)
 
-    def export_neuronpedia(self, prompt: str, out_file: Path) -> dict:
-        """A prompt's graph as circuit-tracer / Neuronpedia JSON (graph-metadata.json beside it lists it)."""
+    def export_neuronpedia(self, prompt: str, out_file: Path, heads: bool = False) -> dict:
+        """A prompt's graph as circuit-tracer / Neuronpedia JSON (graph-metadata.json beside it lists it); `heads`
+        adds which attention heads carried each link and, in each node's label, its inputs."""
         from circuit_catalog.queries.neuronpedia import export_neuronpedia
 
-        return export_neuronpedia(self.directory, prompt, Path(out_file))
+        return export_neuronpedia(self.directory, prompt, Path(out_file), heads)

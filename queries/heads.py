@@ -3,6 +3,7 @@ which heads (the OV pullbacks per head of `ingest.heads`), as dataclasses for th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,8 +70,13 @@ def qk_for_prompt(model, tset: TranscoderSet, prompt: str, head: str, query_pos:
 def edge_heads(lookups: Lookups, prompt_id: str) -> dict[tuple[str, str], list[tuple[str, float]]]:
     """A prompt's pruned edges split by head: (src, dst) -> [(head, term)], largest |term| first; `direct` is the part
     through no head and `other` the heads beyond the stored top ones. Empty for a prompt computed without them."""
+    return by_edge(lookups._q("prompt_edge_heads", id=prompt_id))
+
+
+def by_edge(rows: Iterable[dict]) -> dict[tuple[str, str], list[tuple[str, float]]]:
+    """Rows (src, dst, head, weight) of edges_heads grouped by edge, largest |term| first."""
     found: dict[tuple[str, str], list[tuple[str, float]]] = {}
-    for r in lookups._q("prompt_edge_heads", id=prompt_id):
+    for r in rows:
         found.setdefault((r["src"], r["dst"]), []).append((r["head"], float(r["weight"])))
     for terms in found.values():
         terms.sort(key=lambda t: -abs(t[1]))

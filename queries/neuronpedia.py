@@ -7,6 +7,11 @@ circuit-tracer's `frontend.graph_models.Node` and every value is what circuit-tr
 `influence` is the cumulative influence share (`ingest.pruning.cumulative_influence`). One departure:
 error nodes are `err_{layer}_{pos}`, since circuit-tracer's `0_{layer}_{pos}` collides with the id of
 layer-0 feature `layer` at the same position.
+
+With `heads=True` (a prompt computed with head-resolved terms, `ingest.head_terms`) they go where the viewer shows text: each
+feature and logit node's `clerp` names the heads that carried its kept inputs (`via heads L7H3 40%, direct 35%`),
+and each link gains a `heads` object {head: term} (the viewer's links are free-form dicts; it draws only `weight`,
+other readers of the file get the split). Off by default, so the file is exactly circuit-tracer's.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.catalog.parquet_io import write_text_atomic
 from circuit_catalog.ingest.pruning import cumulative_influence
+from circuit_catalog.queries.heads import by_edge, carried_by
 from circuit_catalog.queries.prompt_graph import PromptGraph
 
 
@@ -26,7 +33,7 @@ def cantor(x: int, y: int) -> int:
     return (x + y) * (x + y + 1) // 2 + y
 
 
-def neuronpedia_graph(catalog_dir: Path, key: str, slug: str) -> dict:
+def neuronpedia_graph(catalog_dir: Path, key: str, slug: str, heads: bool = False) -> dict:
     manifest = Manifest.read(Path(catalog_dir))
     graph = PromptGraph.from_catalog(catalog_dir, key, all_nodes=True)  # every node, in the graph's fixed order
     settings = json.loads(graph.info.settings)
@@ -58,8 +65,21 @@ def neuronpedia_graph(catalog_dir: Path, key: str, slug: str) -> dict:
             first_logit = False
         js_id[n.id] = node["node_id"]
         out_nodes.append(node)
-    links = [{"source": js_id[src], "target": js_id[dst], "weight": w}
+    heads = _edge_heads(Path(catalog_dir), graph.info.id) if heads else {}
+    links = [{"source": js_id[src], "target": js_id[dst], "weight": w} | ({"heads": dict(heads[src, dst])} if (src, dst) in heads else {})
              for dst, ins in graph.edges.items() for src, w in ins if src in js_id and dst in js_id]
+    if heads:
+        by_id = {node["node_id"]: node for node in out_nodes}
+        for dst, ins in graph.edges.items():
+            kept = [(src, w) for src, w in ins if src in js_id and (src, dst) in heads]
+            if dst in js_id and kept:
+                totals: dict[str, float] = {}
+                for src, _ in kept:
+                    for head, term in heads[src, dst]:
+                        totals[head] = totals.get(head, 0.0) + term
+                node = by_id[js_id[dst]]
+                via = "via heads " + carried_by(sorted(totals.items(), key=lambda t: -abs(t[1])), sum(w for _, w in kept))
+                node["clerp"] = f"{node['clerp']} · {via}" if node["clerp"] else via
     metadata = {
         "slug": slug, "scan": Path(manifest.transcoders).name or manifest.transcoders, "transcoder_list": [],
         "prompt_tokens": [tokens_by_pos[p] for p in sorted(tokens_by_pos)], "prompt": graph.decoded,
@@ -69,13 +89,21 @@ def neuronpedia_graph(catalog_dir: Path, key: str, slug: str) -> dict:
     return {"metadata": metadata, "qParams": qparams, "nodes": out_nodes, "links": links}
 
 
-def export_neuronpedia(catalog_dir: Path, key: str, out_file: Path) -> dict:
+def _edge_heads(root: Path, prompt_id: str) -> dict[tuple[str, str], list[tuple[str, float]]]:
+    """(src, dst) -> [(head, term)] from the prompt's edges_heads.parquet, largest |term| first (empty without it)."""
+    import pyarrow.parquet as pq
+
+    path = layout.prompt_part(root, prompt_id, "edges_heads")
+    return by_edge(pq.read_table(path).to_pylist()) if path.is_file() else {}
+
+
+def export_neuronpedia(catalog_dir: Path, key: str, out_file: Path, heads: bool = False) -> dict:
     """Write the graph JSON and list it in `graph-metadata.json` next to it; returns the graph.
 
     The viewer finds a graph as `<slug>.json`, so the slug is the file's stem.
     """
     out_file = Path(out_file)
-    graph = neuronpedia_graph(catalog_dir, key, out_file.stem)
+    graph = neuronpedia_graph(catalog_dir, key, out_file.stem, heads)
     write_text_atomic(json.dumps(graph, indent=2, ensure_ascii=False), out_file)
     index_path = out_file.parent / "graph-metadata.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {"graphs": []}

@@ -1,7 +1,7 @@
 """Read-only SQL over a catalog directory's Parquet files with DuckDB.
 
 Views: `features`, `tokens`, `pullbacks`, `deembed`, `logits` and, once statistics are collected,
-`stats` (per feature), `top_examples`, `quantile_examples` and `dataset_tokens`.
+`stats` (per feature), `top_examples`, `quantile_examples`, `dataset_tokens` and `components` (component tallies).
 
 User SQL is hostile until proven otherwise, so two independent fences hold it: the statement's kind
 is parsed (one SELECT, or EXPLAIN of one), and the connection it runs in can read exactly the files
@@ -29,6 +29,7 @@ def views(root: Path) -> dict[str, list[Path]]:
         "deembed": layout.DEEMBED_PARTS, "logits": layout.LOGIT_PARTS,
         "stats": layout.stats_part("features"), "top_examples": layout.stats_part("top_examples"),
         "quantile_examples": layout.stats_part("quantile_examples"), "dataset_tokens": layout.stats_part("tokens"),
+        "components": layout.stats_part("components"),
     }
     found = {name: layout.part_files(root, pattern) for name, pattern in patterns.items()}
     return {name: files for name, files in found.items() if files}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,19 @@ class Interval:
 
 
 @dataclass
+class Component:
+    """One model component's mean direct term in a feature's pre-activation over its top examples (`ingest.components`):
+    `component` is `embed`, a head (`L7H3`), `MLP3`, `bias` or `rest` (the terms not kept)."""
+
+    component: str
+    kind: str
+    layer: int | None
+    head: int | None
+    contribution: float
+    examples: int
+
+
+@dataclass
 class FeatureStats:
     id: str
     fired: int
@@ -50,6 +64,7 @@ class FeatureStats:
     log10_histogram: list[int]  # counts circuit_catalog.over catalog.layout.histogram_log10_edges()
     examples: list[Example] = field(default_factory=list)
     intervals: list[Interval] = field(default_factory=list)  # highest first
+    components: list[Component] = field(default_factory=list)  # largest first, then bias and rest; empty if not tallied
 
 
 _EXAMPLE = "activation, context, pos, window_start, window_tokens"
@@ -69,11 +84,12 @@ def feature_stats(root: Path, fid: str, k: int = 10) -> FeatureStats:
         binned = con.execute(
             f"SELECT lower, upper, bin_count, {_EXAMPLE} FROM quantile_examples WHERE feature = ? ORDER BY bin DESC, rank", [fid]
         ).fetchall() if "quantile_examples" in views(root) else []
+        components = _components(con, root, fid)
         needed = sorted({t for r in top + binned for t in r[-1]})
         text = dict(con.execute("SELECT id, text FROM tokens WHERE list_contains(?, id)", [needed]).fetchall()) if needed else {}
     finally:
         con.close()
-    out = FeatureStats(fid, *row[:8], list(row[8]))
+    out = FeatureStats(fid, *row[:8], list(row[8]), components=components)
 
     def example(activation, context, pos, start, window) -> Example:
         return Example(float(activation), int(context), int(pos), [text[t] for t in window], pos - start)
@@ -83,4 +99,31 @@ def feature_stats(root: Path, fid: str, k: int = 10) -> FeatureStats:
         if not out.intervals or out.intervals[-1].lower != lower:
             out.intervals.append(Interval(float(lower), float(upper), int(count), count * out.frequency / out.fired))
         out.intervals[-1].examples.append(example(*rest))
+    return out
+
+
+def _components(con, root: Path, fid: str) -> list[Component]:
+    if "components" not in views(root):
+        return []
+    rows = con.execute("SELECT component, kind, layer, head, contribution, examples FROM components WHERE feature = ? "
+                       "ORDER BY kind IN ('bias', 'rest'), kind = 'rest', abs(contribution) DESC", [fid]).fetchall()
+    return [Component(*r) for r in rows]
+
+
+def feature_components(root: Path, fid: str) -> list[Component]:
+    """A feature's component tallies, or a one-line error saying why there are none."""
+    parse_feature_id(fid)
+    if not layout.stats_file(root, "components").is_file():
+        reason = ""
+        if layout.stats_info(root).is_file():
+            reason = json.loads(layout.stats_info(root).read_text()).get("components_skipped", "")
+        raise CatalogDirError(f"{root}: no component tallies" + (f" ({reason})" if reason else
+                              "; they are collected with the statistics: `circuit-catalog ingest ... --dataset D --tokens N`"))
+    con = connect(root)
+    try:
+        out = _components(con, root, fid)
+        if not out and con.execute("SELECT count(*) FROM stats WHERE id = ?", [fid]).fetchall()[0][0] == 0:
+            raise UnknownFeature(f"unknown feature {fid}: not in this catalog's statistics")
+    finally:
+        con.close()
     return out

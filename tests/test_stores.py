@@ -225,6 +225,30 @@ def test_edge_heads_round_trip_and_sum_to_each_edge(store, ref, catalog_dir, tmp
     assert "which heads carried them" in html and re.search(r"L\dH\d -?\d+%", html)
 
 
+def test_export_with_heads_adds_the_split_and_nothing_else(catalog_dir, ref, tmp_path):
+    """`export --heads`: every link gains its per-head terms (summing to its weight) and the labels of nodes with
+    head-carried inputs name the heads; everything else is the plain (circuit-tracer-identical) export's."""
+    from circuit_catalog.queries.neuronpedia import export_neuronpedia
+
+    pid = ref["prompts"][0]["id"]
+    plain = export_neuronpedia(catalog_dir, pid, tmp_path / "plain" / "g.json")
+    split = export_neuronpedia(catalog_dir, pid, tmp_path / "heads" / "g.json", heads=True)
+    assert not any("heads" in link for link in plain["links"])
+    assert [{k: v for k, v in link.items() if k != "heads"} for link in split["links"]] == plain["links"]
+    assert sum("heads" in link for link in split["links"]) == len(split["links"]) > 0
+    for link in split["links"]:
+        assert sum(link["heads"].values()) == pytest.approx(link["weight"], rel=1e-4, abs=1e-5)
+    labelled = [n for n in split["nodes"] if "via heads" in n["clerp"]]
+    assert labelled and all(re.search(r"via heads (L\dH\d|direct|other) -?\d+%", n["clerp"]) for n in labelled)
+    strip = [{k: v for k, v in n.items() if k != "clerp"} for n in split["nodes"]]
+    assert strip == [{k: v for k, v in n.items() if k != "clerp"} for n in plain["nodes"]]
+    from tests.test_cli import run as run_cli
+
+    code, output = run_cli("export", "--catalog", catalog_dir, "--prompt", pid, "--neuronpedia", tmp_path / "cli" / "g.json", "--heads")
+    assert code == 0, output
+    assert json.loads((tmp_path / "cli" / "g.json").read_text()) == split
+
+
 def test_heads_unknown(store):
     from circuit_catalog.errors import UnknownHead
     from circuit_catalog.queries.heads import head_inputs

@@ -120,9 +120,9 @@ def render_feature(card: FeatureCard, manifest: Manifest, href: Callable[[str], 
     elif not card.stats.fired:
         observed = [section("Activations", note="The feature never fired on the dataset of the statistics.")]
     elif blind:
-        observed = [_histogram_section(card.stats), _locations_section(card.stats), _intervals_table(card.stats)]
+        observed = [_histogram_section(card.stats), _components_section(card.stats), _locations_section(card.stats), _intervals_table(card.stats)]
     else:
-        observed = [_histogram_section(card.stats), _top_examples_section(card.stats), _intervals_section(card.stats)]
+        observed = [_histogram_section(card.stats), _components_section(card.stats), _top_examples_section(card.stats), _intervals_section(card.stats)]
     head = [_headline(card.stats)]
     if blind:
         head.append(banner("Blind case-study mode: the texts of the examples that activate this feature are left out. "
@@ -150,6 +150,20 @@ def _histogram_section(stats: FeatureStats) -> Markup:
     chart = svg.histogram(edges, counts[lo:hi], x_label="activation (log scale)", y_label="tokens", x_tick=lambda v: f"{10 ** v:.3g}",
                           label=f"histogram of activations of {stats.id}")
     return section("Activation histogram", chart, note="Firing tokens by activation, on a logarithmic axis (bins of log10 activation).")
+
+
+def _components_section(stats: FeatureStats) -> Markup:
+    """Seed 002's component tally as bars: which heads, MLPs and the embeddings write the feature's pre-activation."""
+    title = "What writes this feature"
+    if not stats.components:
+        return section(title, note="No component tallies in this catalog's statistics (collected by `ingest --dataset` "
+                                   "for transcoders reading the MLP input).")
+    labels = [c.component for c in stats.components]
+    chart = svg.bar_chart(labels, [c.contribution for c in stats.components], fmt="{:+.3f}", label=f"component tally of {stats.id}")
+    total = sum(c.contribution for c in stats.components)
+    return section(title, chart, note=f"Mean direct contribution to the pre-activation over the top {stats.components[0].examples} "
+                                      f"activating examples (norm scale frozen at each example's value): the largest terms, then the "
+                                      f"encoder and attention biases (`bias`) and the terms not shown (`rest`); they sum to {total:+.3f}.")
 
 
 def _example_rows(examples, blind: bool = False) -> list[list[object]]:
