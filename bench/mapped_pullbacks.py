@@ -58,6 +58,13 @@ def write_set(directory: Path, n_files: int, n_layers: int, d_model: int, d_sae:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set (MiB). Linux's VmHWM, which starts afresh at exec; `ru_maxrss` does not (it
+    carried the writing parent's peak into the measuring child)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -90,7 +97,6 @@ def main() -> None:
 
 def measure(args, directory: Path) -> None:
     from circuit_catalog.ingest.job import IngestSettings, pullback_edges_table
-    from circuit_catalog.ingest.mapped_weights import release_mapped
     from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     settings = IngestSettings(top_k=args.top_k)
@@ -104,8 +110,7 @@ def measure(args, directory: Path) -> None:
     for lo in sorted({lo for lo, _ in pairs}):
         start = time.perf_counter()
         for hi, write in tset.writes_from(lo, [h for source, h in pairs if source == lo]):
-            pullback_edges_table(write, tset[hi].W_enc, lo, hi, settings)
-            release_mapped()
+            pullback_edges_table(write, tset[hi].W_enc, lo, hi, settings)  # pages handed back by writes_from
         seconds += time.perf_counter() - start
     flops = 2.0 * args.d_sae * args.d_sae * args.d_model * len(pairs)
     ours = flops / seconds / 1e9

@@ -192,7 +192,6 @@ def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, p
         for hi, write in tset.writes_from(lo, todo):
             bar.set_postfix_str(f"pullbacks L{lo}->L{hi}")
             _write_part(root, manifest, pullback_table(model, tset, lo, hi, settings, write), layout.pullback_part(root, lo, hi))
-            release_mapped()  # one pair's encoder and decoder in memory at a time (see ingest.mapped_weights)
             bar.update()
 
     if ov_pairs and not _finished(root, manifest, root / layout.HEAD_INDEX):

@@ -74,9 +74,14 @@ def read_mapped(path: Path) -> dict[str, torch.Tensor]:
 _PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)
 
 
-def release_mapped() -> None:
-    """Hand every mapped file's touched, unmodified pages back to the kernel (the data stays readable)."""
+def release_mapped(keep: tuple[torch.Tensor | None, ...] = ()) -> None:
+    """Hand every mapped file's touched, unmodified pages back to the kernel (the data stays readable), except the
+    files behind the tensors in `keep`: pages about to be read again stay rather than be read from disk again."""
+    kept = [t.data_ptr() for t in keep if t is not None]
     for data in list(_OPEN.values()):
+        start = data.ctypes.data
+        if any(start <= ptr < start + data.size for ptr in kept):
+            continue
         try:
             data._mmap.madvise(_PAGEOUT)
         except (OSError, ValueError):

@@ -230,7 +230,12 @@ class TranscoderSet:
     def writes_from(self, layer: int, readers: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
         """(reader, `total_write(layer, reader)`) for each reader after `layer`, in increasing order, kept as one
         running sum: a CLT's decoder slices are each read once per source layer, not once per (source, reader)
-        pair. The tensor yielded is updated in place at the next step: use it before asking for the next."""
+        pair. The tensor yielded is updated in place at the next step: use it before asking for the next.
+
+        Mapped pages are handed back after each reader except the source's decoder file's, and those after the
+        last: a CLT's slices are interleaved row by row in that file, so reading one slice faults in the pages of
+        its neighbours too, and handing them back between readers read the whole file from disk once per slice
+        (memory stays bounded: one source's decoder, one reader's encoder)."""
         tc = self[layer]
         total, upto = tc.W_dec.clone(), layer + 1
         for reader in sorted(r for r in readers if r > layer):
@@ -238,9 +243,10 @@ class TranscoderSet:
                 W = tc.decoder_into(lay)
                 if W is not None:
                     total += W
-                    release_mapped()
             upto = reader
             yield reader, total
+            release_mapped(keep=(tc.W_dec, tc.W_dec_later))
+        release_mapped()
 
     def decode_into(self, layer: int, z: dict[int, torch.Tensor], x: dict[int, torch.Tensor]) -> torch.Tensor:
         """Layer `layer`'s reconstructed MLP output from the activations `z` of every layer writing into it

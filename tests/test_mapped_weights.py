@@ -57,3 +57,36 @@ def test_binding_keeps_the_mapped_views_on_the_cpu_in_float32(saelens_dir, gpt2)
     tset.to(dtype=torch.bfloat16)
     assert tset[1].W_enc.dtype == torch.bfloat16 and tset[1].W_enc.data_ptr() != pointers[1, "W_enc"]
     torch.testing.assert_close(tset[1].W_enc.float(), mapped, rtol=2**-8, atol=0)
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ", 1)[0]:  # a mapping's header line: address range ... path
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_release_keeps_the_files_asked_for(tmp_path):
+    """`release_mapped(keep=...)` hands back the pages of every mapped file but those behind the kept tensors (the
+    pullback ingest keeps a CLT source's decoder file resident while it runs through its readers)."""
+    import os
+
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("no /proc/self/smaps to read residency from")
+    paths = [tmp_path / "kept.safetensors", tmp_path / "released.safetensors"]
+    for p in paths:
+        save_file({"W": torch.ones(1024, 1024)}, p)
+    kept, released = (read_mapped(p)["W"] for p in paths)
+    assert kept.sum() == released.sum() == 1024 * 1024  # touch every page
+    before = [_resident_kib(p) for p in paths]
+    assert min(before) >= 4000
+    release_mapped(keep=(kept[3:],))  # any view into the file keeps it
+    after = [_resident_kib(p) for p in paths]
+    if after[1] == before[1]:
+        pytest.skip("the kernel refused MADV_PAGEOUT")
+    assert after[0] == before[0] and after[1] < before[1] / 4
+    assert released.sum() == 1024 * 1024  # read again from the file
