@@ -66,6 +66,9 @@ NODES = (
             layout.INTERVENTIONS),
     # attention heads (`ingest.heads`): `L7H3`; OV and ATTR_HEAD edges name theirs in a `head` property
     NodeSet("Head", (("id", "STRING"), ("layer", "INT64"), ("head", "INT64"), ("kv_head", "INT64")), layout.HEAD_INDEX),
+    # features playing one role (`ingest.supernodes`): per prompt (`prompt_id`) and over the prompt set (`prompt_id` "")
+    NodeSet("Supernode", (("id", "STRING"), ("prompt_id", "STRING"), ("name", "STRING"), ("size", "INT64"), ("influence", "FLOAT")),
+            layout.SUPERNODES, lookups=("prompt_id",)),
 )
 RELS = (
     RelSet("PULLBACK", "Feature", "Feature", (("weight", "FLOAT"),), layout.PULLBACK_PARTS),
@@ -84,6 +87,7 @@ RELS = (
     # earlier features reach f through which heads" is one hop into f
     RelSet("OV", "Feature", "Feature", (("weight", "FLOAT"), ("head", "STRING")), f"{layout.OV}/*.parquet"),
     RelSet("OV_TOKEN", "Token", "Feature", (("weight", "FLOAT"), ("head", "STRING")), f"{layout.OV_TOKENS}/*.parquet"),
+    RelSet("GROUPS", "Supernode", "Feature", (), layout.SUPERNODE_MEMBERS),
 )
 
 
@@ -93,13 +97,19 @@ def catalog_signature(catalog_dir: Path) -> str:
     m = Manifest.read(Path(catalog_dir))
     if m.status != "complete":
         raise CatalogDirError(f"{catalog_dir}: the ingest has not finished; rerun the same ingest command to complete it")
-    stats_info = layout.stats_info(Path(catalog_dir))
+    root = Path(catalog_dir)
+    stats_info = layout.stats_info(root)
     stats = stats_info.read_text() if stats_info.is_file() else None
-    index = Path(catalog_dir) / layout.PROMPT_INDEX
-    prompts = hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None
-    interventions = Path(catalog_dir) / layout.INTERVENTION_CHANGES  # written last of the intervention parts
     blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts, "stats": stats,
-                       "prompts": prompts, "schema": repr((NODES, RELS))}, sort_keys=True)
-    if interventions.is_file():
-        blob += hashlib.sha256(interventions.read_bytes() + (Path(catalog_dir) / layout.INTERVENTIONS).read_bytes()).hexdigest()
+                       "prompts": _digest(root / layout.PROMPT_INDEX), "schema": repr((NODES, RELS)),
+                       # each digest keyed by the part written last of its set
+                       "supernodes": _digest(root / layout.SUPERNODES, root / layout.SUPERNODE_MEMBERS),
+                       "interventions": _digest(root / layout.INTERVENTION_CHANGES, root / layout.INTERVENTIONS)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _digest(last: Path, *others: Path) -> str | None:
+    """sha256 of a set of files, None when the one written last is absent (the set was never written)."""
+    if not last.is_file():
+        return None
+    return hashlib.sha256(b"".join(p.read_bytes() for p in (last, *others))).hexdigest()

@@ -42,6 +42,10 @@ HEADS = "heads"
 OV = "heads/ov"
 OV_TOKENS = "heads/ov_tokens"
 HEAD_INDEX = "heads/heads.parquet"
+# supernodes (`ingest.supernodes`): groups of features playing one role, per prompt (`prompt_id`) and over the prompt
+# set (`prompt_id` ""), and their members (:Supernode)-[:GROUPS]->(:Feature)
+SUPERNODES = "supernodes.parquet"
+SUPERNODE_MEMBERS = "supernode_members.parquet"
 GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
 WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
 
@@ -96,6 +100,9 @@ ATTR_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", 
 # per-head terms of each pruned edge (`ingest.head_terms`): `head` is a Head id (`L7H3`), `direct` (no attention on
 # the path) or `other` (the heads beyond the top ones); an edge's rows sum to its ATTR weight
 ATTR_HEAD_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("head", pa.string()), ("weight", pa.float32())])
+SUPERNODE_SCHEMA = pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("name", pa.string()), ("size", pa.int64()),
+                              ("influence", pa.float32())])
+SUPERNODE_MEMBER_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string())])
 PROMPT_SCHEMA = pa.schema([
     ("id", pa.string()), ("text", pa.string()), ("target", pa.string()), ("n_tokens", pa.int32()),
     ("replacement_score", pa.float32()), ("completeness_score", pa.float32()), ("n_active_features", pa.int32()),

@@ -442,6 +442,64 @@ def recurring(cat, k, fmt):
 
 
 @main.command()
+@click.argument("feature", required=False)
+@store_options
+@click.option("--prompt", "prompt_key", default=None, help="This prompt's supernodes (id or exact text); without it and "
+              "FEATURE, those over the whole prompt set.")
+@format_option
+def supernodes(feature, cat, prompt_key, fmt):
+    """Supernodes: groups of features that play one role (similar attribution edges and decoder directions), found
+    automatically in each prompt's pruned graph and over the whole prompt set; with FEATURE, the groups holding it."""
+    if feature is not None and prompt_key is not None:
+        raise click.UsageError("give FEATURE or --prompt, not both")
+    found = cat.supernodes(prompt_key, feature)
+    if fmt == "json":
+        _print_json(found)
+        return
+    scope = f"holding {feature}" if feature else f"of prompt {prompt_key}" if prompt_key else "over the prompt set"
+    table = Table("supernode", "prompt", "name (members' top tokens)", "influence", "members", title=f"supernodes {scope}")
+    for g in found:
+        table.add_row(g.id, g.prompt or "(all)", g.name, f"{g.influence:.4f}", " ".join(g.members))
+    out.print(table if found else f"no supernodes {scope}")
+
+
+@main.command()
+@click.argument("feature")
+@store_options
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True, help="Partner features shown.")
+@format_option
+def cooccur(feature, cat, k, fmt):
+    """Features found in the same prompts' pruned graphs as FEATURE, by the number of prompts they share."""
+    found = cat.cooccurring(feature, k)
+    if fmt == "json":
+        _print_json(found)
+        return
+    table = Table("feature", "prompts", "influence", title=f"features co-occurring with {feature}")
+    for r in found:
+        table.add_row(r.feature, str(r.prompts), f"{r.influence:.4f}")
+    out.print(table if found else f"{feature} shares no prompt's pruned graph with another feature")
+
+
+@main.command(name="recurring-paths")
+@store_options
+@click.option("--hops", type=click.Choice(["1", "2"]), default="1", show_default=True, help="Edges (1) or two-edge paths (2).")
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True, help="Paths shown.")
+@format_option
+def recurring_paths(cat, hops, k, fmt):
+    """Edges or two-edge paths of pruned graphs found in the most prompts, nodes named by feature id (tokens and logits
+    by their text) whatever their position."""
+    found = cat.recurring_paths(int(hops), k)
+    if fmt == "json":
+        _print_json(found)
+        return
+    table = Table("path", "prompts", "summed weight", title="recurring paths")
+    for r in found:
+        table.add_row(" → ".join(n if kind == "feature" else f"{kind} {n!r}" for n, kind in zip(r.nodes, r.kinds)),
+                      str(r.prompts), f"{r.weight:+.4f}")
+    out.print(table)
+
+
+@main.command()
 @store_options
 @click.option("--prompt", "prompt_key", required=True, help="Prompt id or exact text.")
 @click.option("-k", type=click.IntRange(1), default=15, show_default=True, help="Nodes to list by influence.")

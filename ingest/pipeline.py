@@ -81,6 +81,7 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
     from circuit_catalog.catalog.lock import writer_lock
     from circuit_catalog.ingest.job import IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
     from circuit_catalog.ingest.prompts import check_prompt, run_prompts
+    from circuit_catalog.ingest.supernodes import supernodes_stale, write_supernodes
     from circuit_catalog.queries.prompt_graph import PromptInfo, prompt_index
 
     catalog_dir = Path(catalog_dir)
@@ -97,6 +98,8 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
             write_stats(lm, tset, catalog_dir, stats_plan, progress=progress)
         if specs:
             run_prompts(lm, tset, catalog_dir, specs, attribution or AttributionSettings(), progress=progress)
+            if supernodes_stale(catalog_dir):
+                write_supernodes(catalog_dir, tset)
     return IngestResult(catalog_dir, dict(done.counts), [PromptInfo.from_row(r) for r in prompt_index(catalog_dir)])
 
 

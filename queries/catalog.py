@@ -31,6 +31,7 @@ from circuit_catalog.queries.lookups import (
     Recurring,
     WeightPath,
 )
+from circuit_catalog.queries.motifs import CoOccurrence, RecurringPath, Supernode
 from circuit_catalog.queries.prompt_graph import GraphSummary, PromptGraph, PromptInfo
 from circuit_catalog.queries.rows import Rows, rows_of
 from circuit_catalog.queries.stats import Component, FeatureStats
@@ -172,6 +173,25 @@ class Catalog:
     def recurring(self, k: int = 20) -> Rows[Recurring]:
         """Features in the most prompts' pruned graphs."""
         return self.lookups.recurring(k)
+
+    def supernodes(self, prompt: str | None = None, feature: str | None = None) -> Rows[Supernode]:
+        """Groups of features playing one role: a prompt's (id or text; None: over the whole prompt set), or those
+        holding `feature`."""
+        from circuit_catalog.queries.motifs import supernodes
+
+        return supernodes(self.lookups, prompt, feature)
+
+    def cooccurring(self, feature: str, k: int = 20) -> Rows[CoOccurrence]:
+        """Features found in the same prompts' pruned graphs as `feature`, by the number of prompts shared."""
+        from circuit_catalog.queries.motifs import cooccurring
+
+        return cooccurring(self.lookups, feature, k)
+
+    def recurring_paths(self, hops: int = 1, k: int = 20) -> Rows[RecurringPath]:
+        """Edges (`hops=1`) or two-edge paths (`hops=2`) of pruned graphs that recur across prompts, positions aside."""
+        from circuit_catalog.queries.motifs import recurring_paths
+
+        return recurring_paths(self.lookups, hops, k)
 
     def interventions(self, feature: str, k: int = 20) -> Rows[InterventionUse]:
         """Recorded interventions that edited the feature, newest first."""

@@ -4,7 +4,8 @@ The file opens in circuit-tracer's local viewer (`circuit_tracer.frontend.local_
 directory): `graph-metadata.json` beside it is updated to list the graph. Node fields follow
 circuit-tracer's `frontend.graph_models.Node` and every value is what circuit-tracer's own writer
 (`utils.create_graph_files`) writes for the same graph (`tests/test_circuit_tracer.py` compares them):
-`influence` is the cumulative influence share (`ingest.pruning.cumulative_influence`). One departure:
+`influence` is the cumulative influence share (`ingest.pruning.cumulative_influence`). The prompt's supernodes
+(`ingest.supernodes`), where the catalog has them, fill `qParams.supernodes` with their members pinned. One departure:
 error nodes are `err_{layer}_{pos}`, since circuit-tracer's `0_{layer}_{pos}` collides with the id of
 layer-0 feature `layer` at the same position.
 
@@ -85,8 +86,25 @@ def neuronpedia_graph(catalog_dir: Path, key: str, slug: str, heads: bool = Fals
         "prompt_tokens": [tokens_by_pos[p] for p in sorted(tokens_by_pos)], "prompt": graph.decoded,
         "node_threshold": settings["node_threshold"], "schema_version": 1,
     }
-    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    groups = _supernodes(Path(catalog_dir), graph.info.id, {n.id: js_id[n.id] for n in nodes if n.kind == "feature" and n.id in js_id},
+                         {n.id: n.feature_id for n in nodes if n.kind == "feature"})
+    qparams = {"pinnedIds": sorted({m for g in groups for m in g[1:]}), "supernodes": groups, "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": out_nodes, "links": links}
+
+
+def _supernodes(root: Path, prompt_id: str, js_id: dict[str, str], feature_of: dict[str, str]) -> list[list[str]]:
+    """The prompt's supernodes (`ingest.supernodes`) as the viewer takes them, [label, node ids...], members pinned
+    so its subgraph shows them; none where the catalog has no supernodes."""
+    import pyarrow.parquet as pq
+
+    if not (root / layout.SUPERNODES).is_file():
+        return []
+    names = {r["id"]: r["name"] for r in pq.read_table(root / layout.SUPERNODES).to_pylist() if r["prompt_id"] == prompt_id}
+    members: dict[str, set[str]] = {}
+    for r in pq.read_table(root / layout.SUPERNODE_MEMBERS).to_pylist():
+        if r["src"] in names:
+            members.setdefault(r["src"], set()).add(r["dst"])
+    return [[names[sid], *sorted(js for nid, js in js_id.items() if feature_of[nid] in fids)] for sid, fids in members.items()]
 
 
 def _edge_heads(root: Path, prompt_id: str) -> dict[tuple[str, str], list[tuple[str, float]]]:

@@ -25,6 +25,7 @@ from circuit_catalog.catalog.ids import parse_feature_id, split_node_id
 from circuit_catalog.catalog.ladybug_store import LadybugStore
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.ingest.supernodes import write_supernodes
 from circuit_catalog.queries.lookups import Lookups, named_query, query_names, token_texts
 from circuit_catalog.queries.prompt_graph import PromptGraph
 
@@ -45,6 +46,7 @@ def catalog_dir(tmp_path_factory, gpt2) -> Path:
     settings = IngestSettings(top_k=4, token_top_k=5, heads_top_k=3)
     run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", settings), progress=False)
     ids = run_prompts(gpt2, tset, root, PROMPTS, AttributionSettings(max_feature_nodes=250, node_threshold=0.6), progress=False)
+    assert write_supernodes(root, tset, threshold=0.3) > 0
     record_interventions(gpt2, tset, root, ids[0])
     return root
 
@@ -163,6 +165,8 @@ def ref(catalog_dir):
         "attr": rows(layout.prompt_part_glob("edges")),
         "attr_heads": rows(layout.prompt_part_glob("edges_heads")),
         "prompts": pq.read_table(catalog_dir / layout.PROMPT_INDEX).to_pylist(),
+        "supernodes": pq.read_table(catalog_dir / layout.SUPERNODES).to_pylist(),
+        "supernode_members": pq.read_table(catalog_dir / layout.SUPERNODE_MEMBERS).to_pylist(),
     }
 
 
@@ -369,6 +373,77 @@ def test_prompts_using_and_recurring(store, ref):
     assert [r.prompts for r in got] == [counts[f][0] for f in expected]
     unused = next(f for f in ref["features"] if f not in uses)
     assert lookups.prompts_using(unused) == []
+
+
+def test_supernodes_round_trip(store, ref):
+    """Every supernode comes back from the store with the members and name written, by prompt, over the prompt set,
+    and by member feature."""
+    from circuit_catalog.queries.motifs import supernodes
+
+    lookups = Lookups(store)
+    members = defaultdict(list)
+    for r in ref["supernode_members"]:
+        members[r["src"]].append(r["dst"])
+    expected = {r["id"]: (r["prompt_id"], r["name"], sorted(members[r["id"]], key=parse_feature_id)) for r in ref["supernodes"]}
+    scopes = {p for p, _, _ in expected.values()}
+    assert "" in scopes and len(scopes) > 1  # groups over the prompt set and in at least one prompt
+    for scope in scopes:
+        got = supernodes(lookups, scope or None)
+        assert {g.id: (g.prompt, g.name, g.members) for g in got} == {i: e for i, e in expected.items() if e[0] == scope}
+        assert [g.influence for g in got] == sorted((g.influence for g in got), reverse=True)
+    fid = ref["supernode_members"][0]["dst"]
+    got = supernodes(lookups, feature=fid)
+    assert {g.id for g in got} == {i for i, e in expected.items() if fid in e[2]}
+    assert all(fid in g.members for g in got)
+
+
+def test_cooccurrence_and_recurring_paths_equal_pyarrow(store, ref):
+    """`cooccur` and `recurring-paths` (1 and 2 edges) against the same counts computed from the prompts' Parquet."""
+    from circuit_catalog.queries.motifs import cooccurring, recurring_paths
+
+    lookups = Lookups(store)
+    kept = {n["id"]: n for n in ref["pnodes"] if n["kept"]}
+    by_prompt = defaultdict(set)
+    influence = defaultdict(float)
+    for n in kept.values():
+        if n["kind"] == "feature":
+            by_prompt[n["prompt_id"]].add(n["feature_id"])
+    fid = max({f for fs in by_prompt.values() for f in fs}, key=lambda f: (sum(f in fs for fs in by_prompt.values()), f))
+    shared = defaultdict(set)
+    for n in kept.values():
+        if n["kind"] == "feature" and n["feature_id"] != fid and fid in by_prompt[n["prompt_id"]]:
+            shared[n["feature_id"]].add(n["prompt_id"])
+            influence[n["feature_id"]] += n["influence"]
+    got = cooccurring(lookups, fid, k=1000)
+    assert {(r.feature, r.prompts) for r in got} == {(f, len(p)) for f, p in shared.items()}
+    for r in got:
+        assert r.influence == pytest.approx(influence[r.feature], rel=1e-5)
+
+    def name(n):
+        return (n["kind"], n["feature_id"] if n["kind"] == "feature" else n["token"])
+
+    edges = [(kept[e["src"]], kept[e["dst"]], e["weight"]) for e in ref["attr"]]
+    edges = [(a, b, w) for a, b, w in edges if a["kind"] != "error" and b["kind"] != "error"]
+    one = defaultdict(lambda: [set(), 0.0])
+    for a, b, w in edges:
+        one[name(a), name(b)][0].add(a["prompt_id"])
+        one[name(a), name(b)][1] += w
+    got = recurring_paths(lookups, hops=1, k=100_000)
+    assert {(tuple(zip(r.kinds, r.nodes)), r.prompts) for r in got} == {(k, len(v[0])) for k, v in one.items()}
+    assert got[0].prompts == max(len(v[0]) for v in one.values())
+    out = defaultdict(list)
+    for a, b, w in edges:
+        out[a["id"]].append((b, w))
+    two = defaultdict(lambda: [set(), 0.0])
+    for a, b, w1 in edges:
+        if b["kind"] == "feature":
+            for c, w2 in out[b["id"]]:
+                two[name(a), name(b), name(c)][0].add(a["prompt_id"])
+                two[name(a), name(b), name(c)][1] += w1 * w2
+    got = recurring_paths(lookups, hops=2, k=100_000)
+    assert {(tuple(zip(r.kinds, r.nodes)), r.prompts) for r in got} == {(k, len(v[0])) for k, v in two.items()}
+    for r in got[:50]:
+        assert r.weight == pytest.approx(two[tuple(zip(r.kinds, r.nodes))][1], rel=1e-4, abs=1e-7)
 
 
 def _all_paths(graph: PromptGraph, sources: set[str], sinks: set[str]) -> list[tuple[list[str], float]]:

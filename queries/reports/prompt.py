@@ -13,6 +13,7 @@ from pathlib import Path
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.queries.lookups import InterventionUse, Lookups
+from circuit_catalog.queries.motifs import Supernode, supernodes
 from circuit_catalog.queries.prompt_graph import NodePath, PromptGraph, strongest_paths
 from circuit_catalog.queries.reports import svg
 from circuit_catalog.queries.reports.feature import OVERVIEW, card_file, interventions_section
@@ -50,12 +51,12 @@ def write_prompt_report(lookups: Lookups, root: Path, key: str, out: Path | None
     from circuit_catalog.queries.heads import edge_heads
 
     return write_page(out, render_prompt(graph, paths, top_logit.id, Manifest.read(root), href, max_nodes, max_links, k, nav, interventions,
-                                         edge_heads(lookups, graph.info.id)))
+                                         edge_heads(lookups, graph.info.id), list(supernodes(lookups, graph.info.id))))
 
 
 def render_prompt(graph: PromptGraph, paths: list[NodePath], path_logit: str, manifest: Manifest, href,
                   max_nodes: int, max_links: int, k: int, nav, interventions: list[InterventionUse] = (),
-                  heads: dict | None = None) -> str:
+                  heads: dict | None = None, groups: list[Supernode] = ()) -> str:
     info = graph.info
     kinds = {kind: graph.of_kind(kind) for kind in ("token", "feature", "error", "logit")}
     n_edges = sum(len(v) for v in graph.edges.values())
@@ -63,7 +64,8 @@ def render_prompt(graph: PromptGraph, paths: list[NodePath], path_logit: str, ma
                     ("completeness score", f"{info.completeness_score:.3f}"), ("feature nodes", len(kinds["feature"])),
                     ("error nodes", len(kinds["error"])), ("edges", f"{n_edges:,}")])
     parts = [head, _picture(graph, href, max_nodes, max_links), _logits(kinds["logit"]), _paths(graph, paths, path_logit, href),
-             _top_nodes(graph, href, k), _heads(graph, heads or {}, href, k), interventions_section(list(interventions), "edits")]
+             _top_nodes(graph, href, k), _supernodes(graph, groups, href), _heads(graph, heads or {}, href, k),
+             interventions_section(list(interventions), "edits")]
     subtitle = f"{info.text!r} · {manifest.model} · transcoders {manifest.transcoders} · prompt {info.id}"
     return page("Attribution graph", join(parts), subtitle, nav, meta={"circuit-catalog-report": "prompt"})
 
@@ -119,6 +121,21 @@ def _paths(graph: PromptGraph, paths: list[NodePath], logit: str, href) -> Marku
     note = ("Strength: the product of each edge's weight per unit of its source's activation, i.e. the token's effect on the "
             "logit through exactly that path in the local replacement model.")
     return section(f"Strongest paths to {graph.nodes[logit].token!r}", table(["strength", "path"], rows, numeric=[0], cls="paths"), note=note)
+
+
+def _supernodes(graph: PromptGraph, groups: list[Supernode], href) -> Markup:
+    """The graph's supernodes: each group's name and its members, at every position where they are in the graph."""
+    if not groups:
+        return Markup("")
+    at = {}
+    for n in graph.of_kind("feature"):
+        at.setdefault(n.feature_id, []).append(n.id)
+    rows = [[g.name, signed(g.influence, "{:.4f}"), join([_node_link(graph, nid, href) for fid in g.members for nid in at.get(fid, [])], " ")]
+            for g in groups]
+    note = ("Features grouped automatically by role: similar incoming and outgoing attribution in this graph and similar "
+            "decoder directions (`ingest/supernodes.py`); named by the members' most common top tokens (→ logit lens, "
+            "← de-embedding). `circuit-catalog supernodes --prompt ID` lists them; the export pins them for the viewer.")
+    return section("Supernodes", table(["group", "influence", "members"], rows, numeric=[1], cls="supernodes"), note=note)
 
 
 def _heads(graph: PromptGraph, heads: dict, href, k: int) -> Markup:
