@@ -60,9 +60,9 @@ class Layout:
     def n_rows(self) -> int:
         return 1 + self.n_attn * self.n_heads + self.n_attn - 1
 
-    def mask(self, layer: int) -> torch.Tensor:
+    def mask(self, layer: int, device: torch.device) -> torch.Tensor:
         """[n_rows] bool: the components before the MLP input of `layer` (attention `layer` included)."""
-        keep = torch.zeros(self.n_rows, dtype=torch.bool)
+        keep = torch.zeros(self.n_rows, dtype=torch.bool, device=device)
         keep[: 1 + (layer + 1) * self.n_heads] = True
         mlp0 = 1 + self.n_attn * self.n_heads
         keep[mlp0 : mlp0 + layer] = True
@@ -115,9 +115,11 @@ def collect_components(model, tset: TranscoderSet, tokens: torch.Tensor, top_ind
     n_contexts, ctx_len = tokens.shape
     lay = Layout(model.cfg.n_heads, max(tset.layers) + 1)
     pairs = {tc.layer: _pairs(top_index[tc.layer], n_examples) for tc in tset}
-    tallies = {tc.layer: Tally(torch.zeros(tc.cfg.d_sae, lay.n_rows, dtype=torch.float64), torch.zeros(tc.cfg.d_sae, dtype=torch.float64),
+    host = next(iter(top_index.values())).device  # tallies stay with the statistics they come from
+    tallies = {tc.layer: Tally(torch.zeros(tc.cfg.d_sae, lay.n_rows, dtype=torch.float64, device=host),
+                               torch.zeros(tc.cfg.d_sae, dtype=torch.float64, device=host),
                                torch.bincount(pairs[tc.layer][0], minlength=tc.cfg.d_sae)) for tc in tset}
-    masks = {tc.layer: lay.mask(tc.layer).to(device) for tc in tset}
+    masks = {tc.layer: lay.mask(tc.layer, device) for tc in tset}
     used = torch.unique(torch.cat([flat // ctx_len for _, flat in pairs.values()]))
     names = {"blocks.0.hook_resid_pre", *(f"blocks.{m}.attn.hook_z" for m in range(lay.n_attn)),
              *(f"blocks.{m}.hook_mlp_out" for m in range(lay.n_attn - 1)),
@@ -127,8 +129,8 @@ def collect_components(model, tset: TranscoderSet, tokens: torch.Tensor, top_ind
     for start in range(0, len(used), batch_contexts):
         contexts = used[start : start + batch_contexts]
         _, cache = model.run_with_cache(tokens[contexts].to(device), names_filter=lambda n: n in names, stop_at_layer=lay.n_attn)
-        slot = torch.full((n_contexts,), -1, dtype=torch.int64)
-        slot[contexts] = torch.arange(len(contexts))
+        slot = torch.full((n_contexts,), -1, dtype=torch.int64, device=host)
+        slot[contexts] = torch.arange(len(contexts), device=host)
         batch = []  # per reader layer: (transcoder, features, context slots, positions) of its examples in the batch
         for tc in tset:
             feature, flat = pairs[tc.layer]
@@ -144,9 +146,9 @@ def collect_components(model, tset: TranscoderSet, tokens: torch.Tensor, top_ind
             offset += len(feature)
             mask = masks[tc.layer]
             tally = tallies[tc.layer]
-            tally.terms.index_add_(0, feature, (terms[rows] * mask).double().cpu())
+            tally.terms.index_add_(0, feature, (terms[rows] * mask).double().to(host))
             bias = tc.b_enc.detach()[feature.to(device)].float() + readers[rows] @ b_O[: tc.layer + 1].sum(0)
-            tally.bias.index_add_(0, feature, bias.double().cpu())
+            tally.bias.index_add_(0, feature, bias.double().to(host))
         bar.update(len(contexts))
     bar.close()
     return tallies
@@ -186,7 +188,7 @@ def components_table(tset: TranscoderSet, tallies: dict[int, Tally], n_heads: in
     tables = [COMPONENT_SCHEMA.empty_table()]
     for tc in tset:
         t = tallies[tc.layer]
-        seen = lay.mask(tc.layer).nonzero().flatten().tolist()  # the components this layer's features read
+        seen = lay.mask(tc.layer, t.terms.device).nonzero().flatten().tolist()  # the components this layer's features read
         kinds, layers, heads = ([column[i] for i in seen] for column in (all_kinds, all_layers, all_heads))
         labels = ["embed" if k == "embed" else head_id(m, h) if k == "head" else f"MLP{m}" for k, m, h in zip(kinds, layers, heads)]
         has = (t.count > 0).nonzero().flatten()

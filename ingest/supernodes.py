@@ -144,6 +144,8 @@ def _feature_names(root: Path, fids: list[str]) -> dict[str, tuple[list[str], li
     """feature id -> (top logit-lens tokens, top extended de-embedding tokens) from features.parquet, for `fids`."""
     import pyarrow.compute as pc
 
+    if not fids:
+        return {}
     table = pq.read_table(root / layout.FEATURES, columns=["id", "logit_tokens", "deembed_ext_tokens"],
                           filters=pc.field("id").isin(fids)).to_pydict()
     return {fid: (list(lt or []), list(dt or [])) for fid, lt, dt in zip(table["id"], table["logit_tokens"], table["deembed_ext_tokens"])}
@@ -157,12 +159,20 @@ def write_supernodes(root: Path, tset=None, threshold: float = THRESHOLD) -> int
     def directions(fids: list[str]) -> np.ndarray | None:
         if tset is None:
             return None
-        return np.stack([tset[layer].W_dec[index].float().cpu().numpy() for layer, index in map(parse_feature_id, fids)])
+        return np.stack([_total_write(tset[layer], index) for layer, index in map(parse_feature_id, fids)])
 
     supernodes, members = supernode_tables(Path(root), directions, threshold)
     write_atomic(members, Path(root) / layout.SUPERNODE_MEMBERS)
     write_atomic(supernodes, Path(root) / layout.SUPERNODES)
     return supernodes.num_rows
+
+
+def _total_write(tc, index: int) -> np.ndarray:
+    """[d_out]: feature `index`'s decoder direction, summed over a cross-layer transcoder's slices."""
+    row = tc.W_dec[index].float()
+    if tc.W_dec_later is not None:
+        row = row + tc.W_dec_later[index].float().sum(0)
+    return row.cpu().numpy()
 
 
 def supernodes_stale(root: Path) -> bool:

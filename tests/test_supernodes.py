@@ -99,3 +99,18 @@ def test_export_report_and_cli_show_the_groups(grouped, tmp_path):
     assert_one_line_error(*run("supernodes", "--catalog", root, "--prompt", "no such prompt"), "no such prompt")
     code, output = run("supernodes", "L0/1", "--catalog", root, "--prompt", pid)
     assert code == 2 and "not both" in output
+
+
+def test_a_catalog_without_groups_writes_empty_tables(tmp_path, grouped):
+    """A threshold no pair passes: no supernode anywhere, and both files are still written with their schemas (an
+    empty member list once made the name lookup compare strings with a null-typed list)."""
+    import pyarrow.parquet as pq
+
+    import shutil
+
+    from circuit_catalog.ingest.supernodes import write_supernodes
+
+    root = shutil.copytree(grouped, tmp_path / "copy")
+    assert write_supernodes(root, None, threshold=1.01) == 0
+    assert pq.read_table(root / layout.SUPERNODES).schema.equals(layout.SUPERNODE_SCHEMA)
+    assert pq.read_table(root / layout.SUPERNODE_MEMBERS).num_rows == 0
