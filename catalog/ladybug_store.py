@@ -24,7 +24,7 @@ from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.parquet_io import check_parts
 from circuit_catalog.catalog.store import GraphStore, Row
-from tqdm.auto import tqdm
+from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import CatalogBusy, CypherError, StoreError, first_line
 
@@ -62,13 +62,14 @@ class LadybugStore(GraphStore):
 
     def load(self, catalog_dir: Path, progress: bool = True) -> bool:
         with writer_lock(self.path.parent):  # the catalog directory, for the default DIR/graph
+            why = "does not exist yet" if not self.path.exists() else "holds another state of the catalog (it changed since the last load)"
             if self.is_current(catalog_dir):
                 try:
                     self.verify()
                     return False
                 except StoreError:
-                    pass  # damaged: rebuilt below
-            self._build(catalog_dir, progress)
+                    why = "does not open"  # damaged: rebuilt below
+            self._build(catalog_dir, progress, why)
         return True
 
     def prepare(self, catalog_dir: Path, progress: bool = True) -> None:
@@ -86,7 +87,9 @@ class LadybugStore(GraphStore):
             if not self.path.exists():
                 raise
 
-    def _build(self, catalog_dir: Path, progress: bool) -> None:
+    def _build(self, catalog_dir: Path, progress: bool, why: str) -> None:
+        """Load every part into a new database beside the store, then swap it in; the progress bar says `why` (a
+        first lookup that takes seconds says what it is doing)."""
         self.close()
         signature = catalog_signature(catalog_dir)
         tmp = self.path.with_name(f".{self.path.name}.loading-{os.getpid()}")
@@ -102,7 +105,7 @@ class LadybugStore(GraphStore):
             steps = [(_node_copy(n), part_files(catalog_dir, n.files)) for n in NODES]
             steps += [(_rel_copy(r), part_files(catalog_dir, r.files)) for r in RELS]
             check_parts([f for _, files in steps for f in files])
-            for copy, files in tqdm(steps, desc=f"loading {self.path}", unit="table", disable=not progress):
+            for copy, files in tqdm(steps, desc=f"the store {why}: loading {self.path}", unit="table", disable=not progress):
                 crash_point("load")
                 if files:
                     try:

@@ -47,6 +47,7 @@ HEAD_INDEX = "heads/heads.parquet"
 SUPERNODES = "supernodes.parquet"
 SUPERNODE_MEMBERS = "supernode_members.parquet"
 GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
+INGEST_RECEIPT = "ingest-receipt.json"  # what the last ingest was asked, for a rerun with nothing to do (`ingest.receipt`)
 WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
 
 # Globs relative to the catalog directory, for `part_files` and the graph schema

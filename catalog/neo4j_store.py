@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, node_set
 from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.store import GraphStore, Row
-from tqdm.auto import tqdm
+from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import CypherError, StoreError, first_line
 

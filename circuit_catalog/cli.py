@@ -185,6 +185,8 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
     result = ingest_(model, transcoders, catalog_dir, layers=parse_layers(layers), trust_pickle=trust_pickle, settings=settings,
                      dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len, prompts=specs, attribution=attribution,
                      device=device, dtype=dtype)
+    if result.unchanged:
+        out.print(f"{catalog_dir} is up to date: the last ingest had the same arguments, inputs and files (nothing loaded)", soft_wrap=True)
     table = Table("part", "rows", title=f"catalog {catalog_dir}")
     for name, n in result.counts.items():
         table.add_row(name, f"{n:,}")
@@ -364,28 +366,40 @@ def search(token, cat, k, fmt):
 @click.option("--max-hops", type=click.IntRange(0), default=2, show_default=True, help="Weights graph: pullback edges between first and last feature.")
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Paths shown.")
 @click.option("--beam", type=click.IntRange(1), default=256, show_default=True, help="Weights graph: partial paths kept per hop.")
+@click.option("--rank", type=click.Choice(["bottleneck", "attribution"]), default="bottleneck", show_default=True,
+              help="With --prompt: bottleneck = the smallest share of the target's input any edge of the path carries "
+              "(finds the chains the logit depends on, however long); attribution = the path's own effect on the logit "
+              "(favours short paths: every hop splits the effect).")
+@click.option("--via", default=None, help="With --prompt: only paths through this feature (L8/355 at any position, L8/355@4 at one).")
+@click.option("--no-errors", is_flag=True, help="With --prompt: only paths that avoid error nodes.")
+@click.option("--min-hops", type=click.IntRange(1), default=1, show_default=True, help="With --prompt: paths of at least this many edges.")
 @click.option("--greedy", is_flag=True, help="With --prompt: the seed's greedy search back from the logit (see --iters, --branches).")
 @click.option("--iters", type=click.IntRange(1), default=3, show_default=True, help="Greedy search: path length in edges.")
 @click.option("--branches", type=click.IntRange(1), default=5, show_default=True, help="Greedy search: paths kept per iteration.")
 @format_option
-def paths(cat, prompt_key, from_token, to_logit, max_hops, k, beam, greedy, iters, branches, fmt):
+def paths(cat, prompt_key, from_token, to_logit, max_hops, k, beam, rank, via, no_errors, min_hops, greedy, iters, branches, fmt):
     """Strongest token -> feature (-> feature ...) -> logit paths, in the weights graph or (--prompt) a prompt's graph.
 
-    In a prompt's graph a path's strength is the product of its edges' weights per unit of each
-    source's activation: the effect of the token on the logit through exactly that path.
+    In a prompt's graph each path shows its bottleneck (the smallest edge influence on the logit along it, as a
+    share of the logit's input) and its attribution (the token's effect on the logit through exactly that path, as
+    a share of the logit's total absolute input); --rank chooses the order.
     """
     if prompt_key is not None:
-        found = cat.prompt_paths(prompt_key, to_logit, from_token, k, greedy, iters, branches)
+        found = cat.prompt_paths(prompt_key, to_logit, from_token, k, greedy, iters, branches, rank, via, no_errors, min_hops)
         if fmt == "json":
             _print_json(found)
             return
-        table = Table("strength", "path", title=f"prompt {prompt_key}: {'greedy paths' if greedy else 'strongest paths'} to {to_logit!r}")
+        title = f"prompt {prompt_key}: {'greedy paths' if greedy else f'paths by {rank}'} to {to_logit!r}"
+        table = Table("bottleneck", "attribution", "path", title=title)
         for p in found:
-            table.add_row(f"{p.strength:+.4g}", " -> ".join(p.labels))
-        out.print(table)
+            table.add_row(f"{p.bottleneck:.4f}", f"{p.share:+.2%}", " -> ".join(p.labels))
+        out.print(table if found else f"no path to {to_logit!r} in prompt {prompt_key}'s pruned graph meets the constraints "
+                  "(try without --via, --no-errors or --min-hops)")
         return
     if from_token is None:
         raise click.UsageError("--from-token is required for the weights graph (without --prompt)")
+    if via is not None or no_errors or min_hops > 1:
+        raise click.UsageError("--via, --no-errors and --min-hops search a prompt's graph: give --prompt")
     found = cat.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam)
     if fmt == "json":
         _print_json(found)
@@ -393,7 +407,7 @@ def paths(cat, prompt_key, from_token, to_logit, max_hops, k, beam, greedy, iter
     table = Table("strength", "path", title=f"paths {from_token!r} -> {to_logit!r}")
     for p in found:
         table.add_row(f"{p.strength:+.4g}", " -> ".join([repr(p.nodes[0]), *p.nodes[1:-1], repr(p.nodes[-1])]))
-    out.print(table)
+    out.print(table if found else cat.why_no_paths(from_token, to_logit, max_hops))
 
 
 @main.command(name="prompts")

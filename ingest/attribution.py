@@ -25,7 +25,7 @@ from circuit_catalog.ingest.models import require_pre_norm_blocks
 from circuit_catalog.ingest.pruning import partial_influence
 from circuit_catalog.ingest.residual import centres, reads_normalised
 from circuit_catalog.ingest.transcoder import TranscoderSet
-from tqdm.auto import tqdm
+from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import AttributionError, TranscoderError
 

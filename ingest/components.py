@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from circuit_catalog.ingest.residual import centres, reads_normalised
 from circuit_catalog.ingest.transcoder import TranscoderSet
-from tqdm.auto import tqdm
+from circuit_catalog.progress import tqdm
 
 KEEP = 12  # component terms kept per feature besides the bias and the remainder
 EXAMPLES = 5  # top activating examples each feature's tally averages over

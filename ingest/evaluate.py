@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from circuit_catalog.ingest.transcoder import TranscoderSet
-from tqdm.auto import tqdm
+from circuit_catalog.progress import tqdm
 
 Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (mlp input, mlp output) -> new output
 

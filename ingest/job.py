@@ -42,7 +42,7 @@ from circuit_catalog.ingest.token_edges import (
     top_tokens_into,
 )
 from circuit_catalog.ingest.transcoder import TranscoderSet
-from tqdm.auto import tqdm
+from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import CatalogDirError
 

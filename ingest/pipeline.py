@@ -67,6 +67,7 @@ class IngestResult:
     directory: Path
     counts: dict[str, int]
     prompts: list = field(default_factory=list)  # PromptInfo rows of every prompt in the catalog
+    unchanged: bool = False  # the receipt matched: nothing was loaded or written (`ingest.receipt`)
 
 
 def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers: list[int] | None = None,
@@ -84,8 +85,22 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
     from circuit_catalog.ingest.supernodes import supernodes_stale, write_supernodes
     from circuit_catalog.queries.prompt_graph import PromptInfo, prompt_index
 
+    from circuit_catalog.catalog.manifest import Manifest
+    from circuit_catalog.ingest import receipt
+    from circuit_catalog.ingest.device import dtype_name, resolve_dtype
+
     catalog_dir = Path(catalog_dir)
     specs = _prompt_specs(prompts)
+    request = {"model": model, "transcoders": transcoders, "layers": layers, "trust_pickle": trust_pickle,
+               "settings": settings or IngestSettings(), "dataset": dataset, "n_tokens": n_tokens if dataset else None,
+               "ctx_len": ctx_len if dataset else None, "prompts": specs, "attribution": attribution or AttributionSettings(),
+               "dtype": dtype_name(resolve_dtype(dtype))}
+    digest = receipt.request_digest(catalog_dir, request)
+    if digest is not None:
+        with writer_lock(catalog_dir):  # a catalog another process is writing is refused, as the full path would
+            if receipt.matches(catalog_dir, digest):
+                return IngestResult(catalog_dir, dict(Manifest.read(catalog_dir).counts),
+                                    [PromptInfo.from_row(r) for r in prompt_index(catalog_dir)], unchanged=True)
     lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
     for spec in specs:  # every refusal comes before the first write
         check_prompt(lm, spec)
@@ -100,6 +115,7 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
             run_prompts(lm, tset, catalog_dir, specs, attribution or AttributionSettings(), progress=progress)
             if supernodes_stale(catalog_dir):
                 write_supernodes(catalog_dir, tset)
+        receipt.write_receipt(catalog_dir, request)
     return IngestResult(catalog_dir, dict(done.counts), [PromptInfo.from_row(r) for r in prompt_index(catalog_dir)])
 
 

@@ -27,7 +27,7 @@ from circuit_catalog.ingest.head_terms import head_table, head_terms
 from circuit_catalog.ingest.pruning import Pruned, graph_scores, prune
 from circuit_catalog.ingest.targets import CustomTarget, custom_target
 from circuit_catalog.ingest.transcoder import TranscoderSet
-from tqdm.auto import tqdm
+from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import CatalogDirError, DatasetError
 

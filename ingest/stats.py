@@ -17,7 +17,7 @@ import torch
 from circuit_catalog.catalog.layout import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, histogram_log10_edges
 from circuit_catalog.ingest.streaming import QuantileSamples, marked, power_of_two, rank_within_cells
 from circuit_catalog.ingest.transcoder import TranscoderSet
-from tqdm.auto import tqdm
+from circuit_catalog.progress import tqdm
 
 LIVE_FREQUENCY = 1e-4  # the seed's threshold: live = fires more often than once in 10,000 tokens
 QUANTILE_BINS, PER_BIN = 12, 5  # intervals of (0, max] (between 7 and 12 of them) and examples kept per interval

@@ -23,7 +23,7 @@ from circuit_catalog.ingest.evaluate import Reconstruction
 from circuit_catalog.ingest.models import check_context
 from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_saelens
-from tqdm.auto import tqdm
+from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import OutputError, TranscoderError
 

@@ -48,12 +48,15 @@ class FeatureCard:
 
 @dataclass
 class PromptPath:
-    """A path through a prompt's graph: its nodes' ids within the prompt, their labels, and its strength
-    (the product of per-unit edge factors: `queries.prompt_graph`)."""
+    """A path through a prompt's graph: its nodes' ids within the prompt, their labels, its attribution (the
+    effect of its first node on the target through exactly this path), that as a share of the target's total
+    absolute input, and its bottleneck (the smallest edge influence on the target along it): `queries.paths`."""
 
     nodes: list[str]
     labels: list[str]
     strength: float
+    share: float
+    bottleneck: float
 
 
 class Catalog:
@@ -129,6 +132,22 @@ class Catalog:
         """The strongest token -> feature (-> feature ...) -> logit paths in the weights graph."""
         return self.lookups.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam)
 
+    def why_no_paths(self, from_token: str, to_logit: str, max_hops: int) -> str:
+        """Why `paths(from_token, to_logit)` is empty, in words, with what to try."""
+        starts, ends = self.lookups.path_ends(from_token, to_logit)
+        from circuit_catalog.catalog.manifest import Manifest
+
+        top = Manifest.read(self.directory).token_top_k
+        if not starts:
+            return (f"no feature has {from_token!r} among its top {top} de-embedding tokens, so no path starts there; "
+                    f"try `search {from_token.strip()}` for nearby tokens, or a prompt's graph (`paths --prompt`)")
+        if not ends:
+            return (f"no feature has {to_logit!r} among its top {top} logit-lens tokens, so no path ends there; "
+                    f"try `search {to_logit.strip()}`, or a prompt's graph (`paths --prompt`), whose edges into the "
+                    "logit are computed for every token")
+        return (f"{starts} features start from {from_token!r} and {ends} end at {to_logit!r}, but no chain of at most "
+                f"{max_hops} kept pullback edges joins them; try a larger --max-hops or --beam")
+
     def neighbourhood(self, feature: str, depth: int = 1, k: int = 5) -> Neighbourhood:
         """The feature's pullback neighbourhood (`.to_networkx()` for your own graph algorithms)."""
         return self.lookups.neighbourhood(feature, depth, k)
@@ -155,12 +174,17 @@ class Catalog:
         return self.prompt_graph(prompt).summary(k)
 
     def prompt_paths(self, prompt: str, to_logit: str, from_token: str | int | None = None, k: int = 10,
-                     greedy: bool = False, iters: int = 3, branches: int = 5) -> Rows[PromptPath]:
-        """Strongest paths from the token(s) at a position or with a text (every token if None) to a logit target;
-        `greedy`: the seed's greedy search back from the logit (`iters` edges, `branches` paths per step)."""
-        graph, found = self.lookups.prompt_paths(prompt, to_logit, from_token, k, greedy, iters, branches)
+                     greedy: bool = False, iters: int = 3, branches: int = 5, rank: str = "bottleneck",
+                     via: str | None = None, no_errors: bool = False, min_hops: int = 1) -> Rows[PromptPath]:
+        """The k best paths from the token(s) at a position or with a text (every token if None) to a logit target,
+        ranked by `rank` ("bottleneck": the smallest edge influence on the target along the path; "attribution":
+        the path's own effect on the target; `queries.paths`), through the feature `via` (`L8/355`, or `L8/355@4`
+        at one position), avoiding error nodes (`no_errors`), with at least `min_hops` edges; `greedy`: the seed's
+        greedy search back from the logit (`iters` edges, `branches` paths per step)."""
+        graph, found = self.lookups.prompt_paths(prompt, to_logit, from_token, k, greedy, iters, branches, rank, via,
+                                                 no_errors, min_hops)
         return rows_of(PromptPath, (PromptPath([graph.nodes[i].local for i in p.nodes], [graph.nodes[i].label for i in p.nodes],
-                                               p.strength) for p in found))
+                                               p.strength, p.share, p.bottleneck) for p in found))
 
     def prompts_using(self, feature: str, k: int = 20) -> Rows[PromptUse]:
         """Prompts whose pruned graph contains the feature, by its influence there."""

@@ -19,15 +19,8 @@ from typing import NamedTuple
 from circuit_catalog.catalog.ids import parse_feature_id, parse_local, split_node_id
 from circuit_catalog.catalog.store import GraphStore, Row
 from circuit_catalog.errors import UnknownFeature
-from circuit_catalog.queries.prompt_graph import (
-    NodePath,
-    PromptGraph,
-    PromptInfo,
-    find_prompt,
-    greedy_paths,
-    strongest_paths,
-    token_texts,
-)
+from circuit_catalog.queries.paths import NodePath, best_paths, greedy_paths
+from circuit_catalog.queries.prompt_graph import PromptGraph, PromptInfo, find_prompt, token_texts
 from circuit_catalog.queries.rows import Rows, rows_of
 
 CYPHER_DIR = Path(__file__).with_name("cypher")
@@ -240,6 +233,12 @@ class Lookups:
             frontier = sorted(frontier, key=lambda p: -abs(p.strength))[:beam]
         return rows_of(WeightPath, sorted(complete, key=lambda p: (-abs(p.strength), p.nodes))[:k])
 
+    def path_ends(self, from_token: str, to_logit: str, variant: str = "extended") -> tuple[int, int]:
+        """How many features a weights-graph path could start at (de-embedding from `from_token`) and end at (logit
+        lens reaching `to_logit`): why `paths` found nothing when it does."""
+        starts = {r["feature"] for r in self._q("path_starts", texts=token_texts(from_token), variant=variant)}
+        return len(starts), len({r["feature"] for r in self._q("path_ends", texts=token_texts(to_logit))})
+
     def neighbourhood(self, fid: str, depth: int = 1, k: int = 5) -> Neighbourhood:
         """The feature, its k strongest inputs and outputs, theirs, ... `depth` hops out (edges by |weight|)."""
         self.check_feature(fid)
@@ -276,15 +275,19 @@ class Lookups:
         return PromptGraph.from_rows(info, self._q("prompt_nodes", id=info.id), self._q("prompt_edges", id=info.id))
 
     def prompt_paths(self, key: str, to_logit: str, from_token: str | int | None = None, k: int = 10, greedy: bool = False,
-                     iters: int = 3, branches: int = 5) -> tuple[PromptGraph, list[NodePath]]:
-        """The prompt's graph and its k strongest paths from the token(s) at a position or with a text (every token
-        if None) to a logit target; `greedy`: the seed's greedy search back from the logit (`iters` edges,
-        `branches` paths kept per step) instead."""
+                     iters: int = 3, branches: int = 5, rank: str = "bottleneck", via: str | None = None,
+                     no_errors: bool = False, min_hops: int = 1) -> tuple[PromptGraph, list[NodePath]]:
+        """The prompt's graph and its k best paths (`queries.paths.best_paths`, ranked by `rank`) from the token(s) at
+        a position or with a text (every token if None) to a logit target, through the feature `via` (`L8/355` at
+        any position, `L8/355@4` at one) when given, avoiding error nodes when `no_errors`, with at least `min_hops`
+        edges; `greedy`: the seed's greedy search back from the logit (`iters` edges, `branches` paths kept per
+        step) instead."""
         graph = self.prompt_graph(key)
         logit = graph.logit_node(to_logit)
         if greedy:
-            return graph, greedy_paths(graph, logit, iters, branches)
-        return graph, strongest_paths(graph, graph.token_nodes(from_token), {logit}, k)
+            return graph, greedy_paths(graph, logit, iters, branches, avoid_errors=no_errors)
+        through = graph.feature_nodes(via) if via is not None else None
+        return graph, best_paths(graph, graph.token_nodes(from_token), logit, k, rank, through, no_errors, min_hops)
 
     def prompts_using(self, fid: str, k: int = 20) -> Rows[PromptUse]:
         """Prompts whose pruned graph contains the feature (at any position), most influential first."""

@@ -1,28 +1,17 @@
-"""One prompt's attribution graph as the query layer reads it, wherever it comes from, and path searches over it.
+"""One prompt's attribution graph as the query layer reads it, wherever it comes from.
 
 `PromptGraph` is the one reader: the rows of a store (`from_rows`, via `Lookups.prompt_graph`), the catalog's
 Parquet parts (`from_catalog`: the export and the validation read these) and a graph computed in memory, through
 the tables the ingest writes for it (`from_tables` of `ingest.prompts.graph_tables`), all map onto it. Node ids are the catalog's (`catalog.ids`); a prompt is
 found by its id or exact text through `find_prompt`, whichever source, with one error type (`UnknownPrompt`).
 
-An edge s -> t holds s's direct effect on t. Per unit of a feature's activation that is
-`weight / activation`; tokens and errors enter at unit scale. A path's strength is the product of
-these per-unit factors along it: the effect of its first node on its last through exactly that path
-(features respond with slope 1 where active), so strengths of paths are comparable and add up.
-
-- `strongest_paths`: the k paths of largest |strength| between two node sets, exactly, by a dynamic
-  programme over the DAG (nodes ordered by layer) keeping the k best partial paths per node.
-- `greedy_paths`: the seed's computational-path search backwards from one target, expanding each path
-  by its `num_branches` strongest inputs and keeping the `num_branches` strongest paths per iteration.
-  Ranked by |attribution| (the reference code kept only the largest signed values), and paths that
-  reach a token or error node are kept as finished rather than dropped.
+An edge s -> t holds s's direct effect on t; `PromptGraph.factor` gives it per unit of s (a feature's activation;
+tokens and errors enter at unit scale). Path searches over a graph are in `queries.paths`.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from circuit_catalog.catalog import layout
-from circuit_catalog.catalog.ids import split_node_id
+from circuit_catalog.catalog.ids import parse_feature_id, split_node_id
 from circuit_catalog.catalog.manifest import Manifest
-from circuit_catalog.errors import CatalogDirError, UnknownPrompt, first_line
+from circuit_catalog.errors import CatalogDirError, UnknownFeature, UnknownPrompt, first_line
 
 
 @dataclass
@@ -204,6 +193,15 @@ class PromptGraph:
             raise UnknownPrompt(f"no token {which!r} in prompt {self.info.id} (tokens: {texts})")
         return found
 
+    def feature_nodes(self, which: str) -> set[str]:
+        """Ids of a feature's nodes: `L8/355` at every position, `L8/355@4` at one."""
+        fid, _, pos = which.partition("@")
+        parse_feature_id(fid)  # malformed ids fail here, in one line
+        found = {n.id for n in self.of_kind("feature") if n.feature_id == fid and (not pos or str(n.pos) == pos)}
+        if not found:
+            raise UnknownFeature(f"{which} is not a node of prompt {self.info.id}'s pruned graph (see `circuit-catalog graph`)")
+        return found
+
 
 def prompt_index(root: Path) -> list[dict]:
     """The rows of the catalog's prompt index (empty when it has no prompts)."""
@@ -226,50 +224,3 @@ def _read(path: Path) -> list[dict]:
         return pq.read_table(path).to_pylist()
     except (OSError, pa.ArrowInvalid) as exc:
         raise CatalogDirError(f"{path}: unreadable ({first_line(exc)}); rerun the ingest to rewrite it") from None
-
-
-@dataclass
-class NodePath:
-    nodes: list[str]  # node ids, source first
-    strength: float  # product of per-unit factors (for a greedy path: the first node's attribution)
-
-
-def strongest_paths(graph: PromptGraph, sources: set[str], sinks: set[str], k: int = 10) -> list[NodePath]:
-    """The k source -> sink paths of largest |strength|, exactly (DAG dynamic programme)."""
-    order = sorted(graph.nodes.values(), key=lambda n: (n.layer, n.pos, n.id))
-    best: dict[str, list[tuple[float, float, tuple[str, ...]]]] = {}  # node -> [(log|s|, sign, path)]
-    for node in order:
-        found = [(0.0, 1.0, (node.id,))] if node.id in sources else []
-        for src, weight in graph.edges.get(node.id, []):
-            f = graph.factor(src, weight)
-            if f == 0 or src not in best:
-                continue
-            found += [(log + math.log(abs(f)), sign * math.copysign(1.0, f), (*path, node.id)) for log, sign, path in best[src]]
-        if found:
-            best[node.id] = heapq.nlargest(k, found, key=lambda t: (t[0], t[2]))
-    paths = [entry for sink in sinks for entry in best.get(sink, []) if len(entry[2]) > 1]
-    return [NodePath(list(p), s * math.exp(log)) for log, s, p in heapq.nlargest(k, paths, key=lambda t: (t[0], t[2]))]
-
-
-def greedy_paths(graph: PromptGraph, target: str, num_iters: int = 3, num_branches: int = 5) -> list[NodePath]:
-    """The seed's greedy search backwards from `target`; each path's strength is its first node's attribution."""
-    frontier = [NodePath([target], 1.0)]
-    finished: list[NodePath] = []
-    for _ in range(num_iters):
-        candidates = []
-        for path in frontier:
-            head = path.nodes[0]
-            inputs = graph.edges.get(head, [])
-            if not inputs:
-                finished.append(path)
-                continue
-            # attribution of an input through this path: its direct effect on the head, times the
-            # head's attribution per unit of the head's own activation
-            scale = path.strength / (1.0 if head == target else graph.nodes[head].unit)
-            scored = [NodePath([src, *path.nodes], weight * scale) for src, weight in inputs]
-            candidates += heapq.nlargest(num_branches, scored, key=lambda p: abs(p.strength))
-        frontier = heapq.nlargest(num_branches, candidates, key=lambda p: abs(p.strength))
-        if not frontier:
-            break
-    done = [p for p in finished if len(p.nodes) > 1] + frontier
-    return sorted(done, key=lambda p: (-abs(p.strength), p.nodes))

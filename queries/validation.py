@@ -22,7 +22,8 @@ from circuit_catalog.ingest.interventions import Edit, Regime, clean_run, run_ba
 from circuit_catalog.ingest.targets import custom_target
 from circuit_catalog.ingest.transcoder import TranscoderSet
 from circuit_catalog.queries.intervention_runs import graph_tokens
-from circuit_catalog.queries.prompt_graph import PNode, PromptGraph, prompt_record, strongest_paths
+from circuit_catalog.queries.paths import best_paths
+from circuit_catalog.queries.prompt_graph import PNode, PromptGraph, prompt_record
 
 from circuit_catalog.errors import CatalogDirError
 
@@ -77,7 +78,7 @@ def validate(model, tset: TranscoderSet, catalog_dir: Path, key: str, k: int = 2
     features = sorted((n for n in nodes if n.kind == "feature"), key=lambda n: -n.influence)[:k]
     groups = [[n.id] for n in features]
     sources = {n.id for n in nodes if n.kind == "token" and n.kept}
-    for path in strongest_paths(graph, sources, {logit_ids[0]}, n_paths):  # pruned nodes have no edges
+    for path in best_paths(graph, sources, logit_ids[0], n_paths, rank="attribution"):  # pruned nodes have no edges
         group = [node for node in path.nodes if graph.nodes[node].kind == "feature"]
         if group and group not in groups:
             groups.append(group)

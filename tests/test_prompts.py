@@ -15,7 +15,8 @@ from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_inges
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, prompt_id, read_prompts, run_prompts
 from circuit_catalog.ingest.transcoder_formats import save_saelens
 from circuit_catalog.queries.neuronpedia import export_neuronpedia
-from circuit_catalog.queries.prompt_graph import PromptGraph, PromptInfo, greedy_paths
+from circuit_catalog.queries.paths import greedy_paths
+from circuit_catalog.queries.prompt_graph import PromptGraph, PromptInfo
 
 from tests.conftest import random_transcoders
 from tests.test_cli import assert_one_line_error, run, run_json

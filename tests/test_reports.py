@@ -146,7 +146,7 @@ def test_prompt_report_shows_the_graph(reports):
     (logits,) = page.rows("logits")
     assert [row[1] for row in logits] == [f"{n.probability:.4f}" for n in sorted(graph.of_kind("logit"), key=lambda n: -n.probability)]
     (rows,) = page.rows("paths")
-    assert [row[0] for row in rows] == [f"{p.strength:+.4g}" for p in paths] and rows
+    assert [(row[0], row[1]) for row in rows] == [(f"{p.bottleneck:.4f}", f"{p.share:+.2%}") for p in paths] and rows
     html = path.read_text()
     drawn = html.count('class="node ')
     assert drawn == len(graph.of_kind("token")) + len(graph.of_kind("logit")) + min(20, len(graph.of_kind("feature")) + len(graph.of_kind("error")))

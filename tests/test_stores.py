@@ -472,7 +472,7 @@ def test_prompt_paths_equal_enumeration(store, ref):
     logit = max(graph.of_kind("logit"), key=lambda n: n.probability)
     expected = _all_paths(graph, {n.id for n in graph.of_kind("token")}, {logit.id})
     assert len(expected) > 10
-    _, got = lookups.prompt_paths(pid, logit.token, k=10)
+    _, got = lookups.prompt_paths(pid, logit.token, k=10, rank="attribution")
     assert [p.nodes for p in got] == [p for p, _ in expected[:10]]
     assert [p.strength for p in got] == pytest.approx([s for _, s in expected[:10]], rel=1e-5)
     _, at_pos = lookups.prompt_paths(pid, logit.token, from_token=1, k=5)

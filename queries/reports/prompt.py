@@ -14,7 +14,8 @@ from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.queries.lookups import InterventionUse, Lookups
 from circuit_catalog.queries.motifs import Supernode, supernodes
-from circuit_catalog.queries.prompt_graph import NodePath, PromptGraph, strongest_paths
+from circuit_catalog.queries.paths import NodePath, best_paths
+from circuit_catalog.queries.prompt_graph import PromptGraph
 from circuit_catalog.queries.reports import svg
 from circuit_catalog.queries.reports.feature import OVERVIEW, card_file, interventions_section
 from circuit_catalog.queries.reports.html import (
@@ -40,7 +41,7 @@ def write_prompt_report(lookups: Lookups, root: Path, key: str, out: Path | None
     """Write the report of the prompt with this id or text (default CATALOG/reports/prompt_<id>.html)."""
     graph = lookups.prompt_graph(key)
     top_logit = max(graph.of_kind("logit"), key=lambda n: n.probability or 0.0)
-    paths = strongest_paths(graph, graph.token_nodes(None), {top_logit.id}, k)
+    paths = best_paths(graph, graph.token_nodes(None), top_logit.id, k)
     out = out or root / layout.REPORTS / report_file(graph.info.id)
 
     def href(fid: str) -> str | None:
@@ -117,10 +118,15 @@ def _logits(logits) -> Markup:
 
 
 def _paths(graph: PromptGraph, paths: list[NodePath], logit: str, href) -> Markup:
-    rows = [[signed(p.strength, "{:+.4g}"), join((_node_link(graph, nid, href) for nid in p.nodes), " → ")] for p in paths]
-    note = ("Strength: the product of each edge's weight per unit of its source's activation, i.e. the token's effect on the "
-            "logit through exactly that path in the local replacement model.")
-    return section(f"Strongest paths to {graph.nodes[logit].token!r}", table(["strength", "path"], rows, numeric=[0], cls="paths"), note=note)
+    rows = [[signed(p.bottleneck, "{:.4f}"), signed(p.share, "{:+.2%}"), join((_node_link(graph, nid, href) for nid in p.nodes), " → ")]
+            for p in paths]
+    note = ("Ranked by bottleneck: the smallest share of the target's input that any edge of the path carries (an edge's "
+            "share of its destination's absolute input times the destination's own influence on the target). Attribution: "
+            "the token's effect on the logit through exactly that path, as a share of the logit's total absolute input. "
+            "`circuit-catalog paths --prompt ID --rank attribution` ranks by the latter, `--via`, `--no-errors`, "
+            "`--min-hops` constrain the search.")
+    return section(f"Paths to {graph.nodes[logit].token!r}", table(["bottleneck", "attribution", "path"], rows, numeric=[0, 1], cls="paths"),
+                   note=note)
 
 
 def _supernodes(graph: PromptGraph, groups: list[Supernode], href) -> Markup:
