@@ -1,13 +1,14 @@
 """Attention heads: OV pullbacks per head against torch's matmul rate, and head-resolved graphs against plain ones.
 
-1. OV pullbacks (`ingest.heads`): every (attention layer m, target layer L <= m) part of a catalog, feature and token
-   sources, timed; the useful FLOPs (each head's [n_src, d_head] x [d_head, d_sae] scores, its [d_vocab, d_head] x
+1. OV pullbacks (`ingest.heads`): (attention layer m, target layer L <= m) parts of a catalog, feature and token
+   sources, timed (`--parts N`: N parts spread evenly over the list, the rate extrapolated to all; 0: every part);
+   the useful FLOPs (each head's [n_src, d_head] x [d_head, d_sae] scores, its [d_vocab, d_head] x
    [d_head, d_sae] token scores, and the factor products) over the time, against torch's rate on one score-sized
    matmul measured in the same run.
 2. Head-resolved graphs (`ingest.head_terms`): one prompt's attribution graph and pruning, then its pruned edges split
    by head; the extra time over the plain graph (target <= 1.5x in all).
 
-    python bench/heads.py [--smoke] [--transcoders DIR] [--d-sae 1536] [--max-feature-nodes 1024]
+    python bench/heads.py [--smoke] [--transcoders DIR] [--d-sae 1536] [--max-feature-nodes 1024] [--parts 24]
 
 --smoke: a tiny Llama-style model (rotary, GQA) with random transcoders (seconds). Otherwise SmolLM2-135M (30 layers x
 9 heads, 3 key-value heads) with the transcoders at --transcoders, or random ones of width --d-sae where none exist.
@@ -25,20 +26,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def ov_pullbacks(model, tset, top_k: int) -> None:
+def part_flops(model, tset, m: int, L: int) -> float:
+    """Useful FLOPs of one OV part: each head's feature and token scores, its W_O @ W_enc factor, and the sources'
+    value-side products (per key-value head where heads share them)."""
+    cfg = model.cfg
+    n_src = sum(tset[lo].cfg.d_sae for lo in tset.layers if lo < m)
+    d_sae = tset[L].cfg.d_sae
+    flops = 2 * cfg.n_heads * (n_src + cfg.d_vocab) * cfg.d_head * d_sae  # scores
+    flops += 2 * cfg.n_heads * cfg.d_head * cfg.d_model * d_sae  # B = W_O @ W_enc per head
+    value_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    return flops + sum(2 * tset[lo].cfg.d_sae * cfg.d_model * cfg.d_head * value_heads for lo in tset.layers if lo < m)
+
+
+def ov_pullbacks(model, tset, top_k: int, n_parts: int) -> None:
     import torch
     from circuit_catalog.ingest.heads import head_pairs, ov_table, ov_token_table
 
     cfg = model.cfg
-    pairs = head_pairs(model, tset)
-    flops = 0.0
-    for m, L in pairs:
-        n_src = sum(tset[lo].cfg.d_sae for lo in tset.layers if lo < m)
-        d_sae = tset[L].cfg.d_sae
-        flops += 2 * cfg.n_heads * (n_src + cfg.d_vocab) * cfg.d_head * d_sae  # scores
-        flops += 2 * cfg.n_heads * cfg.d_head * cfg.d_model * d_sae  # B = W_O @ W_enc per head
-    flops += sum(2 * tset[lo].cfg.d_sae * cfg.d_model * cfg.d_head * cfg.n_key_value_heads if getattr(cfg, "n_key_value_heads", None)
-                 else 2 * tset[lo].cfg.d_sae * cfg.d_model * cfg.d_head * cfg.n_heads for m, _ in pairs for lo in tset.layers if lo < m)
+    every = head_pairs(model, tset)
+    pairs = every if not n_parts or n_parts >= len(every) else [every[i * len(every) // n_parts] for i in range(n_parts)]
+    flops, flops_all = (sum(part_flops(model, tset, m, L) for m, L in chosen) for chosen in (pairs, every))
     rows = 0
     start = time.perf_counter()
     for m, L in pairs:
@@ -52,8 +59,9 @@ def ov_pullbacks(model, tset, top_k: int) -> None:
         a @ b
         reps += 1
     torch_rate = reps * 2 * a.shape[0] * cfg.d_head * d_sae / (time.perf_counter() - t0)
-    print(f"OV pullbacks: {cfg.n_layers} layers x {cfg.n_heads} heads, {len(pairs)} parts, {rows:,} edges (top {top_k} per "
-          f"feature and head, features and tokens) in {elapsed:.2f} s")
+    print(f"OV pullbacks: {cfg.n_layers} layers x {cfg.n_heads} heads, {len(pairs)} of {len(every)} parts timed, {rows:,} edges "
+          f"(top {top_k} per feature and head, features and tokens) in {elapsed:.2f} s; all parts ~{elapsed * flops_all / flops / 60:.1f} min",
+          flush=True)
     print(f"  achieved {flops / elapsed / 1e9:.1f} GFLOP/s of useful products; torch's [{a.shape[0]}, {cfg.d_head}] x "
           f"[{cfg.d_head}, {d_sae}] matmul {torch_rate / 1e9:.1f} GFLOP/s: {flops / elapsed / torch_rate:.2f} of it")
 
@@ -87,6 +95,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--max-feature-nodes", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--parts", type=int, default=24, help="OV parts timed, spread over the list (0: all)")
     args = ap.parse_args()
 
     from circuit_catalog.ingest.models import load_model
@@ -104,7 +113,7 @@ def main() -> None:
             tset = load_transcoders(args.transcoders) if args.transcoders.is_dir() else random_transcoders(model, d_sae=args.d_sae, seed=0)
             tset.bind(model)
             prompt = "The capital of France is"
-        ov_pullbacks(model, tset, args.top_k)
+        ov_pullbacks(model, tset, args.top_k, 0 if args.smoke else args.parts)
         head_resolved(model, tset, prompt, args.max_feature_nodes, args.repeat)
 
 

@@ -901,10 +901,20 @@ def qk(model, transcoders, prompt_key, catalog_dir, head, query_pos, key_pos, k,
 @click.option("--trust-pickle", is_flag=True)
 @compute_options
 def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle, device, dtype):
-    """The most active transcoder features at one position of a prompt (a real forward pass)."""
-    from circuit_catalog.ingest.pipeline import active as active_
+    """The most active transcoder features at one position of a prompt (a real forward pass). Asks the warm
+    process of `circuit-catalog serve` with the same arguments when one runs (a forward pass, no loading)."""
+    from types import SimpleNamespace
 
-    found = active_(model, transcoders, prompt, pos, k, parse_layers(layers), trust_pickle, device=device, dtype=dtype)
+    from circuit_catalog import warm
+
+    request = {"op": "active", "prompt": prompt, "pos": pos, "k": k}
+    answer = warm.ask(warm.socket_path(model, transcoders, parse_layers(layers), trust_pickle, device, dtype), request)
+    if answer is not None:
+        found = [SimpleNamespace(feature=f, activation=a) for f, a in answer]
+    else:
+        from circuit_catalog.ingest.pipeline import active as active_
+
+        found = active_(model, transcoders, prompt, pos, k, parse_layers(layers), trust_pickle, device=device, dtype=dtype)
     if fmt == "ids":
         out.print("\n".join(f.feature for f in found))
         return
@@ -912,6 +922,26 @@ def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle, device
     for f in found:
         table.add_row(f.feature, f"{f.activation:.3f}")
     out.print(table)
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--transcoders", required=True, type=click.Path(path_type=Path))
+@click.option("--layers", default="all", show_default=True)
+@click.option("--trust-pickle", is_flag=True)
+@click.option("--idle-minutes", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
+              help="Exit after this long without a request.")
+@compute_options
+def serve(model, transcoders, layers, trust_pickle, idle_minutes, device, dtype):
+    """Keep MODEL and its transcoders loaded and answer `active` calls with the same --model, --transcoders, --layers,
+    --device and --dtype from other processes (a forward pass each, no loading). Runs in the foreground: start it
+    in another terminal or with `&`; it listens on a UNIX socket only its user can open."""
+    from circuit_catalog import warm
+    from circuit_catalog.ingest.pipeline import load
+
+    path = warm.socket_path(model, transcoders, parse_layers(layers), trust_pickle, device, dtype)
+    lm, tset = load(model, transcoders, parse_layers(layers), trust_pickle, device, dtype)
+    warm.serve(path, lm, tset, idle_minutes, ready=lambda: click.echo(f"serving {model} on {path} (idle exit after {idle_minutes:g} min)", err=True))
 
 
 if __name__ == "__main__":

@@ -204,6 +204,8 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("cooccur: unknown feature", ["cooccur", "L2/99", *CAT], 1, "unknown feature"),
     ("cooccur k zero", ["cooccur", "L1/2", *CAT, "-k", "0"], 2, "-k"),
     ("recurring-paths: three hops", ["recurring-paths", *CAT, "--hops", "3"], 2, "--hops"),
+    ("serve: idle zero", ["serve", "--model", "{model}", "--transcoders", "{tc}", "--idle-minutes", "0"], 2, "--idle-minutes"),
+    ("serve: transcoders missing", ["serve", "--model", "{model}", "--transcoders", "{tmp}/nope"], 1, "nope"),
     # ---- queries
     ("cypher syntax", ["cypher", "MATCH (n RETURN n", *CAT], 1, ""),
     ("cypher write without --write", ["cypher", "CREATE (:Feature {{id: 'x'}})", *CAT], 1, "read-only"),

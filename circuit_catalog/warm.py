@@ -1,0 +1,107 @@
+"""A warm model process: `circuit-catalog serve` keeps a model and its transcoders loaded, and `active` asks it.
+
+Loading dominates a quick question (importing TransformerLens alone takes seconds, converting SmolLM2 more), so a
+researcher probing many prompts starts one server per (model, transcoders) and each `active` call then costs a
+forward pass. The server listens on a UNIX socket (mode 0600) in the cache directory whose name is a digest of
+what it loaded: the model and transcoder arguments and the size and modification time of their files, so a changed
+transcoder file or other `--layers` is simply another socket, and a stale server is never asked. Without a server
+the command loads the model itself, as before. This client side imports neither torch nor TransformerLens.
+
+Protocol: one JSON line per connection each way; a request `{"op": "active", ...}`, a reply `{"ok": ...}` or
+`{"error": message, "type": UserError subclass name}` (re-raised by the client as that type: one `error:` line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from circuit_catalog import errors
+
+IDLE_MINUTES = 30.0  # a server nobody asks for this long exits
+
+
+def socket_path(model: str, transcoders: str, layers: list[int] | None, trust_pickle: bool, device: str, dtype: str) -> Path:
+    """The socket of the server for exactly these arguments and files."""
+    root = os.environ.get("CIRCUIT_CATALOG_CACHE") or str(Path.home() / ".cache" / "circuit-catalog")
+    key = json.dumps([model, str(transcoders), layers, trust_pickle, device, dtype, _stats(model), _stats(str(transcoders))])
+    # AF_UNIX paths are limited to ~107 bytes: a short digest in a short directory
+    return Path(root) / "warm" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
+
+
+def _stats(spec: str) -> list:
+    """(relative path, size, mtime_ns) of a file or of every file under a directory; [] for names that are not paths."""
+    path = Path(spec)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    return [(p.relative_to(path).as_posix() if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def ask(path: Path, request: dict, timeout: float = 600.0):
+    """The server's answer, or None when no server listens there (the caller then loads the model itself)."""
+    if not path.exists():
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except OSError:  # a socket file left by a killed server
+            return None
+        s.sendall(json.dumps(request).encode() + b"\n")
+        reply = json.loads(_read_line(s))
+    if "error" in reply:
+        kind = getattr(errors, reply.get("type", ""), None)
+        raise (kind if isinstance(kind, type) and issubclass(kind, errors.UserError) else errors.UserError)(reply["error"])
+    return reply["ok"]
+
+
+def _read_line(s: socket.socket) -> bytes:
+    chunks = []
+    while not chunks or not chunks[-1].endswith(b"\n"):
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def serve(path: Path, model, tset, idle_minutes: float = IDLE_MINUTES, ready=None) -> None:
+    """Answer requests on `path` with this loaded model and transcoder set until idle for `idle_minutes`;
+    `ready()` is called once listening."""
+    from circuit_catalog.ingest.activations import top_active_features
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` runs the clean-up below, as Ctrl-C does
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        old = os.umask(0o177)  # the socket is created 0600: only its owner can ask
+        try:
+            server.bind(str(path))
+        finally:
+            os.umask(old)
+        server.listen()
+        server.settimeout(idle_minutes * 60)
+        if ready is not None:
+            ready()
+        try:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    return
+                with conn:
+                    request = json.loads(_read_line(conn) or b"{}")
+                    try:
+                        if request.get("op") != "active":
+                            raise errors.UserError(f"unknown request {request.get('op')!r}")
+                        found = top_active_features(model, tset, request["prompt"], request["pos"], request["k"])
+                        reply = {"ok": [[f.feature, f.activation] for f in found]}
+                    except errors.UserError as exc:
+                        reply = {"error": str(exc), "type": type(exc).__name__}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+        finally:
+            path.unlink(missing_ok=True)
