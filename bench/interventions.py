@@ -27,8 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 def case(name: str, model, tset, prompt: str, k: int, max_feature_nodes: int, repeat: int, tmp: Path) -> None:
     from circuit_catalog.ingest.attribution import attribute
-    from circuit_catalog.ingest.job import IngestSettings, build_manifest
-    from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, write_prompt, write_prompt_index
+    from circuit_catalog.ingest.job import build_manifest
+    from circuit_catalog.ingest.settings import IngestSettings
+    from circuit_catalog.ingest.prompts import write_prompt, write_prompt_index
+    from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
     from circuit_catalog.queries.validation import validate
 
     settings = AttributionSettings(max_feature_nodes=max_feature_nodes)

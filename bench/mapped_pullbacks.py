@@ -96,7 +96,8 @@ def main() -> None:
 
 
 def measure(args, directory: Path) -> None:
-    from circuit_catalog.ingest.job import IngestSettings, pullback_edges_table
+    from circuit_catalog.ingest.job import pullback_edges_table
+    from circuit_catalog.ingest.settings import IngestSettings
     from circuit_catalog.ingest.transcoder_formats import load_transcoders
 
     settings = IngestSettings(top_k=args.top_k)

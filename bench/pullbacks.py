@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from circuit_catalog.catalog import layout  # noqa: E402
 from circuit_catalog.catalog.parquet_io import write_atomic  # noqa: E402
-from circuit_catalog.ingest.job import IngestSettings, pullback_edges_table  # noqa: E402
+from circuit_catalog.ingest.job import pullback_edges_table  # noqa: E402
+from circuit_catalog.ingest.settings import IngestSettings
 
 N_LAYERS, D_SAE, D_MODEL = 12, 24_576, 768
 SMOKE_D_SAE, SMOKE_D_MODEL = 1024, 64

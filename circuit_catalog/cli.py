@@ -170,10 +170,8 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
            bos_features, custom_tokens, contrast, direction, target_weight, device, dtype, pullback_score_dtype):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
-    from circuit_catalog.ingest.job import IngestSettings
     from circuit_catalog.ingest.pipeline import ingest as ingest_
-    from circuit_catalog.ingest.pipeline import with_custom_target
-    from circuit_catalog.ingest.prompts import AttributionSettings, read_prompts
+    from circuit_catalog.ingest.settings import AttributionSettings, IngestSettings, read_prompts, with_custom_target
 
     specs = with_custom_target(read_prompts(prompts_file) if prompts_file is not None else [], custom_tokens, contrast,
                                None if direction is None else str(direction), target_weight)

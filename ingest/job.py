@@ -41,21 +41,11 @@ from circuit_catalog.ingest.token_edges import (
     top_logit_tokens,
     top_tokens_into,
 )
+from circuit_catalog.ingest.settings import IngestSettings
 from circuit_catalog.ingest.transcoder import TranscoderSet
 from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import CatalogDirError
-
-
-@dataclass(kw_only=True)
-class IngestSettings:
-    top_k: int | None = 16
-    min_weight: float | None = None
-    token_top_k: int = 20
-    # dtype of the pullback scores that choose candidate edges; the stored weights are float32 recomputations
-    # (`select_edges`): "float32", "bfloat16", or "auto" (`ingest.device.score_dtype_for` the model's device)
-    pullback_score_dtype: str = "auto"
-    heads_top_k: int | None = None  # OV pullbacks per attention head (`ingest.heads`): kept per (target feature, head)
 
 
 def _versions() -> dict[str, str]:

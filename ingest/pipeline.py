@@ -11,16 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec
-from circuit_catalog.ingest.transcoder import TranscoderSet
+from circuit_catalog.ingest.settings import AttributionSettings, IngestSettings, PromptSpec, read_prompts
+
+if TYPE_CHECKING:
+    from circuit_catalog.ingest.transcoder import TranscoderSet
 
 def load_model(model, device: str | None = None, dtype: str | None = None):
     """A HookedTransformer from a TransformerLens name, a Hugging Face directory, a .gguf file or an alias
     (`smollm2-135m`), on `device` (None: CUDA when available) in `dtype` (None: float32); a model already loaded is
     returned as it is."""
-    if isinstance(model, torch.nn.Module):
+    if not isinstance(model, (str, Path)):
         return model
     from circuit_catalog.ingest.models import load_model as load
 
@@ -32,6 +34,7 @@ def load_transcoders(transcoders, layers: list[int] | None = None, trust_pickle:
     """A transcoder set from a SAELens / circuit-tracer / Gemma Scope / sparsify directory, a `hf://` release or
     original GPT-2 transcoder files (`trust_pickle` for those), restricted to `layers` (None: all), and bound to
     `model` when one is given (checked to fit it)."""
+    from circuit_catalog.ingest.transcoder import TranscoderSet
     from circuit_catalog.ingest.transcoder_formats import load_transcoders as load
 
     tset = transcoders if isinstance(transcoders, TranscoderSet) else load(transcoders, trust_pickle=trust_pickle)
@@ -53,7 +56,7 @@ def load(model, transcoders, layers: list[int] | None = None, trust_pickle: bool
 
 def model_name(model) -> str:
     """The name recorded in the manifest: the spec as given, or a loaded model's own name."""
-    if isinstance(model, torch.nn.Module):
+    if not isinstance(model, (str, Path)):
         return model.cfg.model_name
     from circuit_catalog.ingest.models import resolve_model
 
@@ -78,29 +81,29 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
     `dataset`, activation statistics over `n_tokens` tokens; with `prompts` (texts, `PromptSpec`s, or a .txt /
     .jsonl file), attribution graphs (`attribution`: an `AttributionSettings`). Resumable: a rerun computes only
     what is missing, and refuses other settings before writing anything."""
-    from circuit_catalog.catalog.crash import crash_point
     from circuit_catalog.catalog.lock import writer_lock
-    from circuit_catalog.ingest.job import IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
-    from circuit_catalog.ingest.prompts import check_prompt, run_prompts
-    from circuit_catalog.ingest.supernodes import supernodes_stale, write_supernodes
-    from circuit_catalog.queries.prompt_graph import PromptInfo, prompt_index
-
     from circuit_catalog.catalog.manifest import Manifest
     from circuit_catalog.ingest import receipt
-    from circuit_catalog.ingest.device import dtype_name, resolve_dtype
+    from circuit_catalog.queries.prompt_graph import PromptInfo, prompt_index
 
     catalog_dir = Path(catalog_dir)
     specs = _prompt_specs(prompts)
     request = {"model": model, "transcoders": transcoders, "layers": layers, "trust_pickle": trust_pickle,
                "settings": settings or IngestSettings(), "dataset": dataset, "n_tokens": n_tokens if dataset else None,
                "ctx_len": ctx_len if dataset else None, "prompts": specs, "attribution": attribution or AttributionSettings(),
-               "dtype": dtype_name(resolve_dtype(dtype))}
+               "dtype": str(dtype or "float32").removeprefix("torch.")}
     digest = receipt.request_digest(catalog_dir, request)
     if digest is not None:
         with writer_lock(catalog_dir):  # a catalog another process is writing is refused, as the full path would
             if receipt.matches(catalog_dir, digest):
                 return IngestResult(catalog_dir, dict(Manifest.read(catalog_dir).counts),
                                     [PromptInfo.from_row(r) for r in prompt_index(catalog_dir)], unchanged=True)
+    # the receipt did not answer: the compute modules (torch, TransformerLens) from here on
+    from circuit_catalog.catalog.crash import crash_point
+    from circuit_catalog.ingest.job import build_manifest, plan_stats, run_ingest, write_stats
+    from circuit_catalog.ingest.prompts import check_prompt, run_prompts
+    from circuit_catalog.ingest.supernodes import supernodes_stale, write_supernodes
+
     lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
     for spec in specs:  # every refusal comes before the first write
         check_prompt(lm, spec)
@@ -120,7 +123,6 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
 
 
 def _prompt_specs(prompts) -> list[PromptSpec]:
-    from circuit_catalog.ingest.prompts import read_prompts
 
     if prompts is None:
         return []
@@ -129,15 +131,6 @@ def _prompt_specs(prompts) -> list[PromptSpec]:
     if isinstance(prompts, str):
         prompts = [prompts]
     return [p if isinstance(p, PromptSpec) else PromptSpec(text=p) for p in prompts]
-
-
-def with_custom_target(specs: list[PromptSpec], targets: tuple[str, ...] = (), contrast: tuple[str, ...] = (),
-                       direction: str | None = None, weight: float = 1.0) -> list[PromptSpec]:
-    """Give every prompt without its own custom target this one (the CLI's --target/--contrast/--direction)."""
-    if not (targets or contrast or direction):
-        return specs
-    custom = {"targets": tuple(targets), "contrast": tuple(contrast), "direction": direction, "target_weight": weight}
-    return [s if s.custom is not None else replace(s, **custom) for s in specs]
 
 
 def train(model, out_dir: str | Path, config, force: bool = False, device: str | None = None, progress: bool = True):

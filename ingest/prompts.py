@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import KW_ONLY, asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,84 +25,12 @@ from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_ato
 from circuit_catalog.ingest.attribution import AttributionGraph, attribute, prompt_tokens, target_token
 from circuit_catalog.ingest.head_terms import head_table, head_terms
 from circuit_catalog.ingest.pruning import Pruned, graph_scores, prune
+from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
 from circuit_catalog.ingest.targets import CustomTarget, custom_target
 from circuit_catalog.ingest.transcoder import TranscoderSet
 from circuit_catalog.progress import tqdm
 
-from circuit_catalog.errors import CatalogDirError, DatasetError
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    text: str
-    _: KW_ONLY
-    target: str | None = None  # a token the graph must include as a logit target
-    # a custom target (`ingest.targets`): these tokens' logits summed (`target` alone when only contrasts are
-    # given) minus the contrasts', or a .npy direction; weighted in pruning as a logit of probability target_weight
-    targets: tuple[str, ...] = ()
-    contrast: tuple[str, ...] = ()
-    direction: str | None = None
-    target_weight: float = 1.0
-
-    @property
-    def custom(self) -> dict | None:
-        """The custom target's definition, or None when the prompt has none."""
-        tokens = self.targets or ((self.target,) if self.contrast and self.target is not None else ())
-        if not (tokens or self.contrast or self.direction):
-            return None
-        return {"tokens": list(tokens), "contrast": list(self.contrast), "direction": self.direction, "weight": self.target_weight}
-
-
-@dataclass(kw_only=True)
-class AttributionSettings:
-    max_feature_nodes: int | None = 1024
-    max_n_logits: int = 10
-    desired_logit_prob: float = 0.95
-    node_threshold: float = 0.8
-    edge_threshold: float = 0.98
-    batch_size: int = 256
-    zero_bos: bool = True  # no feature nodes at position 0 (BOS or another special token), as circuit-tracer
-    head_terms: int = 8  # per pruned edge: its terms through its top heads, `direct` and `other` (`ingest.head_terms`)
-    definitions: int = 3  # raised when what a graph holds changes, so older prompt graphs are recomputed
-
-
-def read_prompts(path: Path) -> list[PromptSpec]:
-    """One prompt per line (.txt), or JSON lines with `prompt` and optional `target`, and for a custom target
-    `targets` (list), `contrast` (token or list), `direction` (.npy path) and `target_weight` (.jsonl)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"prompt file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path}: not UTF-8 text") from None
-    specs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            # a null or a number is not a prompt: str() would store the text "None"
-            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("target"), (str, type(None)))):
-                raise DatasetError(f"{path}:{number}: expected a JSON object with a string 'prompt' (and optional string 'target')")
-            try:
-                contrast = row.get("contrast") or ()
-                specs.append(PromptSpec(
-                    row["prompt"], target=row.get("target"), targets=tuple(map(str, row.get("targets") or ())),
-                    contrast=(str(contrast),) if isinstance(contrast, str) else tuple(map(str, contrast)),
-                    direction=None if row.get("direction") is None else str(row["direction"]),
-                    target_weight=float(row.get("target_weight", 1.0))))
-            except (TypeError, ValueError):
-                raise DatasetError(f"{path}:{number}: a custom target's 'targets', 'contrast' (token or list), 'direction' (.npy path) "
-                                   "or 'target_weight' (number) is malformed") from None
-        else:
-            specs.append(PromptSpec(line))
-    if not specs:
-        raise DatasetError(f"{path}: no prompts")
-    return specs
+from circuit_catalog.errors import CatalogDirError
 
 
 def prompt_id(manifest: Manifest, spec: PromptSpec) -> str:

@@ -31,11 +31,7 @@ def request_digest(catalog_dir: Path, request: dict) -> str | None:
     model, transcoders = request["model"], request["transcoders"]
     if not isinstance(model, (str, Path)) or not isinstance(transcoders, (str, Path)):
         return None
-    from circuit_catalog.ingest.models import resolve_model
-
-    spec = resolve_model(str(model))
-    inputs = {"model": [spec.kind, spec.location, *_files(Path(spec.location))] if spec.kind != "official" else [spec.location],
-              "transcoders": [str(transcoders), *_files(Path(transcoders))]}
+    inputs = {"model": [str(model), *_files(Path(model))], "transcoders": [str(transcoders), *_files(Path(transcoders))]}
     dataset = request.get("dataset")
     if dataset is not None:
         inputs["dataset"] = [str(dataset), *_files(Path(str(dataset)))]

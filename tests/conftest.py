@@ -209,7 +209,8 @@ STATS_TOKENS, STATS_CTX = 600, 16  # the statistics of `stats_catalog`: 38 conte
 @pytest.fixture(scope="session")
 def stats_catalog(tmp_path_factory, gpt2, text_file):
     """(catalog dir, transcoders): the tiny GPT-2 with random transcoders, ingested with activation statistics."""
-    from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
+    from circuit_catalog.ingest.job import build_manifest, run_ingest, run_stats
+    from circuit_catalog.ingest.settings import IngestSettings
 
     root = tmp_path_factory.mktemp("stats-catalog")
     tset = random_transcoders(gpt2, d_sae=24, seed=11)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from circuit_catalog.catalog.ids import feature_id
 from circuit_catalog.ingest.attribution import AttributionGraph, attribute, target_token
-from circuit_catalog.ingest.job import IngestSettings, pullback_table
+from circuit_catalog.ingest.job import pullback_table
+from circuit_catalog.ingest.settings import IngestSettings
 from conftest import DEVICES, arch_of, random_transcoders, with_skip
 
 from circuit_catalog.errors import AttributionError

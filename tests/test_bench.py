@@ -20,6 +20,7 @@ EXPECTED = {  # benchmark -> a line its report must print
     "mapped_pullbacks.py": "x the set on disk",
     "interventions.py": "--validate -k 20",
     "heads.py": "head-resolved graph",
+    "interactive.py": "rerun with nothing to do",
 }
 
 

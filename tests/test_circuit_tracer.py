@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 import torch
 from circuit_catalog.ingest.attribution import AttributionGraph, attribute
-from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
-from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.ingest.job import build_manifest, run_ingest
+from circuit_catalog.ingest.settings import IngestSettings
+from circuit_catalog.ingest.prompts import run_prompts
+from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
 from circuit_catalog.ingest.pruning import graph_scores, prune
 from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_circuit_tracer
 from circuit_catalog.queries.neuronpedia import export_neuronpedia

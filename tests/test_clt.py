@@ -13,8 +13,10 @@ from circuit_catalog.catalog.store import open_loaded_store
 from circuit_catalog.ingest.attribution import attribute
 from circuit_catalog.ingest.datasets import token_contexts
 from circuit_catalog.ingest.evaluate import evaluate_transcoders
-from circuit_catalog.ingest.job import IngestSettings, build_manifest, pullback_table, run_ingest, run_stats
-from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.ingest.job import build_manifest, pullback_table, run_ingest, run_stats
+from circuit_catalog.ingest.settings import IngestSettings
+from circuit_catalog.ingest.prompts import run_prompts
+from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
 from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_circuit_tracer, save_circuit_tracer_clt
 from circuit_catalog.queries.lookups import Lookups
 from circuit_catalog.queries.reports.prompt import report_file, write_prompt_report

@@ -134,7 +134,8 @@ def test_components_from_api_cli_and_card(stats_catalog, tmp_path):
 
 def test_components_missing_says_how_to_get_them(tmp_path, gpt2):
     """A catalog whose statistics hold no tallies (transcoders reading the residual before attention) says why."""
-    from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
+    from circuit_catalog.ingest.job import build_manifest, run_ingest, run_stats
+    from circuit_catalog.ingest.settings import IngestSettings
 
     from tests.conftest import STATS_CTX
     from tests.test_cli import assert_one_line_error, run

@@ -9,7 +9,8 @@ import pytest
 import torch
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import feature_id
-from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
+from circuit_catalog.ingest.job import build_manifest, run_ingest
+from circuit_catalog.ingest.settings import IngestSettings
 from circuit_catalog.ingest.residual import normalise_as_read_by
 from circuit_catalog.ingest.token_edges import extended_embedding, extended_embedding_for
 

@@ -7,9 +7,10 @@ import shutil
 
 import pytest
 from circuit_catalog.catalog import layout
-from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
+from circuit_catalog.ingest.job import build_manifest, run_ingest, run_stats
+from circuit_catalog.ingest.settings import IngestSettings
 from circuit_catalog.ingest.models import load_model
-from circuit_catalog.ingest.prompts import read_prompts
+from circuit_catalog.ingest.settings import read_prompts
 from safetensors.torch import load_file, save_file
 
 from circuit_catalog.errors import CatalogDirError, DatasetError, ModelError

@@ -225,8 +225,10 @@ def test_agrees_with_circuit_tracers_feature_intervention(arch, ct_case, tmp_pat
 def cli_catalog(tmp_path_factory, gpt2, gpt2_dir):
     """(model dir, transcoder dir, catalog dir, prompt id): a tiny GPT-2 catalog with one prompt's graph."""
     from circuit_catalog.catalog.manifest import Manifest
-    from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
-    from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+    from circuit_catalog.ingest.job import build_manifest, run_ingest
+    from circuit_catalog.ingest.settings import IngestSettings
+    from circuit_catalog.ingest.prompts import run_prompts
+    from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
     from circuit_catalog.ingest.transcoder_formats import save_saelens
 
     tc_dir = tmp_path_factory.mktemp("cli-tc")
@@ -326,7 +328,8 @@ def test_feature_card_and_prompt_report_show_interventions(stats_catalog, gpt2, 
     from circuit_catalog.catalog.manifest import Manifest
     from circuit_catalog.catalog.store import open_loaded_store
     from circuit_catalog.ingest.intervention_log import add_intervention, intervention_row
-    from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+    from circuit_catalog.ingest.prompts import run_prompts
+    from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
     from circuit_catalog.queries.lookups import Lookups
     from circuit_catalog.queries.reports.feature import write_feature_cards
     from circuit_catalog.queries.reports.prompt import write_prompt_report

@@ -19,7 +19,7 @@ from tests.test_cli import assert_one_line_error, run, run_json
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory, gpt2):
     from circuit_catalog import ingest
-    from circuit_catalog.ingest.prompts import AttributionSettings
+    from circuit_catalog.ingest.settings import AttributionSettings
 
     from tests.conftest import random_transcoders
 

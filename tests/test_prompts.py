@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import parse_local, token_node
-from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
-from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, prompt_id, read_prompts, run_prompts
+from circuit_catalog.ingest.job import build_manifest, run_ingest
+from circuit_catalog.ingest.settings import IngestSettings
+from circuit_catalog.ingest.prompts import prompt_id, run_prompts
+from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec, read_prompts
 from circuit_catalog.ingest.transcoder_formats import save_saelens
 from circuit_catalog.queries.neuronpedia import export_neuronpedia
 from circuit_catalog.queries.paths import greedy_paths

@@ -8,7 +8,8 @@ import pytest
 import torch
 from circuit_catalog.catalog.ids import feature_id
 from circuit_catalog.catalog.layout import pullback_part
-from circuit_catalog.ingest.job import IngestSettings, pullback_table
+from circuit_catalog.ingest.job import pullback_table
+from circuit_catalog.ingest.settings import IngestSettings
 from circuit_catalog.ingest.pullbacks import select_edges
 
 from tests.conftest import DEVICES, arch_of, random_transcoders, with_skip

@@ -346,8 +346,10 @@ def write_release(kind: str, root: Path, d: int, n: int) -> Path:
 def test_each_release_goes_through_the_catalog(kind, gpt2, tmp_path):
     """ingest -> load -> upstream -> a prompt graph -> its report, for every release format."""
     from circuit_catalog.catalog.store import open_loaded_store
-    from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
-    from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+    from circuit_catalog.ingest.job import build_manifest, run_ingest
+    from circuit_catalog.ingest.settings import IngestSettings
+    from circuit_catalog.ingest.prompts import run_prompts
+    from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
     from circuit_catalog.queries.lookups import Lookups
     from circuit_catalog.queries.reports.prompt import report_file, write_prompt_report
 

@@ -19,7 +19,8 @@ from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.catalog.store import open_loaded_store
 from circuit_catalog.ingest.datasets import token_contexts
 from circuit_catalog.ingest.evaluate import evaluate_transcoders
-from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.ingest.prompts import run_prompts
+from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
 from circuit_catalog.queries.lookups import Lookups
 from circuit_catalog.queries.reports.feature import card_file, feature_card, render_feature, write_feature_cards
 from circuit_catalog.queries.reports.overview import write_overview

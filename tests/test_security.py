@@ -14,8 +14,10 @@ import pytest
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.cypher_check import NotReadOnly, check_read_only
 from circuit_catalog.catalog.ladybug_store import LadybugStore
-from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
-from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.ingest.job import build_manifest, run_ingest
+from circuit_catalog.ingest.settings import IngestSettings
+from circuit_catalog.ingest.prompts import run_prompts
+from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
 from circuit_catalog.queries.lookups import named_query, query_names
 from circuit_catalog.queries.sql import connect, run_sql
 from click.testing import CliRunner

@@ -23,8 +23,10 @@ import pytest
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import parse_feature_id, split_node_id
 from circuit_catalog.catalog.ladybug_store import LadybugStore
-from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
-from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.ingest.job import build_manifest, run_ingest
+from circuit_catalog.ingest.settings import IngestSettings
+from circuit_catalog.ingest.prompts import run_prompts
+from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
 from circuit_catalog.ingest.supernodes import write_supernodes
 from circuit_catalog.queries.lookups import Lookups, named_query, query_names, token_texts
 from circuit_catalog.queries.prompt_graph import PromptGraph

@@ -11,8 +11,10 @@ import torch
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import TARGET, node_id
 from circuit_catalog.ingest.attribution import attribute, prompt_tokens, target_token
-from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest
-from circuit_catalog.ingest.prompts import AttributionSettings, read_prompts, run_prompts
+from circuit_catalog.ingest.job import build_manifest, run_ingest
+from circuit_catalog.ingest.settings import IngestSettings
+from circuit_catalog.ingest.prompts import run_prompts
+from circuit_catalog.ingest.settings import AttributionSettings, read_prompts
 from circuit_catalog.ingest.pruning import logit_weights
 from circuit_catalog.ingest.targets import custom_target
 
