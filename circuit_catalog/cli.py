@@ -895,30 +895,37 @@ def qk(model, transcoders, prompt_key, catalog_dir, head, query_pos, key_pos, k,
 @click.option("--layers", default="all", show_default=True)
 @click.option("--pos", type=int, default=-1, show_default=True, help="Token position (negative counts from the end).")
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Features shown.")
+@click.option("--rank", type=click.Choice(["activation", "influence"]), default="activation", show_default=True,
+              help="activation: the largest activations (a forward pass; favours dense features); influence: the largest "
+              "influence on the logits in the prompt's attribution graph (1024 feature nodes; what the prediction depends on).")
+@click.option("--target", default=None, help="With --rank influence: influence on this token's logit (one token, mind the "
+              "leading space) instead of the probability-weighted logits.")
 @click.option("--format", "fmt", type=click.Choice(["table", "ids"]), default="table", show_default=True)
 @click.option("--trust-pickle", is_flag=True)
 @compute_options
-def active(model, transcoders, prompt, layers, pos, k, fmt, trust_pickle, device, dtype):
-    """The most active transcoder features at one position of a prompt (a real forward pass). Asks the warm
-    process of `circuit-catalog serve` with the same arguments when one runs (a forward pass, no loading)."""
+def active(model, transcoders, prompt, layers, pos, k, rank, target, fmt, trust_pickle, device, dtype):
+    """The most active (or --rank influence: most influential) transcoder features at one position of a prompt.
+    Asks the warm process of `circuit-catalog serve` with the same arguments when one runs (no loading)."""
     from types import SimpleNamespace
 
     from circuit_catalog import warm
 
-    request = {"op": "active", "prompt": prompt, "pos": pos, "k": k}
+    request = {"op": "active", "prompt": prompt, "pos": pos, "k": k, "rank": rank, "target": target}
     answer = warm.ask(warm.socket_path(model, transcoders, parse_layers(layers), trust_pickle, device, dtype), request)
     if answer is not None:
-        found = [SimpleNamespace(feature=f, activation=a) for f, a in answer]
+        found = [SimpleNamespace(feature=f, activation=a, influence=i) for f, a, i in answer]
     else:
         from circuit_catalog.ingest.pipeline import active as active_
 
-        found = active_(model, transcoders, prompt, pos, k, parse_layers(layers), trust_pickle, device=device, dtype=dtype)
+        found = active_(model, transcoders, prompt, pos, k, parse_layers(layers), trust_pickle, device=device, dtype=dtype,
+                        rank=rank, target=target)
     if fmt == "ids":
         out.print("\n".join(f.feature for f in found))
         return
-    table = Table("feature", "activation", title=f"most active features at position {pos} of {prompt!r}")
+    by = "most influential" + (f" on {target!r}" if target else "") if rank == "influence" else "most active"
+    table = Table("feature", "activation", *(["influence"] if rank == "influence" else []), title=f"{by} features at position {pos} of {prompt!r}")
     for f in found:
-        table.add_row(f.feature, f"{f.activation:.3f}")
+        table.add_row(f.feature, f"{f.activation:.3f}", *([f"{f.influence:.4f}"] if rank == "influence" else []))
     out.print(table)
 
 

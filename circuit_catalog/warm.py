@@ -72,7 +72,7 @@ def _read_line(s: socket.socket) -> bytes:
 def serve(path: Path, model, tset, idle_minutes: float = IDLE_MINUTES, ready=None) -> None:
     """Answer requests on `path` with this loaded model and transcoder set until idle for `idle_minutes`;
     `ready()` is called once listening."""
-    from circuit_catalog.ingest.activations import top_active_features
+    from circuit_catalog.ingest.activations import rank_features
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` runs the clean-up below, as Ctrl-C does
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -98,8 +98,9 @@ def serve(path: Path, model, tset, idle_minutes: float = IDLE_MINUTES, ready=Non
                     try:
                         if request.get("op") != "active":
                             raise errors.UserError(f"unknown request {request.get('op')!r}")
-                        found = top_active_features(model, tset, request["prompt"], request["pos"], request["k"])
-                        reply = {"ok": [[f.feature, f.activation] for f in found]}
+                        found = rank_features(model, tset, request["prompt"], request["pos"], request["k"], request.get("rank", "activation"),
+                                              request.get("target"))
+                        reply = {"ok": [[f.feature, f.activation, f.influence] for f in found]}
                     except errors.UserError as exc:
                         reply = {"error": str(exc), "type": type(exc).__name__}
                     conn.sendall(json.dumps(reply).encode() + b"\n")

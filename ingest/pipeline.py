@@ -164,12 +164,15 @@ def evaluate(model, transcoders, dataset: str = "brown", n_tokens: int = 4096, c
 
 
 def active(model, transcoders, prompt: str, pos: int = -1, k: int = 10, layers: list[int] | None = None,
-           trust_pickle: bool = False, device: str | None = None, dtype: str | None = None):
-    """The k most active transcoder features at one position of a prompt (a real forward pass)."""
-    from circuit_catalog.ingest.activations import top_active_features
+           trust_pickle: bool = False, device: str | None = None, dtype: str | None = None, rank: str = "activation",
+           target: str | None = None):
+    """The k transcoder features at one position of a prompt with the largest activation (a real forward pass) or,
+    `rank="influence"`, the largest influence on the logits (on `target`'s when given) in the prompt's
+    attribution graph (`ingest.activations.rank_features`)."""
+    from circuit_catalog.ingest.activations import rank_features
 
     lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
-    return top_active_features(lm, tset, prompt, pos, k)
+    return rank_features(lm, tset, prompt, pos, k, rank, target)
 
 
 def intervene(model, transcoders, prompt: str, edits: list, regime=None, targets: list[str] = (), k: int = 10,

@@ -22,12 +22,18 @@ echo "      and the attribution graphs of three prompts (scripts/demo_prompts.js
 $cc ingest --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --top-k 16 \
     --dataset brown --tokens 8192 --prompts scripts/demo_prompts.jsonl $compute
 
+echo "== 2b. the transcoders' quality on held-out Brown tokens (past the training tokens): per-layer FVU, L0, dead"
+echo "       features, and the next-token loss with every MLP replaced (CE loss recovered), kept for the overview report"
+$cc eval --model smollm2-135m --transcoders "$out/transcoders" --skip-contexts 320 --out "$out/catalog/eval.json" $compute
+
 echo "== 3. load the catalog into the embedded graph store (LadybugDB, at $out/catalog/graph)"
 $cc load --catalog "$out/catalog"
 
-echo "== 4. which late-layer features fire on the last token of: $prompt"
+echo "== 4. which late-layer features fire on the last token of: $prompt; and the feature the prediction of ' Paris'"
+echo "      depends on most there (influence in the prompt's attribution graph: raw activation favours dense features)"
 $cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --layers 26-29 -k 5 $compute
-feature=$($cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --layers 26-29 -k 1 --format ids $compute)
+$cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --rank influence --target " Paris" -k 5 $compute
+feature=$($cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --rank influence --target " Paris" -k 1 --format ids $compute)
 
 echo "== 5. what $feature reads and writes, what feeds it (Cypher over the store)"
 $cc show "$feature" --catalog "$out/catalog" -k 8
