@@ -26,7 +26,8 @@ MAX_QUERY_CHARS = 100_000  # DuckDB's parser recurses per nesting level: bound w
 
 
 def views(root: Path) -> dict[str, list[Path]]:
-    """View name -> the Parquet parts behind it (views without parts are left out)."""
+    """View name -> the Parquet parts behind it (views without parts are left out; `_KEPT_EDGES` is no view but the
+    pruned edges `prompt_edges` joins to say which edges pruning kept)."""
     patterns = {
         "features": layout.FEATURES, "tokens": layout.TOKENS, "pullbacks": layout.PULLBACK_PARTS,
         "deembed": layout.DEEMBED_PARTS, "logits": layout.LOGIT_PARTS,
@@ -40,8 +41,9 @@ def views(root: Path) -> dict[str, list[Path]]:
     return {name: files for name, files in found.items() if files}
 
 
-_KEPT_EDGES = "_kept_edges"  # the pruned edges, read only through `prompt_edges`' `kept`
-# views that are more than their files: `{files}` is the list of the view's parts, `{kept}` the pruned edges'
+_KEPT_EDGES = "_kept_edges"
+# views that are more than their files (None: no view): `{files}` is the list of the view's parts, `{kept}` the
+# pruned edges'; a node id starts with its prompt's id (`catalog.ids`)
 _VIEW_SQL = {
     "prompt_edges": "SELECT split_part(e.src, ':', 1) AS prompt_id, e.src, e.dst, e.weight, k.src IS NOT NULL AS kept "
                     "FROM read_parquet({files}) e LEFT JOIN read_parquet({kept}) k ON e.src = k.src AND e.dst = k.dst",
@@ -59,7 +61,7 @@ def connect(root: Path) -> duckdb.DuckDBPyConnection:
     for name, files in listed.items():
         sql = _VIEW_SQL.get(name, "SELECT * FROM read_parquet({files})")
         if sql is not None:
-            con.execute(f"CREATE VIEW {name} AS " + sql.format(files=files, kept=listed.get(_KEPT_EDGES, "[]")))
+            con.execute(f"CREATE VIEW {name} AS " + sql.format(files=files, kept=listed.get(_KEPT_EDGES)))
     # the order matters: each setting below is refused once external access is off or the configuration locked
     con.execute("SET temp_directory = ''")  # no spill files: nothing a query does reaches the disk
     con.execute("SET autoinstall_known_extensions = false")
