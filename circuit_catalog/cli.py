@@ -420,6 +420,36 @@ def list_prompts(cat, fmt):
     _print_prompts(rows)
 
 
+@main.command()
+@store_options
+@click.option("--prompt", "prompt_keys", multiple=True, help="A prompt (id or exact text); give it twice: A then B.")
+@click.option("--target", default=None, help="The logit token both graphs are read against (default: each prompt's own "
+              "target: the token it was ingested with, else its most probable logit).")
+@click.option("-k", type=click.IntRange(1), default=20, show_default=True, help="Nodes and edges shown.")
+@format_option
+def diff(cat, prompt_keys, target, k, fmt):
+    """Compare two prompts' pruned attribution graphs: the nodes and edges whose attribution to the target changes
+    most from A to B. A node's attribution is its total effect on the target logit through its graph, an edge's its
+    weight times its destination's effect per unit; positions of the shared token prefix align, later ones count
+    from the end (@-1 is the last token)."""
+    if len(prompt_keys) != 2:
+        raise click.UsageError(f"give --prompt exactly twice (A, then B); got {len(prompt_keys)}")
+    d = cat.diff(*prompt_keys, target=target, k=k)
+    if fmt == "json":
+        _print_json(d)
+        return
+    out.print(f"A {d.prompt_a.id}: {d.prompt_a.text!r} -> {d.target_a}\nB {d.prompt_b.id}: {d.prompt_b.text!r} -> {d.target_b}\n"
+              f"shared prefix: {d.prefix} tokens (positions after it count from the end)")
+    nodes = Table("node", "A", "B", "attribution A", "attribution B", "change", title="nodes by change in attribution")
+    for r in d.nodes:
+        nodes.add_row(r.node, r.local_a or "-", r.local_b or "-", f"{r.attribution_a:+.4g}", f"{r.attribution_b:+.4g}", f"{r.change:+.4g}")
+    out.print(nodes)
+    edges = Table("edge", "attribution A", "attribution B", "change", title="edges by change in attribution")
+    for r in d.edges:
+        edges.add_row(f"{r.src} -> {r.dst}", f"{r.attribution_a:+.4g}", f"{r.attribution_b:+.4g}", f"{r.change:+.4g}")
+    out.print(edges)
+
+
 @main.command(name="prompts-using")
 @click.argument("feature")
 @store_options

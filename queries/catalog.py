@@ -31,6 +31,7 @@ from circuit_catalog.queries.lookups import (
     Recurring,
     WeightPath,
 )
+from circuit_catalog.queries.diff import GraphDiff
 from circuit_catalog.queries.motifs import CoOccurrence, RecurringPath, Supernode
 from circuit_catalog.queries.prompt_graph import GraphSummary, PromptGraph, PromptInfo
 from circuit_catalog.queries.rows import Rows, rows_of
@@ -185,6 +186,14 @@ class Catalog:
                                                  no_errors, min_hops)
         return rows_of(PromptPath, (PromptPath([graph.nodes[i].local for i in p.nodes], [graph.nodes[i].label for i in p.nodes],
                                                p.strength, p.share, p.bottleneck) for p in found))
+
+    def diff(self, a: str, b: str, target: str | None = None, k: int = 20) -> GraphDiff:
+        """Two prompts' pruned graphs (ids or exact texts) aligned by node and position (the shared token prefix one to
+        one, the rest from the end), with the k nodes and k edges whose attribution to the target changes most from
+        `a` to `b`. The target is the logit with token text `target` in both, else each prompt's own (`queries.diff`)."""
+        from circuit_catalog.queries.diff import diff_graphs
+
+        return diff_graphs(self.prompt_graph(a), self.prompt_graph(b), target, k)
 
     def prompts_using(self, feature: str, k: int = 20) -> Rows[PromptUse]:
         """Prompts whose pruned graph contains the feature, by its influence there."""

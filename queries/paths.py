@@ -52,6 +52,26 @@ def edge_influence(graph: PromptGraph, target: str) -> dict[tuple[str, str], flo
     return out
 
 
+def target_effects(graph: PromptGraph, target: str) -> dict[str, float]:
+    """node id -> its attribution to `target`: its total signed effect on the target through the graph, at its own
+    activation (tokens and errors at unit scale), i.e. the sum over its paths of the products of per-unit factors
+    (`PromptGraph.factor`) times its unit. The target's is 1, a node without a path to it has 0; a node's value is the
+    sum of its outgoing edges' `weight * per-unit effect of the destination` (`edge_effect`)."""
+    per_unit = defaultdict(float, {target: 1.0})
+    for dst in sorted(graph.nodes, key=lambda i: (-graph.nodes[i].layer, -graph.nodes[i].pos, i)):  # targets first
+        if per_unit[dst] == 0.0:
+            continue
+        for src, w in graph.edges.get(dst, []):
+            per_unit[src] += graph.factor(src, w) * per_unit[dst]
+    return {n: per_unit[n] * graph.nodes[n].unit if n != target else 1.0 for n in graph.nodes}
+
+
+def edge_effect(graph: PromptGraph, effects: dict[str, float], dst: str, weight: float) -> float:
+    """An edge's attribution to the target: its weight (its source's direct effect on `dst`) times `dst`'s effect on
+    the target per unit of `dst` (from `target_effects`); a source's outgoing edges' values sum to its attribution."""
+    return weight * effects[dst] / graph.nodes[dst].unit
+
+
 def best_paths(graph: PromptGraph, sources: set[str], target: str, k: int = 10, rank: str = "bottleneck",
                via: set[str] | None = None, avoid_errors: bool = False, min_hops: int = 1) -> list[NodePath]:
     """The k best source -> target paths under `rank` (RANKS), exactly: through a node of `via` when given, with no

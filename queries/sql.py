@@ -1,7 +1,10 @@
 """Read-only SQL over a catalog directory's Parquet files with DuckDB.
 
-Views: `features`, `tokens`, `pullbacks`, `deembed`, `logits` and, once statistics are collected,
-`stats` (per feature), `top_examples`, `quantile_examples`, `dataset_tokens` and `components` (component tallies).
+Views: `features`, `tokens`, `pullbacks`, `deembed`, `logits`; once statistics are collected, `stats` (per
+feature), `top_examples`, `quantile_examples`, `dataset_tokens` and `components` (component tallies); once prompts
+are, `prompts` (one row per prompt, with its target), `prompt_nodes` (every node of every prompt's graph, pruned or
+not: `kept`) and `prompt_edges` (every nonzero edge of every prompt's unpruned graph, with `prompt_id` and `kept`:
+whether pruning kept it).
 
 User SQL is hostile until proven otherwise, so two independent fences hold it: the statement's kind
 is parsed (one SELECT, or EXPLAIN of one), and the connection it runs in can read exactly the files
@@ -23,16 +26,29 @@ MAX_QUERY_CHARS = 100_000  # DuckDB's parser recurses per nesting level: bound w
 
 
 def views(root: Path) -> dict[str, list[Path]]:
-    """View name -> the Parquet parts behind it (views without parts are left out)."""
+    """View name -> the Parquet parts behind it (views without parts are left out; `_KEPT_EDGES` is no view but the
+    pruned edges `prompt_edges` joins to say which edges pruning kept)."""
     patterns = {
         "features": layout.FEATURES, "tokens": layout.TOKENS, "pullbacks": layout.PULLBACK_PARTS,
         "deembed": layout.DEEMBED_PARTS, "logits": layout.LOGIT_PARTS,
         "stats": layout.stats_part("features"), "top_examples": layout.stats_part("top_examples"),
         "quantile_examples": layout.stats_part("quantile_examples"), "dataset_tokens": layout.stats_part("tokens"),
-        "components": layout.stats_part("components"),
+        "components": layout.stats_part("components"), "prompts": layout.PROMPT_INDEX,
+        "prompt_nodes": layout.prompt_part_glob("nodes"), "prompt_edges": layout.prompt_part_glob("edges_full"),
+        _KEPT_EDGES: layout.prompt_part_glob("edges"),
     }
     found = {name: layout.part_files(root, pattern) for name, pattern in patterns.items()}
     return {name: files for name, files in found.items() if files}
+
+
+_KEPT_EDGES = "_kept_edges"
+# views that are more than their files (None: no view): `{files}` is the list of the view's parts, `{kept}` the
+# pruned edges'; a node id starts with its prompt's id (`catalog.ids`)
+_VIEW_SQL = {
+    "prompt_edges": "SELECT split_part(e.src, ':', 1) AS prompt_id, e.src, e.dst, e.weight, k.src IS NOT NULL AS kept "
+                    "FROM read_parquet({files}) e LEFT JOIN read_parquet({kept}) k ON e.src = k.src AND e.dst = k.dst",
+    _KEPT_EDGES: None,
+}
 
 
 def connect(root: Path) -> duckdb.DuckDBPyConnection:
@@ -41,9 +57,11 @@ def connect(root: Path) -> duckdb.DuckDBPyConnection:
     parts = views(root)
     check_parts([f for files in parts.values() for f in files])
     con = duckdb.connect()
-    for name, files in parts.items():
-        listed = ", ".join(_literal(str(f)) for f in files)
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}])")
+    listed = {name: "[" + ", ".join(_literal(str(f)) for f in files) + "]" for name, files in parts.items()}
+    for name, files in listed.items():
+        sql = _VIEW_SQL.get(name, "SELECT * FROM read_parquet({files})")
+        if sql is not None:
+            con.execute(f"CREATE VIEW {name} AS " + sql.format(files=files, kept=listed.get(_KEPT_EDGES)))
     # the order matters: each setting below is refused once external access is off or the configuration locked
     con.execute("SET temp_directory = ''")  # no spill files: nothing a query does reaches the disk
     con.execute("SET autoinstall_known_extensions = false")

@@ -355,6 +355,24 @@ def test_prompt_graphs_round_trip(store, ref):
         assert [got[key] for key in sorted(got)] == pytest.approx([expected[key] for key in sorted(got)], rel=1e-6)
 
 
+def test_diff_on_both_stores(store, catalog_dir, ref):
+    """`diff` reads both graphs through the store's named queries (`prompt_nodes`, `prompt_edges`): the same rows as
+    the diff of the graphs read from the Parquet parts (`tests/test_diff.py` checks those against pandas)."""
+    from circuit_catalog.queries.diff import diff_graphs
+
+    lookups = Lookups(store)
+    a, b = sorted(r["id"] for r in ref["prompts"])[:2]
+    logits = [{n["token"] for n in ref["pnodes"] if n["prompt_id"] == pid and n["kind"] == "logit"} for pid in (a, b)]
+    for target in (None, min(logits[0] & logits[1])):
+        got = diff_graphs(lookups.prompt_graph(a), lookups.prompt_graph(b), target, k=12)
+        want = diff_graphs(PromptGraph.from_catalog(catalog_dir, a), PromptGraph.from_catalog(catalog_dir, b), target, k=12)
+        assert (got.prefix, got.target_a, got.target_b) == (want.prefix, want.target_a, want.target_b)
+        assert [(r.node, r.local_a, r.local_b) for r in got.nodes] == [(r.node, r.local_a, r.local_b) for r in want.nodes]
+        assert [(r.src, r.dst) for r in got.edges] == [(r.src, r.dst) for r in want.edges]
+        assert [r.change for r in [*got.nodes, *got.edges]] == pytest.approx([r.change for r in [*want.nodes, *want.edges]], rel=1e-5)
+        assert any(r.change for r in got.edges)
+
+
 def test_prompts_using_and_recurring(store, ref):
     lookups = Lookups(store)
     uses: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
