@@ -21,7 +21,7 @@ FRANCE, HOUSE = "the capital of france is", "the capital of this house is"
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory, gpt2):
     from circuit_catalog import ingest
-    from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec
+    from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
 
     from tests.conftest import random_transcoders
 
