@@ -21,6 +21,7 @@ EXPECTED = {  # benchmark -> a line its report must print
     "interventions.py": "--validate -k 20",
     "heads.py": "head-resolved graph",
     "interactive.py": "rerun with nothing to do",
+    "prompts.py": "recurring: p50",
 }
 
 

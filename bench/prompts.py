@@ -1,0 +1,118 @@
+"""Prompt sets: attribution graphs per minute end to end against the bare sweeps, bytes per prompt, the store's load
+time, and `prompts-using` / `recurring` latency, measured in one run.
+
+Prompts are the first words of Brown sentences (`--words`, default 9, so about 10 tokens with BOS). The catalog's
+weight parts are written first and not timed; then `run_prompts` writes every prompt's graph (what `ingest
+--prompts` does: attribution, pruning, head terms, Parquet parts, the index), timed end to end, against the sum of
+the bare `attribute()` calls for the same prompts in the same run (target: end to end <= 1.3x the sweeps). Then the
+catalog is loaded into LadybugDB and the two prompt queries are timed over random features of the graphs (target:
+p50 <= 10 ms embedded at 1,000 prompts).
+
+    python bench/prompts.py [--prompts 200] [--transcoders DIR] [--d-sae 1536]
+    python bench/prompts.py --smoke      # a tiny GPT-2-style model, seconds
+
+Without trained transcoders at --transcoders, SmolLM2-135M gets random ones of width --d-sae (their graphs are
+denser than trained ones', so bytes per prompt are an upper bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def brown_prompts(n: int, words: int) -> list[str]:
+    """The first `words` words of the first `n` distinct Brown sentences long enough."""
+    from circuit_catalog.ingest.datasets import iter_texts
+
+    seen: list[str] = []
+    for text in iter_texts("brown"):
+        for sentence in text.split(" . "):
+            head = " ".join(sentence.split()[:words])
+            if len(sentence.split()) > words and head not in seen:
+                seen.append(head)
+                if len(seen) == n:
+                    return seen
+    return seen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 6 prompts (seconds)")
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--words", type=int, default=9)
+    ap.add_argument("--transcoders", type=Path, default=ROOT / "data" / "smollm2-135m" / "transcoders")
+    ap.add_argument("--d-sae", type=int, default=1536)
+    ap.add_argument("--queries", type=int, default=200, help="prompts-using / recurring calls timed")
+    args = ap.parse_args()
+
+    from circuit_catalog.catalog import layout
+    from circuit_catalog.catalog.store import open_loaded_store
+    from circuit_catalog.ingest.attribution import attribute
+    from circuit_catalog.ingest.job import build_manifest, run_ingest
+    from circuit_catalog.ingest.models import load_model
+    from circuit_catalog.ingest.prompts import run_prompts
+    from circuit_catalog.ingest.settings import AttributionSettings, IngestSettings, PromptSpec
+    from circuit_catalog.ingest.transcoder_formats import load_transcoders
+    from circuit_catalog.queries.lookups import Lookups
+
+    from tests.conftest import build_hf_model, random_transcoders
+
+    with tempfile.TemporaryDirectory(prefix="bench-prompts-") as t:
+        if args.smoke:
+            model = load_model(str(build_hf_model(Path(t) / "gpt2", "gpt2")))
+            tset = random_transcoders(model, d_sae=64, seed=1)
+            texts = ["the jury said the city", "the capital of france is", "she was in the house", "he said that the",
+                     "it was a good day for", "the election was held in"]
+        else:
+            model = load_model("smollm2-135m")
+            tset = load_transcoders(args.transcoders) if args.transcoders.is_dir() else random_transcoders(model, d_sae=args.d_sae, seed=0)
+            tset.bind(model)
+            texts = brown_prompts(args.prompts, args.words)
+        settings = AttributionSettings()
+        root = Path(t) / "catalog"
+        run_ingest(model, tset, root, build_manifest(model, "bench", tset, "bench", IngestSettings(top_k=4)), progress=False)
+
+        start = time.perf_counter()
+        run_prompts(model, tset, root, [PromptSpec(x) for x in texts], settings, progress=False)
+        end_to_end = time.perf_counter() - start
+        start = time.perf_counter()
+        for x in texts:
+            attribute(model, tset, x, max_feature_nodes=settings.max_feature_nodes, batch_size=settings.batch_size)
+        sweeps = time.perf_counter() - start
+        parts = [p for p in (root / layout.PROMPTS).rglob("*") if p.is_file()]
+        per_prompt = sum(p.stat().st_size for p in parts) / len(texts)
+        full = sum(p.stat().st_size for p in parts if p.name.startswith("edges_full")) / len(texts)
+        print(f"{len(texts)} prompts: end to end {end_to_end:.1f} s ({len(texts) / end_to_end * 60:.1f} prompts/min), bare sweeps "
+              f"{sweeps:.1f} s: {end_to_end / sweeps:.2f}x (target <= 1.3x)", flush=True)
+        print(f"bytes per prompt {per_prompt / 1e6:.2f} MB, of which the unpruned edges {full / 1e6:.2f} MB (target <= 1 MB)", flush=True)
+
+        start = time.perf_counter()
+        store = open_loaded_store(root, progress=False)
+        print(f"store load (weights parts and {len(texts)} graphs): {time.perf_counter() - start:.1f} s")
+        with Lookups(store) as lookups:
+            features = sorted({r["f"] for r in store.run("MATCH (:PNode)-[:INSTANCE_OF]->(f:Feature) RETURN DISTINCT f.id AS f")})
+            rng = random.Random(0)
+            for name, call in (("prompts-using", lambda: lookups.prompts_using(rng.choice(features), 20)),
+                               ("recurring", lambda: lookups.recurring(20))):
+                call()
+                times = []
+                for _ in range(args.queries if not args.smoke else 20):
+                    start = time.perf_counter()
+                    call()
+                    times.append((time.perf_counter() - start) * 1e3)
+                times.sort()
+                print(f"{name}: p50 {statistics.median(times):.1f} ms, p99 {times[int(0.99 * (len(times) - 1))]:.1f} ms "
+                      f"at {len(texts)} prompts (target p50 <= 10 ms)")
+
+
+if __name__ == "__main__":
+    main()
