@@ -18,7 +18,7 @@ $cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epo
     --out "$out/transcoders" $compute
 
 echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens, activation statistics,"
-echo "      and the attribution graphs of three prompts (scripts/demo_prompts.jsonl)"
+echo "      and the attribution graphs of five prompts (scripts/demo_prompts.jsonl)"
 $cc ingest --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --top-k 16 \
     --dataset brown --tokens 8192 --prompts scripts/demo_prompts.jsonl $compute
 
@@ -47,7 +47,7 @@ $cc search Paris --catalog "$out/catalog" -k 5
 $cc paths --catalog "$out/catalog" --from-token France --to-logit Paris --max-hops 1 -k 5
 
 echo "== 8. on the prompt itself: its attribution graph, the strongest paths from 'France' to ' Paris', and"
-echo "      the features that recur across the three prompts' graphs"
+echo "      the features that recur across the five prompts' graphs"
 $cc graph --catalog "$out/catalog" --prompt "$prompt" -k 8
 $cc paths --catalog "$out/catalog" --prompt "$prompt" --from-token France --to-logit Paris -k 5
 $cc recurring --catalog "$out/catalog" -k 5
