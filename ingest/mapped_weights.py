@@ -74,6 +74,19 @@ def read_mapped(path: Path) -> dict[str, torch.Tensor]:
 _PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)
 
 
+def prefetch_mapped(tensors: tuple[torch.Tensor | None, ...]) -> None:
+    """Ask the kernel to read the files behind these tensors ahead (MADV_WILLNEED), so the computation that touches
+    them next finds their pages in memory instead of faulting them in one by one; other tensors are ignored."""
+    ptrs = [t.data_ptr() for t in tensors if t is not None]
+    for data in list(_OPEN.values()):
+        start = data.ctypes.data
+        if any(start <= ptr < start + data.size for ptr in ptrs):
+            try:
+                data._mmap.madvise(mmap.MADV_WILLNEED)
+            except (OSError, ValueError):
+                return
+
+
 def release_mapped(keep: tuple[torch.Tensor | None, ...] = ()) -> None:
     """Hand every mapped file's touched, unmodified pages back to the kernel (the data stays readable), except the
     files behind the tensors in `keep`: pages about to be read again stay rather than be read from disk again."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from circuit_catalog.ingest.mapped_weights import release_mapped
+from circuit_catalog.ingest.mapped_weights import prefetch_mapped, release_mapped
 
 from circuit_catalog.errors import TranscoderError
 
@@ -237,8 +237,12 @@ class TranscoderSet:
         its neighbours too, and handing them back between readers read the whole file from disk once per slice
         (memory stays bounded: one source's decoder, one reader's encoder)."""
         tc = self[layer]
+        readers = sorted(r for r in readers if r > layer)
+        prefetch_mapped((tc.W_dec, tc.W_dec_later, *(self[r].W_enc for r in readers[:1])))
         total, upto = tc.W_dec.clone(), layer + 1
-        for reader in sorted(r for r in readers if r > layer):
+        for i, reader in enumerate(readers):
+            if i + 1 < len(readers):  # the next reader's encoder is read from disk while this one's pullbacks compute
+                prefetch_mapped((self[readers[i + 1]].W_enc,))
             for lay in range(upto, reader):
                 W = tc.decoder_into(lay)
                 if W is not None:
