@@ -309,6 +309,7 @@ class Lookups:
         """
         self.check_feature(fid)
         uses = []
+        texts = {p.id: p.text for p in self.prompts()} if token_text else {}
         for r in self._q("feature_inputs", id=fid, k=k, n_inputs=n_inputs):
             inputs = []
             for i in r["inputs"]:
@@ -316,7 +317,7 @@ class Lookups:
                 inputs.append(NodeInput(f"{i['token']!r}@{parse_local(local).pos}" if i["kind"] == "token" and token_text else local,
                                         float(i["weight"])))
             uses.append(FeatureUse(r["prompt"], int(r["pos"]), float(r["activation"]), float(r["influence"]), inputs,
-                                   r["text"] if token_text else None))
+                                   texts.get(r["prompt"])))
         return rows_of(FeatureUse, uses)
 
     def recurring(self, k: int = 20) -> Rows[Recurring]:

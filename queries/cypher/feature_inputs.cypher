@@ -1,5 +1,5 @@
 // Input-dependent attributions of a feature: its $k most influential occurrences in the prompt graphs that
-// keep it, with the prompt's text, each with its $n_inputs strongest direct inputs (by |weight|).
+// keep it, each with its $n_inputs strongest direct inputs (by |weight|).
 // `SKIP 0`: LadybugDB orders a WITH only when SKIP or LIMIT follows; the ordered rows fix each list's order.
 MATCH (n:PNode)-[:INSTANCE_OF]->(f:Feature {id: $id})
 WHERE n.kept
@@ -8,9 +8,7 @@ WITH n, s, e
 ORDER BY abs(e.weight) DESC, s.id
 SKIP 0
 WITH n, collect({src: s.id, kind: s.kind, token: s.token, weight: e.weight}) AS inputs
-MATCH (p:Prompt)
-WHERE p.id = n.prompt_id
-RETURN n.prompt_id AS prompt, p.text AS text, n.pos AS pos, n.activation AS activation, n.influence AS influence,
+RETURN n.prompt_id AS prompt, n.pos AS pos, n.activation AS activation, n.influence AS influence,
        inputs[..$n_inputs] AS inputs
 ORDER BY influence DESC, prompt, pos
 LIMIT $k
