@@ -5,7 +5,9 @@ Expected flags come from a brute-force pass over the same tokens, not from the s
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from html import escape
 from dataclasses import asdict
 
 import pytest
@@ -168,6 +170,15 @@ def test_cli_shows_flags_labels_and_quality(flagged, gpt2, text_file, tmp_path):
         (root / "eval.json").unlink()
 
 
+def lookups_paths(root) -> list[list]:
+    """The nodes of the paths the prompt report lists (to its most probable logit)."""
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        graph = lookups.prompt_graph(PROMPT)
+        top = max(graph.of_kind("logit"), key=lambda n: n.probability)
+        _, paths = lookups.prompt_paths(PROMPT, top.token, k=10)
+    return [[graph.nodes[i] for i in p.nodes] for p in paths]
+
+
 def test_reports_show_flags_labels_and_warnings(flagged, tmp_path):
     root = flagged[0]
     flags = feature_flags(root)
@@ -179,7 +190,7 @@ def test_reports_show_flags_labels_and_warnings(flagged, tmp_path):
     card = Page((tmp_path / card_file(SINK_F)).read_text())
     assert f"Warning: {flags[SINK_F][0]}." in card.texts
     dead_card = Page((tmp_path / card_file(feature_id(DEAD_LAYER, 0))).read_text())
-    assert f"Warning: {layer_flags(root)[DEAD_LAYER][0]}." in dead_card.texts and f"Dead or rare? {rare_warning(root)}." in dead_card.texts
+    assert f"Warning: {layer_flags(root)[DEAD_LAYER][0]}." in dead_card.texts and f"Too few tokens to call a feature rare: {rare_warning(root)}." in dead_card.texts
 
     used = next(fid for fid, u in uses.items() if u)  # a card lists the prompts using its feature by their text
     with Lookups(open_loaded_store(root, progress=False)) as lookups:
@@ -201,6 +212,13 @@ def test_reports_show_flags_labels_and_warnings(flagged, tmp_path):
     assert (f"Warning: {replacement_warning(graph.info.replacement_score)}." in page.texts) == (graph.info.replacement_score < 0.5)
     for n in inner:  # the picture's hover titles label its nodes the same way
         assert any(t.startswith(f"{graph.describe(n)} · influence") for t in page.texts)
+    html = report.read_text()
+    drawn = re.findall(r'<g class="node logit">(.*?)</g>', html)  # the top row: every logit shows its token
+    assert sorted(re.search(r"<text[^>]*>(.*?)</text>", g).group(1) for g in drawn) == sorted(
+        escape(shown(n.token)) for n in graph.of_kind("logit"))
+    path_cells = re.findall(r'<table class="paths">(.*?)</table>', html, re.S)[0]
+    paths = lookups_paths(root)
+    assert paths and all(f'title="{escape(graph.describe(n))}"' in path_cells for p in paths for n in p)
 
     overview = Page(write_overview(root, tmp_path / "overview.html").read_text())
     (layers,) = overview.rows("layers")

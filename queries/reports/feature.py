@@ -128,8 +128,8 @@ def render_feature(card: FeatureCard, manifest: Manifest, href: Callable[[str], 
     else:
         observed = [_histogram_section(card.stats), _components_section(card.stats), _top_examples_section(card.stats), _intervals_section(card.stats)]
     head = [_headline(card.stats), *(banner(f"Warning: {f}.", "warn") for f in card.flags)]
-    if card.rare_warning and card.stats is not None and not card.stats.live:
-        head.append(banner(f"Dead or rare? {card.rare_warning}.", "warn"))
+    if card.rare_warning and card.stats is not None:
+        head.append(banner(f"Too few tokens to call a feature rare: {card.rare_warning}.", "warn"))
     if blind:
         head.append(banner("Blind case-study mode: the texts of the examples that activate this feature are left out. "
                            "Shown are input-independent circuit evidence (de-embeddings, logit lens, pullback neighbours) "

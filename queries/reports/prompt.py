@@ -30,6 +30,7 @@ from circuit_catalog.queries.reports.html import (
     section,
     signed,
     table,
+    tag,
     token,
     write_page,
 )
@@ -89,13 +90,16 @@ def render_prompt(graph: PromptGraph, paths: list[NodePath], path_logit: str, ma
 
 
 def _node_link(graph: PromptGraph, nid: str, href) -> Markup:
+    """A node as the tables name it, its full label (`PromptGraph.describe`) in the tooltip."""
     node = graph.nodes[nid]
     if node.kind == "feature":
         fid = node.feature_id
-        return join([link(href(fid), fid, "no card written for this feature"), f"@{node.pos}"])
-    if node.kind in ("token", "logit"):
-        return join([token(node.token or ""), f"@{node.pos}" if node.kind == "token" else " (logit)"])
-    return Markup(node.local)
+        shown = join([link(href(fid), fid, "no card written for this feature"), f"@{node.pos}"])
+    elif node.kind in ("token", "logit"):
+        shown = join([token(node.token or ""), f"@{node.pos}" if node.kind == "token" else " (logit)"])
+    else:
+        shown = Markup(node.local)
+    return tag("span", shown, title=graph.describe(node))
 
 
 def _picture(graph: PromptGraph, href, max_nodes: int, max_links: int) -> Markup:
@@ -103,18 +107,23 @@ def _picture(graph: PromptGraph, href, max_nodes: int, max_links: int) -> Markup
     shown = inner[:max_nodes] + graph.of_kind("token") + graph.of_kind("logit")
     ids = {n.id for n in shown}
     n_layers = max(n.layer for n in graph.of_kind("logit"))
+    positions = sorted({n.pos for n in graph.of_kind("token")})
+    # every logit is read at the last position; spread along their row (most probable rightmost), each has room for its token
+    logits = sorted(graph.of_kind("logit"), key=lambda n: -(n.probability or 0.0))
+    column = {n.id: positions[-1 - i % len(positions)] for i, n in enumerate(logits)}
     nodes = []
     for n in sorted(shown, key=lambda n: (n.layer, n.pos, n.id)):
         label = {"token": n.token, "logit": n.token, "error": "err"}.get(n.kind, n.feature_id)
         title = f"{graph.describe(n)} · influence {n.influence or 0:.4f}" + (f" · activation {n.activation:.3f}" if n.activation is not None else "")
-        nodes.append(svg.GridNode(n.id, label or "∅", n.pos, n.layer + 1, n.kind, href(n.feature_id) if n.feature_id else None, title))
+        title += f" · probability {n.probability:.4f}" if n.probability is not None else ""
+        nodes.append(svg.GridNode(n.id, label or "∅", column.get(n.id, n.pos), n.layer + 1, n.kind,
+                                  href(n.feature_id) if n.feature_id else None, title))
     # the strongest edges among the drawn nodes, by their share of the target's incoming |weight|
     scored = []
     for dst, ins in graph.edges.items():
         total = sum(abs(w) for _, w in ins) or 1.0
         scored += [(abs(w) / total, svg.Link(src, dst, w / total)) for src, w in ins if src in ids and dst in ids]
     links = [link for _, link in sorted(scored, key=lambda t: -t[0])[:max_links]]
-    positions = sorted({n.pos for n in graph.of_kind("token")})
     x_labels = [repr(next(n.token for n in graph.of_kind("token") if n.pos == p))[1:-1] for p in positions]
 
     def row_name(row: int) -> str:
@@ -124,8 +133,10 @@ def _picture(graph: PromptGraph, href, max_nodes: int, max_links: int) -> Markup
                              column_width=max(96.0, min(220.0, 1050.0 / max(len(positions), 1))))
     note = (f"Positions left to right, layers bottom to top. Drawn: every token and logit and the {min(max_nodes, len(inner))} "
             f"most influential of {len(inner)} feature and error nodes in the pruned graph, with the {len(links)} strongest "
-            "edges among them (width: share of the target's incoming |weight|; blue positive, red negative). "
-            "Hover for values; feature nodes link to their cards where written.")
+            "edges among them (width: share of the target's incoming |weight|; blue positive, red negative). The logits, all "
+            "read at the last position, are spread along the top row, the most probable rightmost, so each shows its token. "
+            "Hover for a node's label (the token at its position; a feature's top de-embedding and logit-lens tokens) and "
+            "values; feature nodes link to their cards where written.")
     return section("Graph", Markup('<div style="overflow-x:auto">') + picture + Markup("</div>"), note=note, id="graph")
 
 
