@@ -9,10 +9,12 @@ import re
 import shutil
 from html import escape
 from dataclasses import asdict
+from dataclasses import replace as dc_replace
 
 import pytest
 import torch
 from circuit_catalog.catalog.ids import feature_id, parse_feature_id
+from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.catalog.store import open_loaded_store
 from circuit_catalog.ingest.datasets import token_contexts
 from circuit_catalog.ingest.evaluate import evaluate_transcoders
@@ -25,7 +27,7 @@ from circuit_catalog.queries.catalog import Catalog
 from circuit_catalog.queries.lookups import Lookups
 from circuit_catalog.queries.reports.feature import card_file, write_feature_cards
 from circuit_catalog.queries.reports.overview import write_overview
-from circuit_catalog.queries.reports.prompt import write_prompt_report
+from circuit_catalog.queries.reports.prompt import render_prompt, write_prompt_report
 
 from tests.conftest import STATS_CTX, STATS_TOKENS, random_transcoders
 from tests.test_cli import run, run_json
@@ -232,3 +234,18 @@ def test_reports_show_flags_labels_and_warnings(flagged, tmp_path):
     assert [row[6] for row in layers] == [expected[layer] for layer in (0, 1, 2)]
     assert f"Too few tokens to call a feature rare: {rare_warning(root)}." in overview.texts
     assert caveats.quality_line(None) in overview.texts
+    (prompts,) = overview.rows("prompts")
+    assert [row[-2:] for row in prompts] == [[replacement_warning(graph.info.replacement_score) or "", graph.info.id]]
+
+
+def test_prompt_report_warns_of_a_low_replacement_score(flagged):
+    """The same graph with its replacement score below the threshold: the report says errors carry the influence."""
+    root = flagged[0]
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        graph = lookups.prompt_graph(PROMPT)
+    logit = max(graph.of_kind("logit"), key=lambda n: n.probability).id
+    for score in (0.3, 0.5):
+        low = dc_replace(graph, info=dc_replace(graph.info, replacement_score=score))
+        page = Page(render_prompt(low, [], logit, Manifest.read(root), lambda fid: None, 20, 100, 5, []))
+        warning = f"Warning: replacement score {score:.3f} < 0.5: errors carry most of the influence, so read the features' roles with caution."
+        assert (warning in page.texts) == (score < 0.5)
