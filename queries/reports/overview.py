@@ -1,8 +1,9 @@
 """The catalog overview: what the catalog holds, per layer, and how its pullback weights are distributed.
 
 Per layer: features, live / dead / rarely firing (from the activation statistics), mean L0 (sum of
-firing frequencies: active features per token), and FVU and CE loss recovered when an evaluation file
-(`circuit-catalog eval --out CATALOG/eval.json`) is there. Pullback weights: a histogram of all kept
+firing frequencies: active features per token), warnings (`queries.caveats`: near-dead layers, counts of sink-like
+and dense features), and FVU and CE loss recovered when an evaluation file
+(`circuit-catalog eval --out CATALOG/eval.json`) is there, else a line saying quality was not measured. Pullback weights: a histogram of all kept
 edges and a heatmap of mean |weight| per layer pair, computed by DuckDB over the Parquet parts.
 """
 

@@ -3,7 +3,10 @@ scores, logit targets, most influential nodes and strongest token -> logit paths
 
 The picture shows the tokens, the logits and the `max_nodes` most influential features and error nodes
 of the pruned graph, with the strongest edges among them; the tables cover the whole pruned graph.
-Feature nodes link to their cards where those are written next to the report.
+Feature nodes link to their cards where those are written next to the report. Every node is labelled
+(`PromptGraph.describe`: the token at its position, a feature's top de-embedding and logit-lens tokens) and the
+page carries the warnings of `queries.caveats` (low replacement score, near-dead layers, flagged features) and the
+transcoders' quality.
 """
 
 from __future__ import annotations
