@@ -551,21 +551,33 @@ def graph(cat, prompt_key, k, fmt):
     g = cat.graph_summary(prompt_key, k)
     info = g.prompt
     if fmt == "json":
-        _print_json({"prompt": info, "nodes": g.nodes, "edges": g.edges,
+        _print_json({"prompt": info, "nodes": g.nodes, "edges": g.edges, "warning": g.warning, "quality": g.quality,
+                     "layer_flags": {str(layer): flags for layer, flags in g.layer_flags.items()},
                      "logits": [{"token": n.token, "probability": n.probability} for n in g.logits],
-                     "top": [{"node": n.local, "influence": n.influence, "activation": n.activation} for n in g.top]})
+                     "top": [{"node": n.local, "label": g.labels[n.id], "influence": n.influence, "activation": n.activation,
+                              "flags": g.flags.get(n.feature_id, [])} for n in g.top]})
         return
-    out.print(f"prompt {info.id}: {info.text!r} ({info.n_tokens} tokens)\n"
-              f"replacement score {info.replacement_score:.3f}, completeness score {info.completeness_score:.3f}\n"
-              f"pruned graph: {', '.join(f'{v} {kind}' for kind, v in g.nodes.items())} nodes, {g.edges} edges")
+    out.print(Text(f"prompt {info.id}: {info.text!r} ({info.n_tokens} tokens)\n"
+                   f"replacement score {info.replacement_score:.3f}, completeness score {info.completeness_score:.3f}\n"
+                   f"pruned graph: {', '.join(f'{v} {kind}' for kind, v in g.nodes.items())} nodes, {g.edges} edges\n{g.quality}"), soft_wrap=True)
+    _print_warnings([g.warning] if g.warning else [])
+    _print_warnings(str(f) for flags in g.layer_flags.values() for f in flags)
     logits = Table("logit", "probability", title="logit targets")
     for n in g.logits:
         logits.add_row(repr(n.token), f"{n.probability:.3f}")
     out.print(logits)
-    table = Table("node", "influence", "activation", title="most influential nodes")
+    table = Table("node (token at its position; <- top de-embedding, -> top logit-lens tokens)", "influence", "activation", "flags",
+                  title="most influential nodes")
     for n in g.top:
-        table.add_row(n.label, f"{n.influence:.4f}", "" if n.activation is None else f"{n.activation:.3f}")
+        table.add_row(Text(g.labels[n.id]), f"{n.influence:.4f}", "" if n.activation is None else f"{n.activation:.3f}",
+                      ", ".join(f.kind for f in g.flags.get(n.feature_id, [])))
     out.print(table)
+
+
+def _print_warnings(lines) -> None:
+    """Each warning on its own line, as plain text (a token such as [the] is not rich markup)."""
+    for line in lines:
+        out.print(Text(f"warning: {line}"), soft_wrap=True)
 
 
 @main.command()
@@ -623,9 +635,10 @@ def show(feature, cat, k, fmt):
     """A feature card: tokens, then what feeds it and what it feeds."""
     card = cat.show(feature, k)
     if fmt == "json":
-        _print_json({"tokens": card.tokens, "upstream": card.upstream, "downstream": card.downstream})
+        _print_json({"tokens": card.tokens, "upstream": card.upstream, "downstream": card.downstream, "flags": card.flags})
         return
     out.print(_tokens_table(card.tokens, k))
+    _print_warnings(map(str, card.flags))
     for title, edges in (("upstream: what feeds it", card.upstream), ("downstream: what it feeds", card.downstream)):
         out.print(_edges_table(title, edges) if edges else f"{title}: none in this catalog (no transcoder layers on that side)")
 
@@ -670,11 +683,15 @@ def stats(feature, cat, k, fmt):
     """FEATURE's activation statistics, top activating examples and examples from each activation
     interval (DuckDB over DIR/stats/)."""
     card = cat.stats(feature, k)
+    flags, rare = cat.flags(feature), cat.rare_warning()
     if fmt == "json":
-        _print_json(card)
+        from circuit_catalog.queries.rows import plain
+
+        _print_json({**plain(card), "flags": flags, "rare_warning": rare})
         return
     out.print(f"{feature}: fires on {card.frequency:.4%} of tokens ({'live' if card.live else 'dead'}), "
               f"mean {card.mean_act:.3f} when firing, max {card.max_act:.3f}, quantiles 50/90/99% <= {card.q50:.3g}/{card.q90:.3g}/{card.q99:.3g}")
+    _print_warnings([*map(str, flags), *([rare] if rare else [])])
     table = Table("activation", "context", title="top activating examples (firing token in brackets)")
     for e in card.examples:
         table.add_row(f"{e.activation:.3f}", Text(e.text))  # Text: a token such as [france] is not rich markup

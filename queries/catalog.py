@@ -19,6 +19,7 @@ from typing import Any
 
 from circuit_catalog.catalog.store import GraphStore, open_loaded_store, open_store
 from circuit_catalog.errors import StoreError
+from circuit_catalog.queries.caveats import Flag
 from circuit_catalog.queries.lookups import (
     Edge,
     FeatureTokens,
@@ -45,6 +46,7 @@ class FeatureCard:
     tokens: FeatureTokens
     upstream: Rows[Edge]
     downstream: Rows[Edge]
+    flags: list[Flag]  # likely artefacts (`queries.caveats`), from the activation statistics
 
 
 @dataclass
@@ -123,7 +125,32 @@ class Catalog:
         return self.lookups.tokens(feature, k)
 
     def show(self, feature: str, k: int = 10) -> FeatureCard:
-        return FeatureCard(self.tokens(feature, k), self.upstream(feature, k), self.downstream(feature, k))
+        return FeatureCard(self.tokens(feature, k), self.upstream(feature, k), self.downstream(feature, k), self.flags(feature))
+
+    def flags(self, feature: str) -> list[Flag]:
+        """The feature's artefact flags (sink-like, dense) and its layer's (near-dead), from the activation statistics
+        (`queries.caveats` defines them); empty without statistics."""
+        from circuit_catalog.queries.caveats import flags_of
+
+        return flags_of(self.directory, feature)
+
+    def layer_flags(self) -> dict[int, list[Flag]]:
+        """Near-dead layers (mean L0 < 1 or most features dead), by layer."""
+        from circuit_catalog.queries.caveats import layer_flags
+
+        return layer_flags(self.directory)
+
+    def evaluation(self) -> dict | None:
+        """The transcoders' evaluation (`circuit-catalog eval --out CATALOG/eval.json`: FVU, CE loss recovered), or None."""
+        from circuit_catalog.queries.caveats import catalog_eval
+
+        return catalog_eval(self.directory)
+
+    def rare_warning(self) -> str | None:
+        """Why the statistics cannot call a feature rarely firing (too few tokens counted), or None."""
+        from circuit_catalog.queries.caveats import rare_warning
+
+        return rare_warning(self.directory)
 
     def search(self, token: str, k: int = 20) -> Rows[Hit]:
         """Features whose top de-embedding or logit-lens tokens include `token`."""
@@ -171,8 +198,16 @@ class Catalog:
         return self.lookups.prompt_graph(prompt)
 
     def graph_summary(self, prompt: str, k: int = 15) -> GraphSummary:
-        """Scores, node and edge counts, logit targets and the k most influential nodes of a prompt's graph."""
-        return self.prompt_graph(prompt).summary(k)
+        """Scores, node and edge counts, logit targets and the k most influential nodes of a prompt's graph, labelled
+        (`PromptGraph.describe`), with the features' and layers' flags, the transcoders' quality and a warning when
+        the replacement score is low."""
+        from circuit_catalog.queries.caveats import feature_flags, quality_line
+
+        summary = self.prompt_graph(prompt).summary(k)
+        summary.flags = feature_flags(self.directory, sorted({n.feature_id for n in summary.top if n.feature_id}))
+        summary.layer_flags = self.layer_flags()
+        summary.quality = quality_line(self.evaluation())
+        return summary
 
     def prompt_paths(self, prompt: str, to_logit: str, from_token: str | int | None = None, k: int = 10,
                      greedy: bool = False, iters: int = 3, branches: int = 5, rank: str = "bottleneck",

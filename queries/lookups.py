@@ -132,6 +132,7 @@ class FeatureUse:
     activation: float
     influence: float
     inputs: list[NodeInput]
+    text: str | None = None  # the prompt's text (None for blind case studies)
 
 
 @dataclass
@@ -272,7 +273,13 @@ class Lookups:
     def prompt_graph(self, key: str) -> PromptGraph:
         """The pruned attribution graph of one prompt (by id or text), with the prompt's row."""
         info = self.prompt(key)
-        return PromptGraph.from_rows(info, self._q("prompt_nodes", id=info.id), self._q("prompt_edges", id=info.id))
+        graph = PromptGraph.from_rows(info, self._q("prompt_nodes", id=info.id), self._q("prompt_edges", id=info.id))
+        features = graph.of_kind("feature")
+        if features:  # one query for every feature's labels
+            labels = {r["id"]: r for r in self._q("feature_labels", ids=sorted({n.feature_id for n in features}))}
+            for n in features:
+                n.top_tokens, n.logit_tokens = list(labels[n.feature_id]["tokens"] or []), list(labels[n.feature_id]["logit_tokens"] or [])
+        return graph
 
     def prompt_paths(self, key: str, to_logit: str, from_token: str | int | None = None, k: int = 10, greedy: bool = False,
                      iters: int = 3, branches: int = 5, rank: str = "bottleneck", via: str | None = None,
@@ -298,17 +305,19 @@ class Lookups:
     def feature_uses(self, fid: str, k: int = 10, n_inputs: int = 5, token_text: bool = True) -> Rows[FeatureUse]:
         """The feature's k most influential occurrences in prompt graphs, each with its strongest inputs.
 
-        `token_text=False` names token inputs by position only (for blind case studies).
+        `token_text=False` names token inputs by position only and leaves the prompt's text out (for blind case studies).
         """
         self.check_feature(fid)
         uses = []
+        texts = {p.id: p.text for p in self.prompts()} if token_text else {}
         for r in self._q("feature_inputs", id=fid, k=k, n_inputs=n_inputs):
             inputs = []
             for i in r["inputs"]:
                 local = split_node_id(i["src"])[1]
                 inputs.append(NodeInput(f"{i['token']!r}@{parse_local(local).pos}" if i["kind"] == "token" and token_text else local,
                                         float(i["weight"])))
-            uses.append(FeatureUse(r["prompt"], int(r["pos"]), float(r["activation"]), float(r["influence"]), inputs))
+            uses.append(FeatureUse(r["prompt"], int(r["pos"]), float(r["activation"]), float(r["influence"]), inputs,
+                                   texts.get(r["prompt"])))
         return rows_of(FeatureUse, uses)
 
     def recurring(self, k: int = 20) -> Rows[Recurring]:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import parse_feature_id, split_node_id
 from circuit_catalog.catalog.manifest import Manifest
+from circuit_catalog.queries.caveats import Flag, replacement_warning
 from circuit_catalog.errors import CatalogDirError, UnknownFeature, UnknownPrompt, first_line
 
 
@@ -80,6 +81,8 @@ class PNode:
     influence: float | None = None
     probability: float | None = None
     kept: bool = True
+    top_tokens: list[str] | None = None  # a feature's top extended de-embedding tokens (filled by `Lookups.prompt_graph`)
+    logit_tokens: list[str] | None = None  # a feature's top logit-lens tokens (likewise)
 
     @property
     def local(self) -> str:
@@ -109,6 +112,11 @@ class GraphSummary:
     edges: int
     logits: list[PNode]  # most probable first
     top: list[PNode]  # feature and error nodes by influence
+    labels: dict[str, str] = field(default_factory=dict)  # node id -> `PromptGraph.describe` of every node listed
+    flags: dict[str, list[Flag]] = field(default_factory=dict)  # feature id -> its artefact flags (`queries.caveats`)
+    layer_flags: dict[int, list[Flag]] = field(default_factory=dict)
+    quality: str = ""  # the transcoders' quality in one line, or how to measure it
+    warning: str | None = None  # the replacement score is low
 
 
 @dataclass
@@ -155,9 +163,26 @@ class PromptGraph:
     def summary(self, k: int = 15) -> GraphSummary:
         kinds = {kind: len(self.of_kind(kind)) for kind in ("token", "feature", "error", "logit")}
         inner = [n for n in self.nodes.values() if n.kind in ("feature", "error")]
-        return GraphSummary(self.info, kinds, sum(len(v) for v in self.edges.values()),
-                            sorted(self.of_kind("logit"), key=lambda n: -(n.probability or 0.0)),
-                            sorted(inner, key=lambda n: -(n.influence or 0.0))[:k])
+        logits = sorted(self.of_kind("logit"), key=lambda n: -(n.probability or 0.0))
+        top = sorted(inner, key=lambda n: -(n.influence or 0.0))[:k]
+        return GraphSummary(self.info, kinds, sum(len(v) for v in self.edges.values()), logits, top,
+                            {n.id: self.describe(n) for n in logits + top}, warning=replacement_warning(self.info.replacement_score))
+
+    def token_at(self, pos: int) -> str | None:
+        """The input token's text at a position (None if the graph has no token node there)."""
+        return next((n.token for n in self.of_kind("token") if n.pos == pos), None)
+
+    def describe(self, node: PNode, n_tokens: int = 3) -> str:
+        """The node's label with what a reader needs to place it: the input token at its position and, for a feature,
+        its top extended de-embedding (<-) and logit-lens (->) tokens: `L8/355@3 ' is' (<- ' the' ' a'; -> ' Paris')`."""
+        if node.kind in ("token", "logit", "target"):
+            return node.label
+        text = f"{node.label} {self.token_at(node.pos)!r}"
+        if node.kind != "feature" or (node.top_tokens is None and node.logit_tokens is None):
+            return text
+        reads = " ".join(map(repr, (node.top_tokens or [])[:n_tokens]))
+        writes = " ".join(map(repr, (node.logit_tokens or [])[:n_tokens]))
+        return f"{text} (<- {reads}; -> {writes})"
 
     def to_networkx(self):
         """A `networkx.DiGraph`: node attributes are PNode's fields (plus `label`), edges carry `weight`."""

@@ -131,7 +131,7 @@ def test_overview_shows_layers_and_eval(reports):
     live = {layer: sum(r["live"] for r in stats if r["layer"] == layer) for layer in (0, 1, 2)}
     assert [row[0] for row in layers] == ["0", "1", "2"] and all(row[1] == "24" for row in layers)
     assert [row[2] for row in layers] == [str(live[layer]) for layer in (0, 1, 2)]
-    assert [row[6] for row in layers] == [f"{m['fvu']:.3f}" for m in figures["layers"]]
+    assert [row[7] for row in layers] == [f"{m['fvu']:.3f}" for m in figures["layers"]]
     assert all(f'href="{card_file(fid)}"' in reports["overview"].read_text() for fid in [FEATURE])
 
 

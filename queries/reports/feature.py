@@ -21,6 +21,7 @@ from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import FEATURE_ID, parse_feature_id
 from circuit_catalog.catalog.layout import histogram_log10_edges
 from circuit_catalog.catalog.manifest import Manifest
+from circuit_catalog.queries.caveats import Flag, flags_of, rare_warning
 from circuit_catalog.queries.lookups import Edge, FeatureTokens, FeatureUse, InterventionUse, Lookups
 from circuit_catalog.queries.reports import svg
 from circuit_catalog.queries.reports.html import (
@@ -52,6 +53,8 @@ class FeatureCard:
     stats: FeatureStats | None  # None when the catalog has no activation statistics
     uses: list[FeatureUse] = field(default_factory=list)  # occurrences in prompts' attribution graphs
     interventions: list[InterventionUse] = field(default_factory=list)  # recorded interventions that edited it
+    flags: list[Flag] = field(default_factory=list)  # likely artefacts of the feature and its layer (`queries.caveats`)
+    rare_warning: str | None = None  # the statistics counted too few tokens to call it rarely firing
 
 
 def card_file(fid: str, blind: bool = False) -> str:
@@ -73,7 +76,8 @@ def feature_card(lookups: Lookups, root: Path, fid: str, k: int = 10, blind: boo
         stats = blinded(stats)
     uses = lookups.feature_uses(fid, k, token_text=not blind)
     interventions = [] if blind else lookups.interventions(fid, k)  # their prompts and texts would unblind the card
-    return FeatureCard(fid, tokens, lookups.upstream(fid, k), lookups.downstream(fid, k), stats, uses, interventions)
+    return FeatureCard(fid, tokens, lookups.upstream(fid, k), lookups.downstream(fid, k), stats, uses, interventions, flags_of(root, fid),
+                       rare_warning(root))
 
 
 def blinded(stats: FeatureStats) -> FeatureStats:
@@ -123,7 +127,9 @@ def render_feature(card: FeatureCard, manifest: Manifest, href: Callable[[str], 
         observed = [_histogram_section(card.stats), _components_section(card.stats), _locations_section(card.stats), _intervals_table(card.stats)]
     else:
         observed = [_histogram_section(card.stats), _components_section(card.stats), _top_examples_section(card.stats), _intervals_section(card.stats)]
-    head = [_headline(card.stats)]
+    head = [_headline(card.stats), *(banner(f"Warning: {f}.", "warn") for f in card.flags)]
+    if card.rare_warning and card.stats is not None:
+        head.append(banner(f"Too few tokens to call a feature rare: {card.rare_warning}.", "warn"))
     if blind:
         head.append(banner("Blind case-study mode: the texts of the examples that activate this feature are left out. "
                            "Shown are input-independent circuit evidence (de-embeddings, logit lens, pullback neighbours) "
@@ -218,7 +224,7 @@ def _uses_section(uses: list[FeatureUse], blind: bool) -> Markup:
     if not uses:
         return section("In attribution graphs", note="The feature is in no prompt's pruned attribution graph in this catalog "
                                                       "(`circuit-catalog ingest ... --prompts FILE`).")
-    rows = [[u.prompt, u.pos, f"{u.activation:.3f}", f"{u.influence:.4f}",
+    rows = [[u.prompt if u.text is None else join([u.text, " ", tag("small", u.prompt)]), u.pos, f"{u.activation:.3f}", f"{u.influence:.4f}",
              join((join([name, " ", signed(w, "{:+.3g}")]) for name, w in u.inputs), " · ")] for u in uses]
     note = ("Input-dependent attributions: where the feature sits in prompts' pruned attribution graphs, its influence on "
             "their logits, and its strongest direct inputs there (edge weight: the source's effect on this feature's pre-activation).")

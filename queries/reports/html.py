@@ -146,6 +146,7 @@ td.empty { color: var(--muted); font-style: italic; }
 .banner { padding: 10px 14px; border-radius: 6px; margin: 16px 0 0; }
 .banner.info { background: #ecfdf5; border: 1px solid #a7f3d0; }
 .banner.blind { background: #fef3c7; border: 1px solid #fcd34d; }
+.banner.warn { background: #fff7ed; border: 1px solid #fdba74; }
 .chart { display: block; max-width: 100%; height: auto; margin: 6px 0 12px; }
 .chart text { font: 11px system-ui, "DejaVu Sans", sans-serif; fill: var(--muted); }
 .chart .label { fill: var(--fg); }

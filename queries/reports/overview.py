@@ -1,8 +1,9 @@
 """The catalog overview: what the catalog holds, per layer, and how its pullback weights are distributed.
 
 Per layer: features, live / dead / rarely firing (from the activation statistics), mean L0 (sum of
-firing frequencies: active features per token), and FVU and CE loss recovered when an evaluation file
-(`circuit-catalog eval --out CATALOG/eval.json`) is there. Pullback weights: a histogram of all kept
+firing frequencies: active features per token), warnings (`queries.caveats`: near-dead layers, counts of sink-like
+and dense features), and FVU and CE loss recovered when an evaluation file
+(`circuit-catalog eval --out CATALOG/eval.json`) is there, else a line saying quality was not measured. Pullback weights: a histogram of all kept
 edges and a heatmap of mean |weight| per layer pair, computed by DuckDB over the Parquet parts.
 """
 
@@ -15,14 +16,27 @@ from pathlib import Path
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import parse_feature_id, sql_feature_layer
 from circuit_catalog.catalog.manifest import Manifest
+from circuit_catalog.queries.caveats import (
+    DENSE_FREQUENCY,
+    NEAR_DEAD_L0,
+    NEAR_DEAD_SHARE,
+    SINK_POS,
+    SINK_SHARE,
+    Flag,
+    catalog_eval,
+    feature_flags,
+    layer_flags,
+    quality_line,
+    rare_warning,
+    replacement_warning,
+)
 from circuit_catalog.queries.reports import svg
 from circuit_catalog.queries.reports.feature import OVERVIEW, card_feature
-from circuit_catalog.queries.reports.html import Markup, figures, join, link, page, section, table, tag, write_page
+from circuit_catalog.queries.reports.html import Markup, banner, figures, join, link, page, section, table, tag, write_page
 from circuit_catalog.queries.prompt_graph import prompt_index
 from circuit_catalog.queries.reports.prompt import report_file
 from circuit_catalog.queries.sql import connect, views
 
-from circuit_catalog.errors import ReportError
 
 WEIGHT_BINS = 60
 COUNT_LABELS = {"tokens": "vocabulary", "deembed_edges": "de-embedding edges"}
@@ -38,6 +52,8 @@ class LayerRow:
     l0: float | None = None  # sum of firing frequencies: mean active features per token
     fvu: float | None = None
     ce_recovered: float | None = None
+    flags: list[Flag] = field(default_factory=list)  # the layer's own (near-dead)
+    flagged: dict[str, int] = field(default_factory=dict)  # feature flag kind -> features of the layer with it
 
 
 @dataclass
@@ -51,24 +67,13 @@ class Overview:
     pair_strength: dict[tuple[int, int], float] = field(default_factory=dict)  # (src layer, dst layer) -> mean |weight|
     cards: list[str] = field(default_factory=list)  # feature card files next to the overview
     prompts: list[dict] = field(default_factory=list)  # prompts.parquet rows, with `report` set where a report is written
-
-
-def read_eval(path: Path) -> dict:
-    """An `eval --out` JSON file, checked for the fields the overview uses."""
-    try:
-        data = json.loads(path.read_text())
-        for row in data["layers"]:
-            int(row["layer"]), float(row["fvu"]), float(row["ce_recovered"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ReportError(f"{path}: not a `circuit-catalog eval --out` file ({type(exc).__name__}: {exc})") from None
-    return data
+    rare_warning: str | None = None  # the statistics counted too few tokens to call a feature rare
 
 
 def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None = None) -> Overview:
     """Gather the overview's figures (DuckDB over the catalog's Parquet)."""
     manifest = Manifest.read(root)
-    eval_file = eval_file or (root / layout.EVAL if (root / layout.EVAL).is_file() else None)
-    evaluation = read_eval(eval_file) if eval_file else None
+    evaluation = catalog_eval(root, eval_file)
     info_path = layout.stats_info(root)
     available = views(root)
     con = connect(root)
@@ -85,6 +90,13 @@ def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None =
             _weights(con, result)
     finally:
         con.close()
+    for layer, flags in layer_flags(root).items():
+        rows[layer].flags = flags
+    for fid, flags in feature_flags(root).items():
+        counts = rows[parse_feature_id(fid)[0]].flagged
+        for f in flags:
+            counts[f.kind] = counts.get(f.kind, 0) + 1
+    result.rare_warning = rare_warning(root)
     for m in (evaluation or {}).get("layers", []):
         if m["layer"] in rows:
             rows[m["layer"]].fvu, rows[m["layer"]].ce_recovered = m["fvu"], m["ce_recovered"]
@@ -138,7 +150,10 @@ def render_overview(o: Overview) -> str:
         head += [("statistics over", f"{o.stats_info['tokens']:,} tokens of {o.stats_info['dataset']}"), ("live features", f"{live / max(total, 1):.1%}")]
     if o.evaluation:
         head += [("CE original (nats)", f"{o.evaluation['ce_original']:.3f}"), ("CE recovered, all layers", f"{o.evaluation['ce_recovered_all']:.3f}")]
-    parts = [figures(head), _layers_section(o)]
+    parts = [figures(head), banner(quality_line(o.evaluation), "info" if o.evaluation else "warn")]
+    if o.rare_warning:
+        parts.append(banner(f"Too few tokens to call a feature rare: {o.rare_warning}.", "warn"))
+    parts.append(_layers_section(o))
     if o.weight_counts:
         parts.append(_weights_section(o))
     parts.append(_cards_section(o.cards))
@@ -153,13 +168,17 @@ def _layers_section(o: Overview) -> Markup:
     columns = [("layer", lambda r: f"{r.layer}"), ("features", lambda r: f"{r.features:,}")]
     if o.stats_info:
         columns += [("live", lambda r: _opt(r.live, "{:,}")), ("dead", lambda r: _opt(r.dead, "{:,}")),
-                    ("rarely firing", lambda r: _opt(r.rare, "{:,}")), ("L0", lambda r: _opt(r.l0, "{:.1f}"))]
+                    ("rarely firing", lambda r: _opt(r.rare, "{:,}")), ("L0", lambda r: _opt(r.l0, "{:.1f}")),
+                    ("warnings", _layer_warnings)]
     if o.evaluation:
         columns += [("FVU", lambda r: _opt(r.fvu, "{:.3f}")), ("CE recovered", lambda r: _opt(r.ce_recovered, "{:.3f}"))]
     rows = [[cell(r) for _, cell in columns] for r in o.layers]
     notes = []
     if o.stats_info:
-        notes.append("Live: fires more often than once in 10,000 tokens; dead: never fired; L0: mean number of the layer's features active per token.")
+        notes.append("Live: fires more often than once in 10,000 tokens; dead: never fired; L0: mean number of the layer's features active per token. "
+                     f"Warnings (`queries/caveats.py`): a near-dead layer has mean L0 < {NEAR_DEAD_L0:g} or more than {NEAR_DEAD_SHARE:.0%} "
+                     f"of its features dead; a sink-like feature has at least {SINK_SHARE:.0%} of its top examples at position <= {SINK_POS} "
+                     f"(the first token after BOS); a dense one fires on more than {DENSE_FREQUENCY:.0%} of tokens.")
     notes.append("FVU and CE loss recovered from the evaluation file." if o.evaluation else
                  "For FVU and CE loss recovered per layer: `circuit-catalog eval ... --out CATALOG/eval.json` (or pass --eval FILE).")
     charts = []
@@ -168,8 +187,13 @@ def _layers_section(o: Overview) -> Markup:
         charts.append(tag("div", tag("h3", "FVU per layer") + svg.bar_chart(labels, [r.fvu or 0.0 for r in o.layers], fmt="{:.3f}", label="FVU per layer")))
     if o.stats_info:
         charts.append(tag("div", tag("h3", "L0 per layer") + svg.bar_chart(labels, [r.l0 or 0.0 for r in o.layers], fmt="{:.1f}", label="L0 per layer")))
-    table_html = table([name for name, _ in columns], rows, numeric=range(len(columns)), cls="layers")
+    table_html = table([name for name, _ in columns], rows, numeric=[i for i, (name, _) in enumerate(columns) if name != "warnings"], cls="layers")
     return section("Layers", table_html, tag("div", join(charts), cls="grid"), note=" ".join(notes))
+
+
+def _layer_warnings(r: LayerRow) -> str:
+    """The layer's own flags, then how many of its features carry each feature flag."""
+    return "; ".join([f.kind for f in r.flags] + [f"{n} {kind}" for kind, n in sorted(r.flagged.items())])
 
 
 def _weights_section(o: Overview) -> Markup:
@@ -186,9 +210,9 @@ def _weights_section(o: Overview) -> Markup:
 
 def _prompts_section(prompts: list[dict]) -> Markup:
     rows = [[link(p["report"], p["text"], "no report written: `circuit-catalog report prompt ID`"), p["n_tokens"],
-             f"{p['replacement_score']:.3f}", f"{p['completeness_score']:.3f}", p["n_feature_nodes"], p["n_kept_nodes"], p["id"]]
-            for p in prompts]
-    return section("Attribution graphs", table(["prompt", "tokens", "replacement", "completeness", "feature nodes", "kept nodes", "id"],
+             f"{p['replacement_score']:.3f}", f"{p['completeness_score']:.3f}", p["n_feature_nodes"], p["n_kept_nodes"],
+             replacement_warning(p["replacement_score"]) or "", p["id"]] for p in prompts]
+    return section("Attribution graphs", table(["prompt", "tokens", "replacement", "completeness", "feature nodes", "kept nodes", "warning", "id"],
                                                rows, numeric=[1, 2, 3, 4, 5], cls="prompts"))
 
 
