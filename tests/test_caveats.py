@@ -18,8 +18,9 @@ from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.catalog.store import open_loaded_store
 from circuit_catalog.ingest.datasets import token_contexts
 from circuit_catalog.ingest.evaluate import evaluate_transcoders
-from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
-from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
+from circuit_catalog.ingest.job import build_manifest, run_ingest, run_stats
+from circuit_catalog.ingest.prompts import run_prompts
+from circuit_catalog.ingest.settings import AttributionSettings, IngestSettings, PromptSpec
 from circuit_catalog.ingest.stats import LIVE_FREQUENCY
 from circuit_catalog.queries import caveats
 from circuit_catalog.queries.caveats import DENSE, NEAR_DEAD, SINK, feature_flags, layer_flags, rare_warning, replacement_warning
