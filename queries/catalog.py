@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from circuit_catalog.catalog.store import GraphStore, open_loaded_store, open_store
-from circuit_catalog.errors import StoreError
+from circuit_catalog.catalog.ids import parse_feature_id
+from circuit_catalog.errors import StoreError, UnknownFeature
 from circuit_catalog.queries.caveats import Flag
 from circuit_catalog.queries.lookups import (
     Edge,
@@ -130,8 +131,14 @@ class Catalog:
     def flags(self, feature: str) -> list[Flag]:
         """The feature's artefact flags (sink-like, dense) and its layer's (near-dead), from the activation statistics
         (`queries.caveats` defines them); empty without statistics."""
+        import pyarrow.parquet as pq
+
+        from circuit_catalog.catalog import layout
         from circuit_catalog.queries.caveats import flags_of
 
+        parse_feature_id(feature)
+        if not pq.read_table(self.directory / layout.FEATURES, columns=["id"], filters=[("id", "==", feature)]).num_rows:
+            raise UnknownFeature(f"unknown feature {feature}: not in this catalog")
         return flags_of(self.directory, feature)
 
     def layer_flags(self) -> dict[int, list[Flag]]:

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from dataclasses import replace as dc_replace
 
 import pytest
+from circuit_catalog.errors import UnknownFeature
 import torch
 from circuit_catalog.catalog.ids import feature_id, parse_feature_id
 from circuit_catalog.catalog.manifest import Manifest
@@ -109,6 +110,8 @@ def test_flags_equal_brute_force(flagged):
     with Catalog(root) as cat:
         assert [f.kind for f in cat.flags(SINK_F)] == [SINK]
         assert [f.kind for f in cat.flags(feature_id(DEAD_LAYER, 3))] == [NEAR_DEAD]
+        with pytest.raises(UnknownFeature, match="unknown feature"):
+            cat.flags("L1/99999")
         assert [f.kind for f in cat.show(DENSE_F, 3).flags] == sorted(features[DENSE_F], key=[SINK, DENSE].index)
 
 
