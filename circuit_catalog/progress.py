@@ -24,9 +24,16 @@ class _Lines:
         self.stream.flush()
 
 
+def _in_notebook() -> bool:
+    """Running inside a Jupyter kernel (not merely with IPython importable or imported)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def tqdm(*args, **kwargs):
     """`tqdm.auto.tqdm` on a terminal or in a notebook; otherwise a plain `tqdm` writing lines (`_Lines`)."""
-    if sys.stderr.isatty() or "ipykernel" in sys.modules:
+    if sys.stderr.isatty() or _in_notebook():
         from tqdm.auto import tqdm as live
 
         return live(*args, **kwargs)
