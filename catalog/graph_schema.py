@@ -47,7 +47,8 @@ NODES = (
     # the top-token summaries ride on the node, so a lookup needs no second traversal to orient the reader
     NodeSet("Feature", (("id", "STRING"), ("layer", "INT64"), ("index", "INT64"), ("transcoder", "STRING"),
                         ("deembed_tokens", "STRING[]"), ("deembed_ext_tokens", "STRING[]"), ("logit_tokens", "STRING[]"),
-                        ("frequency", "DOUBLE"), ("mean_act", "FLOAT"), ("max_act", "FLOAT")),  # null until stats exist
+                        ("frequency", "DOUBLE"), ("mean_act", "FLOAT"), ("max_act", "FLOAT"),  # null until stats exist
+                        ("inv_scale", "DOUBLE")),  # the layer's E[1/norm scale] (stats/layers.parquet): `--normalise`
             layout.FEATURES, lookups=("layer",)),  # upstream/downstream --layer
     NodeSet("Token", (("id", "INT64"), ("text", "STRING")), layout.TOKENS, lookups=("text",)),  # search, paths
     NodeSet("Prompt", (("id", "STRING"), ("text", "STRING"), ("target", "STRING"), ("n_tokens", "INT64"),

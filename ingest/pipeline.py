@@ -80,7 +80,7 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
     what is missing, and refuses other settings before writing anything."""
     from circuit_catalog.catalog.crash import crash_point
     from circuit_catalog.catalog.lock import writer_lock
-    from circuit_catalog.ingest.job import IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
+    from circuit_catalog.ingest.job import STATS_ADDED, IngestSettings, build_manifest, plan_stats, run_ingest, write_stats
     from circuit_catalog.ingest.prompts import check_prompt, run_prompts
     from circuit_catalog.ingest.supernodes import supernodes_stale, write_supernodes
     from circuit_catalog.queries.prompt_graph import PromptInfo, prompt_index
@@ -94,7 +94,7 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
     request = {"model": model, "transcoders": transcoders, "layers": layers, "trust_pickle": trust_pickle,
                "settings": settings or IngestSettings(), "dataset": dataset, "n_tokens": n_tokens if dataset else None,
                "ctx_len": ctx_len if dataset else None, "prompts": specs, "attribution": attribution or AttributionSettings(),
-               "dtype": dtype_name(resolve_dtype(dtype))}
+               "dtype": dtype_name(resolve_dtype(dtype)), "stats_fields": STATS_ADDED if dataset else None}
     digest = receipt.request_digest(catalog_dir, request)
     if digest is not None:
         with writer_lock(catalog_dir):  # a catalog another process is writing is refused, as the full path would
