@@ -156,3 +156,21 @@ def test_catalog_without_recorded_scales(gpt2, text_file, tmp_path):
     layout.stats_info(root).write_text(json.dumps(info))
     layout.stats_file(root, "layers").unlink()
     assert not plan_stats(gpt2, tset, root, str(text_file), 200, ctx_len=CTX, top_k=5).done
+
+
+def test_extended_deembedding_is_the_raw_one_over_the_tokens_own_norm_scale(scaled):
+    """Why the two de-embedding lists are on different scales: for a layer-0 feature (its extended embedding is the
+    embedding alone) the stored extended weight is W_E[t] . W_enc[:, f] (centred for a LayerNorm) divided by the norm
+    scale of W_E[t] itself, as if the token were the whole residual, while the raw weight has no scale at all; float32
+    products, so rel 1e-4."""
+    model, tset, root = scaled
+    rows = pq.read_table(layout.deembed_part(root, 0)).to_pylist()
+    W_E, W_enc = model.W_E.detach(), tset[0].W_enc.detach()
+    for r in rows:
+        t, f = r["src"], int(r["dst"].split("/")[1])
+        if r["variant"] == "raw":
+            assert r["weight"] == pytest.approx((W_E[t] @ W_enc[:, f]).item(), rel=1e-4, abs=1e-6)
+        else:
+            centred = (as_read_by(model, tset[0], W_E[t]) @ W_enc[:, f]).item()
+            assert r["weight"] == pytest.approx(centred * inverse_scales(model, W_E[t]).item(), rel=1e-4, abs=1e-6)
+    assert {r["variant"] for r in rows} == {"raw", "extended"}
