@@ -317,12 +317,13 @@ def tokens(feature, cat, k, fmt):
 
 TOKEN_SCALES = ("Columns are on different scales; compare tokens within a column. De-embedding: W_E[t] . W_enc[:, f], the "
                 "embedding as written, the reader's norm scale left out. Extended: the token's extended embedding put through "
-                "the reader's norm as if it were the whole residual (RMS 1), so larger by the ratio of RMS 1 to the embedding's "
-                "size (~9x on SmolLM2). Logit lens: W_dec[f] . W_U[:, t], the final norm's scale left out.")
+                "the reader's norm as if it were the whole residual, i.e. divided by its own norm scale (so ~9x larger on "
+                "SmolLM2). Logit lens: W_dec[f] . W_U[:, t], the final norm's scale left out.")
 
 
 def _tokens_table(card, k: int) -> Table:
-    table = Table("de-embedding", "", "extended", "", "logit lens", "", title=f"feature {card.id}", caption=TOKEN_SCALES)
+    table = Table("de-embedding", "", "extended", "", "logit lens", "", title=f"feature {card.id}",
+                  caption=Text(TOKEN_SCALES), caption_justify="left")  # Text: `[t]` is not markup
     for i in range(k):
         row = []
         for pairs in (card.deembed, card.deembed_extended, card.logits):

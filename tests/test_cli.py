@@ -94,6 +94,7 @@ def test_ingest_load_and_lookups(tmp_path, saelens_dir, gpt2_dir):
     assert run_json("show", "L2/1", "--catalog", catalog)["tokens"]["id"] == "L2/1"
     code, output = run("tokens", "L2/1", "--catalog", catalog)
     assert code == 0 and "Columns are on different scales" in " ".join(output.split())
+    assert "De-embedding: W_E[t] . W_enc[:, f]" in " ".join(output.split())  # printed as text, not read as markup
     assert run_json("cypher", "MATCH (f:Feature {id: $id}) RETURN f.layer AS layer", "--catalog", catalog, "--param", "id=L2/1") == [{"layer": 2}]
     for args, fragment in [
         (("show", "L9/1"), "unknown feature"),
