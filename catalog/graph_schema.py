@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,15 @@ RELS = (
     RelSet("OV_TOKEN", "Token", "Feature", (("weight", "FLOAT"), ("head", "STRING")), f"{layout.OV_TOKENS}/*.parquet"),
     RelSet("GROUPS", "Supernode", "Feature", (), layout.SUPERNODE_MEMBERS),
 )
+
+
+def absent_columns(columns: Iterable[str], files: list[Path]) -> set[str]:
+    """The columns none of `files` holds: parts written before the schema gained them (Feature `inv_scale` in a catalog
+    from before the norm scales were recorded). Every loader takes them as null, as it would a null column."""
+    import pyarrow.parquet as pq
+
+    held = set().union(*(pq.read_schema(f).names for f in files)) if files else set()
+    return {c for c in columns if c not in held}
 
 
 def catalog_signature(catalog_dir: Path) -> str:

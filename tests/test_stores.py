@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import parse_feature_id, split_node_id
+from circuit_catalog.catalog.graph_schema import node_set
 from circuit_catalog.catalog.ladybug_store import LadybugStore
 from circuit_catalog.ingest.job import IngestSettings, build_manifest, run_ingest, run_stats
 from circuit_catalog.ingest.prompts import AttributionSettings, PromptSpec, run_prompts
@@ -196,6 +197,34 @@ def test_upstream_and_downstream(store, ref, fid, layer, sign, normalise):
         assert [e.weight for e in got] == pytest.approx([e[1] for e in expected], rel=1e-6)
         for e in got:  # orientation tokens: the other feature's top extended de-embedding tokens
             assert e.tokens == ref["features"][e.feature]["deembed_ext_tokens"][:5]
+
+
+@pytest.mark.parametrize("kind", ["ladybug", "bolt"])
+def test_a_catalog_from_before_the_norm_scales(kind, catalog_dir, tmp_path, request):
+    """features.parquet without `inv_scale` (written before the scales were recorded) loads, its Feature nodes without
+    the property: raw weights answer, --normalise is refused in one line; the admin import leaves the field empty."""
+    import shutil
+
+    from circuit_catalog.catalog.neo4j_import import write_admin_import
+
+    root = tmp_path / "old"
+    shutil.copytree(catalog_dir, root, ignore=shutil.ignore_patterns("graph*"))
+    pq.write_table(pq.read_table(root / layout.FEATURES).drop_columns(["inv_scale"]), root / layout.FEATURES)
+    store = LadybugStore(tmp_path / "graph") if kind == "ladybug" else _bolt_store(request.getfixturevalue("bolt_server"))
+    try:
+        assert store.load(root, progress=False) is True
+        lookups = Lookups(store)
+        assert len(lookups.upstream("L2/0", k=3)) == 3
+        assert store.run("MATCH (f:Feature {id: $id}) RETURN f.inv_scale AS s", {"id": "L2/0"}) == [{"s": None}]
+        with pytest.raises(CatalogDirError, match="no recorded norm scales"):
+            lookups.downstream("L0/17", k=3, normalise=True)
+    finally:
+        store.close()
+    if kind == "ladybug":
+        write_admin_import(root, tmp_path / "import", progress=lambda _: None)
+        column = [name for name, _ in node_set("Feature").columns].index("inv_scale")
+        rows = read_import_csv((tmp_path / "import" / "Feature.csv").read_text(encoding="utf-8"))
+        assert {r[column] for r in rows} == {("", False)}
 
 
 @pytest.mark.parametrize("fid, head, layer", [("L2/5", None, None), ("L2/5", "L2H1", None), ("L1/150", None, 0), ("L0/3", None, None)])
@@ -891,7 +920,7 @@ def awkward_catalog(catalog_dir, tmp_path_factory):
 
 
 def test_admin_import_files_parse_by_the_importers_rules(awkward_catalog, tmp_path):
-    from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature, node_set
+    from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature
     from circuit_catalog.catalog.layout import part_files
     from circuit_catalog.catalog.neo4j_import import schema_script, write_admin_import
 
