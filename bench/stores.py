@@ -55,6 +55,7 @@ def synthetic_catalog(root: Path, n_features: int, n_edges: int, seed: int = 0, 
         "frequency": pa.array(rng.random(n_features) * 0.01, pa.float64()),
         "mean_act": pa.array(rng.random(n_features).astype(np.float32)),
         "max_act": pa.array(rng.random(n_features).astype(np.float32) * 10),
+        "inv_scale": pa.array(np.repeat(1 / (1 + np.arange(N_LAYERS)), per_layer), pa.float64()),
     }), root / layout.FEATURES)
     write_atomic(pa.table({"id": pa.array(np.arange(VOCAB), pa.int64()), "text": pa.array([f"tok{i}" for i in range(VOCAB)])}), root / layout.TOKENS)
     pairs = [(lo, hi) for hi in range(N_LAYERS) for lo in range(hi)]
@@ -89,7 +90,7 @@ def latencies(store: GraphStore, sample: list[str]) -> tuple[list[float], list[f
     raw, full = [], []
     for fid in sample:
         t = time.perf_counter()
-        store.run(query, {"id": fid, "k": 20, "layer": -1, "sign": 0})
+        store.run(query, {"id": fid, "k": 20, "layer": -1, "sign": 0, "normalise": False})
         raw.append((time.perf_counter() - t) * 1e3)
         t = time.perf_counter()
         lookups.upstream(fid, k=20)

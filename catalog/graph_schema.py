@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,8 @@ NODES = (
     # the top-token summaries ride on the node, so a lookup needs no second traversal to orient the reader
     NodeSet("Feature", (("id", "STRING"), ("layer", "INT64"), ("index", "INT64"), ("transcoder", "STRING"),
                         ("deembed_tokens", "STRING[]"), ("deembed_ext_tokens", "STRING[]"), ("logit_tokens", "STRING[]"),
-                        ("frequency", "DOUBLE"), ("mean_act", "FLOAT"), ("max_act", "FLOAT")),  # null until stats exist
+                        ("frequency", "DOUBLE"), ("mean_act", "FLOAT"), ("max_act", "FLOAT"),  # null until stats exist
+                        ("inv_scale", "DOUBLE")),  # the layer's E[1/norm scale] (stats/layers.parquet): `--normalise`
             layout.FEATURES, lookups=("layer",)),  # upstream/downstream --layer
     NodeSet("Token", (("id", "INT64"), ("text", "STRING")), layout.TOKENS, lookups=("text",)),  # search, paths
     NodeSet("Prompt", (("id", "STRING"), ("text", "STRING"), ("target", "STRING"), ("n_tokens", "INT64"),
@@ -89,6 +91,15 @@ RELS = (
     RelSet("OV_TOKEN", "Token", "Feature", (("weight", "FLOAT"), ("head", "STRING")), f"{layout.OV_TOKENS}/*.parquet"),
     RelSet("GROUPS", "Supernode", "Feature", (), layout.SUPERNODE_MEMBERS),
 )
+
+
+def absent_columns(columns: Iterable[str], files: list[Path]) -> set[str]:
+    """The columns none of `files` holds: parts written before the schema gained them (Feature `inv_scale` in a catalog
+    from before the norm scales were recorded). Every loader takes them as null, as it would a null column."""
+    import pyarrow.parquet as pq
+
+    held = set().union(*(pq.read_schema(f).names for f in files)) if files else set()
+    return {c for c in columns if c not in held}
 
 
 def catalog_signature(catalog_dir: Path) -> str:

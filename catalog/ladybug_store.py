@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from circuit_catalog.catalog.crash import crash_point
-from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature
+from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, absent_columns, catalog_signature
 from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.parquet_io import check_parts
@@ -181,19 +181,24 @@ def _ddl() -> list[str]:
 
 
 def _node_copy(n: NodeSet) -> Callable[[list[Path]], str]:
-    return lambda files: _copy(n.label, [c for c, _ in n.columns], files)
+    def copy(files: list[Path]) -> str:
+        absent = absent_columns([c for c, _ in n.columns], files)
+        return _copy(n.label, [f"CAST(NULL AS {t}) AS `{c}`" if c in absent else f"`{c}`" for c, t in n.columns], files)
+
+    return copy
 
 
 def _rel_copy(r: RelSet) -> Callable[[list[Path]], str]:
     grouped = sum(other.type == r.type for other in RELS) > 1  # a table of several pairs is told which one
     options = f" (from='{r.source}', to='{r.target}')" if grouped else ""
-    return lambda files: _copy(r.type, ["src", "dst", *(c for c, _ in r.properties)], files) + options
+    return lambda files: _copy(r.type, [f"`{c}`" for c in ("src", "dst", *(c for c, _ in r.properties))], files) + options
 
 
-def _copy(table: str, columns: list[str], files: list[Path]) -> str:
-    """COPY matches columns by position, so project exactly the schema's columns in order."""
+def _copy(table: str, projection: list[str], files: list[Path]) -> str:
+    """COPY matches columns by position, so project exactly the schema's columns in order (a column the parts lack as
+    a typed null)."""
     paths = "[" + ", ".join(_quote(str(f)) for f in files) + "]"
-    return f"COPY `{table}` FROM (LOAD FROM {paths} RETURN {', '.join(f'`{c}`' for c in columns)})"
+    return f"COPY `{table}` FROM (LOAD FROM {paths} RETURN {', '.join(projection)})"
 
 
 def _quote(text: str) -> str:

@@ -21,7 +21,7 @@ PULLBACKS = "pullbacks"  # pullbacks/L{lo:03d}_to_L{hi:03d}.parquet (`pullback_p
 DEEMBED = "deembed"  # deembed/L{layer:03d}.parquet (`deembed_part`)
 LOGITS = "logits"  # logits/L{layer:03d}.parquet (`logit_part`)
 STATS = "stats"  # stats/<part>.parquet for each of STATS_PARTS (`stats_file`), and stats/info.json (`stats_info`)
-STATS_PARTS = ("features", "top_examples", "quantile_examples", "tokens", "components")  # components: when computable
+STATS_PARTS = ("features", "top_examples", "quantile_examples", "tokens", "components", "layers")  # components: when computable
 STATS_INFO = "info.json"  # what the statistics were collected from, and each part's rows
 EVAL = "eval.json"  # optional: `circuit-catalog eval --out DIR/eval.json`, read by the overview report
 REPORTS = "reports"  # default directory for HTML reports
@@ -82,6 +82,9 @@ OV_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa
 OV_TOKEN_SCHEMA = pa.schema([("src", pa.int64()), ("dst", pa.string()), ("weight", pa.float32()), ("head", pa.string())])
 HEAD_SCHEMA = pa.schema([("id", pa.string()), ("layer", pa.int64()), ("head", pa.int64()), ("kv_head", pa.int64())])
 TOKEN_SCHEMA = pa.schema([("id", pa.int64()), ("text", pa.string())])
+# stats/layers.parquet (`ingest.stats`): per transcoder layer, the mean over the statistics' tokens (BOS left out) of
+# 1 / the norm scale at its input (`hook_scale`, e.g. blocks.L.ln2.hook_scale; null and inv_scale 1 for a raw-residual reader)
+LAYER_SCALE_SCHEMA = pa.schema([("layer", pa.int32()), ("hook_scale", pa.string()), ("inv_scale", pa.float64())])
 # component tallies (`ingest.components`): a feature's mean direct terms over its top examples; `component` is `embed`,
 # a Head id (`L7H3`), `MLP{m}`, `bias` or `rest` (the terms not kept); a feature's rows sum to its mean pre-activation
 COMPONENT_SCHEMA = pa.schema([

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from circuit_catalog.catalog.atomic import atomic_file
-from circuit_catalog.catalog.graph_schema import NODES, RELS, catalog_signature, node_set
+from circuit_catalog.catalog.graph_schema import NODES, RELS, absent_columns, catalog_signature, node_set
 from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.neo4j_store import INDEX_WAIT_S, STATE_ID, schema_statements
 from circuit_catalog.catalog.parquet_io import make_output_dir, write_text_atomic
@@ -104,10 +104,15 @@ def schema_script(signature: str, parts: list[str]) -> str:
 
 
 def _copy_csv(con, columns: list[tuple[str, str]], files: list[Path], out: Path) -> None:
-    """One CSV, no header, by DuckDB: strings quoted, floats spelled as Java parses them, arrays joined."""
+    """One CSV, no header, by DuckDB: strings quoted, floats spelled as Java parses them, arrays joined; a column the
+    parts lack (`absent_columns`) as empty fields, which the importer reads as no property."""
     exprs, quoted = [], []
+    absent = absent_columns([name for name, _ in columns], files)
     for name, kind in columns:
         col = f'"{name}"'
+        if name in absent:
+            exprs.append(f"NULL AS {col}")
+            continue
         if kind == "STRING[]":
             bad = con.execute(f"SELECT count(*) FROM read_parquet($src) "
                               f"WHERE contains(array_to_string({col}, ''), chr(31))", {"src": [str(f) for f in files]}).fetchone()[0]

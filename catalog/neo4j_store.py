@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, catalog_signature, node_set
+from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, absent_columns, catalog_signature, node_set
 from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.store import GraphStore, Row
 from circuit_catalog.progress import tqdm
@@ -347,7 +347,9 @@ def _run(tx, statement: str, params: dict) -> None:
 
 
 def _batches(path: Path, size: int, columns: list[str]) -> Iterator[list[dict]]:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=size, columns=columns):
+    """Rows of the schema's columns; one the part lacks is left out of the rows, so `r.col` is null in the statement."""
+    absent = absent_columns(columns, [path])
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=size, columns=[c for c in columns if c not in absent]):
         yield batch.to_pylist()
 
 

@@ -245,8 +245,13 @@ def _print_json(value) -> None:
     click.echo(json.dumps(plain(value), indent=2, ensure_ascii=False, default=str))
 
 
-def _edges_table(title: str, edges) -> Table:
-    table = Table("feature", "weight", "its top extended de-embedding tokens", title=title)
+NORMALISE_HELP = ("Weights times the reading feature's E[1/norm scale] (recorded with the statistics), so edges into "
+                  "different layers compare; raw weights leave the reader's norm scale out.")
+
+
+def _edges_table(title: str, edges, normalise: bool = False) -> Table:
+    weight = "normalised weight" if normalise else "raw weight"
+    table = Table("feature", weight, "its top extended de-embedding tokens", title=title)
     for e in edges:
         table.add_row(e.feature, f"{e.weight:+.4f}", " ".join(repr(t) for t in e.tokens))
     return table
@@ -268,21 +273,24 @@ def _edge_command(direction: str):
     @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Edges shown.")
     @click.option("--layer", type=click.IntRange(0, 99_999), default=None, help="Only edges from/to this layer.")
     @click.option("--sign", type=click.Choice(["+", "-"]), default=None, help="Only positive or negative weights.")
+    @click.option("--normalise", is_flag=True, help=NORMALISE_HELP)
     @format_option
-    def command(feature, cat, k, layer, sign, fmt):
-        edges = getattr(cat, direction)(feature, k, layer, None if sign is None else (1 if sign == "+" else -1))
+    def command(feature, cat, k, layer, sign, normalise, fmt):
+        edges = getattr(cat, direction)(feature, k, layer, None if sign is None else (1 if sign == "+" else -1), normalise)
         if fmt == "json":
             _print_json([{"feature": e.feature, "weight": e.weight} for e in edges])
         else:
-            out.print(_edges_table(f"{direction} of {feature}", edges))
+            out.print(_edges_table(f"{direction} of {feature}", edges, normalise))
 
     command.__doc__ = {
         "upstream": "What feeds FEATURE: its strongest incoming pullback edges (e.g. L27/113). A weight is the change in "
                     "FEATURE's pre-activation per unit of the earlier feature along the direct residual path: attention, "
-                    "and the MLPs and skip paths of the layers in between, are left out, as is FEATURE's norm scale.",
+                    "and the MLPs and skip paths of the layers in between, are left out, as is FEATURE's norm scale "
+                    "(--normalise puts in its typical value).",
         "downstream": "What FEATURE feeds: its strongest outgoing pullback edges. A weight is the later feature's "
                       "pre-activation change per unit of FEATURE along the direct residual path (attention, and the "
-                      "MLPs and skip paths of the layers in between, left out; the later norm scale left out).",
+                      "MLPs and skip paths of the layers in between, left out; the later norm scale left out, so raw "
+                      "weights favour layers of large norm scale: --normalise to compare layers).",
     }[direction]
     return main.command(name=direction)(command)
 
@@ -305,8 +313,15 @@ def tokens(feature, cat, k, fmt):
         out.print(_tokens_table(card, k))
 
 
+TOKEN_SCALES = ("Columns are on different scales; compare tokens within a column. De-embedding: W_E[t] . W_enc[:, f], the "
+                "embedding as written, the reader's norm scale left out. Extended: the token's extended embedding put through "
+                "the reader's norm as if it were the whole residual, i.e. divided by its own norm scale (so ~9x larger on "
+                "SmolLM2). Logit lens: W_dec[f] . W_U[:, t], the final norm's scale left out.")
+
+
 def _tokens_table(card, k: int) -> Table:
-    table = Table("de-embedding", "", "extended", "", "logit lens", "", title=f"feature {card.id}")
+    table = Table("de-embedding", "", "extended", "", "logit lens", "", title=f"feature {card.id}",
+                  caption=Text(TOKEN_SCALES), caption_justify="left")  # Text: `[t]` is not markup
     for i in range(k):
         row = []
         for pairs in (card.deembed, card.deembed_extended, card.logits):
@@ -630,17 +645,19 @@ def cypher(query, cat, params, write, fmt):
 @click.argument("feature")
 @store_options
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Edges and tokens to show.")
+@click.option("--normalise", is_flag=True, help=NORMALISE_HELP)
 @format_option
-def show(feature, cat, k, fmt):
+def show(feature, cat, k, normalise, fmt):
     """A feature card: tokens, then what feeds it and what it feeds."""
-    card = cat.show(feature, k)
+    card = cat.show(feature, k, normalise)
     if fmt == "json":
-        _print_json({"tokens": card.tokens, "upstream": card.upstream, "downstream": card.downstream, "flags": card.flags})
+        _print_json({"tokens": card.tokens, "upstream": card.upstream, "downstream": card.downstream, "flags": card.flags,
+                     "normalised": normalise})
         return
     out.print(_tokens_table(card.tokens, k))
     _print_warnings(map(str, card.flags))
     for title, edges in (("upstream: what feeds it", card.upstream), ("downstream: what it feeds", card.downstream)):
-        out.print(_edges_table(title, edges) if edges else f"{title}: none in this catalog (no transcoder layers on that side)")
+        out.print(_edges_table(title, edges, normalise) if edges else f"{title}: none in this catalog (no transcoder layers on that side)")
 
 
 @main.command(name="eval")
@@ -754,9 +771,10 @@ def report() -> None:
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Examples, tokens and edges per table.")
 @click.option("--with-neighbours", is_flag=True, help="Also write the cards of the upstream and downstream features shown.")
 @click.option("--blind", is_flag=True, help="Blind case study: leave out every example's text (cards named L8_355.blind.html).")
-def report_feature(features, cat, out_dir, k, with_neighbours, blind):
+@click.option("--normalise", is_flag=True, help=NORMALISE_HELP)
+def report_feature(features, cat, out_dir, k, with_neighbours, blind, normalise):
     """Feature cards (e.g. L8/355 -> L8_355.html): histogram, top and per-interval examples, tokens, upstream/downstream."""
-    for path in cat.report_feature(features, out_dir, k, blind, with_neighbours):
+    for path in cat.report_feature(features, out_dir, k, blind, with_neighbours, normalise):
         out.print(str(path), highlight=False, soft_wrap=True)
 
 

@@ -41,7 +41,7 @@ from circuit_catalog.ingest.token_edges import (
     top_logit_tokens,
     top_tokens_into,
 )
-from circuit_catalog.ingest.settings import IngestSettings
+from circuit_catalog.ingest.settings import STATS_ADDED, IngestSettings
 from circuit_catalog.ingest.transcoder import TranscoderSet
 from circuit_catalog.progress import tqdm
 
@@ -254,7 +254,7 @@ def _logit_table(layer: int, top: TopTokens) -> pa.Table:
 
 def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10, stats_dir: Path | None = None) -> None:
     """features.parquet: one row per feature with its top de-embedding and logit-lens tokens (DuckDB join),
-    and its statistics from `stats_dir` (default DIR/stats) where there are any."""
+    and its statistics from `stats_dir` (default DIR/stats) where there are any, with its layer's `inv_scale`."""
     import duckdb
 
     rows = pa.table({
@@ -269,6 +269,9 @@ def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10, stats_d
     stats_path = (stats_dir or root / layout.STATS) / layout.parquet_name("features")
     stats = (f"(SELECT id, frequency, mean_act, max_act FROM read_parquet('{_sql_literal(stats_path)}'))" if stats_path.is_file()
              else "(SELECT NULL::VARCHAR AS id, NULL::DOUBLE AS frequency, NULL::FLOAT AS mean_act, NULL::FLOAT AS max_act)")
+    scales_path = stats_path.with_name(layout.parquet_name("layers"))  # absent from statistics older than it: null
+    scales = (f"(SELECT layer, inv_scale FROM read_parquet('{_sql_literal(scales_path)}'))" if scales_path.is_file()
+              else "(SELECT NULL::INTEGER AS layer, NULL::DOUBLE AS inv_scale)")
     table = con.sql(
         f"""
         WITH tok AS (SELECT id, text FROM read_parquet($t)),
@@ -286,12 +289,13 @@ def write_features(root: Path, tset: TranscoderSet, summary_k: int = 10, stats_d
                raw.tokens AS deembed_tokens, raw.weights AS deembed_weights,
                ext.tokens AS deembed_ext_tokens, ext.weights AS deembed_ext_weights,
                lo.tokens AS logit_tokens, lo.weights AS logit_weights,
-               st.frequency, st.mean_act, st.max_act
+               st.frequency, st.mean_act, st.max_act, sc.inv_scale
         FROM base
         LEFT JOIN de raw ON raw.id = base.id AND raw.variant = 'raw'
         LEFT JOIN de ext ON ext.id = base.id AND ext.variant = 'extended'
         LEFT JOIN lo ON lo.id = base.id
         LEFT JOIN {stats} st ON st.id = base.id
+        LEFT JOIN {scales} sc ON sc.layer = base.layer
         ORDER BY base.layer, base."index"
         """,
         params={"t": t_path, "d": d_glob, "l": l_glob},
@@ -330,8 +334,6 @@ class StatsPlan:
 
 # info.json fields that decide the statistics; `dataset` (the name given) and `parts` only describe them
 _STATS_IDENTITY = ("tokens_sha256", "tokens", "ctx_len", "top_k", "layers", "quantile_bins", "per_bin")
-# added after the first statistics: a catalog without it gains it by collecting anew (nothing else differs)
-_STATS_ADDED = ("component_examples",)
 
 
 def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: int, ctx_len: int = 128,
@@ -344,7 +346,7 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
     """
     from circuit_catalog.ingest.datasets import token_contexts
     from circuit_catalog.ingest.components import EXAMPLES, supported
-    from circuit_catalog.ingest.stats import PER_BIN, QUANTILE_BINS
+    from circuit_catalog.ingest.stats import INV_SCALE_DEFINITION, PER_BIN, QUANTILE_BINS
 
     check_context(model, ctx_len)
     unsupported = supported(model, tset)
@@ -352,7 +354,7 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
     info = {"dataset": dataset, "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
             "tokens": tokens.numel(), "ctx_len": ctx_len, "top_k": top_k, "layers": tset.layers,
             "quantile_bins": QUANTILE_BINS, "per_bin": PER_BIN,
-            "component_examples": 0 if unsupported else min(EXAMPLES, top_k),
+            "component_examples": 0 if unsupported else min(EXAMPLES, top_k), "inv_scale": INV_SCALE_DEFINITION,
             **({"components_skipped": unsupported} if unsupported else {})}
     info_path = layout.stats_info(root)
     if not info_path.is_file():
@@ -361,9 +363,9 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
         old = json.loads(info_path.read_text())
     except (OSError, ValueError):
         return StatsPlan(tokens, info, done=False)  # unreadable: collected anew
-    if any(k not in old for k in _STATS_ADDED):
+    if any(k not in old for k in STATS_ADDED):
         return StatsPlan(tokens, info, done=False)
-    if any(old.get(k) != info[k] for k in _STATS_IDENTITY + _STATS_ADDED):
+    if any(old.get(k) != info[k] for k in _STATS_IDENTITY + STATS_ADDED):
         raise CatalogDirError(f"{root / layout.STATS} holds statistics collected with other settings or another dataset "
                               "(or by an older version); remove it to collect anew")
     intact = all(part_intact(root / layout.STATS / name, rows) for name, rows in old.get("parts", {}).items())

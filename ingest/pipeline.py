@@ -13,7 +13,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from circuit_catalog.ingest.settings import AttributionSettings, IngestSettings, PromptSpec, read_prompts
+from circuit_catalog.ingest.settings import STATS_ADDED, AttributionSettings, IngestSettings, PromptSpec, read_prompts
 
 if TYPE_CHECKING:
     from circuit_catalog.ingest.transcoder import TranscoderSet
@@ -91,7 +91,7 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
     request = {"model": model, "transcoders": transcoders, "layers": layers, "trust_pickle": trust_pickle,
                "settings": settings or IngestSettings(), "dataset": dataset, "n_tokens": n_tokens if dataset else None,
                "ctx_len": ctx_len if dataset else None, "prompts": specs, "attribution": attribution or AttributionSettings(),
-               "dtype": str(dtype or "float32").removeprefix("torch.")}
+               "dtype": str(dtype or "float32").removeprefix("torch."), "stats_fields": STATS_ADDED if dataset else None}
     digest = receipt.request_digest(catalog_dir, request)
     if digest is not None:
         with writer_lock(catalog_dir):  # a catalog another process is writing is refused, as the full path would

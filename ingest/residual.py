@@ -18,6 +18,12 @@ def reads_normalised(tc: Transcoder) -> bool:
     return tc.cfg.hook_in.endswith(NORMALISED_INPUTS)
 
 
+def scale_hook(tc: Transcoder) -> str | None:
+    """The hook holding the norm scale (the RMSNorm/LayerNorm denominator, [batch, pos, 1]) at `tc`'s input, or None
+    for a transcoder reading the raw residual stream (scale 1)."""
+    return f"blocks.{tc.layer}.ln2.hook_scale" if reads_normalised(tc) else None
+
+
 def centres(model) -> bool:
     """Whether the model's norms subtract the mean (LayerNorm) rather than only rescale (RMSNorm)."""
     return model.cfg.normalization_type in ("LN", "LNPre")

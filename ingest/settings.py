@@ -12,6 +12,10 @@ from pathlib import Path
 
 from circuit_catalog.errors import DatasetError
 
+# Statistics fields added after the first statistics: a catalog without one gains it by collecting anew (nothing else
+# differs); the ingest receipt holds these names too, so a rerun of a catalog older than one of them is not a no-op
+STATS_ADDED = ("component_examples", "inv_scale")
+
 
 @dataclass(kw_only=True)
 class IngestSettings:

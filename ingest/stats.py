@@ -6,6 +6,11 @@ top-k, and a few examples sampled uniformly from each interval of its activation
 dashboards' layout; see `ingest.streaming.QuantileSamples`). Memory is O(features x (bins + k +
 intervals x per-interval)) whatever the number of tokens. BOS positions are left out, as in training:
 their activations are attention-sink outliers.
+
+Per layer: the mean over the same tokens of 1 / the norm scale at the transcoder's input (`ln2.hook_scale`, the
+RMSNorm/LayerNorm denominator; 1 for a transcoder reading the raw residual stream), `inv_scale`. Weights-only edges
+leave the reader's scale out (`ingest.pullbacks`); multiplied by this they read as a typical in-context effect, on one
+scale across layers (`queries.lookups`, `--normalise`).
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
+from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.layout import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, histogram_log10_edges
+from circuit_catalog.ingest.residual import scale_hook
 from circuit_catalog.ingest.streaming import QuantileSamples, marked, power_of_two, rank_within_cells
 from circuit_catalog.ingest.transcoder import TranscoderSet
 from circuit_catalog.progress import tqdm
 
+INV_SCALE_DEFINITION = ("stats/layers.parquet inv_scale: mean over the counted tokens (BOS left out) of 1 / the norm "
+                        "scale at the transcoder's input (ln2.hook_scale); 1 for a reader of the raw residual stream")
 LIVE_FREQUENCY = 1e-4  # the seed's threshold: live = fires more often than once in 10,000 tokens
 QUANTILE_BINS, PER_BIN = 12, 5  # intervals of (0, max] (between 7 and 12 of them) and examples kept per interval
 
@@ -34,6 +43,7 @@ class LayerStats:
     top_values: torch.Tensor  # [d_sae, k] float32, descending
     top_index: torch.Tensor  # [d_sae, k] int64: flat token index (context * ctx_len + pos), -1 if unused
     samples: QuantileSamples  # examples drawn from each interval of the activation range
+    inv_scale: torch.Tensor  # [] float64: sum of 1 / the input's norm scale over the counted tokens
 
     @classmethod
     def empty(cls, d_sae: int, k: int, n_bins: int = QUANTILE_BINS, per_bin: int = PER_BIN, seed: int = 0,
@@ -43,7 +53,7 @@ class LayerStats:
             torch.zeros(d_sae, dtype=torch.int64, device=device), torch.zeros(d_sae, dtype=torch.float64, device=device),
             torch.zeros(d_sae, device=device), torch.zeros(d_sae, HIST_BINS, dtype=torch.int64, device=device),
             torch.zeros(d_sae, k, device=device), torch.full((d_sae, k), -1, dtype=torch.int64, device=device),
-            QuantileSamples.empty(d_sae, n_bins, per_bin, seed, device),
+            QuantileSamples.empty(d_sae, n_bins, per_bin, seed, device), torch.zeros((), dtype=torch.float64, device=device),
         )
 
     def cpu(self) -> LayerStats:
@@ -102,7 +112,8 @@ def collect_stats(model, tset: TranscoderSet, tokens: torch.Tensor, k: int = 20,
     Accumulated on the model's device (batches of `tokens` are moved there), returned on the CPU."""
     device = model.W_E.device
     stats = {tc.layer: LayerStats.empty(tc.cfg.d_sae, k, seed=tc.layer, device=device) for tc in tset}
-    hooks = [tc.cfg.hook_in for tc in tset]
+    scales = {tc.layer: scale_hook(tc) for tc in tset}
+    hooks = [tc.cfg.hook_in for tc in tset] + [h for h in scales.values() if h is not None]
     ctx_len = tokens.shape[1]
     bar = tqdm(total=tokens.numel(), desc="activation statistics", unit="tok", disable=not progress)
     for start in range(0, len(tokens), batch_contexts):
@@ -113,6 +124,8 @@ def collect_stats(model, tset: TranscoderSet, tokens: torch.Tensor, k: int = 20,
             acts = tc.encode(cache[tc.cfg.hook_in])  # [batch, ctx_len, d_sae]
             acts[:, 0] = 0  # BOS left out (zeroing is cheaper than slicing the inputs into a copy)
             stats[tc.layer].update(acts.view(-1, tc.cfg.d_sae), flat)
+            hook = scales[tc.layer]  # [batch, ctx_len, 1]; BOS left out here too
+            stats[tc.layer].inv_scale += cache[hook][:, 1:].double().reciprocal().sum() if hook else batch[:, 1:].numel()
         bar.update(batch.numel())
     bar.close()
     return {layer: s.cpu() for layer, s in stats.items()}
@@ -134,7 +147,7 @@ WINDOW_BEFORE, WINDOW_AFTER = 8, 4  # context tokens kept around each example
 
 
 def stats_tables(tset: TranscoderSet, stats: dict[int, LayerStats], tokens: torch.Tensor) -> dict:
-    """Arrow tables for `DIR/stats/`, by file name: features, top_examples, quantile_examples, tokens."""
+    """Arrow tables for `DIR/stats/`, by file name: features, top_examples, quantile_examples, tokens, layers."""
     import pyarrow as pa
     from circuit_catalog.catalog.ids import feature_ids
 
@@ -168,8 +181,12 @@ def stats_tables(tset: TranscoderSet, stats: dict[int, LayerStats], tokens: torc
         "context": pa.array(np.repeat(np.arange(n_contexts), ctx_len)), "pos": pa.array(np.tile(np.arange(ctx_len), n_contexts), pa.int32()),
         "token_id": pa.array(flat_tokens),
     })
+    layers = pa.table({
+        "layer": pa.array([tc.layer for tc in tset], pa.int32()), "hook_scale": pa.array([scale_hook(tc) for tc in tset], pa.string()),
+        "inv_scale": pa.array([stats[tc.layer].inv_scale.item() / n_counted for tc in tset], pa.float64()),
+    }, schema=layout.LAYER_SCALE_SCHEMA)
     return {"features": pa.concat_tables(feature_tables), "top_examples": pa.concat_tables(top_tables),
-            "quantile_examples": pa.concat_tables(quantile_tables), "tokens": dataset_tokens}
+            "quantile_examples": pa.concat_tables(quantile_tables), "tokens": dataset_tokens, "layers": layers}
 
 
 def quantile_table(layer: int, samples: QuantileSamples, flat_tokens: np.ndarray, ctx_len: int):

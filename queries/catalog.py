@@ -113,20 +113,25 @@ class Catalog:
 
     # ------------------------------------------------------------------ the weights graph
 
-    def upstream(self, feature: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> Rows[Edge]:
-        """What feeds `feature` (e.g. "L8/355"): its k strongest incoming pullback edges by |weight|."""
-        return self.lookups.upstream(feature, k, layer, sign)
+    def upstream(self, feature: str, k: int = 10, layer: int | None = None, sign: int | None = None,
+                 normalise: bool = False) -> Rows[Edge]:
+        """What feeds `feature` (e.g. "L8/355"): its k strongest incoming pullback edges by |weight|; `normalise`: weights
+        times the reader's E[1/norm scale] (recorded with the statistics), comparable across layers."""
+        return self.lookups.upstream(feature, k, layer, sign, normalise)
 
-    def downstream(self, feature: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> Rows[Edge]:
-        """What `feature` feeds: its k strongest outgoing pullback edges by |weight|."""
-        return self.lookups.downstream(feature, k, layer, sign)
+    def downstream(self, feature: str, k: int = 10, layer: int | None = None, sign: int | None = None,
+                   normalise: bool = False) -> Rows[Edge]:
+        """What `feature` feeds: its k strongest outgoing pullback edges by |weight|; `normalise`: weights times each
+        reader's E[1/norm scale], so edges into different layers compare (the raw ones favour layers of large scale)."""
+        return self.lookups.downstream(feature, k, layer, sign, normalise)
 
     def tokens(self, feature: str, k: int = 10) -> FeatureTokens:
         """The feature's raw and extended de-embedding and logit-lens tokens."""
         return self.lookups.tokens(feature, k)
 
-    def show(self, feature: str, k: int = 10) -> FeatureCard:
-        return FeatureCard(self.tokens(feature, k), self.upstream(feature, k), self.downstream(feature, k), self.flags(feature))
+    def show(self, feature: str, k: int = 10, normalise: bool = False) -> FeatureCard:
+        return FeatureCard(self.tokens(feature, k), self.upstream(feature, k, normalise=normalise),
+                           self.downstream(feature, k, normalise=normalise), self.flags(feature))
 
     def flags(self, feature: str) -> list[Flag]:
         """The feature's artefact flags (sink-like, dense) and its layer's (near-dead), from the activation statistics
@@ -303,11 +308,11 @@ class Catalog:
     # ------------------------------------------------------------------ reports and exports
 
     def report_feature(self, features: Iterable[str], out_dir: Path | None = None, k: int = 10, blind: bool = False,
-                       with_neighbours: bool = False) -> list[Path]:
-        """Feature cards (HTML); returns the files written."""
+                       with_neighbours: bool = False, normalise: bool = False) -> list[Path]:
+        """Feature cards (HTML), edges by raw or `normalise`d weight (see `upstream`); returns the files written."""
         from circuit_catalog.queries.reports.feature import write_feature_cards
 
-        return write_feature_cards(self.lookups, self.directory, list(features), out_dir, k, blind, with_neighbours)
+        return write_feature_cards(self.lookups, self.directory, list(features), out_dir, k, blind, with_neighbours, normalise)
 
     def report_prompt(self, prompt: str, out_file: Path | None = None, max_nodes: int = 60, k: int = 10) -> Path:
         """A prompt's graph report (HTML)."""

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from circuit_catalog.catalog.ids import parse_feature_id, parse_local, split_node_id
 from circuit_catalog.catalog.store import GraphStore, Row
-from circuit_catalog.errors import UnknownFeature
+from circuit_catalog.errors import CatalogDirError, UnknownFeature
 from circuit_catalog.queries.paths import NodePath, best_paths, greedy_paths
 from circuit_catalog.queries.prompt_graph import PromptGraph, PromptInfo, find_prompt, token_texts
 from circuit_catalog.queries.rows import Rows, rows_of
@@ -169,19 +169,29 @@ class Lookups:
         if not self._q("feature", id=fid):
             raise UnknownFeature(f"unknown feature {fid}: not in this catalog")
 
-    def upstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> Rows[Edge]:
-        """The k strongest incoming pullback edges by |weight|, strongest first."""
-        return self._edges("upstream", fid, k, layer, sign)
+    def upstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None,
+                 normalise: bool = False) -> Rows[Edge]:
+        """The k strongest incoming pullback edges by |weight|, strongest first (`normalise`: see `_edges`)."""
+        return self._edges("upstream", fid, k, layer, sign, normalise)
 
-    def downstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None) -> Rows[Edge]:
-        """The k strongest outgoing pullback edges by |weight|, strongest first."""
-        return self._edges("downstream", fid, k, layer, sign)
+    def downstream(self, fid: str, k: int = 10, layer: int | None = None, sign: int | None = None,
+                   normalise: bool = False) -> Rows[Edge]:
+        """The k strongest outgoing pullback edges by |weight|, strongest first (`normalise`: see `_edges`)."""
+        return self._edges("downstream", fid, k, layer, sign, normalise)
 
-    def _edges(self, name: str, fid: str, k: int, layer: int | None, sign: int | None, n_tokens: int = 5) -> Rows[Edge]:
+    def _edges(self, name: str, fid: str, k: int, layer: int | None, sign: int | None, normalise: bool,
+               n_tokens: int = 5) -> Rows[Edge]:
+        """Edges by the stored (raw) weight, or with `normalise` by raw weight x the reading feature's `inv_scale` (its
+        layer's mean 1 / norm scale over the statistics' tokens): raw weights leave the reader's norm scale out, which
+        differs between layers, so only normalised weights into different layers compare."""
         parse_feature_id(fid)
-        rows = self._q(name, id=fid, k=k, layer=-1 if layer is None else layer, sign=0 if sign is None else sign)
+        rows = self._q(name, id=fid, k=k, layer=-1 if layer is None else layer, sign=0 if sign is None else sign,
+                       normalise=normalise)
         if not rows:
             self.check_feature(fid)  # no edges: tell an unknown feature from one without edges
+        if any(r["weight"] is None for r in rows):  # only a normalised weight can be null: the reader's scale is
+            raise CatalogDirError("this catalog has no recorded norm scales for --normalise; rerun `circuit-catalog ingest` "
+                                  "with --dataset D --tokens N: the statistics record them")
         return rows_of(Edge, (Edge(r["feature"], float(r["weight"]), list(r["tokens"] or [])[:n_tokens]) for r in rows))
 
     def tokens(self, fid: str, k: int = 10) -> FeatureTokens:

@@ -92,12 +92,17 @@ def test_ingest_load_and_lookups(tmp_path, saelens_dir, gpt2_dir):
     code, output = run("load", "--catalog", catalog)
     assert code == 0 and "already up to date" in output
     assert run_json("show", "L2/1", "--catalog", catalog)["tokens"]["id"] == "L2/1"
+    code, output = run("tokens", "L2/1", "--catalog", catalog)
+    assert code == 0 and "Columns are on different scales" in " ".join(output.split())
+    assert "De-embedding: W_E[t] . W_enc[:, f]" in " ".join(output.split())  # printed as text, not read as markup
     assert run_json("cypher", "MATCH (f:Feature {id: $id}) RETURN f.layer AS layer", "--catalog", catalog, "--param", "id=L2/1") == [{"layer": 2}]
     for args, fragment in [
         (("show", "L9/1"), "unknown feature"),
         (("upstream", "L2-1"), "malformed feature id"),
         (("cypher", "MATCH (f:Feature RETURN f"), "Parser exception"),
         (("cypher", "MATCH (f) DETACH DELETE f"), "read-only"),
+        (("downstream", "L0/1", "--normalise"), "rerun `circuit-catalog ingest` with --dataset"),  # no statistics: no scales
+        (("report", "feature", "L1/1", "--normalise"), "rerun `circuit-catalog ingest` with --dataset"),
     ]:
         assert_one_line_error(*run(*args, "--catalog", catalog), fragment)
     assert_one_line_error(*run("show", "L1/1", "--catalog", tmp_path / "nowhere"), "not a catalog directory")

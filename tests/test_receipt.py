@@ -66,6 +66,38 @@ def test_a_removed_part_is_recomputed(setup):
     assert part.is_file()
 
 
+def test_statistics_older_than_the_norm_scales_are_collected_anew(setup, monkeypatch):
+    """A catalog whose statistics predate `inv_scale` (none in stats/info.json, no stats/layers.parquet, no column in
+    features.parquet), with the receipt the version before it wrote (its request had no `stats_fields`): the rerun is
+    not answered from that receipt, and it records the scales."""
+    import json
+
+    import pyarrow.parquet as pq
+    from circuit_catalog.ingest import receipt
+
+    catalog, _, args = setup
+    info = json.loads(layout.stats_info(catalog).read_text())
+    del info["inv_scale"], info["parts"][layout.parquet_name("layers")]
+    layout.stats_info(catalog).write_text(json.dumps(info))
+    layout.stats_file(catalog, "layers").unlink()
+    pq.write_table(pq.read_table(catalog / layout.FEATURES).drop_columns(["inv_scale"]), catalog / layout.FEATURES)
+    real = receipt.request_digest
+
+    def with_old_receipt(catalog_dir, request):
+        older = {k: v for k, v in request.items() if k != "stats_fields"}
+        (catalog_dir / layout.INGEST_RECEIPT).write_text(json.dumps({"digest": real(catalog_dir, older)}))
+        monkeypatch.setattr(receipt, "request_digest", real)  # once: the receipt written after the run is today's
+        return real(catalog_dir, request)
+
+    monkeypatch.setattr(receipt, "request_digest", with_old_receipt)
+    code, output = run(*args)
+    assert code == 0 and UP_TO_DATE not in output, output
+    assert layout.stats_file(catalog, "layers").is_file()
+    assert pq.read_table(catalog / layout.FEATURES).column("inv_scale").null_count == 0
+    code, output = run(*args)
+    assert code == 0 and UP_TO_DATE in output, output
+
+
 def test_piped_progress_is_plain_lines(capsys):
     from circuit_catalog.progress import tqdm
 

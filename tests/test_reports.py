@@ -122,6 +122,36 @@ def test_card_shows_the_catalog_numbers(reports):
         assert f'href="{card_file(e.feature)}"' in html and (out / card_file(e.feature)).is_file()
 
 
+def test_cards_say_which_weight_they_draw(reports, tmp_path):
+    """A card drawn with normalised weights shows the store's normalised weights under that name and says so; the plain
+    card says its weights are raw."""
+    root = reports["root"]
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        (path,) = write_feature_cards(lookups, root, [FEATURE], tmp_path, k=5, normalise=True)
+        upstream, downstream = lookups.upstream(FEATURE, 5, normalise=True), lookups.downstream(FEATURE, 5, normalise=True)
+    page, html = Page(path.read_text()), path.read_text()
+    up, down = page.rows("edges")
+    assert [(row[0], row[1]) for row in up + down] == [(e.feature, f"{e.weight:+.4f}") for e in upstream + downstream]
+    assert "normalised weight" in html and "Normalised weights: raw weight times" in html
+    plain = (reports["out"] / card_file(FEATURE)).read_text()
+    assert "raw weight" in plain and "Raw weights: the reading (later) feature" in plain
+
+
+def test_overview_normalises_the_layer_pair_means(reports):
+    """Mean |weight| per layer pair times the target layer's inv_scale, against pyarrow over the Parquet."""
+    from circuit_catalog.queries.reports.overview import overview
+
+    root = reports["root"]
+    inv = {r["layer"]: r["inv_scale"] for r in pq.read_table(layout.stats_file(root, "layers")).to_pylist()}
+    edges = [r for f in layout.part_files(root, layout.PULLBACK_PARTS) for r in pq.read_table(f).to_pylist()]
+    pairs = {(int(e["src"][1]), int(e["dst"][1])) for e in edges}
+    expected = {(s, d): sum(abs(e["weight"]) for e in edges if (int(e["src"][1]), int(e["dst"][1])) == (s, d))
+                / sum((int(e["src"][1]), int(e["dst"][1])) == (s, d) for e in edges) * inv[d] for s, d in pairs}
+    got = overview(root)
+    assert got.pair_normalised and got.pair_strength == pytest.approx(expected, rel=1e-5)
+    assert "Mean |normalised weight| per layer pair" in reports["overview"].read_text()
+
+
 def test_overview_shows_layers_and_eval(reports):
     root = reports["root"]
     page = Page(reports["overview"].read_text())

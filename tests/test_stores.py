@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import parse_feature_id, split_node_id
+from circuit_catalog.catalog.graph_schema import node_set
 from circuit_catalog.catalog.ladybug_store import LadybugStore
-from circuit_catalog.ingest.job import build_manifest, run_ingest
-from circuit_catalog.ingest.settings import IngestSettings
+from circuit_catalog.ingest.job import build_manifest, run_ingest, run_stats
 from circuit_catalog.ingest.prompts import run_prompts
-from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
+from circuit_catalog.ingest.settings import AttributionSettings, IngestSettings, PromptSpec
 from circuit_catalog.ingest.supernodes import write_supernodes
 from circuit_catalog.queries.lookups import Lookups, named_query, query_names, token_texts
 from circuit_catalog.queries.prompt_graph import PromptGraph
@@ -41,12 +41,14 @@ PASSWORD = "test-root-password"
 
 
 @pytest.fixture(scope="session")
-def catalog_dir(tmp_path_factory, gpt2) -> Path:
-    """A real catalog of a tiny GPT-2: 3 layers x 200 features, ~4,800 pullback edges, three prompts' graphs."""
+def catalog_dir(tmp_path_factory, gpt2, text_file) -> Path:
+    """A real catalog of a tiny GPT-2: 3 layers x 200 features, ~4,800 pullback edges, statistics (for the layers' norm
+    scales), three prompts' graphs."""
     root = tmp_path_factory.mktemp("catalog")
     tset = random_transcoders(gpt2, d_sae=200, seed=7)
     settings = IngestSettings(top_k=4, token_top_k=5, heads_top_k=3)
     run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, "mem", settings), progress=False)
+    assert run_stats(gpt2, tset, root, str(text_file), 200, ctx_len=16, top_k=3, progress=False)
     ids = run_prompts(gpt2, tset, root, PROMPTS, AttributionSettings(max_feature_nodes=250, node_threshold=0.6), progress=False)
     assert write_supernodes(root, tset, threshold=0.3) > 0
     record_interventions(gpt2, tset, root, ids[0])
@@ -179,21 +181,51 @@ def layer_of(fid: str) -> int:
 # ---------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("fid", ["L2/0", "L2/77", "L1/199"])
-@pytest.mark.parametrize("layer, sign", [(None, None), (0, None), (None, -1)])
-def test_upstream_and_downstream(store, ref, fid, layer, sign):
+@pytest.mark.parametrize("fid", ["L2/0", "L2/77", "L1/199", "L0/17"])
+@pytest.mark.parametrize("layer, sign, normalise", [(None, None, False), (0, None, False), (None, -1, False), (None, None, True),
+                                                    (2, 1, True)])
+def test_upstream_and_downstream(store, ref, fid, layer, sign, normalise):
+    """Edges as the Parquet has them; normalised: weight x the reading (later) feature's inv_scale, ordered by that."""
     lookups = Lookups(store)
     for direction, this, other in (("upstream", "dst", "src"), ("downstream", "src", "dst")):
         expected = [
-            (r[other], r["weight"]) for r in ref["pullbacks"]
+            (r[other], r["weight"] * (ref["features"][r["dst"]]["inv_scale"] if normalise else 1)) for r in ref["pullbacks"]
             if r[this] == fid and (layer is None or layer_of(r[other]) == layer) and (sign is None or r["weight"] * sign > 0)
         ]
         expected = sorted(expected, key=lambda e: (-abs(e[1]), e[0]))[:7]
-        got = getattr(lookups, direction)(fid, k=7, layer=layer, sign=sign)
+        got = getattr(lookups, direction)(fid, k=7, layer=layer, sign=sign, normalise=normalise)
         assert [e.feature for e in got] == [e[0] for e in expected], direction
         assert [e.weight for e in got] == pytest.approx([e[1] for e in expected], rel=1e-6)
         for e in got:  # orientation tokens: the other feature's top extended de-embedding tokens
             assert e.tokens == ref["features"][e.feature]["deembed_ext_tokens"][:5]
+
+
+@pytest.mark.parametrize("kind", ["ladybug", "bolt"])
+def test_a_catalog_from_before_the_norm_scales(kind, catalog_dir, tmp_path, request):
+    """features.parquet without `inv_scale` (written before the scales were recorded) loads, its Feature nodes without
+    the property: raw weights answer, --normalise is refused in one line; the admin import leaves the field empty."""
+    import shutil
+
+    from circuit_catalog.catalog.neo4j_import import write_admin_import
+
+    root = tmp_path / "old"
+    shutil.copytree(catalog_dir, root, ignore=shutil.ignore_patterns("graph*"))
+    pq.write_table(pq.read_table(root / layout.FEATURES).drop_columns(["inv_scale"]), root / layout.FEATURES)
+    store = LadybugStore(tmp_path / "graph") if kind == "ladybug" else _bolt_store(request.getfixturevalue("bolt_server"))
+    try:
+        assert store.load(root, progress=False) is True
+        lookups = Lookups(store)
+        assert len(lookups.upstream("L2/0", k=3)) == 3
+        assert store.run("MATCH (f:Feature {id: $id}) RETURN f.inv_scale AS s", {"id": "L2/0"}) == [{"s": None}]
+        with pytest.raises(CatalogDirError, match="no recorded norm scales"):
+            lookups.downstream("L0/17", k=3, normalise=True)
+    finally:
+        store.close()
+    if kind == "ladybug":
+        write_admin_import(root, tmp_path / "import", progress=lambda _: None)
+        column = [name for name, _ in node_set("Feature").columns].index("inv_scale")
+        rows = read_import_csv((tmp_path / "import" / "Feature.csv").read_text(encoding="utf-8"))
+        assert {r[column] for r in rows} == {("", False)}
 
 
 @pytest.mark.parametrize("fid, head, layer", [("L2/5", None, None), ("L2/5", "L2H1", None), ("L1/150", None, 0), ("L0/3", None, None)])
@@ -959,7 +991,8 @@ def test_admin_import_files_parse_by_the_importers_rules(awkward_catalog, tmp_pa
     prompts = [typed(r[1], "string") for r in read_import_csv((out / "Prompt.csv").read_text(encoding="utf-8"))]
     assert 'she said "hi",\nthen left \\ ' in prompts
     features = read_import_csv((out / "Feature.csv").read_text(encoding="utf-8"))
-    assert {f[-1][0] for f in features} >= {"NaN", "Infinity", "-Infinity"}
+    max_act = [name for name, _ in node_set("Feature").columns].index("max_act")
+    assert {f[max_act][0] for f in features} >= {"NaN", "Infinity", "-Infinity"}
     parts = sorted(str(f.relative_to(awkward_catalog)) for s in (*NODES, *RELS) for f in part_files(awkward_catalog, s.files))
     script = (out / "schema.cypher").read_text()
     assert sorted(_state_parts(script)) == parts  # `load` finds the imported store current

@@ -55,6 +55,7 @@ class FeatureCard:
     interventions: list[InterventionUse] = field(default_factory=list)  # recorded interventions that edited it
     flags: list[Flag] = field(default_factory=list)  # likely artefacts of the feature and its layer (`queries.caveats`)
     rare_warning: str | None = None  # the statistics counted too few tokens to call it rarely firing
+    normalised: bool = False  # edge weights times the reader's E[1/norm scale] (`Lookups.upstream`), else raw
 
 
 def card_file(fid: str, blind: bool = False) -> str:
@@ -68,16 +69,16 @@ def card_feature(name: str) -> str | None:
     return fid if FEATURE_ID.fullmatch(fid) else None
 
 
-def feature_card(lookups: Lookups, root: Path, fid: str, k: int = 10, blind: bool = False) -> FeatureCard:
-    """Everything a card shows: edges and tokens from the graph store, statistics from DuckDB."""
+def feature_card(lookups: Lookups, root: Path, fid: str, k: int = 10, blind: bool = False, normalise: bool = False) -> FeatureCard:
+    """Everything a card shows: edges (raw or `normalise`d weights) and tokens from the graph store, statistics from DuckDB."""
     tokens = lookups.tokens(fid, k)  # unknown ids fail here, before anything is written
     stats = feature_stats(root, fid, k) if layout.stats_file(root, "features").is_file() else None
     if blind and stats is not None:
         stats = blinded(stats)
     uses = lookups.feature_uses(fid, k, token_text=not blind)
     interventions = [] if blind else lookups.interventions(fid, k)  # their prompts and texts would unblind the card
-    return FeatureCard(fid, tokens, lookups.upstream(fid, k), lookups.downstream(fid, k), stats, uses, interventions, flags_of(root, fid),
-                       rare_warning(root))
+    return FeatureCard(fid, tokens, lookups.upstream(fid, k, normalise=normalise), lookups.downstream(fid, k, normalise=normalise),
+                       stats, uses, interventions, flags_of(root, fid), rare_warning(root), normalise)
 
 
 def blinded(stats: FeatureStats) -> FeatureStats:
@@ -90,18 +91,18 @@ def blinded(stats: FeatureStats) -> FeatureStats:
 
 
 def write_feature_cards(lookups: Lookups, root: Path, ids: Iterable[str], out_dir: Path | None = None, k: int = 10,
-                        blind: bool = False, with_neighbours: bool = False) -> list[Path]:
+                        blind: bool = False, with_neighbours: bool = False, normalise: bool = False) -> list[Path]:
     """Write a card per feature (and, with `with_neighbours`, per upstream/downstream neighbour) into
-    `out_dir` (default CATALOG/reports). Links go to cards written now or already in `out_dir`; any
-    other neighbour is shown unlinked. Every id is looked up before anything is written.
+    `out_dir` (default CATALOG/reports), edges by raw or `normalise`d weight. Links go to cards written now or
+    already in `out_dir`; any other neighbour is shown unlinked. Every id is looked up before anything is written.
     """
     out_dir = out_dir or root / layout.REPORTS
-    cards = {fid: feature_card(lookups, root, fid, k, blind) for fid in dict.fromkeys(ids)}
+    cards = {fid: feature_card(lookups, root, fid, k, blind, normalise) for fid in dict.fromkeys(ids)}
     if with_neighbours:
         for card in list(cards.values()):
             for e in card.upstream + card.downstream:
                 if e.feature not in cards:
-                    cards[e.feature] = feature_card(lookups, root, e.feature, k, blind)
+                    cards[e.feature] = feature_card(lookups, root, e.feature, k, blind, normalise)
 
     def href(fid: str) -> str | None:
         name = card_file(fid, blind)
@@ -217,7 +218,10 @@ def _tokens_section(tokens: FeatureTokens) -> Markup:
                             _token_table("Logit lens", tokens.logits)]), cls="grid")
     return section("Tokens", grid, note="Input-independent: which input tokens drive the feature directly (raw: W_E; extended: through MLP0 and the reader's norm, "
                                        "MLP0 left out for layer-0 features, which read before it), "
-                                       "and which output logits its decoder pushes.")
+                                       "and which output logits its decoder pushes. The two de-embedding weights are on different "
+                                       "scales (compare tokens within a table): raw leaves the reader's norm scale out, extended "
+                                       "puts the token's vector through the norm as if it were the whole residual (RMS 1), so it "
+                                       "is typically many times larger.")
 
 
 def _uses_section(uses: list[FeatureUse], blind: bool) -> Markup:
@@ -247,9 +251,10 @@ def interventions_section(uses: list[InterventionUse], edits_column: str) -> Mar
                         "each target logit (KL: of the next-token distribution, before || after).")
 
 
-def _edge_table(edges: list[Edge], href: Callable[[str], str | None]) -> Markup:
+def _edge_table(edges: list[Edge], href: Callable[[str], str | None], normalised: bool) -> Markup:
     rows = [[link(href(e.feature), e.feature), signed(e.weight, "{:+.4f}"), join((token(t) for t in e.tokens), " ")] for e in edges]
-    return table(["feature", "weight", "its top extended de-embedding tokens"], rows, numeric=(1,), cls="edges")
+    return table(["feature", "normalised weight" if normalised else "raw weight", "its top extended de-embedding tokens"], rows,
+                 numeric=(1,), cls="edges")
 
 
 def _circuit_section(card: FeatureCard, href: Callable[[str], str | None]) -> Markup:
@@ -267,10 +272,14 @@ def _circuit_section(card: FeatureCard, href: Callable[[str], str | None]) -> Ma
     unlinked = sum(href(e.feature) is None for e in card.upstream + card.downstream)
     note = ("Pullback edges (input-independent): an upstream edge is the change in this feature's pre-activation per unit of "
             "the earlier feature along the direct residual path (attention, and the MLPs and skip paths of the layers in "
-            "between, left out; this feature's norm scale left out); a downstream edge, this feature's effect on the later "
-            "one, likewise. Blue positive, red negative.")
+            "between, left out); a downstream edge, this feature's effect on the later one, likewise. "
+            + ("Normalised weights: raw weight times the reading (later) feature's E[1/norm scale] over the statistics' "
+               "tokens, so edges into different layers compare. " if card.normalised else
+               "Raw weights: the reading (later) feature's norm scale is left out, so downstream edges into layers of large "
+               "norm scale look stronger than they act (`--normalise` compares layers). ")
+            + "Blue positive, red negative.")
     if unlinked:
         note += f" Features with a dashed underline ({unlinked}) have no card in this directory (write them with --with-neighbours)."
-    return section("Circuit", diagram, tag("div", tag("div", tag("h3", "Upstream: what feeds it") + _edge_table(card.upstream, href))
-                                            + tag("div", tag("h3", "Downstream: what it feeds") + _edge_table(card.downstream, href)), cls="grid"),
+    return section("Circuit", diagram, tag("div", tag("div", tag("h3", "Upstream: what feeds it") + _edge_table(card.upstream, href, card.normalised))
+                                            + tag("div", tag("h3", "Downstream: what it feeds") + _edge_table(card.downstream, href, card.normalised)), cls="grid"),
                    note=note)

@@ -65,6 +65,7 @@ class Overview:
     weight_edges: list[float] = field(default_factory=list)
     weight_counts: list[int] = field(default_factory=list)
     pair_strength: dict[tuple[int, int], float] = field(default_factory=dict)  # (src layer, dst layer) -> mean |weight|
+    pair_normalised: bool = False  # pair_strength x the target layer's inv_scale (recorded with the statistics)
     cards: list[str] = field(default_factory=list)  # feature card files next to the overview
     prompts: list[dict] = field(default_factory=list)  # prompts.parquet rows, with `report` set where a report is written
     rare_warning: str | None = None  # the statistics counted too few tokens to call a feature rare
@@ -114,8 +115,17 @@ def _card_order(name: str) -> tuple[int, int, str]:
     return (*parse_feature_id(fid), name) if fid else (1 << 30, 0, name)
 
 
+def _layer_scales(con) -> dict[int, float]:
+    """Each layer's inv_scale (E[1/norm scale] at its transcoders' input), or {} when the catalog has not recorded them."""
+    if "inv_scale" not in {row[0] for row in con.execute("DESCRIBE features").fetchall()}:
+        return {}
+    scales = dict(con.execute("SELECT layer, any_value(inv_scale) FROM features GROUP BY layer").fetchall())
+    return {} if any(v is None for v in scales.values()) else scales
+
+
 def _weights(con, result: Overview) -> None:
-    """Histogram of all pullback weights over [-max|w|, max|w|], and mean |weight| per layer pair."""
+    """Histogram of all (raw) pullback weights over [-max|w|, max|w|], and mean |weight| per layer pair, normalised by
+    the target layer's inv_scale where recorded: raw means favour target layers of large norm scale."""
     (extent,) = con.execute("SELECT max(abs(weight)) FROM pullbacks").fetchone()
     if not extent:
         return
@@ -125,7 +135,9 @@ def _weights(con, result: Overview) -> None:
     ).fetchall())
     result.weight_edges = [-extent + i * width for i in range(WEIGHT_BINS + 1)]
     result.weight_counts = [counts.get(i, 0) for i in range(WEIGHT_BINS)]
-    result.pair_strength = {(s, d): w for s, d, w in con.execute(
+    scales = _layer_scales(con)
+    result.pair_normalised = bool(scales)
+    result.pair_strength = {(s, d): w * scales.get(d, 1.0) for s, d, w in con.execute(
         f"SELECT {sql_feature_layer('src')} AS s, {sql_feature_layer('dst')} AS d, avg(abs(weight)) FROM pullbacks GROUP BY s, d"
     ).fetchall()}
 
@@ -202,10 +214,17 @@ def _weights_section(o: Overview) -> Markup:
     src_layers = sorted({s for s, _ in o.pair_strength})
     dst_layers = sorted({d for _, d in o.pair_strength})
     grid = [[o.pair_strength.get((s, d)) for s in src_layers] for d in dst_layers]
+    kind = "normalised" if o.pair_normalised else "raw"
     heat = svg.heatmap([f"L{d}" for d in dst_layers], [f"L{s}" for s in src_layers], grid, x_label="source layer", y_label="target layer",
-                       label="mean absolute pullback weight per layer pair")
-    return section("Pullback weights", tag("h3", "All kept edges (log-scale counts)") + hist, tag("h3", "Mean |weight| per layer pair") + heat,
-                   note="Kept edges only (top-k per feature and earlier layer, and/or above --min-weight), so small weights are under-represented.")
+                       label=f"mean absolute {kind} pullback weight per layer pair")
+    scale_note = (" The per-pair means are normalised: times the target layer's E[1/norm scale] over the statistics' tokens, so "
+                  "target layers compare." if o.pair_normalised else
+                  " The per-pair means are raw (the target layer's norm scale left out), so they favour target layers of large "
+                  "norm scale; an ingest with --dataset records the scales and normalises them.")
+    return section("Pullback weights", tag("h3", "All kept edges, raw weights (log-scale counts)") + hist,
+                   tag("h3", f"Mean |{kind} weight| per layer pair") + heat,
+                   note="Kept edges only (top-k per feature and earlier layer, and/or above --min-weight), so small weights are "
+                        "under-represented." + scale_note)
 
 
 def _prompts_section(prompts: list[dict]) -> Markup:
