@@ -299,13 +299,43 @@ _edge_command("upstream")
 _edge_command("downstream")
 
 
+def weights_options(f):
+    """--model/--transcoders (optional): compute from the weights what the catalog keeps only for the top tokens."""
+    f = click.option("--transcoders", type=click.Path(path_type=Path), default=None, help="With --model: the catalog's transcoders.")(f)
+    return click.option("--model", default=None, help="Compute token weights from the model and --transcoders for tokens "
+                        "outside the stored top --token-top-k (a warm `serve` answers when one runs).")(f)
+
+
+def _from_weights(model, transcoders, op: str, **args):
+    """A token-lens computation (`ingest.token_lens`) through `warm.run`; both --model and --transcoders needed."""
+    from circuit_catalog import warm
+
+    if model is None or transcoders is None:
+        raise click.UsageError("this needs the weights: give --model and --transcoders")
+    return warm.run(model, transcoders, None, False, "auto", "float32", op, **args)
+
+
 @main.command()
 @click.argument("feature")
 @store_options
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Tokens shown per list.")
+@click.option("--token", "token_text", default=None, help="This token's weights for FEATURE and their ranks in the whole "
+              "vocabulary, computed from the weights (needs --model and --transcoders).")
+@weights_options
 @format_option
-def tokens(feature, cat, k, fmt):
-    """FEATURE's de-embedding (raw and extended) and logit-lens tokens."""
+def tokens(feature, cat, k, token_text, model, transcoders, fmt):
+    """FEATURE's de-embedding (raw and extended) and logit-lens tokens; with --token, one token's weights for it."""
+    if token_text is not None:
+        cat.lookups.check_feature(feature)
+        w = _from_weights(model, transcoders, "token_weights", fid=feature, token=token_text)
+        if fmt == "json":
+            _print_json(w)
+            return
+        table = Table("list", "weight", "rank of 'TOKEN'".replace("TOKEN", w["token"]), title=f"feature {feature} and {w['token']!r}")
+        for name, key in (("de-embedding", "deembed"), ("extended", "deembed_ext"), ("logit lens", "logit_lens")):
+            table.add_row(name, f"{w[key]:+.3f}", f"{w[key + '_rank']:,}")
+        out.print(table)
+        return
     card = cat.tokens(feature, k)
     if fmt == "json":
         _print_json(card)
@@ -389,8 +419,12 @@ def search(token, cat, k, fmt):
 @click.option("--greedy", is_flag=True, help="With --prompt: the seed's greedy search back from the logit (see --iters, --branches).")
 @click.option("--iters", type=click.IntRange(1), default=3, show_default=True, help="Greedy search: path length in edges.")
 @click.option("--branches", type=click.IntRange(1), default=5, show_default=True, help="Greedy search: paths kept per iteration.")
+@click.option("--ends-k", type=click.IntRange(1), default=20, show_default=True,
+              help="Weights graph with --model: features per layer computed for each end.")
+@weights_options
 @format_option
-def paths(cat, prompt_key, from_token, to_logit, max_hops, k, beam, rank, via, no_errors, min_hops, greedy, iters, branches, fmt):
+def paths(cat, prompt_key, from_token, to_logit, max_hops, k, beam, rank, via, no_errors, min_hops, greedy, iters, branches,
+          ends_k, model, transcoders, fmt):
     """Strongest token -> feature (-> feature ...) -> logit paths, in the weights graph or (--prompt) a prompt's graph.
 
     In a prompt's graph each path shows its bottleneck (the smallest edge influence on the logit along it, as a
@@ -413,7 +447,11 @@ def paths(cat, prompt_key, from_token, to_logit, max_hops, k, beam, rank, via, n
         raise click.UsageError("--from-token is required for the weights graph (without --prompt)")
     if via is not None or no_errors or min_hops > 1:
         raise click.UsageError("--via, --no-errors and --min-hops search a prompt's graph: give --prompt")
-    found = cat.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam)
+    ends = {}
+    if model is not None or transcoders is not None:  # both ends from the weights, whatever the stored top K holds
+        ends = {"starts": _from_weights(model, transcoders, "token_ends", token=from_token, k=ends_k, end="token"),
+                "ends": _from_weights(model, transcoders, "token_ends", token=to_logit, k=ends_k, end="logit")}
+    found = cat.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam, **ends)
     if fmt == "json":
         _print_json(found)
         return
@@ -975,15 +1013,8 @@ def active(model, transcoders, prompt, layers, pos, k, rank, target, fmt, trust_
 
     from circuit_catalog import warm
 
-    request = {"op": "active", "prompt": prompt, "pos": pos, "k": k, "rank": rank, "target": target}
-    answer = warm.ask(warm.socket_path(model, transcoders, parse_layers(layers), trust_pickle, device, dtype), request)
-    if answer is not None:
-        found = [SimpleNamespace(feature=f, activation=a, influence=i) for f, a, i in answer]
-    else:
-        from circuit_catalog.ingest.pipeline import active as active_
-
-        found = active_(model, transcoders, prompt, pos, k, parse_layers(layers), trust_pickle, device=device, dtype=dtype,
-                        rank=rank, target=target)
+    found = [SimpleNamespace(**f) for f in warm.run(model, transcoders, parse_layers(layers), trust_pickle, device, dtype, "active",
+                                                      prompt=prompt, pos=pos, k=k, rank=rank, target=target)]
     if fmt == "ids":
         out.print("\n".join(f.feature for f in found))
         return

@@ -7,7 +7,7 @@ what it loaded: the model and transcoder arguments and the size and modification
 transcoder file or other `--layers` is simply another socket, and a stale server is never asked. Without a server
 the command loads the model itself, as before. This client side imports neither torch nor TransformerLens.
 
-Protocol: one JSON line per connection each way; a request `{"op": "active", ...}`, a reply `{"ok": ...}` or
+Protocol: one JSON line per connection each way; a request `{"op": name in OPS, "args": {...}}`, a reply `{"ok": ...}` or
 `{"error": message, "type": UserError subclass name}` (re-raised by the client as that type: one `error:` line).
 """
 
@@ -24,6 +24,49 @@ from pathlib import Path
 from circuit_catalog import errors
 
 IDLE_MINUTES = 30.0  # a server nobody asks for this long exits
+
+
+def _active(model, tset, **args):
+    from circuit_catalog.ingest.activations import rank_features
+
+    return rank_features(model, tset, **args)
+
+
+def _token_weights(model, tset, **args):
+    from circuit_catalog.ingest.token_lens import token_weights
+
+    return token_weights(model, tset, **args)
+
+
+def _token_ends(model, tset, **args):
+    from circuit_catalog.ingest.token_lens import token_ends
+
+    return token_ends(model, tset, **args)
+
+
+# what a server answers: the API function each request names, called with the loaded model and transcoders
+OPS = {"active": _active, "token_weights": _token_weights, "token_ends": _token_ends}
+
+
+def run(model: str, transcoders, layers, trust_pickle: bool, device: str, dtype: str, op: str, **args):
+    """`op` (OPS) with these arguments: answered by a warm server for the same model and transcoders when one runs,
+    else computed here after loading them. Results as the server sends them (dataclasses as dicts)."""
+    answer = ask(socket_path(model, transcoders, layers, trust_pickle, device, dtype), {"op": op, "args": args})
+    if answer is not None:
+        return answer
+    from circuit_catalog.ingest.pipeline import load
+
+    lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
+    return _plain(OPS[op](lm, tset, **args))
+
+
+def _plain(value):
+    """JSON-ready: dataclasses as dicts, lists of them as lists."""
+    from dataclasses import asdict, is_dataclass
+
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return asdict(value) if is_dataclass(value) else value
 
 
 def socket_path(model: str, transcoders: str, layers: list[int] | None, trust_pickle: bool, device: str, dtype: str) -> Path:
@@ -72,8 +115,6 @@ def _read_line(s: socket.socket) -> bytes:
 def serve(path: Path, model, tset, idle_minutes: float = IDLE_MINUTES, ready=None) -> None:
     """Answer requests on `path` with this loaded model and transcoder set until idle for `idle_minutes`;
     `ready()` is called once listening."""
-    from circuit_catalog.ingest.activations import rank_features
-
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` runs the clean-up below, as Ctrl-C does
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.unlink(missing_ok=True)
@@ -96,11 +137,9 @@ def serve(path: Path, model, tset, idle_minutes: float = IDLE_MINUTES, ready=Non
                 with conn:
                     request = json.loads(_read_line(conn) or b"{}")
                     try:
-                        if request.get("op") != "active":
+                        if request.get("op") not in OPS:
                             raise errors.UserError(f"unknown request {request.get('op')!r}")
-                        found = rank_features(model, tset, request["prompt"], request["pos"], request["k"], request.get("rank", "activation"),
-                                              request.get("target"))
-                        reply = {"ok": [[f.feature, f.activation, f.influence] for f in found]}
+                        reply = {"ok": _plain(OPS[request["op"]](model, tset, **request["args"]))}
                     except errors.UserError as exc:
                         reply = {"error": str(exc), "type": type(exc).__name__}
                     conn.sendall(json.dumps(reply).encode() + b"\n")

@@ -168,9 +168,11 @@ class Catalog:
         """Features whose top de-embedding or logit-lens tokens include `token`."""
         return self.lookups.search(token, k)
 
-    def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256) -> Rows[WeightPath]:
-        """The strongest token -> feature (-> feature ...) -> logit paths in the weights graph."""
-        return self.lookups.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam)
+    def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256,
+              starts: list[dict] | None = None, ends: list[dict] | None = None) -> Rows[WeightPath]:
+        """The strongest token -> feature (-> feature ...) -> logit paths in the weights graph; `starts` / `ends`:
+        first and last hops computed from the weights (`ingest.token_lens.token_ends`) instead of the stored top K."""
+        return self.lookups.paths(from_token, to_logit, k=k, max_hops=max_hops, beam=beam, starts=starts, ends=ends)
 
     def why_no_paths(self, from_token: str, to_logit: str, max_hops: int) -> str:
         """Why `paths(from_token, to_logit)` is empty, in words, with what to try."""
@@ -180,11 +182,12 @@ class Catalog:
         top = Manifest.read(self.directory).token_top_k
         if not starts:
             return (f"no feature has {from_token!r} among its top {top} de-embedding tokens, so no path starts there; "
-                    f"try `search {from_token.strip()}` for nearby tokens, or a prompt's graph (`paths --prompt`)")
+                    f"give --model and --transcoders to compute the ends from the weights, try `search {from_token.strip()}`, "
+                    "or a prompt's graph (`paths --prompt`)")
         if not ends:
             return (f"no feature has {to_logit!r} among its top {top} logit-lens tokens, so no path ends there; "
-                    f"try `search {to_logit.strip()}`, or a prompt's graph (`paths --prompt`), whose edges into the "
-                    "logit are computed for every token")
+                    f"give --model and --transcoders to compute the ends from the weights, try `search {to_logit.strip()}`, "
+                    "or a prompt's graph (`paths --prompt`), whose edges into the logit are computed for every token")
         return (f"{starts} features start from {from_token!r} and {ends} end at {to_logit!r}, but no chain of at most "
                 f"{max_hops} kept pullback edges joins them; try a larger --max-hops or --beam")
 

@@ -215,15 +215,19 @@ class Lookups:
             hits += [Hit(r["feature"], f"deembed_{variant}", r["token"], float(r["weight"])) for r in rows]
         return rows_of(Hit, hits)
 
-    def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256, variant: str = "extended") -> Rows[WeightPath]:
+    def paths(self, from_token: str, to_logit: str, k: int = 10, max_hops: int = 2, beam: int = 256, variant: str = "extended",
+              starts: list[dict] | None = None, ends: list[dict] | None = None) -> Rows[WeightPath]:
         """The k strongest token -> feature (-> feature ...) -> logit paths by |product of weights|.
 
         A beam search over the layered graph: at most `max_hops` pullback edges, keeping the `beam`
         strongest partial paths after each expansion, so the work stays bounded however dense the
-        catalog. With a beam wider than the number of partial paths it is exact.
+        catalog. With a beam wider than the number of partial paths it is exact. The first and last hops are the
+        stored de-embedding and logit-lens edges, or `starts` / `ends` rows (feature, layer, token, weight) computed
+        from the weights for tokens outside the stored top K (`ingest.token_lens.token_ends`).
         """
-        starts = self._q("path_starts", texts=token_texts(from_token), variant=variant)
-        ends: dict[str, tuple[str, float]] = {r["feature"]: (r["token"], float(r["weight"])) for r in self._q("path_ends", texts=token_texts(to_logit))}
+        starts = starts if starts is not None else self._q("path_starts", texts=token_texts(from_token), variant=variant)
+        ends = {r["feature"]: (r["token"], float(r["weight"]))
+                for r in (ends if ends is not None else self._q("path_ends", texts=token_texts(to_logit)))}
         if not starts or not ends:
             return rows_of(WeightPath, [])
         max_layer = max(parse_feature_id(f)[0] for f in ends)

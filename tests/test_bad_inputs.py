@@ -214,6 +214,8 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("recurring-paths: three hops", ["recurring-paths", *CAT, "--hops", "3"], 2, "--hops"),
     ("serve: idle zero", ["serve", "--model", "{model}", "--transcoders", "{tc}", "--idle-minutes", "0"], 2, "--idle-minutes"),
     ("serve: transcoders missing", ["serve", "--model", "{model}", "--transcoders", "{tmp}/nope"], 1, "nope"),
+    ("tokens --token without the weights", ["tokens", "L1/2", *CAT, "--token", "the"], 2, "--model"),
+    ("tokens --token of two tokens", ["tokens", "L1/2", *CAT, "--token", "the city", "--model", "{model}", "--transcoders", "{tc}"], 1, "tokens"),
     # ---- queries
     ("cypher syntax", ["cypher", "MATCH (n RETURN n", *CAT], 1, ""),
     ("cypher write without --write", ["cypher", "CREATE (:Feature {{id: 'x'}})", *CAT], 1, "read-only"),
