@@ -24,7 +24,7 @@ $cc ingest --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out
 
 echo "== 2b. the transcoders' quality on held-out Brown tokens (past the training tokens): per-layer FVU, L0, dead"
 echo "       features, and the next-token loss with every MLP replaced (CE loss recovered), kept for the overview report"
-$cc eval --model smollm2-135m --transcoders "$out/transcoders" --tokens 1024 --skip-contexts 320 --out "$out/catalog/eval.json" $compute
+$cc eval --model smollm2-135m --transcoders "$out/transcoders" --tokens 512 --skip-contexts 320 --out "$out/catalog/eval.json" $compute
 
 echo "== 3. load the catalog into the embedded graph store (LadybugDB, at $out/catalog/graph)"
 $cc load --catalog "$out/catalog"
