@@ -43,21 +43,23 @@ class HeadTerms:
     bias_terms: torch.Tensor  # [T, n_layers * n_heads]: each target's constant term through each head
 
 
-def _target_vectors(model, tset: TranscoderSet, graph: AttributionGraph, custom_vector: torch.Tensor | None):
-    """For every target node index: (layer read at, position, reading vector); n_layers for logits."""
+def _target_vectors(model, tset: TranscoderSet, graph: AttributionGraph, custom_vector: torch.Tensor | None,
+                    nodes: list[int]) -> tuple[list[int], list[int], list[torch.Tensor]]:
+    """For each target node index in `nodes`: the layer it reads at (n_layers for logits), its position, its reading
+    vector (encoder column, unembedding column or the custom target's direction)."""
     n_feat, n_logits = graph.n_features, len(graph.logit_probabilities)
     first_logit = graph.n_nodes - n_logits
     layer, pos, vectors = [], [], []
-    for i in range(graph.n_nodes):
+    for i in nodes:
         if i < n_feat:
             lay, p, f = graph.features[i].tolist()
             layer.append(lay), pos.append(p), vectors.append(tset[lay].W_enc[:, f])
         elif i >= first_logit:
             j = i - first_logit
             vec = model.W_U[:, graph.logit_targets[j]] if j < len(graph.logit_targets) else custom_vector
-            layer.append(graph.n_layers), pos.append(graph.n_pos - 1), vectors.append(None if vec is None else vec.detach())
+            layer.append(graph.n_layers), pos.append(graph.n_pos - 1), vectors.append(vec.detach())
         else:
-            layer.append(-1), pos.append(-1), vectors.append(None)
+            raise ValueError(f"node {i} is neither a feature nor a logit: not a target")
     return layer, pos, vectors
 
 
@@ -90,23 +92,28 @@ def head_terms(model, tset: TranscoderSet, graph: AttributionGraph, dst: torch.T
     targets = torch.unique(dst)
     t_of = torch.full((graph.n_nodes,), -1, dtype=torch.long, device=device)
     t_of[targets.to(device)] = torch.arange(len(targets), device=device)
-    t_layer, t_pos, t_vec = _target_vectors(model, tset, graph, custom_vector)
+    t_layer, t_pos, t_vec = _target_vectors(model, tset, graph, custom_vector, targets.tolist())
     T, d = len(targets), trace.resid0.shape[-1]
     g_mid = torch.zeros(T, n_layers, d, dtype=dtype, device=device)
     g_post = torch.zeros(T, n_layers, d, dtype=dtype, device=device)
-    q_of = torch.tensor([t_pos[i] for i in targets.tolist()], dtype=torch.long, device=device)
-    L_of = torch.tensor([t_layer[i] for i in targets.tolist()], dtype=torch.long, device=device)
-    for j, node in enumerate(targets.tolist()):
-        L, q, v = t_layer[node], t_pos[node], t_vec[node].to(dtype)
-        g = c(v) / trace.final_scale[q] if L == n_layers else (c(v) / trace.ln2_scale[L, q] if reads_normalised(tset[L]) else v)
-        top = n_layers - 1 if L == n_layers else L
-        for m in range(top, -1, -1):
-            if m < L:  # the MLP of layer m lies between resid_mid[m] and the target
-                g_post[j, m] = g
-                if m in tset.by_layer and tset[m].W_skip is not None:
-                    back = g @ tset[m].W_skip.T
-                    g = g + (c(back) / trace.ln2_scale[m, q] if reads_normalised(tset[m]) else back)
-            g_mid[j, m] = g
+    q_of = torch.tensor(t_pos, dtype=torch.long, device=device)
+    L_of = torch.tensor(t_layer, dtype=torch.long, device=device)
+    # every target at once, layer by layer from the top (a Python loop over targets cost seconds on SmolLM2)
+    is_logit = L_of == n_layers
+    normalised = torch.tensor([L == n_layers or reads_normalised(tset[L]) for L in t_layer], dtype=torch.bool, device=device)
+    scale = torch.where(is_logit, trace.final_scale[q_of], trace.ln2_scale[L_of.clamp(max=n_layers - 1), q_of])
+    v = torch.stack([x.to(dtype) for x in t_vec]).float() if T else torch.zeros(0, d, device=device)
+    g = torch.where(normalised[:, None], c(v) / scale[:, None], v)  # float32 down the layers, stored in the compute dtype
+    top_of = torch.where(is_logit, n_layers - 1, L_of)
+    for m in range(n_layers - 1, -1, -1):
+        post = m < L_of  # the MLP of layer m lies between resid_mid[m] and the target
+        g_post[post, m] = g[post]
+        if m in tset.by_layer and tset[m].W_skip is not None:
+            back = (g.to(tset[m].W_skip.dtype) @ tset[m].W_skip.T).float()
+            step = c(back) / trace.ln2_scale[m, q_of][:, None] if reads_normalised(tset[m]) else back
+            g = torch.where(post[:, None], g + step, g)
+        mid = m <= top_of
+        g_mid[mid, m] = g[mid]
 
     # direct terms: a source at the target's position, through no head
     n_edges = len(dst)
@@ -140,11 +147,10 @@ def head_terms(model, tset: TranscoderSet, graph: AttributionGraph, dst: torch.T
         reads = (L_of >= m).nonzero().flatten()
         live = torch.isin(all_t, reads).nonzero().flatten()
         pattern = trace.patterns[m].to(dtype)  # [H, q, k]
+        Q = pattern[:, q_of, :].permute(1, 2, 0)[..., None] * U[:, None]  # [T, k, H, e]: each target's pattern row x U
         for start in range(0, len(live), chunk):
             e = live[start:start + chunk]
-            t, s = all_t[e], all_s[e]
-            weighted = pattern[:, q_of[t], :].permute(1, 0, 2)  # [E, H, k]
-            terms[e, m] = torch.einsum("ehk,ekhd,ehd->eh", weighted, V[s], U[t])
+            terms[e, m] = (V[all_s[e]] * Q[all_t[e]]).sum((1, 3))  # elementwise: one pass, no batch of tiny matmuls
     heads = [ids.head_id(m, h) for m in range(n_layers) for h in range(n_heads)]
     flat = terms.reshape(len(all_t), -1)
     return HeadTerms(heads, dst, src, flat[:n_edges].cpu(), direct.cpu(), targets, flat[n_edges:].cpu())
