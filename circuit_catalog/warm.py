@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 from circuit_catalog import errors
+from circuit_catalog.ingest.receipt import file_state
+from circuit_catalog.queries.rows import plain
 
 IDLE_MINUTES = 30.0  # a server nobody asks for this long exits
 
@@ -57,31 +59,15 @@ def run(model: str, transcoders, layers, trust_pickle: bool, device: str, dtype:
     from circuit_catalog.ingest.pipeline import load
 
     lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
-    return _plain(OPS[op](lm, tset, **args))
-
-
-def _plain(value):
-    """JSON-ready: dataclasses as dicts, lists of them as lists."""
-    from dataclasses import asdict, is_dataclass
-
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return asdict(value) if is_dataclass(value) else value
+    return plain(OPS[op](lm, tset, **args))
 
 
 def socket_path(model: str, transcoders: str, layers: list[int] | None, trust_pickle: bool, device: str, dtype: str) -> Path:
     """The socket of the server for exactly these arguments and files."""
     root = os.environ.get("CIRCUIT_CATALOG_CACHE") or str(Path.home() / ".cache" / "circuit-catalog")
-    key = json.dumps([model, str(transcoders), layers, trust_pickle, device, dtype, _stats(model), _stats(str(transcoders))])
+    key = json.dumps([model, str(transcoders), layers, trust_pickle, device, dtype, file_state(Path(model)), file_state(Path(transcoders))])
     # AF_UNIX paths are limited to ~107 bytes: a short digest in a short directory
     return Path(root) / "warm" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
-
-
-def _stats(spec: str) -> list:
-    """(relative path, size, mtime_ns) of a file or of every file under a directory; [] for names that are not paths."""
-    path = Path(spec)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-    return [(p.relative_to(path).as_posix() if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def ask(path: Path, request: dict, timeout: float = 600.0):
@@ -139,7 +125,7 @@ def serve(path: Path, model, tset, idle_minutes: float = IDLE_MINUTES, ready=Non
                     try:
                         if request.get("op") not in OPS:
                             raise errors.UserError(f"unknown request {request.get('op')!r}")
-                        reply = {"ok": _plain(OPS[request["op"]](model, tset, **request["args"]))}
+                        reply = {"ok": plain(OPS[request["op"]](model, tset, **request["args"]))}
                     except errors.UserError as exc:
                         reply = {"error": str(exc), "type": type(exc).__name__}
                     conn.sendall(json.dumps(reply).encode() + b"\n")

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from circuit_catalog.catalog import layout
+from circuit_catalog.queries.rows import plain
 
 RECEIPT = layout.INGEST_RECEIPT
 # what the ingest does not write, or writes for others: the store, reports, evaluations, interventions
@@ -31,14 +31,14 @@ def request_digest(catalog_dir: Path, request: dict) -> str | None:
     model, transcoders = request["model"], request["transcoders"]
     if not isinstance(model, (str, Path)) or not isinstance(transcoders, (str, Path)):
         return None
-    inputs = {"model": [str(model), *_files(Path(model))], "transcoders": [str(transcoders), *_files(Path(transcoders))]}
+    inputs = {"model": [str(model), *file_state(Path(model))], "transcoders": [str(transcoders), *file_state(Path(transcoders))]}
     dataset = request.get("dataset")
     if dataset is not None:
-        inputs["dataset"] = [str(dataset), *_files(Path(str(dataset)))]
-    catalog = [row for row in _files(Path(catalog_dir)) if not row[0].startswith(_NOT_INGEST) and not row[0].startswith(".")]
+        inputs["dataset"] = [str(dataset), *file_state(Path(str(dataset)))]
+    catalog = [row for row in file_state(Path(catalog_dir)) if not row[0].startswith(_NOT_INGEST) and not row[0].startswith(".")]
     if not catalog:
         return None
-    body = json.dumps({"request": _plain(request), "inputs": inputs, "catalog": catalog}, sort_keys=True, default=str)
+    body = json.dumps({"request": plain(request), "inputs": inputs, "catalog": catalog}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -63,7 +63,7 @@ def write_receipt(catalog_dir: Path, request: dict) -> None:
             tmp.write_text(json.dumps({"digest": digest}) + "\n")
 
 
-def _files(path: Path) -> list[tuple[str, int, int]]:
+def file_state(path: Path) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime_ns) of a file, or of every file under a directory, sorted; [] if absent."""
     if path.is_file():
         st = path.stat()
@@ -71,16 +71,3 @@ def _files(path: Path) -> list[tuple[str, int, int]]:
     if not path.is_dir():
         return []
     return sorted((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
-
-
-def _plain(value):
-    """JSON-ready: dataclasses as dicts, paths as strings, sequences as lists."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return _plain(asdict(value))
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

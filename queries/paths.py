@@ -9,7 +9,7 @@ tokens and errors enter at unit scale. Two measures of a path, each exact for th
   input too. Short paths win this ranking: every extra hop splits the effect among more routes.
 - **bottleneck**: the smallest edge influence along the path. An edge's influence on the target is the share of
   its destination's absolute input it carries times the destination's own influence (the target's is 1; a node's
-  is the sum of its outgoing edges' influences), as circuit-tracer's pruning scores edges but for one target. A
+  is the sum of its outgoing edges' influences): the row-normalised |weights| pruning uses (`ingest.pruning`), for one target. A
   path whose every edge carries a large part of the target's input is a mechanism the target depends on, however
   long; this is the default ranking.
 
