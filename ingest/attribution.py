@@ -58,6 +58,9 @@ class AttributionGraph:
     n_active_features: int  # before the cap
     settings: dict = field(default_factory=dict)
     custom_target: str | None = None  # the name of the custom target, the last node, if there is one
+    # the forward pass the graph was computed from, so exact decompositions of its edges (`ingest.head_terms`) need
+    # no second pass; not part of the graph's value
+    trace: PromptTrace | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_pos(self) -> int:
@@ -428,4 +431,5 @@ def _assemble(prompt, trace: PromptTrace, n_layers, logit_ids, probabilities, va
         prompt=prompt, tokens=trace.tokens, n_layers=n_layers, features=trace.active[selected],
         activations=trace.activations[selected], logit_targets=logit_ids, logit_probabilities=probabilities,
         adjacency=adjacency, value=value, bias=bias, dropped=dropped, n_active_features=n_active, settings=settings,
+        trace=trace,
     )

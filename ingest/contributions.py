@@ -51,6 +51,13 @@ class Sources:
     def bias_row(self) -> int:
         return self.n_rows - 1
 
+    def first_layers(self, trace: PromptTrace) -> torch.Tensor:
+        """[n_rows]: the layer whose MLP output each row first writes into; -1 for tokens and the bias row, there from
+        the start. A row is zero at `resid_pre[m]` unless its first layer is < m."""
+        device = self.features.device
+        return torch.cat([trace.active[self.features, 0], self.errors[:, 0],
+                          torch.full((len(self.tokens) + 1,), -1, dtype=torch.long, device=device)])
+
     def labels(self, trace: PromptTrace) -> list[str]:
         """Local node ids as the prompt's graph names them (`L8/355@3`, `err:L8@3`, `tok@3`) and `bias`."""
         out = [f"L{lay}/{i}@{p}" for lay, p, i in trace.active[self.features].tolist()]
@@ -65,17 +72,30 @@ class Forward:
         self.model, self.tset, self.trace, self.sources = model, tset, trace, sources
         self.n_layers, self.n_pos = model.cfg.n_layers, len(trace.tokens)
         self.centre = centres(model)
+        self.first = sources.first_layers(trace)
+        self._values: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layer, rows, values) for `run`'s own step
 
     def _centre(self, v: torch.Tensor) -> torch.Tensor:
         return v - v.mean(-1, keepdim=True) if self.centre else v
 
-    def values(self, layer: int, F: torch.Tensor) -> torch.Tensor:
-        """[n_rows, n_pos, n_heads, d_head]: what each row puts into each head's values at attention `layer`
-        (ln1 frozen: centring and the scale); the bias row also carries `b_V`."""
+    def live(self, layer: int) -> torch.Tensor:
+        """The rows that can be nonzero at `resid_pre[layer]` (the others have not written yet)."""
+        return (self.first < layer).nonzero().flatten()
+
+    def values(self, layer: int, F: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[len(rows), n_pos, n_heads, d_head]: what each row (default: all) puts into each head's values at attention
+        `layer` (ln1 frozen: centring and the scale); the bias row also carries `b_V`. Computed once per key-value
+        head (grouped-query attention shares W_V). Read-only: `run` reuses it for its step."""
         attn = self.model.blocks[layer].attn
-        x = self._centre(F) / self.trace.ln1_scale[layer][None, :, None]
-        v = torch.einsum("spd,hde->sphe", x, attn.W_V.detach().to(x.dtype))
-        v[self.sources.bias_row] += attn.b_V.detach()
+        rows = torch.arange(len(F), device=F.device) if rows is None else rows
+        x = self._centre(F[rows]) / self.trace.ln1_scale[layer][None, :, None]
+        shared = hasattr(attn, "_W_V")
+        W_V, b_V = (attn._W_V, attn._b_V) if shared else (attn.W_V, attn.b_V)
+        v = torch.einsum("spd,gde->spge", x, W_V.detach().to(x.dtype))
+        v[rows == self.sources.bias_row] += b_V.detach().to(x.dtype)
+        if shared:
+            v = v.repeat_interleave(attn.repeat_kv_heads, dim=2)
+        self._values = (layer, rows, v)
         return v
 
     def _writes(self, layer: int, F: torch.Tensor) -> None:
@@ -107,13 +127,18 @@ class Forward:
         for m in range(min(until, self.n_layers)):
             yield m, F
             attn = self.model.blocks[m].attn
-            z = torch.einsum("hqk,skhe->sqhe", t.patterns[m].to(F.dtype), self.values(m, F))
-            F += torch.einsum("sqhe,hed->sqd", z, attn.W_O.detach().to(F.dtype))
+            rows = self.live(m)
+            cached = self._values
+            reuse = cached is not None and cached[0] == m and torch.equal(cached[1], rows)
+            values = cached[2] if reuse else self.values(m, F, rows)
+            self._values = None
+            z = torch.einsum("hqk,skhe->sqhe", t.patterns[m].to(F.dtype), values)
+            F[rows] += torch.einsum("sqhe,hed->sqd", z, attn.W_O.detach().to(F.dtype))
             F[s.bias_row] += attn.b_O.detach()
             if m in self.tset.by_layer and self.tset[m].W_skip is not None:
                 tc = self.tset[m]
-                x = self._centre(F) / t.ln2_scale[m][None, :, None] if reads_normalised(tc) else F
-                F += x @ tc.W_skip
+                x = self._centre(F[rows]) / t.ln2_scale[m][None, :, None] if reads_normalised(tc) else F[rows]
+                F[rows] += x @ tc.W_skip
             self._writes(m, F)
         if until >= self.n_layers:
             yield self.n_layers, F

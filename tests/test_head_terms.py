@@ -46,6 +46,18 @@ def test_terms_sum_to_every_edge(case):
         assert sums.get((ids[src[i]], ids[dst[i]]), 0.0) == pytest.approx(graph.adjacency[dst[i], src[i]].item(), rel=1e-4, abs=1e-5)
 
 
+def test_terms_do_not_depend_on_chunks_or_a_second_forward_pass(case):
+    """Targets split into chunks of 5 and the prompt traced again (not the graph's own pass) give the same terms."""
+    model, tset, graph = case
+    dst, src = (graph.adjacency != 0).nonzero(as_tuple=True)
+    whole = head_terms(model, tset, graph, dst, src)
+    assert len(whole.targets) > 10
+    graph.trace = None
+    chunked = head_terms(model, tset, graph, dst, src, chunk=5)
+    for a, b in [(whole.terms, chunked.terms), (whole.direct, chunked.direct), (whole.bias_terms, chunked.bias_terms)]:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _zero_head(model, tset, tokens, m, h, cache):
     """Pre-activations at ln2 (per layer) and logits with head h of layer m's pattern zeroed and everything else
     frozen at the clean run: norm scales, every other attention layer's output, and every MLP output except for
