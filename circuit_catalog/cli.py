@@ -59,6 +59,19 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
     return value
 
 
+def _count_or_all(value: str) -> int | None:
+    """'all' -> None; a positive integer as itself."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a positive integer nor 'all'") from None
+    if n < 1:
+        raise click.BadParameter(f"{n} is not a positive integer (or 'all')")
+    return n
+
+
 def parse_layers(text: str | None) -> list[int] | None:
     """'all' -> None; '0-3,8' -> [0, 1, 2, 3, 8]; '0-28:4' -> every 4th layer from 0 to 28."""
     if text is None or text == "all":
@@ -156,6 +169,10 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
 @click.option("--edge-threshold", type=click.FloatRange(0, 1), callback=_finite, default=0.98, show_default=True, help="Pruning: keep edges carrying this share of influence.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Attribution targets per backward sweep.")
 @click.option("--bos-features", is_flag=True, help="Give position 0 (the BOS or other leading special token) feature nodes too; by default it has none and its MLP output is a constant in each target's bias.")
+@click.option("--head-edges", default="1000", show_default=True, callback=lambda ctx, param, value: _count_or_all(value),
+              help="Pruned edges split by attention head (edges_heads), the most influential first; 'all' for every one (~50 bytes an edge).")
+@click.option("--unpruned-edges", is_flag=True,
+              help="Keep every non-zero edge of the unpruned graph (edges_full, ~2-3 MB a SmolLM2 prompt); by default only those into the logits and the custom target, which validation reads.")
 @click.option("--target", "custom_tokens", multiple=True, help="Custom attribution target for every prompt without its own: the sum of these tokens' logits (repeatable).")
 @click.option("--contrast", multiple=True, help="With --target: minus these tokens' logits, e.g. --target ' Paris' --contrast ' London'.")
 @click.option("--direction", type=click.Path(path_type=Path), default=None, help="Custom target: a .npy vector of d_model values read after the final norm at the last position.")
@@ -167,7 +184,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
                    "float32 elsewhere (on a CPU the bf16 path measured slower).")
 def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, heads_top_k, trust_pickle, dataset, n_tokens, ctx_len,
            prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size,
-           bos_features, custom_tokens, contrast, direction, target_weight, device, dtype, pullback_score_dtype):
+           bos_features, head_edges, unpruned_edges, custom_tokens, contrast, direction, target_weight, device, dtype, pullback_score_dtype):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
     from circuit_catalog.ingest.pipeline import ingest as ingest_
@@ -177,7 +194,8 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
                                None if direction is None else str(direction), target_weight)
     attribution = AttributionSettings(max_feature_nodes=None if all_features else max_feature_nodes, max_n_logits=max_n_logits,
                                       desired_logit_prob=desired_logit_prob, node_threshold=node_threshold,
-                                      edge_threshold=edge_threshold, batch_size=batch_size, zero_bos=not bos_features)
+                                      edge_threshold=edge_threshold, batch_size=batch_size, zero_bos=not bos_features,
+                                      head_edges=head_edges, unpruned_edges=unpruned_edges)
     settings = IngestSettings(top_k=top_k, min_weight=min_weight, token_top_k=token_top_k, pullback_score_dtype=pullback_score_dtype,
                               heads_top_k=heads_top_k)
     result = ingest_(model, transcoders, catalog_dir, layers=parse_layers(layers), trust_pickle=trust_pickle, settings=settings,

@@ -53,8 +53,9 @@ def local_ids(graph: AttributionGraph) -> list[str]:
     return local
 
 
-def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> dict[str, pa.Table]:
-    """nodes, pruned edges, full edges, and INSTANCE_OF links, as the store loads them."""
+def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode, unpruned_edges: bool = True) -> dict[str, pa.Table]:
+    """nodes, pruned edges, unpruned edges (all, or only those into the logits and the custom target), and
+    INSTANCE_OF links, as the store loads them."""
     n_feat, n_err, n_pos, n_logit = graph.n_features, graph.n_errors, graph.n_pos, len(graph.logit_probabilities)
     n_custom = int(graph.custom_target is not None)
     node_ids = [ids.node_id(pid, local) for local in local_ids(graph)]
@@ -87,10 +88,28 @@ def graph_tables(graph: AttributionGraph, pruned: Pruned, pid: str, decode) -> d
     return {
         "nodes": nodes,
         "edges": edges(pruned.edge_mask),
-        "edges_full": edges(graph.adjacency != 0),
+        "edges_full": edges(_unpruned_mask(graph, unpruned_edges)),
         "links_feature": pa.table({"src": node_ids[:n_feat], "dst": nodes["feature_id"].to_pylist()[:n_feat]}),
         "links_token": pa.table({"src": node_ids[n_feat + n_err:graph.n_nodes - n_custom], "dst": pa.array(token_ids[n_feat + n_err:graph.n_nodes - n_custom], pa.int64())}),
     }
+
+
+def _unpruned_mask(graph: AttributionGraph, every: bool) -> torch.Tensor:
+    """The non-zero edges of the unpruned graph; without `every`, only the rows of the logits and the custom target."""
+    mask = graph.adjacency != 0
+    if not every:
+        mask[:graph.n_nodes - len(graph.logit_probabilities)] = False
+    return mask
+
+
+def head_resolved_edges(pruned: Pruned, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dst, src) of the pruned edges split by head: the `n` with the largest influence (pruning's edge scores), or
+    every pruned edge (None), in the adjacency's order."""
+    dst, src = pruned.edge_mask.nonzero(as_tuple=True)
+    if n is not None and n < len(dst):
+        top = pruned.edge_scores[dst, src].abs().topk(n).indices.sort().values
+        dst, src = dst[top], src[top]
+    return dst, src
 
 
 def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec], settings: AttributionSettings,
@@ -148,8 +167,8 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
                       batch_size=settings.batch_size, zero_bos=settings.zero_bos, custom=custom)
     pruned = prune(graph, settings.node_threshold, settings.edge_threshold)
     replacement, completeness = graph_scores(graph)
-    tables = graph_tables(graph, pruned, pid, model.tokenizer.decode)
-    dst, src = pruned.edge_mask.nonzero(as_tuple=True)  # the order of `edges`: each kept edge split by head
+    tables = graph_tables(graph, pruned, pid, model.tokenizer.decode, settings.unpruned_edges)
+    dst, src = head_resolved_edges(pruned, settings.head_edges)
     terms = head_terms(model, tset, graph, dst, src, None if custom is None else custom.vector)
     tables["edges_heads"] = head_table(terms, [f"{pid}:{local}" for local in local_ids(graph)], settings.head_terms)
     info = {
@@ -157,7 +176,7 @@ def write_prompt(model, tset: TranscoderSet, root: Path, pid: str, spec: PromptS
         "decoded": model.tokenizer.decode(graph.tokens.tolist()),  # the tokens as text, BOS included (the viewer's prompt)
         "replacement_score": replacement, "completeness_score": completeness,
         "n_active_features": graph.n_active_features, "n_feature_nodes": graph.n_features, "capped": graph.capped,
-        "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": tables["edges"].num_rows,
+        "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": tables["edges"].num_rows, "n_head_edges": len(dst),
         "n_layers": graph.n_layers, "settings": json.dumps(asdict(settings), sort_keys=True),
         "parts": {layout.parquet_name(name): table.num_rows for name, table in tables.items()},  # checked on resume
         "custom_target": None if custom is None else {"name": custom.name, **custom.definition},

@@ -103,6 +103,7 @@ class Pruned:
     node_mask: torch.Tensor  # [n_nodes] bool
     edge_mask: torch.Tensor  # [n_nodes, n_nodes] bool, same layout as the adjacency
     influence: torch.Tensor  # [n_nodes] node influence on the logits in the unpruned graph (logits: 0)
+    edge_scores: torch.Tensor  # [n_nodes, n_nodes] each edge's influence on the logits among the kept nodes (pruning's ranking)
 
 
 def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
@@ -128,7 +129,7 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
         node_mask[:n_feat] &= edge_mask[:n_feat].any(1)  # features need an incoming edge
         if torch.equal(node_mask, before):
             break
-    return Pruned(node_mask, edge_mask, scores)
+    return Pruned(node_mask, edge_mask, scores, edge_scores)
 
 
 def graph_scores(graph: AttributionGraph) -> tuple[float, float]:

@@ -58,8 +58,13 @@ class AttributionSettings:
     edge_threshold: float = 0.98
     batch_size: int = 256
     zero_bos: bool = True  # no feature nodes at position 0 (BOS or another special token), as circuit-tracer
-    head_terms: int = 8  # per pruned edge: its terms through its top heads, `direct` and `other` (`ingest.head_terms`)
-    definitions: int = 3  # raised when what a graph holds changes, so older prompt graphs are recomputed
+    head_terms: int = 8  # per head-resolved edge: its terms through its top heads, `direct` and `other` (`ingest.head_terms`)
+    # the pruned edges split by head, the most influential first (None: every pruned edge; ~50 bytes an edge on disk)
+    head_edges: int | None = 1000
+    # edges_full: every non-zero edge before pruning (~5 bytes an edge: 2-3 MB a SmolLM2 prompt); False keeps only
+    # the unpruned edges into the logits and the custom target, which validation reads
+    unpruned_edges: bool = False
+    definitions: int = 4  # raised when what a graph holds changes, so older prompt graphs are recomputed
 
 
 def read_prompts(path: Path) -> list[PromptSpec]:

@@ -45,8 +45,11 @@ _KEPT_EDGES = "_kept_edges"
 # views that are more than their files (None: no view): `{files}` is the list of the view's parts, `{kept}` the
 # pruned edges'; a node id starts with its prompt's id (`catalog.ids`)
 _VIEW_SQL = {
-    "prompt_edges": "SELECT split_part(e.src, ':', 1) AS prompt_id, e.src, e.dst, e.weight, k.src IS NOT NULL AS kept "
-                    "FROM read_parquet({files}) e LEFT JOIN read_parquet({kept}) k ON e.src = k.src AND e.dst = k.dst",
+    # every stored edge: the pruned graph's (kept) and the unpruned ones (edges_full: all of them with `ingest
+    # --unpruned-edges`, else those into the logits and the custom target)
+    "prompt_edges": "SELECT split_part(coalesce(e.src, k.src), ':', 1) AS prompt_id, coalesce(e.src, k.src) AS src, "
+                    "coalesce(e.dst, k.dst) AS dst, coalesce(e.weight, k.weight) AS weight, k.src IS NOT NULL AS kept "
+                    "FROM read_parquet({files}) e FULL OUTER JOIN read_parquet({kept}) k ON e.src = k.src AND e.dst = k.dst",
     _KEPT_EDGES: None,
 }
 

@@ -24,7 +24,8 @@ def setup(tmp_path_factory, gpt2, gpt2_dir):
     for t in random_transcoders(gpt2, d_sae=30, seed=8):
         save_saelens(t, tc / f"layer_{t.layer}")
     (root / "p.txt").write_text(PROMPT + "\n")
-    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", tc, "--catalog", root / "catalog", "--prompts", root / "p.txt")
+    code, output = run("ingest", "--model", gpt2_dir, "--transcoders", tc, "--catalog", root / "catalog", "--prompts", root / "p.txt",
+                       "--unpruned-edges")
     assert code == 0, output
     record = prompt_record(root / "catalog", PROMPT)
     nodes = pq.read_table(layout.prompt_part(root / "catalog", record["id"], "nodes")).to_pylist()

@@ -134,6 +134,8 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("ingest has no -k (rows shown, elsewhere)", [*ING, "-k", "3"], 2, "-k"),
     ("tokens zero", [*ING, "--tokens", "0"], 2, "--tokens"),
     ("node threshold NaN", [*ING, "--node-threshold", "nan"], 2, "finite"),
+    ("head edges zero", [*ING, "--head-edges", "0"], 2, "positive integer"),
+    ("head edges not a count", [*ING, "--head-edges", "most"], 2, "'all'"),
     ("prompts binary", [*ING, "--prompts", "{bin}"], 1, "binary.jsonl"),
     ("prompts missing", [*ING, "--prompts", "{tmp}/nope.txt"], 1, "not found"),
     ("prompt null", [*ING, "--prompts", "{tmp}/null.jsonl"], 1, "string 'prompt'"),

@@ -159,10 +159,13 @@ def test_sql_prompt_views_equal_pyarrow(catalog, ids):
     for pid in sorted(ids.values()):
         table = pq.read_table(layout.prompt_part(catalog, pid, "nodes")).to_pandas()
         expected_nodes.append({"prompt_id": pid, "n": len(table), "kept": int(table["kept"].sum())})
+        # edges_full holds the unpruned edges into the logits (the default); the view adds the pruned graph's
         full = pq.read_table(layout.prompt_part(catalog, pid, "edges_full")).to_pylist()
-        kept = {(e["src"], e["dst"]) for e in pq.read_table(layout.prompt_part(catalog, pid, "edges")).to_pylist()}
-        assert kept <= {(e["src"], e["dst"]) for e in full} and kept
-        expected_edges += [(pid, e["src"], e["dst"], e["weight"], (e["src"], e["dst"]) in kept) for e in full]
+        pruned = pq.read_table(layout.prompt_part(catalog, pid, "edges")).to_pylist()
+        kept = {(e["src"], e["dst"]) for e in pruned}
+        assert kept and {(e["src"], e["dst"]) for e in full} - kept
+        stored = {(e["src"], e["dst"]): e["weight"] for e in full + pruned}
+        expected_edges += [(pid, s, d, w, (s, d) in kept) for (s, d), w in stored.items()]
     assert [dict(r) for r in nodes] == expected_nodes
     expected_edges.sort(key=lambda r: r[:3])
     assert [(r["prompt_id"], r["src"], r["dst"], r["kept"]) for r in edges] == [(p, s, d, k) for p, s, d, _, k in expected_edges]

@@ -12,6 +12,7 @@ import pytest
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.ids import parse_local, token_node
 from circuit_catalog.ingest.job import build_manifest, run_ingest
+from circuit_catalog.catalog.manifest import Manifest
 from circuit_catalog.ingest.settings import IngestSettings
 from circuit_catalog.ingest.prompts import prompt_id, run_prompts
 from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec, read_prompts
@@ -24,6 +25,7 @@ from tests.conftest import random_transcoders
 from tests.test_cli import assert_one_line_error, run, run_json
 
 SPECS = [PromptSpec("the capital of france is"), PromptSpec("he said the county court", target="report")]
+FULL = AttributionSettings(max_feature_nodes=None, unpruned_edges=True, head_edges=None)  # every edge kept and split
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -33,7 +35,7 @@ def prompt_catalog(request, tmp_path_factory):
     tset = random_transcoders(model, d_sae=60, seed=11)
     manifest = build_manifest(model, request.param, tset, "mem", IngestSettings(top_k=4, token_top_k=5))
     run_ingest(model, tset, root, manifest, progress=False)
-    ids = run_prompts(model, tset, root, SPECS, AttributionSettings(max_feature_nodes=None), progress=False)
+    ids = run_prompts(model, tset, root, SPECS, FULL, progress=False)
     return model, tset, root, ids
 
 
@@ -79,6 +81,45 @@ def test_parts_are_complete_graphs(prompt_catalog):
         assert row["n_kept_edges"] == len(pruned) and not row["capped"]
 
 
+def test_default_storage_keeps_the_pruned_graph_and_the_logit_edges(prompt_catalog, tmp_path):
+    """Without --unpruned-edges and with --head-edges 6: the same nodes and pruned edges as the full catalog, the
+    unpruned edges into the logits only, and the head split of the 6 most influential pruned edges, summing to them."""
+    model, tset, root, ids = prompt_catalog
+    small = tmp_path / "small"
+    run_ingest(model, tset, small, Manifest.read(root), progress=False)
+    assert run_prompts(model, tset, small, SPECS, AttributionSettings(max_feature_nodes=None, head_edges=6), progress=False) == ids
+    for pid in ids:
+        assert read(small, pid, "nodes") == read(root, pid, "nodes")
+        assert read(small, pid, "edges") == read(root, pid, "edges")
+        logits = {n["id"] for n in read(root, pid, "nodes") if n["kind"] == "logit"}
+        assert read(small, pid, "edges_full") == [e for e in read(root, pid, "edges_full") if e["dst"] in logits]
+        heads = read(small, pid, "edges_heads")
+        pruned = {(e["src"], e["dst"]): e["weight"] for e in read(root, pid, "edges")}
+        sums: dict[tuple[str, str], float] = {}
+        for r in heads:
+            sums[r["src"], r["dst"]] = sums.get((r["src"], r["dst"]), 0.0) + r["weight"]
+        assert len(sums) == 6 and len(pruned) > 6
+        for edge, total in sums.items():
+            assert total == pytest.approx(pruned[edge], rel=1e-4, abs=1e-5)
+        # the same terms as the catalog that split every edge
+        full_rows = {(r["src"], r["dst"], r["head"]): r["weight"] for r in read(root, pid, "edges_heads")}
+        assert all(full_rows.get((r["src"], r["dst"], r["head"]), 0.0) == pytest.approx(r["weight"], rel=1e-4, abs=1e-5) for r in heads)
+        # the most influential: by pruning's edge score, recomputed from the stored unpruned graph
+        nodes = read(root, pid, "nodes")
+        index = {n["id"]: i for i, n in enumerate(nodes)}
+        A = np.zeros((len(nodes), len(nodes)))
+        for e in read(root, pid, "edges_full"):
+            A[index[e["dst"]], index[e["src"]]] = e["weight"]
+        kept = np.array([n["kept"] for n in nodes])
+        N = np.abs(A * kept[:, None] * kept[None, :])
+        N /= np.maximum(N.sum(1, keepdims=True), 1e-10)
+        w = np.array([n["probability"] if n["kind"] == "logit" else 0.0 for n in nodes])
+        influence = w @ (np.linalg.inv(np.eye(len(nodes)) - N) - np.eye(len(nodes)))
+        score = {edge: N[index[edge[1]], index[edge[0]]] * (influence + w)[index[edge[1]]] for edge in pruned}
+        ranked = sorted(pruned, key=lambda e: -score[e])
+        assert min(score[e] for e in sums) >= score[ranked[5]] * (1 - 1e-4)
+
+
 def scores_from_files(nodes: list[dict], edges: list[dict]) -> tuple[float, float, np.ndarray]:
     """circuit-tracer's replacement and completeness scores and node influence, from the stored rows alone."""
     index = {n["id"]: i for i, n in enumerate(nodes)}
@@ -97,7 +138,7 @@ def scores_from_files(nodes: list[dict], edges: list[dict]) -> tuple[float, floa
 def test_ids_are_stable_and_finished_prompts_are_skipped(prompt_catalog):
     model, tset, root, ids = prompt_catalog
     stamp = {pid: layout.prompt_info(root, pid).stat().st_mtime_ns for pid in ids}
-    again = run_prompts(model, tset, root, SPECS, AttributionSettings(max_feature_nodes=None), progress=False)
+    again = run_prompts(model, tset, root, SPECS, FULL, progress=False)
     assert again == ids
     assert {pid: layout.prompt_info(root, pid).stat().st_mtime_ns for pid in ids} == stamp
     from circuit_catalog.catalog.manifest import Manifest

@@ -187,7 +187,8 @@ def _heads(graph: PromptGraph, heads: dict, href, k: int) -> Markup:
     rows = [[join([_node_link(graph, s, href), _node_link(graph, d, href)], " → "), signed(w, "{:+.4f}"), carried_by(heads[(s, d)], w)]
             for s, d, w in edges]
     note = ("Each edge split by the last attention head its paths cross before the target (`direct`: no head; `other`: "
-            "the heads beyond the stored top ones); a share is the term over the edge's weight, so the shares add to 100%.")
+            "the heads beyond the stored top ones); a share is the term over the edge's weight, so the shares add to 100%. "
+            "Only the most influential pruned edges are split (`ingest --head-edges`, default 1,000).")
     return section("Edges across positions: which heads carried them", table(["edge", "weight", "carried by"], rows, numeric=[1], cls="heads"), note=note)
 
 
