@@ -182,9 +182,16 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
               help="Precision of the pullback scores that choose each feature's candidate edges (twice --top-k, or those near "
                    "--min-weight); the kept edges' weights are then recomputed and stored in float32. 'auto': bfloat16 on CUDA, "
                    "float32 elsewhere (on a CPU the bf16 path measured slower).")
+@click.option("--executor", type=click.Choice(["serial", "ray"]), default="serial", show_default=True,
+              help="Where the independent units (token edges, layer pairs, statistics shards, prompts) run: in this process "
+                   "one after another, or as Ray tasks (pip install 'circuit-catalog[ray]'); the catalog is the same.")
+@click.option("--address", default=None,
+              help="With --executor ray: the cluster, 'auto' or HOST:PORT from one of its nodes, ray://HOST:10001 from anywhere "
+                   "(default: start a local one). The catalog, model and transcoders must be on storage every worker sees.")
 def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top_k, heads_top_k, trust_pickle, dataset, n_tokens, ctx_len,
            prompts_file, max_feature_nodes, all_features, max_n_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size,
-           bos_features, head_edges, unpruned_edges, custom_tokens, contrast, direction, target_weight, device, dtype, pullback_score_dtype):
+           bos_features, head_edges, unpruned_edges, custom_tokens, contrast, direction, target_weight, device, dtype, pullback_score_dtype,
+           executor, address):
     """Write pullback, de-embedding and logit-lens edges for every layer pair into a catalog directory;
     with --dataset, activation statistics (DIR/stats/); with --prompts, attribution graphs (DIR/prompts/)."""
     from circuit_catalog.ingest.pipeline import ingest as ingest_
@@ -200,7 +207,7 @@ def ingest(model, transcoders, catalog_dir, layers, top_k, min_weight, token_top
                               heads_top_k=heads_top_k)
     result = ingest_(model, transcoders, catalog_dir, layers=parse_layers(layers), trust_pickle=trust_pickle, settings=settings,
                      dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len, prompts=specs, attribution=attribution,
-                     device=device, dtype=dtype)
+                     device=device, dtype=dtype, executor=executor, address=address)
     if result.unchanged:
         out.print(f"{catalog_dir} is up to date: the last ingest had the same arguments, inputs and files (nothing loaded)", soft_wrap=True)
     table = Table("part", "rows", title=f"catalog {catalog_dir}")

@@ -76,3 +76,7 @@ class UnknownPrompt(UserError):
 
 class UnknownHead(UserError):
     """An attention-head id that is malformed or not in the model."""
+
+
+class ExecutorError(UserError):
+    """The distributed executor cannot run: Ray missing, a cluster that cannot be reached, a worker that keeps dying."""

@@ -38,6 +38,23 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
+# where an ingest's driver holds its copy of the model when Ray workers compute: it only tokenises, checks and hashes
+DRIVER_DEVICE = "cpu"
+
+
+def task_device(name: str | None, gpus: int) -> tuple[str, bool]:
+    """(the device a Ray task loads the model on, whether the task takes a GPU) for `--device name` on a cluster with
+    `gpus` GPUs: "auto" or "cuda[:N]" take a GPU each where there are any (the task sees its own alone, as "cuda");
+    "auto" without GPUs is the CPU; anything else as named. "cuda" on a cluster without GPUs is refused."""
+    wanted = "auto" if name is None else str(name)
+    gpu_wanted = wanted == "auto" or wanted.startswith("cuda")
+    if wanted.startswith("cuda") and not gpus:
+        raise DeviceError(f"--device {wanted}: the Ray cluster has no GPUs")
+    if gpus and gpu_wanted:
+        return "cuda", True
+    return ("cpu" if wanted == "auto" else wanted), False
+
+
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
     """"float32" (None), "bfloat16" or "float16" (or the torch dtype itself)."""
     if name is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.catalog.crash import crash_point
 from circuit_catalog.catalog.ids import feature_ids
-from circuit_catalog.catalog.lock import writer_lock
+from circuit_catalog.catalog.lock import remove_temporaries, writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
 from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
 from circuit_catalog.ingest.device import dtype_name, resolve_dtype, score_dtype_for
+from circuit_catalog.ingest.executor import Executor, SerialExecutor, Worker, groups, run_unit
 from circuit_catalog.ingest.heads import DEFINITION as OV_DEFINITION
 from circuit_catalog.ingest.heads import head_pairs, head_table, ov_table, ov_token_table
 from circuit_catalog.ingest.mapped_weights import release_mapped
@@ -58,7 +60,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_manifest(model, model_name: str, tset: TranscoderSet, transcoders: str, settings: IngestSettings) -> Manifest:
+def build_manifest(model, model_name: str, tset: TranscoderSet, transcoders: str, settings: IngestSettings,
+                   device: str | None = None) -> Manifest:
+    """The manifest of a catalog of `model` and `tset` with `settings`; `device`: where the parts are computed (default
+    the model's; a Ray run's workers' device), which an "auto" score dtype resolves for."""
+    device = torch.device(device) if device is not None else model.W_E.device
     root = Path(transcoders)
     files = {}
     for f in tset.files:
@@ -77,16 +83,18 @@ def build_manifest(model, model_name: str, tset: TranscoderSet, transcoders: str
         token_top_k=settings.token_top_k,
         versions=_versions(),
         dtype=dtype_name(model.W_E.dtype),
-        pullback_score_dtype=score_dtype_for(settings.pullback_score_dtype, model.W_E.device),
-        device=str(model.W_E.device),
+        pullback_score_dtype=score_dtype_for(settings.pullback_score_dtype, device),
+        device=str(device),
         created=now(),
         definitions={"pullback": PULLBACK_DEFINITION, **({"ov": OV_DEFINITION} if settings.heads_top_k else {})},
         heads_top_k=settings.heads_top_k,
     )
 
 
-def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool = True) -> Manifest:
-    """Compute every missing part of the catalog in `root`; returns the completed manifest.
+def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool = True,
+               executor: Executor | None = None) -> Manifest:
+    """Compute every missing part of the catalog in `root` (its units on `executor`, default here, one after another;
+    `ingest.executor`); returns the completed manifest.
 
     Holds the catalog's writer lock. A rerun with other settings is refused before anything is
     written; a rerun of a complete catalog whose parts all check out writes nothing (so a loaded
@@ -102,7 +110,7 @@ def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progr
                 return existing
         manifest.status = "in-progress"
         manifest.write(root)
-        _compute_parts(model, tset, root, manifest, progress)
+        _compute_parts(model, tset, root, manifest, progress, executor or SerialExecutor(model, tset))
         write_features(root, tset)
         _finished(root, manifest, root / layout.FEATURES)
         manifest.counts = count_rows(root)
@@ -146,56 +154,129 @@ def _finished(root: Path, manifest: Manifest, path: Path) -> bool:
 
 def _write_part(root: Path, manifest: Manifest, table: pa.Table, path: Path) -> None:
     write_atomic(table, path)
-    manifest.parts[str(path.relative_to(root))] = table.num_rows
+    _record(root, manifest, str(path.relative_to(root)), table.num_rows)
+
+
+def _record(root: Path, manifest: Manifest, part: str, rows: int) -> None:
+    """The driver's side of a finished part: into the manifest (`part` relative to `root`)."""
+    manifest.parts[part] = rows
     manifest.write(root)
     crash_point("part")
 
 
-def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool) -> None:
+def _written(root: Path, table: pa.Table, path: Path) -> tuple[str, int]:
+    """A unit's side: the part written whole; (its path relative to `root`, rows) for the driver to record."""
+    write_atomic(table, path)
+    return str(path.relative_to(root)), table.num_rows
+
+
+def _compute_parts(model, tset: TranscoderSet, root: Path, manifest: Manifest, progress: bool, executor: Executor) -> None:
+    """The parts not yet finished: tokens and the head index here, the rest as units on `executor`, recorded here as
+    they arrive. The serial executor runs them in this order (token edges, pullbacks source by source, OV heads);
+    a parallel one gets finer units: token edges in one group of layers per worker (each group computes the extended
+    embedding once), pullbacks one layer pair each (a cross-layer set: one source layer's readers, as one running
+    sum)."""
     settings = IngestSettings(top_k=manifest.top_k, min_weight=manifest.min_weight, token_top_k=manifest.token_top_k,
                               pullback_score_dtype=manifest.pullback_score_dtype, heads_top_k=manifest.heads_top_k)
-    pairs = [(lo, hi) for hi in tset.layers for lo in tset.layers if lo < hi]
     ov_pairs = head_pairs(model, tset) if settings.heads_top_k else []
-    bar = tqdm(total=1 + len(tset.layers) + len(pairs) + len(ov_pairs), desc="ingest", unit="part", disable=not progress)
-    if not _finished(root, manifest, root / layout.TOKENS):
-        _write_part(root, manifest, _token_table(model), root / layout.TOKENS)
-    bar.update()
-
-    ext: torch.Tensor | None = None
-    for tc in tset:
-        bar.set_postfix_str(f"token edges L{tc.layer}")
-        d_path, l_path = layout.deembed_part(root, tc.layer), layout.logit_part(root, tc.layer)
-        if not _finished(root, manifest, d_path):
-            if ext is None:
-                ext = extended_embedding(model)
-            raw = top_tokens_into(model, tc, model.W_E, settings.token_top_k, normalise=False)
-            extended = top_tokens_into(model, tc, extended_embedding_for(model, tc, ext), settings.token_top_k, normalise=True)
-            _write_part(root, manifest, _deembed_table(tc.layer, raw, extended), d_path)
-        if not _finished(root, manifest, l_path):
-            logit_lens = top_logit_tokens(model, tset.total_write(tc.layer, model.cfg.n_layers), settings.token_top_k)
-            _write_part(root, manifest, _logit_table(tc.layer, logit_lens), l_path)
-        bar.update()
-
-    for lo in tset.layers:  # source-major: a CLT source's write into each later reader is one running sum
-        todo = [hi for hi in tset.layers if hi > lo and not _finished(root, manifest, layout.pullback_part(root, lo, hi))]
-        bar.update(sum(1 for hi in tset.layers if hi > lo) - len(todo))
-        for hi, write in tset.writes_from(lo, todo):
-            bar.set_postfix_str(f"pullbacks L{lo}->L{hi}")
-            _write_part(root, manifest, pullback_table(model, tset, lo, hi, settings, write), layout.pullback_part(root, lo, hi))
-            bar.update()
-
-    if ov_pairs and not _finished(root, manifest, root / layout.HEAD_INDEX):
-        _write_part(root, manifest, head_table(model), root / layout.HEAD_INDEX)
-    for m, L in ov_pairs:  # OV pullbacks per head (ingest.heads): attention layer m into transcoder layer L
-        bar.set_postfix_str(f"heads A{m}->L{L}")
-        path, token_path = layout.ov_part(root, m, L), layout.ov_token_part(root, m, L)
+    bar = tqdm(total=len(_all_parts(root, tset, model, bool(ov_pairs))) - 1, desc="ingest", unit="part", disable=not progress)
+    for path, compute in [(root / layout.TOKENS, lambda: _token_table(model))] + (
+            [(root / layout.HEAD_INDEX, lambda: head_table(model))] if ov_pairs else []):
         if not _finished(root, manifest, path):
-            _write_part(root, manifest, ov_table(model, tset, m, L, settings.heads_top_k), path)
-            release_mapped()
-        if not _finished(root, manifest, token_path):
-            _write_part(root, manifest, ov_token_table(model, tset, m, L, settings.heads_top_k), token_path)
+            _write_part(root, manifest, compute(), path)
         bar.update()
+
+    shared = str(root.resolve())  # the path every worker writes under
+    units: list = []
+    token_todo = [(L, not _finished(root, manifest, layout.deembed_part(root, L)), not _finished(root, manifest, layout.logit_part(root, L)))
+                  for L in tset.layers]
+    units += [TokenEdgesUnit(shared, tuple(g), settings.token_top_k) for g in groups([t for t in token_todo if t[1] or t[2]], executor.parallelism)]
+    for lo in tset.layers:  # source-major: a CLT source's write into each later reader is one running sum
+        todo = tuple(hi for hi in tset.layers if hi > lo and not _finished(root, manifest, layout.pullback_part(root, lo, hi)))
+        if todo:
+            split = executor.parallelism > 1 and not tset.cross_layer
+            units += [PullbackUnit(shared, lo, readers, settings) for readers in ([(hi,) for hi in todo] if split else [todo])]
+    for m, L in ov_pairs:  # OV pullbacks per head (ingest.heads): attention layer m into transcoder layer L
+        want = (not _finished(root, manifest, layout.ov_part(root, m, L)), not _finished(root, manifest, layout.ov_token_part(root, m, L)))
+        if any(want):
+            units.append(OvUnit(shared, m, L, settings.heads_top_k, *want))
+    bar.update(bar.total - bar.n - sum(_n_parts(u) for u in units))
+    for part, rows in executor.map(run_unit, units):
+        _record(root, manifest, part, rows)
+        bar.set_postfix_str(part)
+        bar.update()
+    if not executor.in_process:
+        remove_temporaries(root)  # what workers killed mid-write left behind (their tasks ran again)
     bar.close()
+
+
+def _n_parts(unit) -> int:
+    if isinstance(unit, TokenEdgesUnit):
+        return sum(d + lens for _, d, lens in unit.layers)
+    if isinstance(unit, PullbackUnit):
+        return len(unit.readers)
+    return unit.edges + unit.tokens
+
+
+@dataclass(frozen=True)
+class TokenEdgesUnit:
+    """The de-embedding and logit-lens parts of some layers: (layer, de-embedding wanted, logit lens wanted); the
+    extended embedding is computed once for the group."""
+
+    root: str
+    layers: tuple[tuple[int, bool, bool], ...]
+    top_k: int
+
+    def __call__(self, worker: Worker) -> Iterator[tuple[str, int]]:
+        model, tset, root = worker.model, worker.tset, Path(self.root)
+        ext: torch.Tensor | None = None
+        for layer, deembed, lens in self.layers:
+            tc = tset[layer]
+            if deembed:
+                if ext is None:
+                    ext = extended_embedding(model)
+                raw = top_tokens_into(model, tc, model.W_E, self.top_k, normalise=False)
+                extended = top_tokens_into(model, tc, extended_embedding_for(model, tc, ext), self.top_k, normalise=True)
+                yield _written(root, _deembed_table(layer, raw, extended), layout.deembed_part(root, layer))
+            if lens:
+                logit_lens = top_logit_tokens(model, tset.total_write(layer, model.cfg.n_layers), self.top_k)
+                yield _written(root, _logit_table(layer, logit_lens), layout.logit_part(root, layer))
+
+
+@dataclass(frozen=True)
+class PullbackUnit:
+    """The pullback parts from source layer `lo` into each of `readers` (a CLT's writes kept as one running sum)."""
+
+    root: str
+    lo: int
+    readers: tuple[int, ...]
+    settings: IngestSettings
+
+    def __call__(self, worker: Worker) -> Iterator[tuple[str, int]]:
+        root = Path(self.root)
+        for hi, write in worker.tset.writes_from(self.lo, list(self.readers)):
+            table = pullback_table(worker.model, worker.tset, self.lo, hi, self.settings, write)
+            yield _written(root, table, layout.pullback_part(root, self.lo, hi))
+
+
+@dataclass(frozen=True)
+class OvUnit:
+    """The OV parts (features, tokens) of attention layer `attn_layer` into transcoder layer `layer`."""
+
+    root: str
+    attn_layer: int
+    layer: int
+    top_k: int
+    edges: bool
+    tokens: bool
+
+    def __call__(self, worker: Worker) -> Iterator[tuple[str, int]]:
+        model, tset, root, m, L = worker.model, worker.tset, Path(self.root), self.attn_layer, self.layer
+        if self.edges:
+            yield _written(root, ov_table(model, tset, m, L, self.top_k), layout.ov_part(root, m, L))
+            release_mapped()
+        if self.tokens:
+            yield _written(root, ov_token_table(model, tset, m, L, self.top_k), layout.ov_token_part(root, m, L))
 
 
 @torch.no_grad()
@@ -372,19 +453,30 @@ def plan_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: i
     return StatsPlan(tokens, info, done=intact and bool(old.get("parts")))
 
 
-def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progress: bool = True) -> bool:
-    """Collect the planned statistics into `DIR/stats/` (all files appear together); False if already there."""
-    from circuit_catalog.ingest.components import collect_components, components_table
-    from circuit_catalog.ingest.stats import collect_stats, stats_tables
+def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progress: bool = True,
+                executor: Executor | None = None) -> bool:
+    """Collect the planned statistics into `DIR/stats/` (all files appear together); False if already there.
+
+    On `executor` (default here): one shard per group of layers (a single one, all layers in one pass, serially),
+    each collecting its layers' statistics over every token, then the component tallies as one unit (they need every
+    layer's top examples; one pass keeps them identical to a serial run's); the tables are made and written here."""
+    from circuit_catalog.ingest.components import components_table
+    from circuit_catalog.ingest.stats import stats_tables
 
     if plan.done:
         return False
+    executor = executor or SerialExecutor(model, tset)
     with writer_lock(root):
-        stats = collect_stats(model, tset, plan.tokens, plan.info["top_k"], progress=progress)
+        shards = [StatsShard(plan.tokens, tuple(g), plan.info["top_k"], progress and executor.in_process)
+                  for g in groups(tset.layers, executor.parallelism)]
+        stats = {}
+        for part in tqdm(executor.map(run_unit, shards), total=len(shards), desc="statistics shards", unit="shard",
+                         disable=not progress or executor.in_process):
+            stats.update(part)
         tables = stats_tables(tset, stats, plan.tokens)
         if n_examples := plan.info["component_examples"]:
             top_index = {layer: s.top_index for layer, s in stats.items()}
-            tallies = collect_components(model, tset, plan.tokens, top_index, n_examples, progress=progress)
+            (tallies,) = executor.map(run_unit, [ComponentsUnit(plan.tokens, top_index, n_examples, progress and executor.in_process)])
             tables["components"] = components_table(tset, tallies, model.cfg.n_heads)
         with atomic_directory(root / layout.STATS) as tmp:
             for name, table in tables.items():
@@ -401,7 +493,37 @@ def write_stats(model, tset: TranscoderSet, root: Path, plan: StatsPlan, progres
     return True
 
 
+@dataclass(frozen=True)
+class StatsShard:
+    """The statistics of `layers` over every token (`ingest.stats.collect_stats`): {layer: LayerStats} on the CPU."""
+
+    tokens: torch.Tensor
+    layers: tuple[int, ...]
+    top_k: int
+    progress: bool
+
+    def __call__(self, worker: Worker) -> Iterator[dict]:
+        from circuit_catalog.ingest.stats import collect_stats
+
+        yield collect_stats(worker.model, worker.tset, self.tokens, self.top_k, layers=list(self.layers), progress=self.progress)
+
+
+@dataclass(frozen=True)
+class ComponentsUnit:
+    """Every layer's component tallies over its top examples (`ingest.components.collect_components`)."""
+
+    tokens: torch.Tensor
+    top_index: dict
+    n_examples: int
+    progress: bool
+
+    def __call__(self, worker: Worker) -> Iterator[dict]:
+        from circuit_catalog.ingest.components import collect_components
+
+        yield collect_components(worker.model, worker.tset, self.tokens, self.top_index, self.n_examples, progress=self.progress)
+
+
 def run_stats(model, tset: TranscoderSet, root: Path, dataset: str, n_tokens: int, ctx_len: int = 128, top_k: int = 20,
-              progress: bool = True) -> bool:
+              progress: bool = True, executor: Executor | None = None) -> bool:
     """Plan and collect activation statistics; False if the catalog already holds them."""
-    return write_stats(model, tset, root, plan_stats(model, tset, root, dataset, n_tokens, ctx_len, top_k), progress)
+    return write_stats(model, tset, root, plan_stats(model, tset, root, dataset, n_tokens, ctx_len, top_k), progress, executor)

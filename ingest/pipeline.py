@@ -13,6 +13,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from circuit_catalog.errors import ExecutorError
 from circuit_catalog.ingest.settings import STATS_ADDED, AttributionSettings, IngestSettings, PromptSpec, read_prompts
 
 if TYPE_CHECKING:
@@ -76,16 +77,25 @@ class IngestResult:
 def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers: list[int] | None = None,
            trust_pickle: bool = False, dataset: str | None = None, n_tokens: int = 100_000, ctx_len: int = 128,
            prompts: list[str | PromptSpec] | str | Path | None = None, attribution: AttributionSettings | None = None,
-           device: str | None = None, dtype: str | None = None, progress: bool = True) -> IngestResult:
+           device: str | None = None, dtype: str | None = None, progress: bool = True, executor: str = "serial",
+           address: str | None = None) -> IngestResult:
     """Write the catalog: pullback, de-embedding and logit-lens edges (`settings`: an `IngestSettings`); with
     `dataset`, activation statistics over `n_tokens` tokens; with `prompts` (texts, `PromptSpec`s, or a .txt /
     .jsonl file), attribution graphs (`attribution`: an `AttributionSettings`). Resumable: a rerun computes only
-    what is missing, and refuses other settings before writing anything."""
+    what is missing, and refuses other settings before writing anything.
+
+    `executor="ray"` runs the independent units (token edges, layer pairs, statistics shards, prompts) as Ray tasks
+    on the cluster at `address` (None: a local one; `ingest.executor.RayExecutor`), each worker loading `model` and
+    `transcoders` (names or paths, then, on storage every worker sees, as is `catalog_dir`) on its own `device`; this
+    process loads them on the CPU to plan, check and record. The catalog is the serial run's, part for part."""
     from circuit_catalog.catalog.lock import writer_lock
     from circuit_catalog.catalog.manifest import Manifest
     from circuit_catalog.ingest import receipt
     from circuit_catalog.queries.prompt_graph import PromptInfo, prompt_index
 
+    if executor not in ("serial", "ray") or executor == "serial" and address is not None:
+        raise ExecutorError(f"executor {executor!r}" + (" with an address" if executor == "serial" else "")
+                            + ": expected 'serial', or 'ray' (with an optional address)")
     catalog_dir = Path(catalog_dir)
     specs = _prompt_specs(prompts)
     request = {"model": model, "transcoders": transcoders, "layers": layers, "trust_pickle": trust_pickle,
@@ -100,25 +110,37 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
                                     [PromptInfo.from_row(r) for r in prompt_index(catalog_dir)], unchanged=True)
     # the receipt did not answer: the compute modules (torch, TransformerLens) from here on
     from circuit_catalog.catalog.crash import crash_point
+    from circuit_catalog.ingest.device import DRIVER_DEVICE
+    from circuit_catalog.ingest.executor import LoadSpec, RayExecutor, SerialExecutor
     from circuit_catalog.ingest.job import build_manifest, plan_stats, run_ingest, write_stats
     from circuit_catalog.ingest.prompts import check_prompt, run_prompts
     from circuit_catalog.ingest.supernodes import supernodes_stale, write_supernodes
 
-    lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
-    for spec in specs:  # every refusal comes before the first write
-        check_prompt(lm, spec)
-    manifest = build_manifest(lm, model_name(model), tset, tset.source or "in memory", settings or IngestSettings())
-    stats_plan = plan_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len) if dataset is not None else None
-    with writer_lock(catalog_dir):  # parts, statistics and prompts under one hold: no other writer in between
-        done = run_ingest(lm, tset, catalog_dir, manifest, progress=progress)
-        crash_point("phase")  # between the parts and the statistics (tests: the lock is held there too)
-        if stats_plan is not None:
-            write_stats(lm, tset, catalog_dir, stats_plan, progress=progress)
-        if specs:
-            run_prompts(lm, tset, catalog_dir, specs, attribution or AttributionSettings(), progress=progress)
-            if supernodes_stale(catalog_dir):
-                write_supernodes(catalog_dir, tset)
-        receipt.write_receipt(catalog_dir, request)
+    if executor == "ray":  # the cluster first: an unreachable one fails before the slow load
+        runner = RayExecutor(LoadSpec.of(model, transcoders, layers, trust_pickle, device, dtype), address)
+        device = DRIVER_DEVICE  # here the model only plans, checks and records: the workers compute
+    try:
+        lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
+        if executor == "serial":
+            runner = SerialExecutor(lm, tset)
+        for spec in specs:  # every refusal comes before the first write
+            check_prompt(lm, spec)
+        manifest = build_manifest(lm, model_name(model), tset, tset.source or "in memory", settings or IngestSettings(),
+                                  device=runner.device)
+        stats_plan = plan_stats(lm, tset, catalog_dir, dataset, n_tokens, ctx_len) if dataset is not None else None
+        with writer_lock(catalog_dir):  # parts, statistics and prompts under one hold: no other writer in between
+            done = run_ingest(lm, tset, catalog_dir, manifest, progress=progress, executor=runner)
+            crash_point("phase")  # between the parts and the statistics (tests: the lock is held there too)
+            if stats_plan is not None:
+                write_stats(lm, tset, catalog_dir, stats_plan, progress=progress, executor=runner)
+            if specs:
+                run_prompts(lm, tset, catalog_dir, specs, attribution or AttributionSettings(), progress=progress, executor=runner)
+                if supernodes_stale(catalog_dir):
+                    write_supernodes(catalog_dir, tset)
+            receipt.write_receipt(catalog_dir, request)
+    finally:
+        if executor == "ray":
+            runner.close()
     return IngestResult(catalog_dir, dict(done.counts), [PromptInfo.from_row(r) for r in prompt_index(catalog_dir)])
 
 

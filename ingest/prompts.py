@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,10 +20,11 @@ import torch
 from circuit_catalog.catalog import ids, layout
 from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.catalog.crash import crash_point
-from circuit_catalog.catalog.lock import writer_lock
+from circuit_catalog.catalog.lock import remove_temporaries, writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
 from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
 from circuit_catalog.ingest.attribution import AttributionGraph, attribute, prompt_tokens, target_token
+from circuit_catalog.ingest.executor import Executor, SerialExecutor, Worker, run_unit
 from circuit_catalog.ingest.head_terms import head_table, head_terms
 from circuit_catalog.ingest.pruning import Pruned, graph_scores, prune
 from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
@@ -113,8 +115,9 @@ def head_resolved_edges(pruned: Pruned, n: int | None) -> tuple[torch.Tensor, to
 
 
 def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec], settings: AttributionSettings,
-                progress: bool = True) -> list[str]:
-    """Compute and write every prompt's graph not already in `root` with these settings; returns the ids."""
+                progress: bool = True, executor: Executor | None = None) -> list[str]:
+    """Compute and write every prompt's graph not already in `root` with these settings, one unit per prompt on
+    `executor` (default here, one after another; `ingest.executor`); returns the ids."""
     for spec in specs:  # refuse bad prompts before anything is written
         check_prompt(model, spec)
     with writer_lock(root):
@@ -128,12 +131,30 @@ def run_prompts(model, tset: TranscoderSet, root: Path, specs: list[PromptSpec],
             return pids  # nothing to add: the catalog (and a store loaded from it) stays as it is
         manifest.status = "in-progress"  # stores refuse to load a half-added prompt set
         manifest.write(root)
-        for pid, spec in tqdm(todo, desc="prompts", unit="prompt", disable=not progress):
-            write_prompt(model, tset, root, pid, spec, settings)
+        executor = executor or SerialExecutor(model, tset)
+        units = [PromptUnit(str(root.resolve()), pid, spec, settings) for pid, spec in todo]
+        for _ in tqdm(executor.map(run_unit, units), total=len(units), desc="prompts", unit="prompt", disable=not progress):
+            pass
+        if not executor.in_process:
+            remove_temporaries(root)  # what workers killed mid-write left behind (their prompts ran again)
         write_prompt_index(root)
         manifest.status, manifest.completed = "complete", now()
         manifest.write(root)
     return pids
+
+
+@dataclass(frozen=True)
+class PromptUnit:
+    """One prompt's graph, written whole into `root` (`write_prompt`); yields its id."""
+
+    root: str
+    pid: str
+    spec: PromptSpec
+    settings: AttributionSettings
+
+    def __call__(self, worker: Worker) -> Iterator[str]:
+        write_prompt(worker.model, worker.tset, Path(self.root), self.pid, self.spec, self.settings)
+        yield self.pid
 
 
 def _prompt_done(root: Path, pid: str, settings: str) -> bool:

@@ -106,21 +106,25 @@ def bin_edges() -> np.ndarray:
 
 @torch.no_grad()
 def collect_stats(model, tset: TranscoderSet, tokens: torch.Tensor, k: int = 20, batch_contexts: int = 8,
-                  progress: bool = True) -> dict[int, LayerStats]:
-    """One pass over `tokens` [n_contexts, ctx_len]: every layer's statistics from one forward pass per batch.
+                  progress: bool = True, layers: list[int] | None = None) -> dict[int, LayerStats]:
+    """One pass over `tokens` [n_contexts, ctx_len]: the statistics of every layer of `layers` (None: all) from one
+    forward pass per batch (run up to the last of them).
 
+    A layer's statistics are the same whichever other layers are collected with it (its own accumulators, seeded by
+    its layer; the same batches): the statistics are sharded by layer group across workers (`ingest.job.write_stats`).
     Accumulated on the model's device (batches of `tokens` are moved there), returned on the CPU."""
     device = model.W_E.device
-    stats = {tc.layer: LayerStats.empty(tc.cfg.d_sae, k, seed=tc.layer, device=device) for tc in tset}
-    scales = {tc.layer: scale_hook(tc) for tc in tset}
-    hooks = [tc.cfg.hook_in for tc in tset] + [h for h in scales.values() if h is not None]
+    chosen = [tset[layer] for layer in (tset.layers if layers is None else layers)]
+    stats = {tc.layer: LayerStats.empty(tc.cfg.d_sae, k, seed=tc.layer, device=device) for tc in chosen}
+    scales = {tc.layer: scale_hook(tc) for tc in chosen}
+    hooks = [tc.cfg.hook_in for tc in chosen] + [h for h in scales.values() if h is not None]
     ctx_len = tokens.shape[1]
     bar = tqdm(total=tokens.numel(), desc="activation statistics", unit="tok", disable=not progress)
     for start in range(0, len(tokens), batch_contexts):
         batch = tokens[start : start + batch_contexts].to(device)
-        _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=max(tset.layers) + 1)
+        _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=max(stats) + 1)
         flat = torch.arange(start * ctx_len, (start + len(batch)) * ctx_len, device=device)
-        for tc in tset:
+        for tc in chosen:
             acts = tc.encode(cache[tc.cfg.hook_in])  # [batch, ctx_len, d_sae]
             acts[:, 0] = 0  # BOS left out (zeroing is cheaper than slicing the inputs into a copy)
             stats[tc.layer].update(acts.view(-1, tc.cfg.d_sae), flat)
