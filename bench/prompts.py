@@ -47,6 +47,32 @@ def brown_prompts(n: int, words: int) -> list[str]:
     return seen
 
 
+def sweep_rate(model, tset, text: str, batch: int) -> tuple[float, float]:
+    """(GFLOP/s of one sweep of `batch` logit-like targets through every layer, torch's rate on its main matmul shape):
+    the sweep is two [batch x positions, d_model] x [d_model, heads x d_head] matmuls a layer, so when it runs near
+    torch's rate, stacking several prompts' targets into one sweep (bigger matmuls) cannot make it faster."""
+    import torch
+    from circuit_catalog.ingest.attribution import Sweep, Targets, prompt_tokens, trace_prompt
+
+    cfg = model.cfg
+    trace = trace_prompt(model, tset, prompt_tokens(model, text))
+    sweep, n_pos = Sweep(model, tset, trace), len(trace.tokens)
+    targets = Targets(torch.full((batch,), cfg.n_layers), torch.full((batch,), n_pos - 1), torch.randn(batch, cfg.d_model),
+                      torch.zeros(batch))
+    sweep.rows(targets)
+    start = time.perf_counter()
+    sweep.rows(targets)
+    elapsed = time.perf_counter() - start
+    flops = cfg.n_layers * 2 * (2 * batch * n_pos * cfg.d_model * cfg.n_heads * cfg.d_head)
+    a, b = torch.randn(batch * n_pos, cfg.d_model), torch.randn(cfg.d_model, cfg.n_heads * cfg.d_head)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        a @ b
+        reps += 1
+    return flops / elapsed / 1e9, reps * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model, 6 prompts (seconds)")
@@ -90,6 +116,7 @@ def main() -> None:
         else:
             run_ingest(model, tset, root, build_manifest(model, "bench", tset, "bench", IngestSettings(top_k=4)), progress=False)
 
+        attribute(model, tset, texts[0], max_feature_nodes=settings.max_feature_nodes)  # warm-up (the first pass pays for set-up)
         start = time.perf_counter()
         run_prompts(model, tset, root, [PromptSpec(x) for x in texts], settings, progress=False)
         end_to_end = time.perf_counter() - start
@@ -104,6 +131,10 @@ def main() -> None:
             by_part[p.name] = by_part.get(p.name, 0.0) + p.stat().st_size / len(texts)
         print(f"{len(texts)} prompts: end to end {end_to_end:.1f} s ({len(texts) / end_to_end * 60:.1f} prompts/min), bare sweeps "
               f"{sweeps:.1f} s: {end_to_end / sweeps:.2f}x (target <= 1.3x)", flush=True)
+        rate, torch_rate = sweep_rate(model, tset, texts[0], settings.batch_size)
+        print(f"one sweep of {settings.batch_size} targets: {rate:.1f} GFLOP/s of its OV matmuls, torch's rate on that shape "
+              f"{torch_rate:.1f} GFLOP/s ({rate / torch_rate:.2f} of it): batching prompts into one sweep would make bigger "
+              "matmuls, not fewer FLOPs", flush=True)
         print(f"bytes per prompt {per_prompt / 1e6:.2f} MB at the default settings (target <= 1 MB): "
               + ", ".join(f"{name} {size / 1e6:.3f}" for name, size in sorted(by_part.items(), key=lambda kv: -kv[1])), flush=True)
 
