@@ -24,6 +24,7 @@ from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.parquet_io import check_parts
 from circuit_catalog.catalog.store import GraphStore, Row
+from circuit_catalog.catalog.tallies import refresh_tallies
 from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import CatalogBusy, CypherError, StoreError, first_line
@@ -92,6 +93,7 @@ class LadybugStore(GraphStore):
         first lookup that takes seconds says what it is doing)."""
         self.close()
         signature = catalog_signature(catalog_dir)
+        refresh_tallies(catalog_dir)
         tmp = self.path.with_name(f".{self.path.name}.loading-{os.getpid()}")
         import ladybug
 
