@@ -468,6 +468,25 @@ def test_recurring_follows_a_changed_prompt_set(kind, catalog_dir, ref, tmp_path
         store.close()
 
 
+def test_embedded_load_in_chunks_is_complete(catalog_dir, ref, tmp_path):
+    """Relationship parts loaded 500 rows at a time at most (each table in several COPYs, as a catalog too large for
+    the buffer pool is) give every row, once."""
+    chunked = LadybugStore(tmp_path / "graph", copy_rows=500)
+    try:
+        assert chunked.load(catalog_dir, progress=False) is True
+        assert len(ref["attr"]) > 500 and len(ref["pullbacks"]) > 500
+        assert _counts(chunked) == _expected_counts(ref)
+        got = chunked.run("MATCH (a)-[e:ATTR]->(b) RETURN a.id AS src, b.id AS dst, e.weight AS weight")
+        assert sorted(tuple(r.values()) for r in got) == sorted(tuple(r.values()) for r in ref["attr"])
+        got = chunked.run("MATCH (a)-[e:ATTR_HEAD]->(b) RETURN a.id AS src, b.id AS dst, e.head AS head, e.weight AS weight")
+        assert sorted(tuple(r.values()) for r in got) == sorted(tuple(r.values()) for r in ref["attr_heads"])
+        links = chunked.run("MATCH (:PNode)-[e:INSTANCE_OF]->() RETURN count(e) AS n")[0]["n"]
+        assert links == sum(n["kind"] in ("feature", "token", "logit") for n in ref["pnodes"])
+        assert_recurring(Lookups(chunked), ref["pnodes"], ref["features"])
+    finally:
+        chunked.close()
+
+
 def test_supernodes_round_trip(store, ref):
     """Every supernode comes back from the store with the members and name written, by prompt, over the prompt set,
     and by member feature."""
