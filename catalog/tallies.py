@@ -1,9 +1,9 @@
 """Catalog-wide tallies over the prompts' graphs, counted once per prompt set and loaded into the stores.
 
 `recurring` (the features found in the most prompts' pruned graphs) aggregated every kept node of every prompt on
-each call: 58 ms at 20 prompts, seconds at 1,000. Counted here instead, whenever the prompt set has changed, the
-store holds one `FeatureTally` row per feature, keyed by its rank in `recurring`'s order, and the query reads the top k
-by key. The counts are those the query made: per feature, the prompts whose pruned graph holds it (at any position),
+each call: 58 ms at 20 prompts, and more with every prompt added. Counted here instead, whenever the prompt set has
+changed, the store holds one `FeatureTally` row per feature, keyed by its rank in `recurring`'s order, and the query
+reads the top k by key. The counts are those the query made: per feature, the prompts whose pruned graph holds it (at any position),
 its summed influence over those nodes, ranked by prompts, then influence (both descending), then id.
 
 The part records the digest of the prompt index it was counted from. `ingest --prompts` counts it after the graphs
