@@ -73,6 +73,49 @@ def sweep_rate(model, tset, text: str, batch: int) -> tuple[float, float]:
     return flops / elapsed / 1e9, reps * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0) / 1e9
 
 
+SMOKE_TEXTS = ["the jury said the city", "the capital of france is", "she was in the house", "he said that the",
+               "it was a good day for", "the election was held in"]
+
+
+def smoke_model(tmp: Path):
+    """The smoke runs' model and transcoders: a tiny GPT-2-style model saved under `tmp`, random transcoders of width 64."""
+    from circuit_catalog.ingest.models import load_model
+
+    from tests.conftest import build_hf_model, random_transcoders
+
+    model = load_model(str(build_hf_model(tmp / "gpt2", "gpt2")))
+    return model, random_transcoders(model, d_sae=64, seed=1)
+
+
+def weights_catalog(model, tset, root: Path) -> None:
+    """The catalog's weight parts (top-4 pullbacks), which prompt sets are added to."""
+    from circuit_catalog.ingest.job import build_manifest, run_ingest
+    from circuit_catalog.ingest.settings import IngestSettings
+
+    run_ingest(model, tset, root, build_manifest(model, "bench", tset, "bench", IngestSettings(top_k=4)), progress=False)
+
+
+def query_latencies(store, n_prompts: int, calls: int, prefix: str = "") -> None:
+    """Print `prompts-using` (over random features of the graphs) and `recurring` p50/p99 in ms over `calls` calls each,
+    after a warm-up call."""
+    from circuit_catalog.queries.lookups import Lookups
+
+    lookups = Lookups(store)
+    features = sorted({r["f"] for r in store.run("MATCH (:PNode)-[:INSTANCE_OF]->(f:Feature) RETURN DISTINCT f.id AS f")})
+    rng = random.Random(0)
+    for name, call in (("prompts-using", lambda: lookups.prompts_using(rng.choice(features), 20)),
+                       ("recurring", lambda: lookups.recurring(20))):
+        call()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        print(f"{prefix}{name}: p50 {statistics.median(times):.1f} ms, p99 {times[int(0.99 * (len(times) - 1))]:.1f} ms "
+              f"at {n_prompts} prompts (target p50 <= 10 ms)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model, 6 prompts (seconds)")
@@ -89,21 +132,17 @@ def main() -> None:
     from circuit_catalog.catalog import layout
     from circuit_catalog.catalog.store import open_loaded_store
     from circuit_catalog.ingest.attribution import attribute
-    from circuit_catalog.ingest.job import build_manifest, run_ingest
     from circuit_catalog.ingest.models import load_model
     from circuit_catalog.ingest.prompts import run_prompts
-    from circuit_catalog.ingest.settings import AttributionSettings, IngestSettings, PromptSpec
+    from circuit_catalog.ingest.settings import AttributionSettings, PromptSpec
     from circuit_catalog.ingest.transcoder_formats import load_transcoders
-    from circuit_catalog.queries.lookups import Lookups
 
-    from tests.conftest import build_hf_model, random_transcoders
+    from tests.conftest import random_transcoders
 
     with tempfile.TemporaryDirectory(prefix="bench-prompts-") as t:
         if args.smoke:
-            model = load_model(str(build_hf_model(Path(t) / "gpt2", "gpt2")))
-            tset = random_transcoders(model, d_sae=64, seed=1)
-            texts = ["the jury said the city", "the capital of france is", "she was in the house", "he said that the",
-                     "it was a good day for", "the election was held in"]
+            model, tset = smoke_model(Path(t))
+            texts = SMOKE_TEXTS
         else:
             model = load_model("smollm2-135m")
             tset = load_transcoders(args.transcoders) if args.transcoders.is_dir() else random_transcoders(model, d_sae=args.d_sae, seed=0)
@@ -112,9 +151,10 @@ def main() -> None:
         settings = AttributionSettings()
         root = Path(t) / "catalog"
         if args.weights_from is not None:
-            shutil.copytree(args.weights_from, root, ignore=shutil.ignore_patterns(layout.PROMPTS, layout.PROMPT_INDEX, "graph*", "*.loaded.json", "supernode*", "ingest-receipt.json"))
+            shutil.copytree(args.weights_from, root, ignore=shutil.ignore_patterns(layout.PROMPTS, layout.PROMPT_INDEX, "graph*", "*.loaded.json",
+                                                                                  "supernode*", layout.FEATURE_TALLY, "ingest-receipt.json"))
         else:
-            run_ingest(model, tset, root, build_manifest(model, "bench", tset, "bench", IngestSettings(top_k=4)), progress=False)
+            weights_catalog(model, tset, root)
 
         attribute(model, tset, texts[0], max_feature_nodes=settings.max_feature_nodes)  # warm-up (the first pass pays for set-up)
         start = time.perf_counter()
@@ -141,20 +181,8 @@ def main() -> None:
         start = time.perf_counter()
         store = open_loaded_store(root, progress=False)
         print(f"store load (weights parts and {len(texts)} graphs): {time.perf_counter() - start:.1f} s")
-        with Lookups(store) as lookups:
-            features = sorted({r["f"] for r in store.run("MATCH (:PNode)-[:INSTANCE_OF]->(f:Feature) RETURN DISTINCT f.id AS f")})
-            rng = random.Random(0)
-            for name, call in (("prompts-using", lambda: lookups.prompts_using(rng.choice(features), 20)),
-                               ("recurring", lambda: lookups.recurring(20))):
-                call()
-                times = []
-                for _ in range(args.queries if not args.smoke else 20):
-                    start = time.perf_counter()
-                    call()
-                    times.append((time.perf_counter() - start) * 1e3)
-                times.sort()
-                print(f"{name}: p50 {statistics.median(times):.1f} ms, p99 {times[int(0.99 * (len(times) - 1))]:.1f} ms "
-                      f"at {len(texts)} prompts (target p50 <= 10 ms)")
+        with store:
+            query_latencies(store, len(texts), args.queries if not args.smoke else 20)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +136,14 @@ def bench_embedded(root: Path, n_features: int, n_edges: int, n_sample: int) -> 
     store.close()
 
 
-def bench_bolt(root: Path, n_features: int, n_edges: int, n_sample: int) -> None:
-    """The Neo4j backend against ArcadeDB, run in its own process by the tests' launcher."""
+@contextmanager
+def arcadedb(root: Path) -> Iterator[Callable[[str], GraphStore]]:
+    """ArcadeDB with its Bolt plugin on 127.0.0.1, in its own process (the tests' launcher), its files under `root`;
+    yields `open_database(name)`, which creates a database and returns the Neo4j backend's store on it."""
     import subprocess
     import urllib.request
     from base64 import b64encode
 
-    import pyarrow.parquet as pq
     from circuit_catalog.catalog.neo4j_store import Neo4jStore
 
     def free_port() -> int:
@@ -148,23 +151,37 @@ def bench_bolt(root: Path, n_features: int, n_edges: int, n_sample: int) -> None
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    sample = synthetic_catalog(root, n_features, n_edges, n_sample=n_sample)
     bolt, http, password = free_port(), free_port(), "bench-password-1"
     launcher = Path(__file__).resolve().parents[1] / "tests" / "tools" / "arcadedb_server.py"
-    (root / "arcadedb").mkdir()
-    proc = subprocess.Popen([sys.executable, str(launcher), str(root / "arcadedb"), password, str(bolt), str(http)],
+    root.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, str(launcher), str(root), password, str(bolt), str(http)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    auth = b64encode(f"root:{password}".encode()).decode()
+
+    def open_database(name: str) -> GraphStore:
+        urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{http}/api/v1/server", method="POST", data=f'{{"command": "create database {name}"}}'.encode(),
+            headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})).read()
+        return Neo4jStore(f"bolt://127.0.0.1:{bolt}", database=name, auth=("root", password))
+
     try:
         assert proc.stdout.readline().strip() == "ready", "ArcadeDB did not start"
-        auth = b64encode(f"root:{password}".encode()).decode()
-        for name in ("warmup", "bench"):
-            urllib.request.urlopen(urllib.request.Request(
-                f"http://127.0.0.1:{http}/api/v1/server", method="POST", data=f'{{"command": "create database {name}"}}'.encode(),
-                headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})).read()
+        yield open_database
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
+def bench_bolt(root: Path, n_features: int, n_edges: int, n_sample: int) -> None:
+    """The Neo4j backend against ArcadeDB."""
+    import pyarrow.parquet as pq
+
+    sample = synthetic_catalog(root, n_features, n_edges, n_sample=n_sample)
+    with arcadedb(root / "arcadedb") as open_database:
         # the first load into a fresh JVM runs 2-3x slower while the server's code compiles: load once untimed
-        with Neo4jStore(f"bolt://127.0.0.1:{bolt}", database="warmup", auth=("root", password)) as warmup:
+        with open_database("warmup") as warmup:
             warmup.load(root, progress=False)
-        store = Neo4jStore(f"bolt://127.0.0.1:{bolt}", database="bench", auth=("root", password))
+        store = open_database("bench")
         t = time.perf_counter()
         store.load(root, progress=False)
         load_s = time.perf_counter() - t
@@ -174,9 +191,6 @@ def bench_bolt(root: Path, n_features: int, n_edges: int, n_sample: int) -> None
         raw, full = latencies(store, sample[:200])
         report("bolt", root, load_s, raw, full)
         store.close()
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
 
 
 def main() -> None:

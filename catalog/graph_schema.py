@@ -71,6 +71,10 @@ NODES = (
     # features playing one role (`ingest.supernodes`): per prompt (`prompt_id`) and over the prompt set (`prompt_id` "")
     NodeSet("Supernode", (("id", "STRING"), ("prompt_id", "STRING"), ("name", "STRING"), ("size", "INT64"), ("influence", "FLOAT")),
             layout.SUPERNODES, lookups=("prompt_id",)),
+    # the features of the prompts' pruned graphs counted over the prompt set (`catalog.tallies`), keyed by their rank in
+    # `recurring`'s order, so the top k are k key lookups instead of an aggregation over every prompt's nodes
+    NodeSet("FeatureTally", (("rank", "INT64"), ("feature", "STRING"), ("prompts", "INT64"), ("influence", "DOUBLE")),
+            layout.FEATURE_TALLY),
 )
 RELS = (
     RelSet("PULLBACK", "Feature", "Feature", (("weight", "FLOAT"),), layout.PULLBACK_PARTS),
@@ -112,14 +116,14 @@ def catalog_signature(catalog_dir: Path) -> str:
     stats_info = layout.stats_info(root)
     stats = stats_info.read_text() if stats_info.is_file() else None
     blob = json.dumps({"identity": m.identity(), "completed": m.completed, "counts": m.counts, "stats": stats,
-                       "prompts": _digest(root / layout.PROMPT_INDEX), "schema": repr((NODES, RELS)),
+                       "prompts": digest(root / layout.PROMPT_INDEX), "schema": repr((NODES, RELS)),
                        # each digest keyed by the part written last of its set
-                       "supernodes": _digest(root / layout.SUPERNODES, root / layout.SUPERNODE_MEMBERS),
-                       "interventions": _digest(root / layout.INTERVENTION_CHANGES, root / layout.INTERVENTIONS)}, sort_keys=True)
+                       "supernodes": digest(root / layout.SUPERNODES, root / layout.SUPERNODE_MEMBERS),
+                       "interventions": digest(root / layout.INTERVENTION_CHANGES, root / layout.INTERVENTIONS)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _digest(last: Path, *others: Path) -> str | None:
+def digest(last: Path, *others: Path) -> str | None:
     """sha256 of a set of files, None when the one written last is absent (the set was never written)."""
     if not last.is_file():
         return None

@@ -1,7 +1,8 @@
 """The embedded default store: LadybugDB (the maintained Kùzu fork), in-process, at `DIR/graph`.
 
 Loading builds a fresh database under a temporary name with `COPY ... FROM` the Parquet parts
-(row-by-row MERGE is ~300 rows/s there; COPY loads millions per second), then renames it into place
+(row-by-row MERGE is ~300 rows/s there; COPY loads millions per second), in a buffer pool of half the machine's
+memory (a COPY holds its rows there and does not spill), then renames it into place
 and writes a marker with the catalog's signature. A crash mid-load leaves no marker, so the next
 load redoes it; a marker that no longer matches the catalog means the store is stale and is rebuilt,
 and so is a store that no longer opens (truncated, or left mid-checkpoint), which `load` tries first.
@@ -24,16 +25,22 @@ from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.lock import writer_lock
 from circuit_catalog.catalog.parquet_io import check_parts
 from circuit_catalog.catalog.store import GraphStore, Row
+from circuit_catalog.catalog.tallies import refresh_tallies
 from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import CatalogBusy, CypherError, StoreError, first_line
 
 
+ROW_BYTES = 200  # buffer pool a relationship row takes while its COPY runs (measured ~150 B for ATTR_HEAD's)
+
+
 class LadybugStore(GraphStore):
     dialect = "ladybug"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, copy_rows: int | None = None):
+        """`copy_rows`: the most relationship rows one COPY loads (default: what the load's buffer pool holds)."""
         self.path = Path(path)
+        self.copy_rows = copy_rows or _load_pool() // ROW_BYTES
         self.marker = self.path.with_name(self.path.name + ".loaded.json")
         self._db = self._conn = None
         self._writable = False
@@ -92,20 +99,23 @@ class LadybugStore(GraphStore):
         first lookup that takes seconds says what it is doing)."""
         self.close()
         signature = catalog_signature(catalog_dir)
+        refresh_tallies(catalog_dir)
         tmp = self.path.with_name(f".{self.path.name}.loading-{os.getpid()}")
         import ladybug
 
         try:
-            db = ladybug.Database(str(tmp))
+            db = ladybug.Database(str(tmp), buffer_pool_size=_load_pool())
             conn = ladybug.Connection(db)
             for statement in _ddl():
                 conn.execute(statement)
-            # one COPY per table over all its files: each COPY into a relationship table rebuilds its
-            # adjacency lists, so 16-file chunks took 19 s for 10M edges where one statement takes 11 s
             steps = [(_node_copy(n), part_files(catalog_dir, n.files)) for n in NODES]
-            steps += [(_rel_copy(r), part_files(catalog_dir, r.files)) for r in RELS]
-            check_parts([f for _, files in steps for f in files])
-            for copy, files in tqdm(steps, desc=f"the store {why}: loading {self.path}", unit="table", disable=not progress):
+            rels = [(_rel_copy(r), part_files(catalog_dir, r.files)) for r in RELS]
+            check_parts([f for _, files in steps + rels for f in files])
+            # one COPY per relationship table over all its files while they fit the buffer pool: the checkpoint after a
+            # COPY into a table that holds rows already rewrites the table (~0.8 s per million rows of ATTR_HEAD), so
+            # 16-file chunks took 19 s for 10M pullbacks where one statement takes 11 s; beyond, chunks that fit
+            steps += [(copy, chunk) for copy, files in rels for chunk in _chunks(files, self.copy_rows)]
+            for copy, files in tqdm(steps, desc=f"the store {why}: loading {self.path}", unit="COPY", disable=not progress):
                 crash_point("load")
                 if files:
                     try:
@@ -165,6 +175,28 @@ class LadybugStore(GraphStore):
             self._conn.close()
             self._db.close()
         self._db = self._conn = None
+
+
+def _load_pool() -> int:
+    """Bytes of buffer pool a load uses: half the machine's memory (LadybugDB's default, 80%, left too little to the
+    other processes for a 1,000-prompt catalog's COPY, and the kernel killed the load)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def _chunks(files: list[Path], max_rows: int) -> list[list[Path]]:
+    """`files` in order, as runs of at most `max_rows` rows (a larger file alone)."""
+    import pyarrow.parquet as pq
+
+    chunks: list[list[Path]] = []
+    rows = 0
+    for f in files:
+        n = pq.ParquetFile(f).metadata.num_rows
+        if not chunks or rows + n > max_rows:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(f)
+        rows += n
+    return chunks
 
 
 def _ddl() -> list[str]:

@@ -46,6 +46,9 @@ HEAD_INDEX = "heads/heads.parquet"
 # set (`prompt_id` ""), and their members (:Supernode)-[:GROUPS]->(:Feature)
 SUPERNODES = "supernodes.parquet"
 SUPERNODE_MEMBERS = "supernode_members.parquet"
+# per feature of any pruned prompt graph: in how many prompts, its summed influence and its rank (`catalog.tallies`,
+# FEATURE_TALLY_SCHEMA), derived from the prompt parts and rewritten whenever the prompt set changes
+FEATURE_TALLY = "feature_tally.parquet"
 GRAPH = "graph"  # the embedded store's database file (graph.wal, graph.shadow beside it while open)
 INGEST_RECEIPT = "ingest-receipt.json"  # what the last ingest was asked, for a rerun with nothing to do (`ingest.receipt`)
 WRITER_LOCK = ".writer.lock"  # held by the one process writing the catalog or its embedded store
@@ -107,6 +110,7 @@ ATTR_HEAD_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("head
 SUPERNODE_SCHEMA = pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("name", pa.string()), ("size", pa.int64()),
                               ("influence", pa.float32())])
 SUPERNODE_MEMBER_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string())])
+FEATURE_TALLY_SCHEMA = pa.schema([("rank", pa.int64()), ("feature", pa.string()), ("prompts", pa.int64()), ("influence", pa.float64())])
 PROMPT_SCHEMA = pa.schema([
     ("id", pa.string()), ("text", pa.string()), ("target", pa.string()), ("n_tokens", pa.int32()),
     ("replacement_score", pa.float32()), ("completeness_score", pa.float32()), ("n_active_features", pa.int32()),

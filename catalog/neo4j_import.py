@@ -24,6 +24,7 @@ from circuit_catalog.catalog.graph_schema import NODES, RELS, absent_columns, ca
 from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.neo4j_store import INDEX_WAIT_S, STATE_ID, schema_statements
 from circuit_catalog.catalog.parquet_io import make_output_dir, write_text_atomic
+from circuit_catalog.catalog.tallies import refresh_tallies
 
 from circuit_catalog.errors import CatalogDirError
 
@@ -55,6 +56,7 @@ def write_admin_import(catalog_dir: Path, out_dir: Path, import_dir: str = "/imp
 
     catalog_dir, out_dir = Path(catalog_dir), Path(out_dir)
     signature = catalog_signature(catalog_dir)  # refuses an unfinished catalog
+    refresh_tallies(catalog_dir)
     make_output_dir(out_dir)  # a file or an unwritable place there is one error
     con = duckdb.connect()
     args = ["neo4j-admin", "database", "import", "full", database,  # the database first: since 5.19 --nodes is greedy

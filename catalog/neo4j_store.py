@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from circuit_catalog.catalog.graph_schema import NODES, RELS, NodeSet, RelSet, absent_columns, catalog_signature, node_set
 from circuit_catalog.catalog.layout import part_files
 from circuit_catalog.catalog.store import GraphStore, Row
+from circuit_catalog.catalog.tallies import refresh_tallies
 from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import CypherError, StoreError, first_line
@@ -241,6 +242,7 @@ class Neo4jStore(GraphStore):
 
     def load(self, catalog_dir: Path, progress: bool = True, batch_rows: int = BATCH_ROWS, writers: int = WRITERS) -> bool:
         signature = catalog_signature(catalog_dir)
+        refresh_tallies(catalog_dir)
         self.ensure_schema()
         state = self.run(STATE_READ, {"id": STATE_ID})
         done: set[str] = set()

@@ -110,6 +110,7 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
                                     [PromptInfo.from_row(r) for r in prompt_index(catalog_dir)], unchanged=True)
     # the receipt did not answer: the compute modules (torch, TransformerLens) from here on
     from circuit_catalog.catalog.crash import crash_point
+    from circuit_catalog.catalog.tallies import refresh_tallies
     from circuit_catalog.ingest.device import DRIVER_DEVICE
     from circuit_catalog.ingest.executor import LoadSpec, RayExecutor, SerialExecutor
     from circuit_catalog.ingest.job import build_manifest, plan_stats, run_ingest, write_stats
@@ -137,6 +138,7 @@ def ingest(model, transcoders, catalog_dir: str | Path, *, settings=None, layers
                 run_prompts(lm, tset, catalog_dir, specs, attribution or AttributionSettings(), progress=progress, executor=runner)
                 if supernodes_stale(catalog_dir):
                     write_supernodes(catalog_dir, tset)
+                refresh_tallies(catalog_dir)  # here, not at the next load, so the receipt covers it
             receipt.write_receipt(catalog_dir, request)
     finally:
         if executor == "ray":

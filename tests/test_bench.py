@@ -22,6 +22,7 @@ EXPECTED = {  # benchmark -> a line its report must print
     "heads.py": "head-resolved graph",
     "interactive.py": "rerun with nothing to do",
     "prompts.py": "recurring: p50",
+    "prompt_stores.py": "bolt: recurring: p50",
 }
 
 

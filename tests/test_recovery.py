@@ -76,7 +76,7 @@ def assert_loads_and_answers(root: Path, clean: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["n"] == sum(pq.read_metadata(f).num_rows for f in
                                              [clean / layout.FEATURES, clean / layout.TOKENS, clean / layout.PROMPT_INDEX,
-                                              *sorted(clean.glob(layout.prompt_part_glob("nodes")))])
+                                              clean / layout.FEATURE_TALLY, *sorted(clean.glob(layout.prompt_part_glob("nodes")))])
     assert cli("show", "L1/2", "--catalog", root)[0] == 0
 
 

@@ -11,6 +11,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from circuit_catalog.catalog import layout
@@ -184,6 +185,48 @@ def test_prompt_report_shows_the_graph(reports):
     overview = Page(reports["overview"].read_text())
     (prompts,) = overview.rows("prompts")
     assert [row[-1] for row in prompts] == [info.id] and f'href="{path.name}"' in reports["overview"].read_text()
+
+
+def test_prompt_report_outlines_the_supernodes(reports, tmp_path):
+    """Three supernodes written into a copy of the catalog: one of two drawn features, one of a drawn feature and one left
+    out of the picture, and one (the most influential) of that one alone. The first two get one colour each: an outline
+    centred on every drawn member node and none elsewhere, and a legend entry saying how many of its nodes are drawn; the
+    third, with nothing drawn, is left out of the picture."""
+    from circuit_catalog.catalog.parquet_io import write_atomic
+
+    root = shutil.copytree(reports["root"], tmp_path / "catalog", ignore=shutil.ignore_patterns("graph*"))
+    (info,) = pq.read_table(root / layout.PROMPT_INDEX).to_pylist()
+    kept = [n for n in pq.read_table(layout.prompt_part(root, info["id"], "nodes")).to_pylist() if n["kept"]]
+    inner = sorted((n for n in kept if n["kind"] in ("feature", "error")), key=lambda n: -n["influence"])
+    drawn = {n["id"] for n in inner[:20]}  # the report's max_nodes below
+    features = list(dict.fromkeys(n["feature_id"] for n in inner if n["kind"] == "feature"))
+    hidden = next(f for f in reversed(features) if all(n["id"] not in drawn for n in kept if n["feature_id"] == f))
+    groups = {"sn-c": ("group c", [hidden], 3.0), "sn-a": ("group a", features[:2], 2.0), "sn-b": ("group b", [features[2], hidden], 1.0)}
+    write_atomic(pa.table({"src": [g for g, (_, m, _) in groups.items() for _ in m], "dst": [f for _, m, _ in groups.values() for f in m]},
+                          schema=layout.SUPERNODE_MEMBER_SCHEMA), root / layout.SUPERNODE_MEMBERS)
+    write_atomic(pa.table({"id": list(groups), "prompt_id": [info["id"]] * 3, "name": [n for n, _, _ in groups.values()],
+                           "size": [len(m) for _, m, _ in groups.values()], "influence": [i for _, _, i in groups.values()]},
+                          schema=layout.SUPERNODE_SCHEMA), root / layout.SUPERNODES)
+    with Lookups(open_loaded_store(root, progress=False)) as lookups:
+        html = write_prompt_report(lookups, root, info["id"], tmp_path / "p.html", max_nodes=20).read_text()
+
+    number = r'"([-\d.]+)"'
+    box = rf'<rect x={number} y={number} width={number} height={number}'
+    centres = {m[0]: (float(m[1]) + float(m[3]) / 2, float(m[2]) + float(m[4]) / 2)  # local id -> centre of its node's box
+               for m in re.findall(r'<g class="node feature">(?:<a [^>]*>)?<title>(\S+) [^<]*</title>' + box, html)}
+    outlines = re.findall(r'<g class="group"><title>([^<]*)</title>((?:<rect [^>]*></rect>)*)</g>', html)
+    legend = dict(re.findall(r'<g class="legend"><rect [^>]*stroke="(#\w+)"[^>]*></rect><text [^>]*>([^<]*)</text></g>', html))
+    assert len(outlines) == 2 and len(set(legend)) == 2
+    for (name, members, _), (title, rects) in zip(list(groups.values())[1:], outlines):
+        nodes = [split_node_id(n["id"])[1] for n in kept if n["feature_id"] in members]
+        shown = [n for n in nodes if f"{info['id']}:{n}" in drawn]
+        assert shown and title == f"{name} ({len(shown)} of {len(nodes)} drawn)"
+        found = [(float(x) + float(w) / 2, float(y) + float(h) / 2, colour)
+                 for x, y, w, h, colour in re.findall(box + r' rx="4" fill="none" stroke="(#\w+)"', rects)]
+        flat = [v for xy in sorted((x, y) for x, y, _ in found) for v in xy]
+        assert flat == pytest.approx([v for xy in sorted(centres[n] for n in shown) for v in xy], abs=0.11)  # coordinates to 0.1
+        assert len({colour for *_, colour in found}) == 1 and legend[found[0][2]] == title
+    assert "2 of the graph&#x27;s 3 (the most influential with members drawn" in html
 
 
 def test_cards_show_input_dependent_attributions(reports, tmp_path):

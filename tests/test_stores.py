@@ -405,12 +405,32 @@ def test_diff_on_both_stores(store, catalog_dir, ref):
         assert any(r.change for r in got.edges)
 
 
-def test_prompts_using_and_recurring(store, ref):
-    lookups = Lookups(store)
+def feature_uses(pnodes: list[dict]) -> dict[str, dict[str, list]]:
+    """feature id -> prompt id -> its kept nodes there, from the prompts' nodes.parquet rows."""
     uses: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for n in ref["pnodes"]:
+    for n in pnodes:
         if n["kept"] and n["kind"] == "feature":
             uses[n["feature_id"]][n["prompt_id"]].append(n)
+    return uses
+
+
+def assert_recurring(lookups: Lookups, pnodes: list[dict], features: dict[str, dict]) -> None:
+    """`recurring` over the whole ranking equals its definition computed from the prompts' Parquet rows: per feature of a
+    pruned graph, the prompts holding it and its summed influence, by prompts then influence (descending) then id."""
+    uses = feature_uses(pnodes)
+    counts = {f: (len(p), sum(n["influence"] for ns in p.values() for n in ns)) for f, p in uses.items()}
+    expected = sorted(counts, key=lambda f: (-counts[f][0], -counts[f][1], f))
+    got = lookups.recurring(k=100_000)
+    assert [(r.feature, r.prompts) for r in got] == [(f, counts[f][0]) for f in expected]
+    assert [r.influence for r in got] == pytest.approx([counts[f][1] for f in expected], rel=1e-5)
+    assert [(r.tokens, r.logit_tokens) for r in got] == [(features[f]["deembed_ext_tokens"][:5], features[f]["logit_tokens"][:5])
+                                                         for f in expected]
+    assert lookups.recurring(k=3) == got[:3]
+
+
+def test_prompts_using_and_recurring(store, ref):
+    lookups = Lookups(store)
+    uses = feature_uses(ref["pnodes"])
     shared = sorted(uses, key=lambda f: (-len(uses[f]), f))[:3]
     for fid in shared:
         got = lookups.prompts_using(fid, k=10)
@@ -418,13 +438,53 @@ def test_prompts_using_and_recurring(store, ref):
                           key=lambda t: (-t[2], t[0]))
         assert [(u.prompt, u.positions) for u in got] == [(p, pos) for p, pos, _ in expected]
         assert [u.influence for u in got] == pytest.approx([i for _, _, i in expected], rel=1e-5)
-    got = lookups.recurring(k=8)
-    counts = {f: (len(p), sum(n["influence"] for ns in p.values() for n in ns)) for f, p in uses.items()}
-    expected = sorted(counts, key=lambda f: (-counts[f][0], -counts[f][1], f))[:8]
-    assert [r.feature for r in got] == expected
-    assert [r.prompts for r in got] == [counts[f][0] for f in expected]
+    assert_recurring(lookups, ref["pnodes"], ref["features"])
     unused = next(f for f in ref["features"] if f not in uses)
     assert lookups.prompts_using(unused) == []
+
+
+@pytest.mark.parametrize("kind", ["ladybug", "bolt"])
+def test_recurring_follows_a_changed_prompt_set(kind, catalog_dir, ref, tmp_path, request):
+    """The feature tally is counted again when the prompt set changes: a copy of the catalog without one prompt, its
+    tally counted for all three, loads with `recurring` equal to the definition over the two left."""
+    import shutil
+
+    from circuit_catalog.catalog.tallies import refresh_tallies
+    from circuit_catalog.ingest.prompts import write_prompt_index
+
+    root = tmp_path / "fewer"
+    shutil.copytree(catalog_dir, root, ignore=shutil.ignore_patterns("graph*"))
+    refresh_tallies(root)
+    before = pq.read_table(root / layout.FEATURE_TALLY)
+    gone = ref["prompts"][0]["id"]
+    shutil.rmtree(layout.prompt_dir(root, gone))
+    write_prompt_index(root)
+    store = LadybugStore(tmp_path / "graph") if kind == "ladybug" else _bolt_store(request.getfixturevalue("bolt_server"))
+    try:
+        assert store.load(root, progress=False) is True
+        assert not pq.read_table(root / layout.FEATURE_TALLY).equals(before)
+        assert_recurring(Lookups(store), [n for n in ref["pnodes"] if n["prompt_id"] != gone], ref["features"])
+    finally:
+        store.close()
+
+
+def test_embedded_load_in_chunks_is_complete(catalog_dir, ref, tmp_path):
+    """Relationship parts loaded 500 rows at a time at most (each table in several COPYs, as a catalog too large for
+    the buffer pool is) give every row, once."""
+    chunked = LadybugStore(tmp_path / "graph", copy_rows=500)
+    try:
+        assert chunked.load(catalog_dir, progress=False) is True
+        assert len(ref["attr"]) > 500 and len(ref["pullbacks"]) > 500
+        assert _counts(chunked) == _expected_counts(ref)
+        got = chunked.run("MATCH (a)-[e:ATTR]->(b) RETURN a.id AS src, b.id AS dst, e.weight AS weight")
+        assert sorted(tuple(r.values()) for r in got) == sorted(tuple(r.values()) for r in ref["attr"])
+        got = chunked.run("MATCH (a)-[e:ATTR_HEAD]->(b) RETURN a.id AS src, b.id AS dst, e.head AS head, e.weight AS weight")
+        assert sorted(tuple(r.values()) for r in got) == sorted(tuple(r.values()) for r in ref["attr_heads"])
+        links = chunked.run("MATCH (:PNode)-[e:INSTANCE_OF]->() RETURN count(e) AS n")[0]["n"]
+        assert links == sum(n["kind"] in ("feature", "token", "logit") for n in ref["pnodes"])
+        assert_recurring(Lookups(chunked), ref["pnodes"], ref["features"])
+    finally:
+        chunked.close()
 
 
 def test_supernodes_round_trip(store, ref):

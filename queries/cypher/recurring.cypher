@@ -1,7 +1,8 @@
-// Features that appear in the most prompts' pruned attribution graphs.
-MATCH (n:PNode)-[:INSTANCE_OF]->(f:Feature)
-WHERE n.kept
-RETURN f.id AS feature, count(DISTINCT n.prompt_id) AS prompts, sum(n.influence) AS influence,
-       f.deembed_ext_tokens AS tokens, f.logit_tokens AS logit_tokens
-ORDER BY prompts DESC, influence DESC, feature
-LIMIT $k
+// Features that appear in the most prompts' pruned attribution graphs: the first k of the catalog-wide tally
+// (`catalog/tallies.py`: per feature, the prompts whose pruned graph holds it and its summed influence there, ranked).
+UNWIND range(1, $k) AS rank
+MATCH (t:FeatureTally {rank: rank})
+MATCH (f:Feature {id: t.feature})
+RETURN f.id AS feature, t.prompts AS prompts, t.influence AS influence, f.deembed_ext_tokens AS tokens,
+       f.logit_tokens AS logit_tokens
+ORDER BY rank

@@ -85,7 +85,7 @@ def render_prompt(graph: PromptGraph, paths: list[NodePath], path_logit: str, ma
                     ("error nodes", len(kinds["error"])), ("edges", f"{n_edges:,}")])
     warnings = [w for w in [replacement_warning(info.replacement_score)] if w] + [str(f) for fs in caveats.layer_flags.values() for f in fs]
     parts = [head, *(banner(f"Warning: {w}.", "warn") for w in warnings), banner(caveats.quality, "info"),
-             _picture(graph, href, max_nodes, max_links), _logits(kinds["logit"]), _paths(graph, paths, path_logit, href),
+             _picture(graph, href, max_nodes, max_links, groups), _logits(kinds["logit"]), _paths(graph, paths, path_logit, href),
              _top_nodes(graph, href, k, caveats.flags), _supernodes(graph, groups, href), _heads(graph, heads or {}, href, k),
              interventions_section(list(interventions), "edits")]
     subtitle = f"{info.text!r} · {manifest.model} · transcoders {manifest.transcoders} · prompt {info.id}"
@@ -105,7 +105,15 @@ def _node_link(graph: PromptGraph, nid: str, href) -> Markup:
     return tag("span", shown, title=graph.describe(node))
 
 
-def _picture(graph: PromptGraph, href, max_nodes: int, max_links: int) -> Markup:
+def _members(graph: PromptGraph, group: Supernode) -> list[str]:
+    """A supernode's members as the graph's node ids: each member feature at every position where it is in the graph."""
+    at: dict[str, list[str]] = {}
+    for n in graph.of_kind("feature"):
+        at.setdefault(n.feature_id, []).append(n.id)
+    return [nid for fid in group.members for nid in at.get(fid, [])]
+
+
+def _picture(graph: PromptGraph, href, max_nodes: int, max_links: int, groups: list[Supernode]) -> Markup:
     inner = sorted((n for n in graph.nodes.values() if n.kind in ("feature", "error")), key=lambda n: -(n.influence or 0.0))
     shown = inner[:max_nodes] + graph.of_kind("token") + graph.of_kind("logit")
     ids = {n.id for n in shown}
@@ -132,14 +140,22 @@ def _picture(graph: PromptGraph, href, max_nodes: int, max_links: int) -> Markup
     def row_name(row: int) -> str:
         return "emb" if row == 0 else ("logit" if row == n_layers + 1 else f"L{row - 1}")
 
+    # the most influential supernodes with members drawn, one colour each
+    members = [(g, _members(graph, g)) for g in groups]
+    outlines = [svg.GridGroup(f"{g.name} ({sum(m in ids for m in ms)} of {len(ms)} drawn)", ms)
+                for g, ms in members if any(m in ids for m in ms)][:len(svg.GROUP_COLOURS)]
     picture = svg.grid_graph(nodes, links, x_labels=x_labels, y_label=row_name, label="attribution graph",
-                             column_width=max(96.0, min(220.0, 1050.0 / max(len(positions), 1))))
+                             column_width=max(96.0, min(220.0, 1050.0 / max(len(positions), 1))), groups=outlines)
     note = (f"Positions left to right, layers bottom to top. Drawn: every token and logit and the {min(max_nodes, len(inner))} "
             f"most influential of {len(inner)} feature and error nodes in the pruned graph, with the {len(links)} strongest "
             "edges among them (width: share of the target's incoming |weight|; blue positive, red negative). The logits, all "
             "read at the last position, are spread along the top row, the most probable rightmost, so each shows its token. "
             "Hover for a node's label (the token at its position; a feature's top de-embedding and logit-lens tokens) and "
             "values; feature nodes link to their cards where written.")
+    if groups:
+        note += (f" Supernodes: {len(outlines)} of the graph's {len(groups)} (the most influential with members drawn, at most "
+                 f"{len(svg.GROUP_COLOURS)}) outlined in their own colours around their drawn members, and named in the legend "
+                 "with how many of their nodes are drawn.")
     return section("Graph", Markup('<div style="overflow-x:auto">') + picture + Markup("</div>"), note=note, id="graph")
 
 
@@ -164,14 +180,11 @@ def _supernodes(graph: PromptGraph, groups: list[Supernode], href) -> Markup:
     """The graph's supernodes: each group's name and its members, at every position where they are in the graph."""
     if not groups:
         return Markup("")
-    at = {}
-    for n in graph.of_kind("feature"):
-        at.setdefault(n.feature_id, []).append(n.id)
-    rows = [[g.name, signed(g.influence, "{:.4f}"), join([_node_link(graph, nid, href) for fid in g.members for nid in at.get(fid, [])], " ")]
-            for g in groups]
+    rows = [[g.name, signed(g.influence, "{:.4f}"), join([_node_link(graph, nid, href) for nid in _members(graph, g)], " ")] for g in groups]
     note = ("Features grouped automatically by role: similar incoming and outgoing attribution in this graph and similar "
             "decoder directions (`ingest/supernodes.py`); named by the members' most common top tokens (→ logit lens, "
-            "← de-embedding). `circuit-catalog supernodes --prompt ID` lists them; the export pins them for the viewer.")
+            "← de-embedding), and outlined in the graph above. `circuit-catalog supernodes --prompt ID` lists them; the export pins "
+            "them for the viewer.")
     return section("Supernodes", table(["group", "influence", "members"], rows, numeric=[1], cls="supernodes"), note=note)
 
 

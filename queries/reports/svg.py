@@ -215,14 +215,31 @@ class GridNode:
     title: str | None = None
 
 
+@dataclass
+class GridGroup:
+    """Nodes that belong together (a supernode's members), outlined in one colour and named in the legend."""
+
+    label: str
+    members: Sequence[str]  # node ids; those not drawn are skipped
+
+
+# outline colours, apart from the node kinds' fills and the edges' blue and red
+GROUP_COLOURS = ("#9333ea", "#db2777", "#0d9488", "#ca8a04", "#4f46e5", "#65a30d", "#0891b2", "#b45309")
+
+
 def grid_graph(nodes: Sequence[GridNode], links: Sequence[Link], *, x_labels: Sequence[str], y_label: Callable[[int], str] = str,
-               column_width: float = 96, row_height: float = 26, label: str = "graph") -> Markup:
+               column_width: float = 96, row_height: float = 26, label: str = "graph", groups: Sequence[GridGroup] = ()) -> Markup:
     """Nodes on a grid (columns x rows, row 0 at the bottom), several per cell side by side; links as
-    straight lines whose width follows |weight| and colour its sign, the strongest drawn on top."""
+    straight lines whose width follows |weight| and colour its sign, the strongest drawn on top; each of `groups`
+    (at most len(GROUP_COLOURS)) as an outline of its colour around each member, named in a legend below."""
+    if len(groups) > len(GROUP_COLOURS):
+        raise ValueError(f"{len(groups)} groups: at most {len(GROUP_COLOURS)} colours")
     rows = sorted({n.y for n in nodes})
     row_of = {y: i for i, y in enumerate(reversed(rows))}  # top to bottom on screen
     left, top = 64.0, 26.0
     width, height = left + column_width * len(x_labels) + 8, top + row_height * len(rows) + 8
+    legend = _legend(groups, left, height, width - left) if groups else []
+    height += 20 * len(legend)
     cells: dict[tuple[int, int], list[GridNode]] = defaultdict(list)
     for n in nodes:
         cells[(n.x, n.y)].append(n)
@@ -248,4 +265,31 @@ def grid_graph(nodes: Sequence[GridNode], links: Sequence[Link], *, x_labels: Se
         box = (tag("title", n.title or n.label) + tag("rect", x=_f(x), y=_f(y), width=_f(w), height=_f(box_h), rx="3")
                + _text(x + w / 2, y + box_h / 2 + 4, n.label if w >= 26 else ""))
         parts.append(tag("g", tag("a", box, href=n.href) if n.href else box, cls=f"node {n.kind}"))
+    rings: dict[str, int] = defaultdict(int)  # outlines already around a node: a second one goes outside the first
+    for colour, g in zip(GROUP_COLOURS, groups):
+        outlines = []
+        for nid in (m for m in g.members if m in where):
+            x, y, w = where[nid]
+            pad = 2.5 + 3 * rings[nid]
+            rings[nid] += 1
+            outlines.append(tag("rect", x=_f(x - pad), y=_f(y - pad), width=_f(w + 2 * pad), height=_f(box_h + 2 * pad), rx="4",
+                                fill="none", stroke=colour, stroke_width="2"))
+        parts.append(tag("g", tag("title", g.label) + join(outlines), cls="group"))
+    parts += [item for line in legend for item in line]
     return _svg(width, height, join(parts), label)
+
+
+def _legend(groups: Sequence[GridGroup], left: float, top: float, width: float) -> list[list[Markup]]:
+    """Lines of legend entries (a swatch of the group's colour, its label) filling `width`, the first at `top`."""
+    lines: list[list[Markup]] = [[]]
+    x = left
+    for colour, g in zip(GROUP_COLOURS, groups):
+        entry_w = 22 + 6.2 * len(g.label)  # the swatch, and the label at about 6.2 px a character
+        if lines[-1] and x + entry_w > left + width:
+            lines.append([])
+            x = left
+        y = top + 20 * (len(lines) - 1) + 4
+        lines[-1].append(tag("g", tag("rect", x=_f(x), y=_f(y), width="12", height="12", rx="3", fill="none", stroke=colour,
+                                      stroke_width="2") + _text(x + 17, y + 10, g.label, "start", cls="label"), cls="legend"))
+        x += entry_w + 14
+    return lines
