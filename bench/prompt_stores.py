@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import resource
 import shutil
 import sys
 import tempfile
@@ -121,6 +122,7 @@ def time_once(call) -> float:
 def measure(name: str, store, root: Path, n_prompts: int, calls: int, hops: int) -> float:
     """Time the load of `root` into `store`, then the prompt queries and `recurring-paths` with 1 to `hops` edges (one
     call each: seconds to an hour); returns the load's rows/s."""
+    from circuit_catalog.errors import CypherError
     from circuit_catalog.queries.lookups import Lookups
     from circuit_catalog.queries.motifs import recurring_paths
 
@@ -133,8 +135,14 @@ def measure(name: str, store, root: Path, n_prompts: int, calls: int, hops: int)
     query_latencies(store, n_prompts, calls, prefix=f"{name}: ")
     lookups = Lookups(store)
     for n in range(1, hops + 1):
-        print(f"{name}: recurring-paths --hops {n}: {time_once(lambda: recurring_paths(lookups, n, 20)):.2f} s "
-              f"(one call) at {n_prompts} prompts", flush=True)
+        start = time.perf_counter()
+        try:
+            recurring_paths(lookups, n, 20)
+            outcome = "one call"
+        except CypherError as exc:  # e.g. the buffer pool is full: the store's one-line error
+            outcome = f"failed: {exc}"
+        print(f"{name}: recurring-paths --hops {n}: {time.perf_counter() - start:.2f} s ({outcome}) at {n_prompts} prompts",
+              flush=True)
     return rate
 
 
@@ -159,7 +167,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=200, help="prompts-using / recurring calls timed on each store")
     ap.add_argument("--hops", type=int, choices=(0, 1, 2), default=2,
-                    help="recurring-paths timed with up to this many edges (2 takes about an hour at 1,000 SmolLM2 prompts)")
+                    help="recurring-paths timed with up to this many edges")
     ap.add_argument("--bolt-full", action="store_true",
                     help="load the whole catalog over Bolt, not only what the prompt queries read (hours at 1,000 prompts)")
     args = ap.parse_args()
@@ -184,7 +192,8 @@ def main() -> None:
 
         with LadybugStore(root / layout.GRAPH) as store:
             measure("embedded", store, root, len(pids), args.queries, args.hops)
-        print(f"embedded: store size {size(root / layout.GRAPH)}", flush=True)
+        print(f"embedded: store size {size(root / layout.GRAPH)}; this process's peak RSS "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB", flush=True)
 
         warm, bolt = Path(t) / "warm", root if args.bolt_full else Path(t) / "view"
         query_view(root, warm, pids[:20])

@@ -1,13 +1,17 @@
 """The embedded default store: LadybugDB (the maintained Kùzu fork), in-process, at `DIR/graph`.
 
 Loading builds a fresh database under a temporary name with `COPY ... FROM` the Parquet parts
-(row-by-row MERGE is ~300 rows/s there; COPY loads millions per second), in a buffer pool of half the machine's
-memory (a COPY holds its rows there and does not spill), then renames it into place
+(row-by-row MERGE is ~300 rows/s there; COPY loads millions per second), then renames it into place
 and writes a marker with the catalog's signature. A crash mid-load leaves no marker, so the next
 load redoes it; a marker that no longer matches the catalog means the store is stale and is rebuilt,
 and so is a store that no longer opens (truncated, or left mid-checkpoint), which `load` tries first.
 Loading holds the catalog's writer lock; readers keep the old store open until the rename.
 Queries open the database read-only, behind the read-clause check in `catalog.store`.
+
+Loads and queries get a buffer pool of half the machine's memory, not LadybugDB's default 80%: a COPY holds its rows
+there and does not spill, and so does a query's aggregation, so past the pool they fail with one error line where
+beyond the machine's memory the kernel killed the process (a 1,000-prompt catalog's one COPY of its per-head edge
+terms; `recurring-paths --hops 2` over it).
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ ROW_BYTES = 200  # buffer pool a relationship row takes while its COPY runs (mea
 class LadybugStore(GraphStore):
     dialect = "ladybug"
 
-    def __init__(self, path: Path, copy_rows: int | None = None):
-        """`copy_rows`: the most relationship rows one COPY loads (default: what the load's buffer pool holds)."""
+    def __init__(self, path: Path, buffer_pool: int | None = None, copy_rows: int | None = None):
+        """`buffer_pool`: bytes (default half the machine's memory); `copy_rows`: the most relationship rows one COPY
+        loads (default what the buffer pool holds)."""
         self.path = Path(path)
-        self.copy_rows = copy_rows or _load_pool() // ROW_BYTES
+        self.buffer_pool = buffer_pool or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        self.copy_rows = copy_rows or self.buffer_pool // ROW_BYTES
         self.marker = self.path.with_name(self.path.name + ".loaded.json")
         self._db = self._conn = None
         self._writable = False
@@ -104,7 +110,7 @@ class LadybugStore(GraphStore):
         import ladybug
 
         try:
-            db = ladybug.Database(str(tmp), buffer_pool_size=_load_pool())
+            db = ladybug.Database(str(tmp), buffer_pool_size=self.buffer_pool)
             conn = ladybug.Connection(db)
             for statement in _ddl():
                 conn.execute(statement)
@@ -142,7 +148,7 @@ class LadybugStore(GraphStore):
         import ladybug
 
         try:
-            self._db = ladybug.Database(str(self.path), read_only=not writable)
+            self._db = ladybug.Database(str(self.path), read_only=not writable, buffer_pool_size=self.buffer_pool)
         except RuntimeError as exc:
             raise StoreError(f"cannot open the store {self.path} ({first_line(exc)}); "
                              f"run `circuit-catalog load --catalog {self.path.parent}` to rebuild it") from None
@@ -175,12 +181,6 @@ class LadybugStore(GraphStore):
             self._conn.close()
             self._db.close()
         self._db = self._conn = None
-
-
-def _load_pool() -> int:
-    """Bytes of buffer pool a load uses: half the machine's memory (LadybugDB's default, 80%, left too little to the
-    other processes for a 1,000-prompt catalog's COPY, and the kernel killed the load)."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def _chunks(files: list[Path], max_rows: int) -> list[list[Path]]:

@@ -627,6 +627,20 @@ def test_embedded_partial_load_is_redone(catalog_dir, tmp_path):
     s.close()
 
 
+def test_embedded_query_beyond_the_buffer_pool_is_one_error(catalog_dir, tmp_path):
+    """A query whose aggregation outgrows the store's buffer pool fails with one error line, the store still answering
+    (with LadybugDB's default pool, 80% of memory, such a query grew past the machine's memory and was killed)."""
+    s = LadybugStore(tmp_path / "graph", buffer_pool=64 * 2**20)
+    try:
+        assert s.load(catalog_dir, progress=False) is True
+        with pytest.raises(CypherError, match="buffer pool is full") as err:
+            s.cypher("MATCH (a:PNode), (b:PNode), (c:PNode) RETURN count(DISTINCT a.id + b.id + c.id) AS n")
+        assert "\n" not in str(err.value)
+        assert s.cypher("MATCH (f:Feature) RETURN count(f) AS n") == [{"n": 600}]
+    finally:
+        s.close()
+
+
 def unfinished_copy(catalog_dir: Path, tmp_path: Path) -> Path:
     """A copy of the catalog (without its store) whose manifest says the ingest has not finished."""
     import shutil
