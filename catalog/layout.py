@@ -23,6 +23,7 @@ LOGITS = "logits"  # logits/L{layer:03d}.parquet (`logit_part`)
 STATS = "stats"  # stats/<part>.parquet for each of STATS_PARTS (`stats_file`), and stats/info.json (`stats_info`)
 STATS_PARTS = ("features", "top_examples", "quantile_examples", "tokens", "components", "layers")  # components: when computable
 STATS_INFO = "info.json"  # what the statistics were collected from, and each part's rows
+TRAINING = "training.json"  # the transcoders' training record and curve, copied by ingest when `train` wrote them
 EVAL = "eval.json"  # optional: `circuit-catalog eval --out DIR/eval.json`, read by the overview report
 REPORTS = "reports"  # default directory for HTML reports
 PROMPTS = "prompts"  # prompts/<prompt_id>/: prompt.json (`prompt_info`) and <part>.parquet for each of PROMPT_PARTS (`prompt_part`)

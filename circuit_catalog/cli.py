@@ -120,8 +120,18 @@ def compute_options(f):
 @click.option("--d-sae", type=click.IntRange(1), default=2304, show_default=True, help="Features per transcoder.")
 @click.option("--tokens", "n_tokens", type=click.IntRange(1), default=40_000, show_default=True, help="Training tokens (collected once, reused each epoch).")
 @click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--lr", type=float, callback=_finite, default=4e-4, show_default=True, help="Adam learning rate (the seed's 4e-4).")
-@click.option("--l1", "l1_coefficient", type=float, callback=_finite, default=0.02, show_default=True, help="L1 coefficient, in units where each layer's target has unit variance.")
+@click.option("--lr", type=float, callback=_finite, default=4e-4, show_default=True, help="Adam learning rate (peak, between the warm-up and the decay).")
+@click.option("--activation", type=click.Choice(["batchtopk", "relu"]), default="batchtopk", show_default=True,
+              help="batchtopk: k active features per token on average, an auxiliary loss for dead features, saved as JumpReLU; "
+                   "relu: the seed's ReLU with an L1 penalty.")
+@click.option("--k", type=click.IntRange(1), default=32, show_default=True, help="batchtopk: mean active features per token (L0).")
+@click.option("--l1", "l1_coefficient", type=float, callback=_finite, default=0.02, show_default=True, help="relu: L1 coefficient, in units where each layer's target has unit variance.")
+@click.option("--warmup", type=click.FloatRange(0, 1), callback=_finite, default=0.05, show_default=True, help="Fraction of the steps over which the learning rate rises from 0.")
+@click.option("--decay", type=click.FloatRange(0, 1), callback=_finite, default=0.2, show_default=True, help="Fraction of the steps, at the end, over which it falls to 0.")
+@click.option("--matmul-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="The training's matmuls: auto is bfloat16 where the device has it natively (CUDA, AVX512-BF16/AMX CPUs); weights stay float32.")
+@click.option("--curve-ce", type=click.IntRange(0), default=0, show_default=True,
+              help="Measure CE loss recovered (all layers replaced, held-out tokens) at this many points of the training curve.")
 @click.option("--minibatch", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--ctx-len", type=click.IntRange(2), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -129,13 +139,16 @@ def compute_options(f):
 @click.option("--skip", is_flag=True, help="Skip transcoders: add an affine skip connection (SAELens skip_transcoder).")
 @click.option("--force", is_flag=True, help="Retrain even if OUT already holds a run with the same settings.")
 @compute_options
-def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, minibatch, ctx_len, seed, skip, out_dir, force, device, dtype):
-    """Train one ReLU transcoder per layer (ln2.hook_normalized -> hook_mlp_out), saved in SAELens format."""
+def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, activation, k, l1_coefficient, warmup, decay, matmul_dtype, curve_ce,
+          minibatch, ctx_len, seed, skip, out_dir, force, device, dtype):
+    """Train one transcoder per layer (ln2.hook_normalized -> hook_mlp_out), saved in SAELens format, with its
+    training curve (OUT/training.json)."""
     from circuit_catalog.ingest.pipeline import train as train_
     from circuit_catalog.ingest.train import TrainConfig
 
     cfg = TrainConfig(model=model, dataset=dataset, layers=parse_layers(layers) or [], d_sae=d_sae, n_tokens=n_tokens, epochs=epochs,
-                      lr=lr, l1_coefficient=l1_coefficient, minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip, dtype=dtype)
+                      lr=lr, activation=activation, k=k, l1_coefficient=l1_coefficient, warmup=warmup, decay=decay,
+                      matmul_dtype=matmul_dtype, curve_ce=curve_ce, minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip, dtype=dtype)
     result, reused = train_(model, out_dir, cfg, force=force, device=device)
     if reused:
         err.print(f"reusing transcoders in {out_dir} (same settings; --force retrains)")
@@ -144,6 +157,12 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, l1_coefficient, m
         table.add_row(str(m.layer), f"{m.fvu:.3f}", f"{m.l0:.1f}", f"{m.dead_fraction:.1%}")
     out.print(table)
     out.print(f"mean FVU {result.mean_fvu:.3f} over {len(result.metrics)} layers (held-out tokens)")
+    if result.curve:
+        last = result.curve[-1]
+        measured = [p for p in result.curve if p.ce_recovered is not None]
+        ce = f"; CE recovered at {', '.join(f'{p.seconds / 60:.1f} min {p.ce_recovered:.3f}' for p in measured)}" if measured else ""
+        out.print(f"training curve ({len(result.curve)} points, {out_dir / 'training.json'}): {last.step} steps in "
+                  f"{last.seconds / 60:.1f} min{ce}")
 
 
 @main.command()

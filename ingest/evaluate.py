@@ -122,9 +122,12 @@ def _ce_and_kl(logits: torch.Tensor, tokens: torch.Tensor, reference: torch.Tens
 
 @torch.no_grad()
 def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch_contexts: int = 8,
-                         replacements: dict[int, Replacement] | None = None, progress: bool = True) -> EvalResult:
+                         replacements: dict[int, Replacement] | None = None, progress: bool = True,
+                         per_layer: bool = True) -> EvalResult:
     """Evaluate on `tokens` [n_contexts, ctx_len]. `replacements` overrides how a layer's MLP output is
-    replaced (default: its transcoder); the tests use it to plug in exact stand-ins.
+    replaced (default: its transcoder); the tests use it to plug in exact stand-ins. Without `per_layer`, only
+    the reconstruction figures and every layer replaced at once (what the training curve measures; each layer alone
+    costs three more forward passes).
 
     With a cross-layer transcoder, a layer's replacement is what every earlier layer's features (encoded from
     that run's own inputs) write into it, so replacing layer L alone reads the clean earlier layers and
@@ -198,7 +201,7 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
                          totals["replace"][1] / n_pred)
 
     result = EvalResult(n_recon, ce_original / n_pred)
-    for layer in tqdm(layers, desc="evaluating (per layer)", disable=not progress):
+    for layer in tqdm(layers if per_layer else [], desc="evaluating (per layer)", disable=not progress):
         ab, stats = ablations([layer]), recon_stats[layer]
         result.layers.append(LayerEval(layer, stats.mse, stats.fvu, stats.l0, stats.dead, stats.live, ab,
                                        ab.recovered(result.ce_original)))

@@ -26,7 +26,7 @@ from circuit_catalog.catalog.crash import crash_point
 from circuit_catalog.catalog.ids import feature_ids
 from circuit_catalog.catalog.lock import remove_temporaries, writer_lock
 from circuit_catalog.catalog.manifest import Manifest, now
-from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic
+from circuit_catalog.catalog.parquet_io import part_intact, part_rows, write_atomic, write_text_atomic
 from circuit_catalog.ingest.device import dtype_name, resolve_dtype, score_dtype_for
 from circuit_catalog.ingest.executor import Executor, SerialExecutor, Worker, groups, run_unit
 from circuit_catalog.ingest.heads import DEFINITION as OV_DEFINITION
@@ -110,6 +110,7 @@ def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progr
                 return existing
         manifest.status = "in-progress"
         manifest.write(root)
+        _copy_training_record(Path(manifest.transcoders), root)
         _compute_parts(model, tset, root, manifest, progress, executor or SerialExecutor(model, tset))
         write_features(root, tset)
         _finished(root, manifest, root / layout.FEATURES)
@@ -117,6 +118,14 @@ def run_ingest(model, tset: TranscoderSet, root: Path, manifest: Manifest, progr
         manifest.status, manifest.completed = "complete", now()
         manifest.write(root)
     return manifest
+
+
+def _copy_training_record(transcoders: Path, root: Path) -> None:
+    """The transcoders' training record (config, held-out figures, curve), if `train` made them, kept with the catalog
+    so its overview shows how they were trained."""
+    record = transcoders / layout.TRAINING
+    if transcoders.is_dir() and record.is_file():
+        write_text_atomic(record.read_text(), root / layout.TRAINING)
 
 
 def _existing(root: Path, manifest: Manifest) -> Manifest | None:

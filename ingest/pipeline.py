@@ -161,11 +161,12 @@ def train(model, out_dir: str | Path, config, force: bool = False, device: str |
     """Train one transcoder per layer of `config` (a `TrainConfig`; its `model` is set from `model`, empty `layers`
     means all) into `out_dir` (SAELens format); a finished run with the same config there is reused unless
     `force`. Returns (TrainResult, reused)."""
-    from circuit_catalog.ingest.train import reusable, train_transcoders
+    from circuit_catalog.ingest.train import matmul_dtype_for, reusable, train_transcoders
 
     out_dir = Path(out_dir)
     lm = load_model(model, device, config.dtype)
-    config = replace(config, model=model_name(model), layers=config.layers or list(range(lm.cfg.n_layers)))
+    config = replace(config, model=model_name(model), layers=config.layers or list(range(lm.cfg.n_layers)),
+                     matmul_dtype=matmul_dtype_for(config.matmul_dtype, lm.W_E.device))
     found = None if force else reusable(out_dir, config)
     if found is not None:
         return found, True

@@ -1,25 +1,36 @@
-"""Train one ReLU transcoder (optionally a skip transcoder) per layer, as the transcoder paper did: L1 penalty,
-Adam, unit-norm decoder rows; then measure them on held-out tokens (`evaluate.Reconstruction`) and save them in
-SAELens format.
+"""Train one transcoder per layer (optionally skip transcoders): BatchTopK with an auxiliary loss for dead features
+(the default), or the seed's ReLU with an L1 penalty; then measure them on held-out tokens (`evaluate.Reconstruction`)
+and save them in SAELens format.
 
 All layers train together from one forward pass per batch: the model's MLP inputs
 (`blocks.L.ln2.hook_normalized`) and outputs (`blocks.L.hook_mlp_out`) are cached for every layer,
 and the per-layer weights are stacked so one batched matmul serves every layer. Inside the loop,
-inputs and targets are rescaled per layer (targets to unit variance) so one L1 coefficient suits every
+inputs and targets are rescaled per layer (targets to unit variance) so one coefficient suits every
 layer; the scales are folded back into the saved weights, which therefore act on raw activations.
+
+BatchTopK (Bussmann et al. 2024) keeps the `k x batch` largest activations of a minibatch per layer, so L0 is k on
+average while a token may use more or fewer; at inference a threshold (the running mean of the smallest kept
+activation) replaces the batch, so the saved transcoder is a JumpReLU one, which every loader and circuit-tracer
+read. Features silent for `dead_tokens` tokens learn from an auxiliary loss (Gao et al. 2024, "AuxK"): the
+`d_model / 2` largest of them reconstruct the main reconstruction's error. Because only ~k features are active per
+token, the decoder runs as a sparse gather-sum (`embedding_bag`) rather than a dense matmul; the encoder's matmuls
+run in bfloat16 where the device has native bf16 (`matmul_dtype`), with float32 master weights.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.ingest.datasets import token_contexts
 from circuit_catalog.ingest.device import dtype_name
-from circuit_catalog.ingest.evaluate import Reconstruction
+from circuit_catalog.ingest.evaluate import Reconstruction, evaluate_transcoders
 from circuit_catalog.ingest.models import check_context
 from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_saelens
@@ -27,8 +38,9 @@ from circuit_catalog.progress import tqdm
 
 from circuit_catalog.errors import OutputError, TranscoderError
 
-TRAINING_RECORD = "training.json"
 BUFFER_LIMIT_BYTES = 12 << 30
+TRAIN_ACTIVATIONS = ("batchtopk", "relu")
+CURVE_POINTS = 100  # training-curve points recorded per run (loss, FVU, L0, dead fraction, learning rate)
 
 
 @dataclass(kw_only=True)
@@ -45,13 +57,21 @@ class TrainConfig:
     minibatch: int = 128
     epochs: int = 1
     lr: float = 4e-4
-    l1_coefficient: float = 0.02
+    activation: str = "batchtopk"  # or "relu": the seed's ReLU with an L1 penalty
+    k: int = 32  # batchtopk: mean active features per token
+    l1_coefficient: float = 0.02  # relu only
+    aux_coefficient: float = 1 / 32  # batchtopk: weight of the dead features' auxiliary loss
+    dead_tokens: int = 5000  # batchtopk: a feature silent for this many training tokens counts as dead
+    warmup: float = 0.05  # fraction of the steps over which the learning rate rises linearly from 0
+    decay: float = 0.2  # fraction of the steps, at the end, over which it falls linearly to 0
     eval_tokens: int = 4096
+    curve_ce: int = 0  # times during training the all-layers CE loss recovered is measured on the held-out tokens
     skip: bool = False  # add an affine skip connection W_skip (a skip transcoder)
     seed: int = 0
     hook_in: str = "ln2.hook_normalized"
     hook_out: str = "hook_mlp_out"
-    dtype: str = "float32"  # of the model's forward passes that collect the activations (training is float32)
+    dtype: str = "float32"  # of the model's forward passes that collect the activations
+    matmul_dtype: str = "float32"  # of the training's encoder matmuls ("bfloat16": autocast; weights stay float32)
 
 
 @dataclass
@@ -63,13 +83,46 @@ class LayerMetrics:
 
 
 @dataclass
+class CurvePoint:
+    """The training's state at one step, averaged over layers (FVU and L0 on the step's minibatch)."""
+
+    step: int
+    tokens: int  # training tokens seen
+    seconds: float  # since the first step
+    lr: float
+    loss: float
+    fvu: float  # the minibatch's squared error over the targets' variance (as measured on the first batch)
+    l0: float
+    dead_fraction: float  # silent for `dead_tokens` tokens (relu: since the last curve point)
+    ce_recovered: float | None = None  # all layers replaced, held-out tokens (at `curve_ce` points)
+
+
+@dataclass
 class TrainResult:
     config: TrainConfig
     metrics: list[LayerMetrics] = field(default_factory=list)
+    curve: list[CurvePoint] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each phase: collect, train, evaluate
 
     @property
     def mean_fvu(self) -> float:
         return sum(m.fvu for m in self.metrics) / len(self.metrics)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def matmul_dtype_for(name: str, device: torch.device) -> str:
+    """What `--matmul-dtype` means on `device`: "auto" is bfloat16 where it is native, else float32."""
+    if name == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise TranscoderError(f"unknown training matmul dtype {name!r}: expected auto, float32 or bfloat16")
+    return name
 
 
 def hook_names(cfg: TrainConfig, layer: int) -> tuple[str, str]:
@@ -97,8 +150,10 @@ class _StackedTranscoders(torch.nn.Module):
     Built on the device of the first batch it is given (the host-memory buffer's, so a seed gives the same start
     on every device), then moved to the model's."""
 
-    def __init__(self, n_layers: int, d: int, d_sae: int, x: torch.Tensor, y: torch.Tensor, skip: bool = False):
+    def __init__(self, cfg: TrainConfig, d: int, x: torch.Tensor, y: torch.Tensor):
         super().__init__()
+        n_layers, d_sae = len(cfg.layers), cfg.d_sae
+        self.cfg = cfg
         # per-layer scales from the first batch: inputs to unit mean squared norm, targets to unit
         # variance. With unit-norm decoder rows and W_enc = W_dec^T, parameters are then O(1/sqrt(d)),
         # which the seed's Adam learning rate moves by about 1% a step.
@@ -112,28 +167,103 @@ class _StackedTranscoders(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(torch.zeros(n_layers, 1, d_sae, device=x.device))
         self.b_dec = torch.nn.Parameter((y / self.s_out[:, None, None]).mean(1, keepdim=True))
         # skip transcoders (seed 004): an affine path x @ W_skip beside the features, starting at zero
-        self.W_skip = torch.nn.Parameter(torch.zeros(n_layers, d, d, device=x.device)) if skip else None
+        self.W_skip = torch.nn.Parameter(torch.zeros(n_layers, d, d, device=x.device)) if cfg.skip else None
+        # batchtopk: the inference threshold per layer (`calibrate`), and the step at which each feature last fired
+        # (for the dead features' auxiliary loss and the curve's dead fraction)
+        self.register_buffer("threshold", torch.zeros(n_layers, device=x.device))
+        self.register_buffer("last_fired", torch.zeros(n_layers, d_sae, dtype=torch.long, device=x.device))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [n_layers, B, d] raw -> (reconstruction in normalised units, feature activations)."""
-        z = torch.relu(torch.bmm(x / self.s_in[:, None, None], self.W_enc) + self.b_enc)
-        out = torch.bmm(z, self.W_dec) + self.b_dec
-        if self.W_skip is not None:
-            out = out + torch.bmm(x / self.s_in[:, None, None], self.W_skip)
-        return out, z
+    def encoder_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n_layers, B, d] raw -> x W_enc [n_layers, B, d_sae], the bias apart, in `matmul_dtype` (a bfloat16
+        product is rounded to bfloat16 whatever it is then cast to, so it stays so: half the bytes to select from)."""
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.matmul_dtype == "bfloat16"):
+            return torch.bmm(x / self.s_in[:, None, None], self.W_enc)
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n_layers, B, d] raw -> dense encoder pre-activations [n_layers, B, d_sae] in float32."""
+        return self.encoder_matmul(x).float() + self.b_enc
+
+    def skip_path(self, x: torch.Tensor) -> torch.Tensor | float:
+        if self.W_skip is None:
+            return 0.0
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.matmul_dtype == "bfloat16"):
+            return torch.bmm(x / self.s_in[:, None, None], self.W_skip).float()
+
+    def decode_sparse(self, rows: torch.Tensor, features: torch.Tensor, values: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """Sum of `values` x decoder rows: entry i adds values[i] * W_dec[layer of row i, features[i]] to row rows[i]
+        (rows sorted, `n_rows` = n_layers x B) -> [n_rows, d]. A gather-sum, so the ~k active features of a token cost
+        k rows of the decoder, not all of it."""
+        n_layers, d_sae, d = self.W_dec.shape
+        per_layer = n_rows // n_layers
+        counts = torch.bincount(rows, minlength=n_rows)
+        offsets = torch.cumsum(counts, 0) - counts
+        flat = (rows // per_layer) * d_sae + features
+        return F.embedding_bag(flat, self.W_dec.reshape(-1, d), offsets, mode="sum", per_sample_weights=values)
+
+    def batch_topk(self, product: torch.Tensor, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From `encoder_matmul`'s product: keep the k x B largest positive pre-activations of each layer -> (rows,
+        features, values) for `decode_sparse`, and the smallest kept value per layer; at a training `step`, marks the
+        features that fired. Selected without gradients, then only the kept values are read with them (a gather)."""
+        n_layers, B, d_sae = product.shape
+        with torch.no_grad():
+            scores = (product + self.b_enc.to(product.dtype)).reshape(n_layers, -1)
+            kept = scores.topk(min(self.cfg.k * B, scores.shape[1]), dim=1, sorted=False).indices.sort(dim=1).values
+            features = kept % d_sae
+        values = product.reshape(n_layers, -1).gather(1, kept).float() + self.b_enc[:, 0].gather(1, features)
+        positive = values > 0
+        with torch.no_grad():
+            smallest = torch.where(positive, values, torch.inf).min(1).values
+            if step is not None:
+                hits = torch.zeros(n_layers, d_sae, device=product.device).scatter_add_(1, features, positive.float())
+                self.last_fired[hits > 0] = step
+        rows = torch.arange(n_layers, device=product.device)[:, None] * B + kept // d_sae
+        keep = positive.reshape(-1)
+        return rows.reshape(-1)[keep], features.reshape(-1)[keep], values.reshape(-1)[keep], smallest
+
+    @torch.no_grad()
+    def calibrate(self, x_buf: torch.Tensor, batches: int = 64) -> None:
+        """The inference threshold per layer, with the final weights: the mean over `batches` training minibatches
+        of the smallest activation BatchTopK keeps (Bussmann et al.), so a token's L0 is k on average without a batch."""
+        n = x_buf.shape[1]
+        draw = torch.Generator(device=x_buf.device).manual_seed(self.cfg.seed)  # the training's own draws untouched
+        picks = torch.randperm(n, generator=draw, device=x_buf.device)[: batches * self.cfg.minibatch].split(self.cfg.minibatch)
+        device = self.W_enc.device
+        smallest = torch.stack([self.batch_topk(self.encoder_matmul(x_buf[:, mb].to(device).float()))[3] for mb in picks])
+        self.threshold.copy_(torch.nan_to_num(smallest, posinf=float("nan")).nanmean(0).nan_to_num(0.0))
+
+    def aux_loss(self, product: torch.Tensor, error: torch.Tensor, step: int) -> torch.Tensor:
+        """Dead features (silent for `dead_tokens` tokens) reconstruct the main error: the d/2 largest per token
+        (selected without gradients, read with them, as in `batch_topk`)."""
+        n_layers, B, d_sae = product.shape
+        dead = (step - self.last_fired) * B > self.cfg.dead_tokens
+        if not dead.any():
+            return product.new_zeros((), dtype=torch.float32)
+        k_aux = min(error.shape[-1] // 2, d_sae)
+        with torch.no_grad():
+            scores = (product + self.b_enc.to(product.dtype)).masked_fill(~dead[:, None, :], -1.0)
+            features = scores.topk(k_aux, dim=-1, sorted=False).indices.reshape(n_layers, -1)
+            kept = torch.arange(B, device=product.device).repeat_interleave(k_aux)[None] * d_sae + features
+        values = product.reshape(n_layers, -1).gather(1, kept).float() + self.b_enc[:, 0].gather(1, features)
+        values = torch.where(dead.gather(1, features), torch.relu(values), 0.0)
+        rows = torch.arange(n_layers * B, device=product.device).repeat_interleave(k_aux)
+        recon = self.decode_sparse(rows, features.reshape(-1), values.reshape(-1), n_layers * B)
+        return (recon.reshape(error.shape) - error).pow(2).sum(-1).mean(-1).sum()
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
-    def export(self, cfg: TrainConfig, model_name: str) -> list[Transcoder]:
-        """Fold the scales back: z_raw = s_out * z, so W_dec keeps unit-norm rows."""
-        out = []
+    def export(self, model_name: str) -> list[Transcoder]:
+        """Fold the scales back: z_raw = s_out * z, so W_dec keeps unit-norm rows; a BatchTopK transcoder becomes a
+        JumpReLU one with its layer's threshold on every feature."""
+        cfg, out = self.cfg, []
         for i, layer in enumerate(cfg.layers):
             s_in, s_out = self.s_in[i].item(), self.s_out[i].item()
             d = self.W_enc.shape[1]
             hook_in, hook_out = hook_names(cfg, layer)
-            tc_cfg = TranscoderConfig(layer=layer, d_in=d, d_sae=cfg.d_sae, d_out=d, hook_in=hook_in, hook_out=hook_out, model_name=model_name)
+            jump = cfg.activation == "batchtopk"
+            tc_cfg = TranscoderConfig(layer=layer, d_in=d, d_sae=cfg.d_sae, d_out=d, hook_in=hook_in, hook_out=hook_out,
+                                      model_name=model_name, activation="jumprelu" if jump else "relu")
             out.append(Transcoder(
                 tc_cfg,
                 (self.W_enc[i] * (s_out / s_in)).detach().clone(),
@@ -141,8 +271,19 @@ class _StackedTranscoders(torch.nn.Module):
                 self.W_dec[i].detach().clone(),
                 (self.b_dec[i, 0] * s_out).detach().clone(),
                 W_skip=None if self.W_skip is None else (self.W_skip[i] * (s_out / s_in)).detach().clone(),
+                threshold=torch.full((cfg.d_sae,), self.threshold[i].item() * s_out) if jump else None,
             ))
         return out
+
+
+def learning_rate_factor(step: int, total: int, warmup: float, decay: float) -> float:
+    """Linear warm-up over the first `warmup` of the steps, constant, then linear decay to 0 over the last `decay`."""
+    up, down = max(1, round(warmup * total)), round(decay * total)
+    if step < up:
+        return (step + 1) / up
+    if down and step >= total - down:
+        return max(0.0, (total - step) / down)
+    return 1.0
 
 
 def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult:
@@ -152,42 +293,126 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
         raise TranscoderError(f"layer(s) {bad} outside the model's 0..{model.cfg.n_layers - 1}")
     if out_dir.exists() and not out_dir.is_dir():  # found out now, not after the training
         raise OutputError(f"{out_dir}: is a file, not a directory for the transcoders")
+    if cfg.activation not in TRAIN_ACTIVATIONS:
+        raise TranscoderError(f"unknown training activation {cfg.activation!r}: expected one of {', '.join(TRAIN_ACTIVATIONS)}")
+    if cfg.activation == "batchtopk" and not 0 < cfg.k <= cfg.d_sae:
+        raise TranscoderError(f"k = {cfg.k} must be between 1 and d_sae = {cfg.d_sae}")
     check_context(model, cfg.ctx_len)
     if dtype_name(model.W_E.dtype) != cfg.dtype:
         raise ValueError(f"the model runs in {dtype_name(model.W_E.dtype)}, the config says {cfg.dtype}")
+    cfg = replace(cfg, matmul_dtype=matmul_dtype_for(cfg.matmul_dtype, model.W_E.device))
     torch.manual_seed(cfg.seed)
     tokens = token_contexts(model.tokenizer, cfg.dataset, cfg.n_tokens + cfg.eval_tokens, cfg.ctx_len)
     n_eval = max(1, -(-cfg.eval_tokens // cfg.ctx_len))
     eval_tokens, train_tokens = tokens[:n_eval], tokens[n_eval:]
     if len(train_tokens) == 0:
         raise TranscoderError("no training tokens: increase --tokens")
+    started = time.perf_counter()
     x_buf, y_buf = _activation_buffer(model, train_tokens, cfg, progress)
-    d, n_layers, n, device = model.cfg.d_model, len(cfg.layers), x_buf.shape[1], model.W_E.device
+    seconds = {"collect": time.perf_counter() - started}
+    d, n, device = model.cfg.d_model, x_buf.shape[1], model.W_E.device
     first = torch.randperm(n, device=x_buf.device)[: min(n, 8192)]
-    net = _StackedTranscoders(n_layers, d, cfg.d_sae, x_buf[:, first].float(), y_buf[:, first].float(), skip=cfg.skip).to(device)
+    net = _StackedTranscoders(cfg, d, x_buf[:, first].float(), y_buf[:, first].float()).to(device)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=True)
     steps_per_epoch = -(-n // cfg.minibatch)
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="training", unit="step", disable=not progress)
+    total = cfg.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: learning_rate_factor(step, total, cfg.warmup, cfg.decay))
+    curve = _Curve(model, net, cfg, x_buf, eval_tokens, total)
+    bar = tqdm(total=total, desc="training", unit="step", disable=not progress)
+    step, started = 0, time.perf_counter()
     for _ in range(cfg.epochs):
         for mb in torch.randperm(n, device=x_buf.device).split(cfg.minibatch):
             x, y_n = x_buf[:, mb].to(device).float(), y_buf[:, mb].to(device).float() / net.s_out[:, None, None]
-            recon, z = net(x)
-            mse = (recon - y_n).pow(2).sum(-1).mean(-1)  # per layer, ~FVU
-            l1 = z.sum(-1).mean(-1)  # decoder rows are unit norm, so this is the weighted L1
-            loss = (mse + cfg.l1_coefficient * l1).sum()
+            loss, mse, l0 = _step_loss(net, x, y_n, step)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            schedule.step()
             net.normalise_decoder()
+            step += 1
             bar.update()
-            if bar.n % 50 == 0:
-                bar.set_postfix(fvu=f"{mse.mean().item():.3f}", l0=f"{(z > 0).float().sum(-1).mean().item():.1f}")
+            point = curve.record(step, step * cfg.minibatch, time.perf_counter() - started, optimiser.param_groups[0]["lr"],
+                                 loss, mse, l0)
+            if point is not None:
+                bar.set_postfix(fvu=f"{point.fvu:.3f}", l0=f"{point.l0:.1f}", dead=f"{point.dead_fraction:.0%}")
     bar.close()
-    del x_buf, y_buf
-    transcoders = net.export(cfg, getattr(model.cfg, "model_name", ""))
-    result = TrainResult(cfg, evaluate(model, TranscoderSet({t.layer: t for t in transcoders}), eval_tokens, cfg))
+    if cfg.activation == "batchtopk":
+        net.calibrate(x_buf)
+    del x_buf, y_buf, curve.x_buf
+    seconds["train"] = time.perf_counter() - started - curve.ce_seconds
+    seconds["curve_ce"] = curve.ce_seconds
+    transcoders = net.export(getattr(model.cfg, "model_name", ""))
+    started = time.perf_counter()
+    metrics = evaluate(model, TranscoderSet({t.layer: t for t in transcoders}), eval_tokens, cfg)
+    seconds["evaluate"] = time.perf_counter() - started
+    result = TrainResult(cfg, metrics, curve.points, {k: round(v, 2) for k, v in seconds.items()})
     _save_atomically(transcoders, result, out_dir)
     return result
+
+
+def _step_loss(net: _StackedTranscoders, x: torch.Tensor, y_n: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss to minimise, squared error per layer ~ FVU, active features per token per layer) on one minibatch."""
+    cfg = net.cfg
+    n_layers, B, d = y_n.shape
+    if cfg.activation == "relu":
+        z = torch.relu(net.pre_acts(x))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.matmul_dtype == "bfloat16"):
+            recon = torch.bmm(z, net.W_dec).float() + net.b_dec + net.skip_path(x)
+        mse = (recon - y_n).pow(2).sum(-1).mean(-1)
+        l1 = z.sum(-1).mean(-1)  # decoder rows are unit norm, so this is the weighted L1
+        with torch.no_grad():
+            net.last_fired[(z > 0).any(1)] = step
+        return (mse + cfg.l1_coefficient * l1).sum(), mse.detach(), (z > 0).sum(-1).float().mean(-1)
+    product = net.encoder_matmul(x)
+    rows, features, values, _ = net.batch_topk(product, step)
+    active = torch.bincount(rows // B, minlength=n_layers)
+    recon = net.decode_sparse(rows, features, values, n_layers * B).reshape(n_layers, B, d) + net.b_dec + net.skip_path(x)
+    mse = (recon - y_n).pow(2).sum(-1).mean(-1)
+    aux = net.aux_loss(product, (y_n - recon).detach(), step)
+    return mse.sum() + cfg.aux_coefficient * aux, mse.detach(), active.float() / B
+
+
+class _Curve:
+    """The training curve: `CURVE_POINTS` points over the run, `curve_ce` of them with CE recovered measured."""
+
+    def __init__(self, model, net: _StackedTranscoders, cfg: TrainConfig, x_buf: torch.Tensor, eval_tokens: torch.Tensor, total: int):
+        self.model, self.net, self.cfg, self.x_buf, self.eval_tokens = model, net, cfg, x_buf, eval_tokens
+        self.every = max(1, total // CURVE_POINTS)
+        self.ce_steps = {round(total * (i + 1) / cfg.curve_ce) for i in range(cfg.curve_ce)} if cfg.curve_ce else set()
+        self.total = total
+        self.points: list[CurvePoint] = []
+        self.sums = [0.0, 0.0, 0.0, 0]  # loss, FVU, L0, steps since the last point
+        self.ce_seconds = 0.0  # spent measuring CE recovered: not training time
+
+    def record(self, step: int, tokens: int, seconds: float, lr: float, loss: torch.Tensor, mse: torch.Tensor,
+               l0: torch.Tensor) -> CurvePoint | None:
+        """Accumulate one step; every `every` steps (and at the last) average into a point."""
+        self.sums[0] += loss.item()
+        self.sums[1] += mse.mean().item()
+        self.sums[2] += l0.mean().item()
+        self.sums[3] += 1
+        if step % self.every and step != self.total and step not in self.ce_steps:
+            return None
+        n = self.sums[3]
+        silent_for = (step - self.net.last_fired) * self.cfg.minibatch
+        window = self.cfg.dead_tokens if self.cfg.activation == "batchtopk" else n * self.cfg.minibatch
+        point = CurvePoint(step, tokens, round(seconds - self.ce_seconds, 2), lr, self.sums[0] / n, self.sums[1] / n, self.sums[2] / n,
+                           (silent_for > window).float().mean().item())
+        if step in self.ce_steps:
+            started = time.perf_counter()
+            point.ce_recovered = self.ce_recovered()
+            self.ce_seconds += time.perf_counter() - started
+        self.points.append(point)
+        self.sums = [0.0, 0.0, 0.0, 0]
+        return point
+
+    def ce_recovered(self) -> float:
+        """All layers replaced by the transcoders as they stand (BatchTopK thresholds calibrated first), on the
+        held-out tokens."""
+        if self.cfg.activation == "batchtopk":
+            self.net.calibrate(self.x_buf)
+        tset = TranscoderSet({t.layer: t for t in self.net.export(getattr(self.model.cfg, "model_name", ""))})
+        return evaluate_transcoders(self.model, tset, self.eval_tokens, per_layer=False, progress=False).ce_recovered_all
 
 
 def _activation_buffer(model, tokens: torch.Tensor, cfg: TrainConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,18 +465,21 @@ def _save_atomically(transcoders: list[Transcoder], result: TrainResult, out_dir
     with atomic_directory(out_dir) as tmp:
         for tc in transcoders:
             save_saelens(tc, tmp / f"layer_{tc.layer}")
-        record = {"config": asdict(result.config), "metrics": [asdict(m) for m in result.metrics]}
-        (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
+        record = {"config": asdict(result.config), "metrics": [asdict(m) for m in result.metrics],
+                  "curve": [asdict(p) for p in result.curve], "seconds": result.seconds}
+        (tmp / layout.TRAINING).write_text(json.dumps(record, indent=2))
 
 
 def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:
     """The saved result if `out_dir` holds a finished training run with exactly this config."""
-    record_path = out_dir / TRAINING_RECORD
+    record_path = out_dir / layout.TRAINING
     if not record_path.is_file():
         return None
     try:
         record = json.loads(record_path.read_text())
-        recorded = TrainConfig(**record["config"])  # a field added since then reads as its default
+        # a field added since then reads as its default, except the training method's, which older runs predate
+        legacy = {"activation": "relu", "warmup": 0.0, "decay": 0.0, "matmul_dtype": "float32"}
+        recorded = TrainConfig(**{**legacy, **record["config"]})
     except (json.JSONDecodeError, KeyError, TypeError):
         return None
     if recorded != cfg:
@@ -260,4 +488,5 @@ def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:
         load_transcoders(out_dir)
     except TranscoderError:
         return None
-    return TrainResult(cfg, [LayerMetrics(**m) for m in record["metrics"]])
+    return TrainResult(cfg, [LayerMetrics(**m) for m in record["metrics"]], [CurvePoint(**p) for p in record.get("curve", [])],
+                       record.get("seconds", {}))

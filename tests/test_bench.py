@@ -23,6 +23,7 @@ EXPECTED = {  # benchmark -> a line its report must print
     "interactive.py": "rerun with nothing to do",
     "prompts.py": "recurring: p50",
     "prompt_stores.py": "bolt: recurring: p50",
+    "train.py": "bare forward pass (collection) across the runs",
 }
 
 

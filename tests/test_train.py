@@ -53,8 +53,8 @@ def test_training_on_each_device(gpt2, model_on, text_file, tmp_path, device):
 
 
 def test_training_is_deterministic_for_a_seed(gpt2, text_file, tmp_path):
-    cfg = TrainConfig(model="tiny", dataset=str(text_file), layers=[1], d_sae=16, n_tokens=600, ctx_len=32,
-                      batch_contexts=8, minibatch=32, eval_tokens=64)
+    cfg = TrainConfig(model="tiny", dataset=str(text_file), layers=[1], d_sae=16, k=4, n_tokens=600, ctx_len=32,
+                      batch_contexts=8, minibatch=32, eval_tokens=64, dead_tokens=100)
     a = train_transcoders(gpt2, cfg, tmp_path / "a", progress=False)
     b = train_transcoders(gpt2, cfg, tmp_path / "b", progress=False)
     assert a.metrics == b.metrics
@@ -62,14 +62,137 @@ def test_training_is_deterministic_for_a_seed(gpt2, text_file, tmp_path):
 
 
 def test_skip_transcoders_train_save_and_beat_plain_ones(gpt2, text_file, tmp_path):
-    """Same budget with and without the skip path: the skip one saves as skip_transcoder and fits better."""
+    """Same budget with and without the skip path: the skip one saves as jumprelu_skip_transcoder and fits better."""
     import json
 
-    base = dict(model="tiny", dataset=str(text_file), layers=[1], d_sae=16, n_tokens=2000, ctx_len=32, batch_contexts=8,
+    base = dict(model="tiny", dataset=str(text_file), layers=[1], d_sae=16, k=4, n_tokens=2000, ctx_len=32, batch_contexts=8,
                 minibatch=64, epochs=3, lr=2e-3, l1_coefficient=0.01, eval_tokens=256)
     plain = train_transcoders(gpt2, TrainConfig(**base), tmp_path / "plain", progress=False)
     skip = train_transcoders(gpt2, TrainConfig(**base, skip=True), tmp_path / "skip", progress=False)
-    assert json.loads((tmp_path / "skip" / "layer_1" / "cfg.json").read_text())["architecture"] == "skip_transcoder"
+    assert json.loads((tmp_path / "skip" / "layer_1" / "cfg.json").read_text())["architecture"] == "jumprelu_skip_transcoder"
     loaded = load_transcoders(tmp_path / "skip")[1]
     assert loaded.W_skip is not None and loaded.W_skip.abs().sum() > 0
     assert skip.metrics[0].fvu < plain.metrics[0].fvu
+
+
+BASE = dict(model="tiny", dataset="", layers=[0, 2], d_sae=64, n_tokens=3000, ctx_len=32, batch_contexts=8, minibatch=64,
+            epochs=4, lr=2e-3, eval_tokens=256)
+
+
+def test_batchtopk_saves_jumprelu_with_l0_near_k_and_a_curve(gpt2, text_file, tmp_path):
+    """BatchTopK trains, saves as a JumpReLU transcoder whose calibrated threshold gives L0 near k on held-out tokens
+    (no batch at inference), and records its curve: warm-up then decay, every point's figures finite."""
+    import json
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, activation="batchtopk", k=8, warmup=0.1, decay=0.3)
+    result = train_transcoders(gpt2, cfg, tmp_path / "tc", progress=False)
+    assert json.loads((tmp_path / "tc" / "layer_0" / "cfg.json").read_text())["architecture"] == "jumprelu_transcoder"
+    tset = load_transcoders(tmp_path / "tc")
+    assert all(tc.cfg.activation == "jumprelu" and tc.threshold.min() > 0 for tc in tset)
+    check_reported_metrics(gpt2, text_file, cfg, tset, result)
+    assert all(0.5 * cfg.k <= m.l0 <= 2 * cfg.k for m in result.metrics), [m.l0 for m in result.metrics]
+
+    record = json.loads((tmp_path / "tc" / "training.json").read_text())
+    curve = record["curve"]
+    steps = [p["step"] for p in curve]
+    assert all(a < b for a, b in zip(steps, steps[1:])) and all(p["tokens"] == p["step"] * cfg.minibatch for p in curve)
+    lrs = [p["lr"] for p in curve]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(cfg.lr) and lrs[0] < cfg.lr and lrs[-1] < 0.05 * cfg.lr and 0 < peak < len(lrs) - 1
+    assert all(p["l0"] == pytest.approx(cfg.k, rel=0.01) for p in curve), "BatchTopK keeps k x B activations a minibatch"
+    assert curve[-1]["fvu"] < curve[0]["fvu"]
+
+
+def test_sparse_decoder_matches_the_dense_one_and_its_gradients(gpt2, text_file):
+    """The gather-sum decoder gives the dense z @ W_dec and the same gradients for W_dec, W_enc and b_enc (autograd
+    through both)."""
+    from circuit_catalog.ingest.train import _StackedTranscoders, collect
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=5)
+    tokens = token_contexts(gpt2.tokenizer, str(text_file), 512, 32)[:4]
+    x, y = collect(gpt2, tokens, cfg)
+    torch.manual_seed(0)
+    grads = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        net = _StackedTranscoders(cfg, 32, x.float(), y.float())
+        product = net.encoder_matmul(x.float())
+        rows, features, values, _ = net.batch_topk(product)
+        n_layers, B, _ = product.shape
+        if sparse:
+            recon = net.decode_sparse(rows, features, values, n_layers * B).reshape(n_layers, B, -1)
+        else:
+            z = torch.zeros(n_layers * B, cfg.d_sae).index_put((rows, features), values).reshape(n_layers, B, -1)
+            recon = torch.bmm(z, net.W_dec)
+        loss = (recon + net.b_dec - y.float()).pow(2).sum()
+        loss.backward()
+        grads.append((recon.detach(), net.W_dec.grad, net.W_enc.grad, net.b_enc.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (rows.bincount(minlength=n_layers * B).reshape(n_layers, B).sum(1) <= cfg.k * B).all()
+
+
+def test_aux_loss_reaches_only_dead_features(gpt2, text_file):
+    """The auxiliary loss is the dead features' top-(d/2) reconstruction of the error, computed densely here, and its
+    gradient reaches the decoder rows of dead features only."""
+    from circuit_catalog.ingest.train import _StackedTranscoders, collect
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=5, dead_tokens=100)
+    tokens = token_contexts(gpt2.tokenizer, str(text_file), 512, 32)[:4]
+    x, y = collect(gpt2, tokens, cfg)
+    net = _StackedTranscoders(cfg, 32, x.float(), y.float())
+    dead = torch.zeros(2, cfg.d_sae, dtype=torch.bool)
+    dead[:, ::3] = True
+    net.last_fired[~dead] = 1000  # seen at the step below: live; the others last fired at step 0, long ago
+    pre = net.pre_acts(x.float())
+    error = torch.randn(2, pre.shape[1], 32)
+    aux = net.aux_loss(net.encoder_matmul(x.float()), error, step=1000)
+    aux.backward()
+    k_aux = 16
+    masked = torch.where(dead[:, None, :], pre, torch.tensor(-1.0)).detach()
+    top = masked.topk(k_aux, dim=-1)
+    z = torch.zeros_like(masked).scatter(-1, top.indices, torch.relu(top.values))
+    expected = (torch.bmm(z, net.W_dec.detach()) - error).pow(2).sum(-1).mean(-1).sum()
+    torch.testing.assert_close(aux.detach(), expected, rtol=1e-5, atol=1e-5)
+    assert net.W_dec.grad[~dead].abs().max() == 0 and net.W_dec.grad[dead].abs().max() > 0
+    net.last_fired.fill_(1000)
+    assert net.aux_loss(net.encoder_matmul(x.float()), error, step=1000).item() == 0.0, "no dead features, no auxiliary loss"
+
+
+def test_curve_ce_recovered_ends_at_the_saved_transcoders_figure(gpt2, text_file, tmp_path):
+    """`curve_ce` points measure CE recovered with every layer replaced; the last one is exactly what `eval` of the
+    saved transcoders on the same held-out tokens gives (the same calibrated thresholds)."""
+    from circuit_catalog.ingest.evaluate import evaluate_transcoders
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=8, curve_ce=2)
+    result = train_transcoders(gpt2, cfg, tmp_path / "tc", progress=False)
+    measured = [p for p in result.curve if p.ce_recovered is not None]
+    assert len(measured) == 2 and measured[-1].step == result.curve[-1].step
+    held_out = token_contexts(gpt2.tokenizer, str(text_file), cfg.n_tokens + cfg.eval_tokens, cfg.ctx_len)[:cfg.eval_tokens // cfg.ctx_len]
+    saved = evaluate_transcoders(gpt2, load_transcoders(tmp_path / "tc"), held_out, progress=False, per_layer=False)
+    assert measured[-1].ce_recovered == pytest.approx(saved.ce_recovered_all, abs=1e-5)
+
+
+def test_bfloat16_matmuls_train_as_well(gpt2, text_file, tmp_path):
+    """The encoder's matmuls in bfloat16 (weights in float32): the same run's held-out FVU within 0.03 of float32."""
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=8)
+    fp32 = train_transcoders(gpt2, cfg, tmp_path / "fp32", progress=False)
+    bf16 = train_transcoders(gpt2, TrainConfig(**{**cfg.__dict__, "matmul_dtype": "bfloat16"}), tmp_path / "bf16", progress=False)
+    assert load_transcoders(tmp_path / "bf16")[0].W_enc.dtype == torch.float32
+    assert [m.fvu for m in bf16.metrics] == pytest.approx([m.fvu for m in fp32.metrics], abs=0.03)
+
+
+def test_a_record_from_before_batchtopk_is_not_reused_for_it(gpt2, text_file, tmp_path):
+    """A training record without the method fields was a ReLU + L1 run without a schedule: reused for that, not for the
+    BatchTopK defaults."""
+    import json
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, activation="relu", warmup=0.0, decay=0.0, l1_coefficient=0.01)
+    train_transcoders(gpt2, cfg, tmp_path / "tc", progress=False)
+    path = tmp_path / "tc" / "training.json"
+    record = json.loads(path.read_text())
+    for name in ("activation", "warmup", "decay", "matmul_dtype", "k", "aux_coefficient", "dead_tokens", "curve_ce"):
+        record["config"].pop(name)
+    path.write_text(json.dumps(record))
+    assert reusable(tmp_path / "tc", cfg) is not None
+    assert reusable(tmp_path / "tc", TrainConfig(**{**cfg.__dict__, "activation": "batchtopk", "warmup": 0.05, "decay": 0.2})) is None

@@ -153,6 +153,7 @@ td.empty { color: var(--muted); font-style: italic; }
 .chart .bar { fill: #5b8db8; } .chart .bar:hover { fill: #2f6690; }
 .chart .axis { stroke: #8c959f; stroke-width: 1; }
 .chart .gridline { stroke: #eaeef2; stroke-width: 1; }
+.chart .series { fill: none; stroke: #5b8db8; stroke-width: 1.5; } .chart .point { fill: #2f6690; }
 .chart .edge.pos { stroke: var(--pos); } .chart .edge.neg { stroke: var(--neg); }
 .chart .node rect { fill: #ffffff; stroke: #8c959f; }
 .chart .node.focus rect { fill: #fef3c7; stroke: #d97706; }

@@ -69,6 +69,7 @@ class Overview:
     cards: list[str] = field(default_factory=list)  # feature card files next to the overview
     prompts: list[dict] = field(default_factory=list)  # prompts.parquet rows, with `report` set where a report is written
     rare_warning: str | None = None  # the statistics counted too few tokens to call a feature rare
+    training: dict | None = None  # CATALOG/training.json: how `train` made the transcoders, with its curve
 
 
 def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None = None) -> Overview:
@@ -98,6 +99,8 @@ def overview(root: Path, eval_file: Path | None = None, cards_dir: Path | None =
         for f in flags:
             counts[f.kind] = counts.get(f.kind, 0) + 1
     result.rare_warning = rare_warning(root)
+    training_path = root / layout.TRAINING
+    result.training = json.loads(training_path.read_text()) if training_path.is_file() else None
     for m in (evaluation or {}).get("layers", []):
         if m["layer"] in rows:
             rows[m["layer"]].fvu, rows[m["layer"]].ce_recovered = m["fvu"], m["ce_recovered"]
@@ -166,6 +169,8 @@ def render_overview(o: Overview) -> str:
     if o.rare_warning:
         parts.append(banner(f"Too few tokens to call a feature rare: {o.rare_warning}.", "warn"))
     parts.append(_layers_section(o))
+    if o.training and o.training.get("curve"):
+        parts.append(_training_section(o.training))
     if o.weight_counts:
         parts.append(_weights_section(o))
     parts.append(_cards_section(o.cards))
@@ -201,6 +206,29 @@ def _layers_section(o: Overview) -> Markup:
         charts.append(tag("div", tag("h3", "L0 per layer") + svg.bar_chart(labels, [r.l0 or 0.0 for r in o.layers], fmt="{:.1f}", label="L0 per layer")))
     table_html = table([name for name, _ in columns], rows, numeric=[i for i, (name, _) in enumerate(columns) if name != "warnings"], cls="layers")
     return section("Layers", table_html, tag("div", join(charts), cls="grid"), note=" ".join(notes))
+
+
+def _training_section(record: dict) -> Markup:
+    """How the transcoders were trained, and the training curve (means over layers) against training tokens."""
+    c, curve = record["config"], record["curve"]
+    method = (f"BatchTopK, k = {c['k']}, saved as JumpReLU" if c.get("activation") == "batchtopk" else
+              f"ReLU + L1 ({c['l1_coefficient']:g})") + (", skip transcoders" if c.get("skip") else "")
+    head = [("method", method), ("features per layer", f"{c['d_sae']:,}"),
+            ("training tokens", f"{c['n_tokens']:,} x {c['epochs']} epoch{'s' if c['epochs'] > 1 else ''}"),
+            ("learning rate", f"{c['lr']:g}"), ("matmuls", c.get("matmul_dtype", "float32")),
+            ("training time", f"{curve[-1]['seconds'] / 60:.1f} min")]
+    tokens = [p["tokens"] for p in curve]
+    charts = [(key, title, fmt) for key, title, fmt in (
+        ("fvu", "FVU (minibatch)", "{:.3f}"), ("l0", "L0", "{:.1f}"), ("dead_fraction", "dead features", "{:.1%}"),
+        ("ce_recovered", "CE loss recovered (held-out)", "{:.3f}")) if any(p.get(key) is not None for p in curve)]
+    grid = tag("div", join(tag("div", tag("h3", title) + svg.line_chart(tokens, [p.get(key) for p in curve], x_label="training tokens",
+                                                                      y_label=title, fmt=fmt, label=f"{title} during training"))
+                           for key, title, fmt in charts), cls="grid")
+    return section("Training", figures(head), grid,
+                   note="From the transcoders' training record (`train` writes OUT/training.json; ingest copies it here). "
+                        "FVU, L0 and dead features are means over layers on the training minibatches (dead: silent for the "
+                        "last `dead_tokens` tokens); CE loss recovered, with every MLP replaced at once, on held-out tokens "
+                        "where `train --curve-ce N` measured it.")
 
 
 def _layer_warnings(r: LayerRow) -> str:

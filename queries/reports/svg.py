@@ -1,4 +1,4 @@
-"""Inline SVG charts for the HTML reports: histogram, signed bar chart, heatmap, layered node-link diagram.
+"""Inline SVG charts for the HTML reports: histogram, signed bar chart, line chart, heatmap, layered node-link diagram.
 
 Plain SVG elements styled by the page's stylesheet (classes `bar`, `axis`, `edge pos|neg`, ...), so a
 chart needs no script and prints as it shows. Every mark carries a <title>, the browser's tooltip.
@@ -109,6 +109,34 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], *, width: float = 
         parts.append(tag("rect", tag("title", f"{name}: {fmt.format(v)}"), x=_f(x0), y=_f(y + 2), width=_f(max(x1 - x0, 0.8)),
                          height=_f(row - 6), cls="barpos" if v >= 0 else "barneg"))
         parts.append(_text(max(x1, sx(0)) + 6, y + 13, fmt.format(v), "start"))
+    return _svg(width, height, join(parts), label)
+
+
+def line_chart(xs: Sequence[float], ys: Sequence[float | None], *, width: float = 320, height: float = 180, x_label: str = "",
+               y_label: str = "", fmt: str = "{:.3g}", label: str = "line chart") -> Markup:
+    """One series against x (points with no y value are skipped); every point carries its value as a tooltip."""
+    left, right, top, bottom = 50.0, 12.0, 10.0, 40.0
+    pw, ph = width - left - right, height - top - bottom
+    points = [(x, y) for x, y in zip(xs, ys) if y is not None]
+    if not points:
+        return _svg(width, height, _text(width / 2, height / 2, "no values"), label)
+    x_lo, x_hi = min(x for x, _ in points), max(x for x, _ in points)
+    y_lo, y_hi = min(0.0, *(y for _, y in points)), max(y for _, y in points)
+
+    def sx(v: float) -> float:
+        return left + (v - x_lo) / ((x_hi - x_lo) or 1) * pw
+
+    def sy(v: float) -> float:
+        return top + ph - (v - y_lo) / ((y_hi - y_lo) or 1) * ph
+
+    parts = [_line(left, sy(t), left + pw, sy(t), "gridline") + _text(left - 6, sy(t) + 4, f"{t:g}", "end") for t in nice_ticks(y_lo, y_hi, 4)]
+    parts += [_line(sx(t), top + ph, sx(t), top + ph + 4, "axis") + _text(sx(t), top + ph + 16, compact(t)) for t in nice_ticks(x_lo, x_hi, 4)]
+    parts.append(Markup(f'<polyline class="series" points="{" ".join(f"{_f(sx(x))},{_f(sy(y))}" for x, y in points)}"/>'))
+    parts += [tag("circle", tag("title", f"{x_label} {x:g}: {fmt.format(y)}"), cx=_f(sx(x)), cy=_f(sy(y)), r="2.5", cls="point")
+              for x, y in points]
+    parts += [_line(left, top + ph, left + pw, top + ph, "axis"), _line(left, top, left, top + ph, "axis"),
+              _text(left + pw / 2, height - 6, x_label, cls="label"),
+              _text(12, top + ph / 2, y_label, cls="label", transform=f"rotate(-90 12 {_f(top + ph / 2)})")]
     return _svg(width, height, join(parts), label)
 
 
