@@ -59,16 +59,16 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
     return value
 
 
-def _count_or_all(value: str) -> int | None:
-    """'all' -> None; a positive integer as itself."""
-    if value.strip().lower() == "all":
+def _count_or(value: str, word: str, minimum: int = 1) -> int | None:
+    """`word` (e.g. 'all', 'auto') -> None; an integer >= `minimum` as itself."""
+    if value.strip().lower() == word:
         return None
     try:
         n = int(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a positive integer nor 'all'") from None
-    if n < 1:
-        raise click.BadParameter(f"{n} is not a positive integer (or 'all')")
+        raise click.BadParameter(f"{value!r} is neither an integer >= {minimum} nor {word!r}") from None
+    if n < minimum:
+        raise click.BadParameter(f"{n} is below {minimum} (or say {word!r})")
     return n
 
 
@@ -188,7 +188,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, activation, k, l1
 @click.option("--edge-threshold", type=click.FloatRange(0, 1), callback=_finite, default=0.98, show_default=True, help="Pruning: keep edges carrying this share of influence.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Attribution targets per backward sweep.")
 @click.option("--bos-features", is_flag=True, help="Give position 0 (the BOS or other leading special token) feature nodes too; by default it has none and its MLP output is a constant in each target's bias.")
-@click.option("--head-edges", default="1000", show_default=True, callback=lambda ctx, param, value: _count_or_all(value),
+@click.option("--head-edges", default="1000", show_default=True, callback=lambda ctx, param, value: _count_or(value, "all"),
               help="Pruned edges split by attention head (edges_heads), the most influential first; 'all' for every one (~50 bytes an edge).")
 @click.option("--unpruned-edges", is_flag=True,
               help="Keep every non-zero edge of the unpruned graph (edges_full, ~2-3 MB a SmolLM2 prompt); by default only those into the logits and the custom target, which validation reads.")
@@ -749,14 +749,23 @@ def show(feature, cat, k, normalise, fmt):
 @click.option("--tokens", "n_tokens", type=click.IntRange(1), default=4096, show_default=True)
 @click.option("--ctx-len", type=click.IntRange(3), default=128, show_default=True)
 @click.option("--layers", default="all", show_default=True)
-@click.option("--skip-contexts", type=click.IntRange(0), default=0, help="Start this many contexts into the dataset (e.g. past the training tokens).")
+@click.option("--skip-contexts", default="auto", show_default=True,
+              callback=lambda ctx, param, value: _count_or(value, "auto", 0),
+              help="Start this many contexts into the dataset; auto: past the contexts the transcoders were trained on when "
+                   "their training record (TRANSCODERS/training.json) is of this dataset and --ctx-len, else 0.")
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON.")
 @click.option("--trust-pickle", is_flag=True)
 @compute_options
 def evaluate(model, transcoders, dataset, n_tokens, ctx_len, layers, skip_contexts, out_file, trust_pickle, device, dtype):
     """Transcoder fidelity: FVU, L0, dead features, and next-token CE with MLPs replaced / zeroed / mean-ablated."""
     from circuit_catalog.ingest.pipeline import evaluate as evaluate_
+    from circuit_catalog.ingest.train import trained_contexts
 
+    if skip_contexts is None:
+        skip_contexts = trained_contexts(transcoders, dataset, ctx_len)
+        err.print(f"held out: starting past the {skip_contexts} contexts the transcoders were trained on" if skip_contexts else
+                  "from the start of the dataset (no training record of this dataset and --ctx-len with the transcoders)")
+        skip_contexts = skip_contexts or 0
     result = evaluate_(model, transcoders, dataset, n_tokens, ctx_len, parse_layers(layers), skip_contexts, trust_pickle,
                        device=device, dtype=dtype)
     table = Table("layer", "FVU", "L0", "dead", "CE replaced", "CE zero", "CE mean", "recovered", "KL",

@@ -174,16 +174,21 @@ def train(model, out_dir: str | Path, config, force: bool = False, device: str |
 
 
 def evaluate(model, transcoders, dataset: str = "brown", n_tokens: int = 4096, ctx_len: int = 128,
-             layers: list[int] | None = None, skip_contexts: int = 0, trust_pickle: bool = False,
+             layers: list[int] | None = None, skip_contexts: int | None = 0, trust_pickle: bool = False,
              device: str | None = None, dtype: str | None = None, progress: bool = True):
     """Transcoder fidelity on a dataset: FVU, L0, dead features, next-token CE with MLPs replaced / zeroed /
-    mean-ablated (an `EvalResult`)."""
+    mean-ablated (an `EvalResult`). `skip_contexts` None: past the contexts the transcoders were trained on when their
+    training record says (`train.trained_contexts`), else from the start."""
     from circuit_catalog.ingest.datasets import token_contexts
     from circuit_catalog.ingest.evaluate import evaluate_transcoders
     from circuit_catalog.ingest.models import check_context
 
     lm, tset = load(model, transcoders, layers, trust_pickle, device, dtype)
     check_context(lm, ctx_len)
+    if skip_contexts is None:
+        from circuit_catalog.ingest.train import trained_contexts
+
+        skip_contexts = trained_contexts(Path(transcoders), dataset, ctx_len) or 0
     tokens = token_contexts(lm.tokenizer, dataset, n_tokens, ctx_len, skip_contexts=skip_contexts)
     return evaluate_transcoders(lm, tset, tokens, progress=progress)
 

@@ -470,6 +470,19 @@ def _save_atomically(transcoders: list[Transcoder], result: TrainResult, out_dir
         (tmp / layout.TRAINING).write_text(json.dumps(record, indent=2))
 
 
+def trained_contexts(transcoders: Path, dataset: str, ctx_len: int) -> int | None:
+    """How many leading contexts of `dataset` (cut at `ctx_len`) the transcoders in `transcoders` were trained and
+    checked on, from their training record; None when there is no record, or it is of another dataset or cut."""
+    record_path = Path(transcoders) / layout.TRAINING
+    try:
+        c = json.loads(record_path.read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if c.get("dataset") != dataset or c.get("ctx_len") != ctx_len:
+        return None
+    return -(-(c["n_tokens"] + c["eval_tokens"]) // ctx_len)
+
+
 def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:
     """The saved result if `out_dir` holds a finished training run with exactly this config."""
     record_path = out_dir / layout.TRAINING

@@ -12,9 +12,9 @@ cc=.venv/bin/circuit-catalog
 compute=${COMPUTE:-}
 prompt="The capital of France is"
 
-echo "== 1. transcoders: one per layer, 1536 features, 40k Brown tokens x 3 epochs"
-# lr 1e-3 rather than the seed's 4e-4: this budget allows ~900 steps, where 1e-3 reaches a lower FVU
-$cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epochs 3 --lr 1e-3 --l1 0.01 \
+echo "== 1. transcoders: one skip transcoder per layer, 1536 features, BatchTopK k = 32, 40k Brown tokens x 3 epochs"
+# lr 1e-3 rather than 4e-4: this budget allows ~940 steps, where 1e-3 reaches a lower FVU (README, "Training")
+$cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epochs 3 --lr 1e-3 --k 32 --skip \
     --out "$out/transcoders" $compute
 
 echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens, activation statistics,"
@@ -24,7 +24,7 @@ $cc ingest --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out
 
 echo "== 2b. the transcoders' quality on held-out Brown tokens (past the training tokens): per-layer FVU, L0, dead"
 echo "       features, and the next-token loss with every MLP replaced (CE loss recovered), kept for the overview report"
-$cc eval --model smollm2-135m --transcoders "$out/transcoders" --tokens 512 --skip-contexts 320 --out "$out/catalog/eval.json" $compute
+$cc eval --model smollm2-135m --transcoders "$out/transcoders" --tokens 512 --out "$out/catalog/eval.json" $compute
 
 echo "== 3. load the catalog into the embedded graph store (LadybugDB, at $out/catalog/graph)"
 $cc load --catalog "$out/catalog"

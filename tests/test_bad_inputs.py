@@ -157,6 +157,7 @@ CASES = [  # (id, arguments, exit code, a fragment of the error line)
     ("train d-sae zero", ["train", "--model", "{model}", "--out", "{new}", "--d-sae", "0"], 2, "--d-sae"),
     ("train lr NaN", ["train", "--model", "{model}", "--out", "{new}", "--lr", "nan"], 2, "finite"),
     ("train out is a file", ["train", "--model", "{model}", "--dataset", "{txt}", "--out", "{file}", "--tokens", "2000", "--d-sae", "8"], 1, "file.txt"),
+    ("train k beyond d-sae", ["train", "--model", "{model}", "--dataset", "{txt}", "--out", "{new}", "--tokens", "2000", "--d-sae", "8", "--k", "16"], 1, "k = 16"),
     ("train ctx-len beyond the model", ["train", "--model", "{model}", "--dataset", "{txt}", "--out", "{new}", "--ctx-len", "1000"], 1, "context"),
     # ---- catalog readers
     ("catalog missing", ["show", "L1/2", "--catalog", "{tmp}/nope"], 1, "not a catalog"),

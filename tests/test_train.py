@@ -196,3 +196,51 @@ def test_a_record_from_before_batchtopk_is_not_reused_for_it(gpt2, text_file, tm
     path.write_text(json.dumps(record))
     assert reusable(tmp_path / "tc", cfg) is not None
     assert reusable(tmp_path / "tc", TrainConfig(**{**cfg.__dict__, "activation": "batchtopk", "warmup": 0.05, "decay": 0.2})) is None
+
+
+def test_ingest_keeps_the_training_record_and_the_overview_plots_its_curve(gpt2, text_file, tmp_path):
+    """A catalog ingested from trained transcoders carries their training.json; the overview's Training section draws
+    one point per curve point (FVU, L0, dead) and the CE recovered where measured, with the values as tooltips."""
+    import json
+    import re
+
+    from circuit_catalog.catalog import layout
+    from circuit_catalog.ingest.job import build_manifest, run_ingest
+    from circuit_catalog.ingest.settings import IngestSettings
+    from circuit_catalog.queries.reports.overview import write_overview
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=8, curve_ce=1)
+    result = train_transcoders(gpt2, cfg, tmp_path / "tc", progress=False)
+    tset = load_transcoders(tmp_path / "tc")
+    tset.bind(gpt2)
+    root = tmp_path / "catalog"
+    run_ingest(gpt2, tset, root, build_manifest(gpt2, "tiny", tset, str(tmp_path / "tc"), IngestSettings(top_k=2)), progress=False)
+    assert json.loads((root / layout.TRAINING).read_text()) == json.loads((tmp_path / "tc" / "training.json").read_text())
+
+    html = write_overview(root).read_text()
+    training = html[html.index(">Training<"):]
+    for title, n in (("FVU (minibatch)", len(result.curve)), ("L0", len(result.curve)), ("dead features", len(result.curve)),
+                     ("CE loss recovered (held-out)", 1)):
+        chart = re.search(rf'<svg[^>]*aria-label="{re.escape(title)} during training".*?</svg>', training, re.S).group(0)
+        assert chart.count("<circle") == n, title
+    ce = result.curve[-1].ce_recovered
+    assert f"{ce:.3f}" in re.search(r'aria-label="CE loss recovered \(held-out\) during training".*?</svg>', training, re.S).group(0)
+    assert f"BatchTopK, k = {cfg.k}" in training
+
+
+def test_eval_starts_past_the_training_contexts(gpt2_dir, gpt2, text_file, tmp_path):
+    """`eval --skip-contexts auto` (the default) reads the training record: it evaluates on the contexts after those
+    the transcoders were trained and checked on, the same figures as naming that count; another dataset starts at 0."""
+    from circuit_catalog.ingest.pipeline import evaluate
+    from circuit_catalog.ingest.train import trained_contexts
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file), "n_tokens": 1500}, k=8)
+    train_transcoders(gpt2, cfg, tmp_path / "tc", progress=False)
+    skip = trained_contexts(tmp_path / "tc", str(text_file), cfg.ctx_len)
+    used = token_contexts(gpt2.tokenizer, str(text_file), cfg.n_tokens + cfg.eval_tokens, cfg.ctx_len)
+    assert skip == len(used)
+    assert trained_contexts(tmp_path / "tc", "brown", cfg.ctx_len) is None and trained_contexts(tmp_path / "tc", str(text_file), 16) is None
+    auto = evaluate(str(gpt2_dir), tmp_path / "tc", str(text_file), 256, cfg.ctx_len, skip_contexts=None, progress=False)
+    named = evaluate(str(gpt2_dir), tmp_path / "tc", str(text_file), 256, cfg.ctx_len, skip_contexts=skip, progress=False)
+    start = evaluate(str(gpt2_dir), tmp_path / "tc", str(text_file), 256, cfg.ctx_len, skip_contexts=0, progress=False)
+    assert auto.ce_original == named.ce_original != start.ce_original
