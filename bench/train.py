@@ -7,7 +7,7 @@ is the bare forward pass (tokens/s), the training loop the optimiser steps (step
 much a training token costs beyond reading it off the model. Variants: the seed's ReLU + L1 (dense decoder), BatchTopK
 (sparse decoder) in float32, and BatchTopK with bfloat16 encoder matmuls where the CPU has them natively.
 
-    python bench/train.py [--tokens 16384] [--d-sae 1536] [--k 32]
+    python bench/train.py [--tokens 16384] [--d-sae 1536] [--k 32] [--minibatch 128] [--skip]
     python bench/train.py --curve --tokens 120000 --epochs 1 --curve-ce 6   # CE recovered against minutes
     python bench/train.py --smoke      # seconds
 """
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=1536)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--minibatch", type=int, default=512)
+    ap.add_argument("--minibatch", type=int, default=128, help="the main job's")
     ap.add_argument("--skip", action="store_true", help="skip transcoders")
     ap.add_argument("--curve", action="store_true", help="one longer run of the default method, CE recovered measured along it")
     ap.add_argument("--curve-ce", type=int, default=6, help="--curve: CE measurements along the run")
