@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def variants(native_bf16: bool) -> list[tuple[str, dict]]:
+def variants(bf16_native: bool) -> list[tuple[str, dict]]:
     out = [("relu + L1, dense decoder, float32", dict(activation="relu", matmul_dtype="float32")),
            ("batchtopk, sparse decoder, float32", dict(activation="batchtopk", matmul_dtype="float32"))]
-    if native_bf16:
+    if bf16_native:
         out.append(("batchtopk, sparse decoder, bfloat16 matmuls", dict(activation="batchtopk", matmul_dtype="bfloat16")))
     return out
 
@@ -47,7 +47,8 @@ def main() -> None:
 
     import torch
     from circuit_catalog.ingest.models import load_model
-    from circuit_catalog.ingest.train import TrainConfig, matmul_dtype_for, native_bf16, train_transcoders
+    from circuit_catalog.ingest.device import matmul_dtype_for, native_bf16
+    from circuit_catalog.ingest.train import TrainConfig, train_transcoders
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as t:
         if args.smoke:

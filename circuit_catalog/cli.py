@@ -60,15 +60,16 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 
 
 def _count_or(value: str, word: str, minimum: int = 1) -> int | None:
-    """`word` (e.g. 'all', 'auto') -> None; an integer >= `minimum` as itself."""
+    """`word` (e.g. 'all', 'auto') -> None; an integer >= `minimum` (1 or 0) as itself."""
+    kind = "positive" if minimum == 1 else "non-negative"
     if value.strip().lower() == word:
         return None
     try:
         n = int(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is neither an integer >= {minimum} nor {word!r}") from None
+        raise click.BadParameter(f"{value!r} is neither a {kind} integer nor {word!r}") from None
     if n < minimum:
-        raise click.BadParameter(f"{n} is below {minimum} (or say {word!r})")
+        raise click.BadParameter(f"{n} is not a {kind} integer (or {word!r})")
     return n
 
 

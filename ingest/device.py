@@ -78,3 +78,19 @@ def score_dtype_for(name: str, device: torch.device) -> str:
     if name not in SCORE_DTYPES:
         raise DeviceError(f"unknown pullback score dtype {name!r}: expected one of {', '.join(SCORE_DTYPES)}")
     return name
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def matmul_dtype_for(name: str, device: torch.device) -> str:
+    """What `--matmul-dtype` means on `device`: "auto" is bfloat16 where it is native, else float32."""
+    if name == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise DeviceError(f"unknown training matmul dtype {name!r}: expected auto, float32 or bfloat16")
+    return name

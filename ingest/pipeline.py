@@ -161,7 +161,8 @@ def train(model, out_dir: str | Path, config, force: bool = False, device: str |
     """Train one transcoder per layer of `config` (a `TrainConfig`; its `model` is set from `model`, empty `layers`
     means all) into `out_dir` (SAELens format); a finished run with the same config there is reused unless
     `force`. Returns (TrainResult, reused)."""
-    from circuit_catalog.ingest.train import matmul_dtype_for, reusable, train_transcoders
+    from circuit_catalog.ingest.device import matmul_dtype_for
+    from circuit_catalog.ingest.train import reusable, train_transcoders
 
     out_dir = Path(out_dir)
     lm = load_model(model, device, config.dtype)

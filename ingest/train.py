@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from circuit_catalog.catalog import layout
 from circuit_catalog.catalog.atomic import atomic_directory
 from circuit_catalog.ingest.datasets import token_contexts
-from circuit_catalog.ingest.device import dtype_name
+from circuit_catalog.ingest.device import dtype_name, matmul_dtype_for
 from circuit_catalog.ingest.evaluate import Reconstruction, evaluate_transcoders
 from circuit_catalog.ingest.models import check_context
 from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
@@ -107,22 +107,6 @@ class TrainResult:
     @property
     def mean_fvu(self) -> float:
         return sum(m.fvu for m in self.metrics) / len(self.metrics)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def matmul_dtype_for(name: str, device: torch.device) -> str:
-    """What `--matmul-dtype` means on `device`: "auto" is bfloat16 where it is native, else float32."""
-    if name == "auto":
-        return "bfloat16" if native_bf16(device) else "float32"
-    if name not in ("float32", "bfloat16"):
-        raise TranscoderError(f"unknown training matmul dtype {name!r}: expected auto, float32 or bfloat16")
-    return name
 
 
 def hook_names(cfg: TrainConfig, layer: int) -> tuple[str, str]:
@@ -271,7 +255,7 @@ class _StackedTranscoders(torch.nn.Module):
                 self.W_dec[i].detach().clone(),
                 (self.b_dec[i, 0] * s_out).detach().clone(),
                 W_skip=None if self.W_skip is None else (self.W_skip[i] * (s_out / s_in)).detach().clone(),
-                threshold=torch.full((cfg.d_sae,), self.threshold[i].item() * s_out) if jump else None,
+                threshold=torch.full((cfg.d_sae,), self.threshold[i].item() * s_out, device=self.threshold.device) if jump else None,
             ))
         return out
 
