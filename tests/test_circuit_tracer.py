@@ -74,6 +74,20 @@ def assert_masks_equal(ours: AttributionGraph, ref: dict) -> None:
     assert min(kept) > 0 and min(kept) < ours.n_features  # pruning chose: it neither kept nor dropped every feature
 
 
+def assert_edges_agree(ours: AttributionGraph, ref: dict, arch: str) -> None:
+    """Every edge both graphs define is equal: into features and logits, from features, errors and (Llama) tokens."""
+    A, R = ours.adjacency, torch.from_numpy(ref["adjacency"])
+    assert R.shape == A.shape
+    targets = torch.cat([torch.arange(ours.n_features), torch.arange(ours.logit_index(0), ours.n_nodes)])
+    error_cols = torch.tensor([ours.error_index(layer, pos) for layer in range(ours.n_layers) for pos in range(ours.n_pos)])
+    sources = torch.cat([torch.arange(ours.n_features), error_cols])
+    if arch == "llama":
+        sources = torch.cat([sources, torch.arange(ours.token_index(0), ours.logit_index(0))])
+    ours_block, theirs_block = A[targets][:, sources], R[targets][:, sources]
+    assert (theirs_block != 0).sum() > 200  # a real comparison, not of zeros
+    torch.testing.assert_close(ours_block, theirs_block, rtol=1e-4, atol=1e-5 * float(theirs_block.abs().max()))
+
+
 @pytest.fixture(scope="module")
 def tiny_case(request, tmp_path_factory):
     """Per (arch, cap): model, model dir, transcoder dir and set, and our graph of PROMPT."""
@@ -100,20 +114,30 @@ def test_edges_and_pruning_agree_with_circuit_tracer(arch, ct_python, tiny_case,
     assert_same_nodes(ours, ref)
     torch.testing.assert_close(ours.activations, torch.from_numpy(ref["activation_values"][ref["selected_features"]]))
 
-    A, R = ours.adjacency, torch.from_numpy(ref["adjacency"])
-    assert R.shape == A.shape
-    targets = torch.cat([torch.arange(ours.n_features), torch.arange(ours.logit_index(0), ours.n_nodes)])
-    error_cols = torch.tensor([ours.error_index(layer, pos) for layer in range(ours.n_layers) for pos in range(ours.n_pos)])
-    sources = torch.cat([torch.arange(ours.n_features), error_cols])
-    if arch == "llama":
-        sources = torch.cat([sources, torch.arange(ours.token_index(0), ours.logit_index(0))])
-    ours_block, theirs_block = A[targets][:, sources], R[targets][:, sources]
-    assert (theirs_block != 0).sum() > 200  # a real comparison, not of zeros
-    torch.testing.assert_close(ours_block, theirs_block, rtol=1e-4, atol=1e-5 * float(theirs_block.abs().max()))
+    assert_edges_agree(ours, ref, arch)
 
     # their pruning of their graph, and ours of ours (Llama: every edge compared, so the graphs are one)
     if arch == "llama":
         assert_masks_equal(ours, ref)
+
+
+def test_trained_batchtopk_skip_transcoders_agree_with_circuit_tracer(llama_dir, llama, text_file, ct_python, tmp_path):
+    """What `train` saves (BatchTopK exported as JumpReLU, with skip paths), written in circuit-tracer's layout: its
+    attribute() reads the thresholds and skip paths and gives the same activations and edges as ours."""
+    from circuit_catalog.ingest.train import TrainConfig, train_transcoders
+
+    cfg = TrainConfig(model="tiny", dataset=str(text_file), layers=list(range(llama.cfg.n_layers)), d_sae=40, k=6, n_tokens=2000,
+                      ctx_len=32, batch_contexts=8, minibatch=64, epochs=2, lr=2e-3, eval_tokens=128, skip=True)
+    train_transcoders(llama, cfg, tmp_path / "trained", progress=False)
+    trained = load_transcoders(tmp_path / "trained")
+    assert all(tc.cfg.activation == "jumprelu" and tc.W_skip is not None for tc in trained)
+    save_circuit_tracer(trained, tmp_path / "ct-tc")
+    tset = load_transcoders(tmp_path / "ct-tc")
+    ours = attribute(llama, tset, PROMPT, batch_size=8)
+    ref = run_circuit_tracer(ct_python, llama_dir, tmp_path / "ct-tc", tmp_path / "ct.npz")
+    assert_same_nodes(ours, ref)
+    torch.testing.assert_close(ours.activations, torch.from_numpy(ref["activation_values"][ref["selected_features"]]))
+    assert_edges_agree(ours, ref, "llama")
 
 
 @pytest.mark.parametrize("arch, cap", [("gpt2", None), ("llama", None), ("gpt2", 24), ("llama", 24)])
