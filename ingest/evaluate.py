@@ -140,15 +140,23 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
     hook_in = {layer: tset[layer].cfg.hook_in for layer in layers}
     hook_out = {layer: tset[layer].cfg.hook_out for layer in layers}
 
+    # one layer replaced alone changes nothing before its MLP output: that pass can start from the clean residual
+    # stream after the layer (with the new output swapped in), when the output is an MLP's, added to that stream
+    resume = per_layer and all(hook_out[layer] == f"blocks.{layer}.hook_mlp_out" for layer in layers)
+    resid = {layer: f"blocks.{layer}.hook_resid_post" for layer in layers} if resume else {}
+
     # pass 1: the original model; reconstruction statistics and each MLP's mean output
     recon_stats = {layer: Reconstruction(tset[layer].cfg.d_sae, model.cfg.d_model, device) for layer in layers}
     n_recon, ce_original, n_pred = 0, 0.0, 0
     batches = [tokens[i : i + batch_contexts].to(device) for i in range(0, len(tokens), batch_contexts)]
     originals = []
+    clean: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []  # per batch, layer -> (stream without the MLP's
+    # writes after BOS, the replacement's writes there)
     for batch in tqdm(batches, desc="evaluating (original)", disable=not progress):
-        names = [*hook_in.values(), *hook_out.values()]
+        names = [*hook_in.values(), *hook_out.values(), *resid.values()]
         logits, cache = model.run_with_cache(batch, names_filter=names)
         originals.append(logits)
+        clean.append({})
         ce, _ = _ce_and_kl(logits, batch, None)
         ce_original += ce.item()
         n_pred += batch[:, 2:].numel()
@@ -159,6 +167,10 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
             x, y, z = xs[layer], cache[hook_out[layer]][:, 1:], zs[layer]
             recon = replacements[layer](x, y) if layer in replacements else tset.decode_into(layer, zs, xs)
             recon_stats[layer].add(recon, y, z)
+            if resume:
+                stream = cache[resid[layer]].clone()
+                stream[:, 1:] -= y
+                clean[-1][layer] = (stream, recon)
     means = {layer: stats.mean.to(model.W_E.dtype) for layer, stats in recon_stats.items()}  # an MLP output, in its dtype
 
     def run(batch: torch.Tensor, original: torch.Tensor, targets: list[int], how: str) -> tuple[float, float]:
@@ -190,11 +202,20 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
         ce, kl = _ce_and_kl(model.run_with_hooks(batch, fwd_hooks=hooks), batch, original)
         return ce.item(), kl.item()
 
+    def resumed(batch: torch.Tensor, original: torch.Tensor, kept: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                layer: int, how: str) -> tuple[float, float]:
+        """`run` with `layer` alone replaced, from the clean stream after it (equal up to float rounding)."""
+        stream, recon = kept[layer]
+        stream = stream.clone()
+        stream[:, 1:] += {"replace": recon, "zero": 0.0, "mean": means[layer]}[how]
+        ce, kl = _ce_and_kl(model(stream, start_at_layer=layer + 1), batch, original)
+        return ce.item(), kl.item()
+
     def ablations(targets: list[int]) -> Ablations:
         totals = {how: [0.0, 0.0] for how in ("replace", "zero", "mean")}
-        for batch, original in zip(batches, originals):
+        for batch, original, kept in zip(batches, originals, clean):
             for how in totals:
-                ce, kl = run(batch, original, targets, how)
+                ce, kl = resumed(batch, original, kept, targets[0], how) if resume and len(targets) == 1 else run(batch, original, targets, how)
                 totals[how][0] += ce
                 totals[how][1] += kl
         return Ablations(totals["replace"][0] / n_pred, totals["zero"][0] / n_pred, totals["mean"][0] / n_pred,

@@ -67,6 +67,9 @@ class TrainConfig:
     eval_tokens: int = 4096
     curve_ce: int = 0  # times during training the all-layers CE loss recovered is measured on the held-out tokens
     skip: bool = False  # add an affine skip connection W_skip (a skip transcoder)
+    # >0: a token whose target lies more than this many times the median token's squared distance from the mean
+    # (massive activations) is left out of the scale, the selection and the loss; its output is left to the error
+    outlier_factor: float = 200.0
     seed: int = 0
     hook_in: str = "ln2.hook_normalized"
     hook_out: str = "hook_mlp_out"
@@ -91,7 +94,7 @@ class CurvePoint:
     seconds: float  # since the first step
     lr: float
     loss: float
-    fvu: float  # the minibatch's squared error over the targets' variance (as measured on the first batch)
+    fvu: float  # the minibatch's squared error over the targets' variance (typical tokens, as measured on the first batch)
     l0: float
     dead_fraction: float  # silent for `dead_tokens` tokens (relu: since the last curve point)
     ce_recovered: float | None = None  # all layers replaced, held-out tokens (at `curve_ce` points)
@@ -139,11 +142,16 @@ class _StackedTranscoders(torch.nn.Module):
         n_layers, d_sae = len(cfg.layers), cfg.d_sae
         self.cfg = cfg
         # per-layer scales from the first batch: inputs to unit mean squared norm, targets to unit
-        # variance. With unit-norm decoder rows and W_enc = W_dec^T, parameters are then O(1/sqrt(d)),
+        # variance (outliers apart). With unit-norm decoder rows and W_enc = W_dec^T, parameters are then O(1/sqrt(d)),
         # which the seed's Adam learning rate moves by about 1% a step.
         self.register_buffer("s_in", x.pow(2).sum(-1).mean(-1).sqrt().clamp_min(1e-6))
-        y_var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1)
-        self.register_buffer("s_out", y_var.sqrt().clamp_min(1e-6))
+        q = (y - y.mean(1, keepdim=True)).pow(2).sum(-1)  # [n_layers, n] each token's squared distance from the mean
+        limit = cfg.outlier_factor * q.median(1).values if cfg.outlier_factor > 0 else torch.full_like(q[:, 0], torch.inf)
+        typical = q <= limit[:, None]
+        self.register_buffer("s_out", (torch.where(typical, q, 0.0).sum(-1) / typical.sum(-1)).sqrt().clamp_min(1e-6))
+        # `typical`'s test in training units
+        self.register_buffer("y_mean", y.mean(1, keepdim=True) / self.s_out[:, None, None])
+        self.register_buffer("outlier_limit", limit / self.s_out.pow(2))
         W_dec = torch.randn(n_layers, d_sae, d, device=x.device)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = torch.nn.Parameter(W_dec)
@@ -156,6 +164,10 @@ class _StackedTranscoders(torch.nn.Module):
         # (for the dead features' auxiliary loss and the curve's dead fraction)
         self.register_buffer("threshold", torch.zeros(n_layers, device=x.device))
         self.register_buffer("last_fired", torch.zeros(n_layers, d_sae, dtype=torch.long, device=x.device))
+
+    def typical(self, y_n: torch.Tensor) -> torch.Tensor:
+        """[n_layers, B] True where a target (in training units) is no outlier (`outlier_factor`)."""
+        return (y_n - self.y_mean).pow(2).sum(-1) <= self.outlier_limit[:, None]
 
     def encoder_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [n_layers, B, d] raw -> x W_enc [n_layers, B, d_sae], the bias apart, in `matmul_dtype` (a bfloat16
@@ -184,13 +196,18 @@ class _StackedTranscoders(torch.nn.Module):
         flat = (rows // per_layer) * d_sae + features
         return F.embedding_bag(flat, self.W_dec.reshape(-1, d), offsets, mode="sum", per_sample_weights=values)
 
-    def batch_topk(self, product: torch.Tensor, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """From `encoder_matmul`'s product: keep the k x B largest positive pre-activations of each layer -> (rows,
-        features, values) for `decode_sparse`, and the smallest kept value per layer; at a training `step`, marks the
-        features that fired. Selected without gradients, then only the kept values are read with them (a gather)."""
+    def batch_topk(self, product: torch.Tensor, step: int | None = None,
+                   typical: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From `encoder_matmul`'s product: keep the k x B largest positive pre-activations of each layer (of the
+        `typical` tokens [n_layers, B] if given) -> (rows, features, values) for `decode_sparse`, and the smallest kept
+        value per layer; at a training `step`, marks the features that fired. Selected without gradients, then only the
+        kept values are read with them (a gather)."""
         n_layers, B, d_sae = product.shape
         with torch.no_grad():
-            scores = (product + self.b_enc.to(product.dtype)).reshape(n_layers, -1)
+            scores = product + self.b_enc.to(product.dtype)
+            if typical is not None:
+                scores = scores.masked_fill(~typical[..., None], -torch.inf)
+            scores = scores.reshape(n_layers, -1)
             kept = scores.topk(min(self.cfg.k * B, scores.shape[1]), dim=1, sorted=False).indices.sort(dim=1).values
             features = kept % d_sae
         values = product.reshape(n_layers, -1).gather(1, kept).float() + self.b_enc[:, 0].gather(1, features)
@@ -335,25 +352,32 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
 
 
 def _step_loss(net: _StackedTranscoders, x: torch.Tensor, y_n: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss to minimise, squared error per layer ~ FVU, active features per token per layer) on one minibatch."""
+    """(loss to minimise, squared error per layer ~ FVU, active features per token per layer) on one minibatch; the
+    squared error is the typical tokens' (`outlier_factor`)."""
     cfg = net.cfg
     n_layers, B, d = y_n.shape
+    typical = net.typical(y_n)
+    weight = typical.float() / typical.sum(-1, keepdim=True).clamp_min(1)
+
+    def mse(recon: torch.Tensor) -> torch.Tensor:
+        return ((recon - y_n).pow(2).sum(-1) * weight).sum(-1)
+
     if cfg.activation == "relu":
         z = torch.relu(net.pre_acts(x))
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.matmul_dtype == "bfloat16"):
             recon = torch.bmm(z, net.W_dec).float() + net.b_dec + net.skip_path(x)
-        mse = (recon - y_n).pow(2).sum(-1).mean(-1)
-        l1 = z.sum(-1).mean(-1)  # decoder rows are unit norm, so this is the weighted L1
+        error = mse(recon)
+        l1 = (z.sum(-1) * weight).sum(-1)  # decoder rows are unit norm, so this is the weighted L1
         with torch.no_grad():
             net.last_fired[(z > 0).any(1)] = step
-        return (mse + cfg.l1_coefficient * l1).sum(), mse.detach(), (z > 0).sum(-1).float().mean(-1)
+        return (error + cfg.l1_coefficient * l1).sum(), error.detach(), (z > 0).sum(-1).float().mean(-1)
     product = net.encoder_matmul(x)
-    rows, features, values, _ = net.batch_topk(product, step)
+    rows, features, values, _ = net.batch_topk(product, step, typical)
     active = torch.bincount(rows // B, minlength=n_layers)
     recon = net.decode_sparse(rows, features, values, n_layers * B).reshape(n_layers, B, d) + net.b_dec + net.skip_path(x)
-    mse = (recon - y_n).pow(2).sum(-1).mean(-1)
-    aux = net.aux_loss(product, (y_n - recon).detach(), step)
-    return mse.sum() + cfg.aux_coefficient * aux, mse.detach(), active.float() / B
+    error = mse(recon)
+    aux = net.aux_loss(product, ((y_n - recon) * typical[..., None]).detach(), step)
+    return error.sum() + cfg.aux_coefficient * aux, error.detach(), active.float() / B
 
 
 class _Curve:
@@ -475,7 +499,7 @@ def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:
     try:
         record = json.loads(record_path.read_text())
         # a field added since then reads as its default, except the training method's, which older runs predate
-        legacy = {"activation": "relu", "warmup": 0.0, "decay": 0.0, "matmul_dtype": "float32"}
+        legacy = {"activation": "relu", "warmup": 0.0, "decay": 0.0, "matmul_dtype": "float32", "outlier_factor": 0.0}
         recorded = TrainConfig(**{**legacy, **record["config"]})
     except (json.JSONDecodeError, KeyError, TypeError):
         return None

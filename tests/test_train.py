@@ -244,3 +244,33 @@ def test_eval_starts_past_the_training_contexts(gpt2_dir, gpt2, text_file, tmp_p
     named = evaluate(str(gpt2_dir), tmp_path / "tc", str(text_file), 256, cfg.ctx_len, skip_contexts=skip, progress=False)
     start = evaluate(str(gpt2_dir), tmp_path / "tc", str(text_file), 256, cfg.ctx_len, skip_contexts=0, progress=False)
     assert auto.ce_original == named.ce_original != start.ce_original
+
+
+def test_outlier_tokens_neither_set_the_scale_nor_train(gpt2, text_file):
+    """With `outlier_factor`, tokens whose target lies that many times the median token's squared distance from the
+    mean (massive activations) are left out: the output scale is the other tokens' spread, BatchTopK selects none of
+    their activations, and the loss has no gradient through their reconstruction."""
+    from circuit_catalog.ingest.train import _StackedTranscoders, _step_loss, collect
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=5, outlier_factor=20.0)
+    tokens = token_contexts(gpt2.tokenizer, str(text_file), 512, 32)[:4]
+    x, y = collect(gpt2, tokens, cfg)
+    x, y = x.float(), y.float()
+    massive = torch.zeros(y.shape[:2], dtype=torch.bool)
+    massive[0, [3, 40]] = True  # layer 0: two tokens a thousand times the others
+    y[massive] *= 1000.0
+    net = _StackedTranscoders(cfg, 32, x, y)
+    q = (y - y.mean(1, keepdim=True)).pow(2).sum(-1)
+    for layer in range(2):
+        typical = q[layer] <= 20.0 * q[layer].median()
+        assert typical.tolist() == (~massive[layer]).tolist()
+        assert net.s_out[layer].item() == pytest.approx(q[layer][typical].mean().sqrt().item(), rel=1e-5)
+    y_n = y / net.s_out[:, None, None]
+    typical = net.typical(y_n)
+    assert typical.tolist() == (~massive).tolist()
+    rows, _, _, _ = net.batch_topk(net.encoder_matmul(x), typical=typical)
+    assert not massive.reshape(-1)[rows].any(), "no activation of a massive token is selected"
+    x_grad = x.clone().requires_grad_()
+    loss, _, _ = _step_loss(net, x_grad, y_n, step=0)
+    loss.backward()
+    assert x_grad.grad[massive].abs().max() == 0 and x_grad.grad[~massive].abs().max() > 0
