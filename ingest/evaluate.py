@@ -109,18 +109,21 @@ class EvalResult:
     ce_recovered_all: float = 0.0
 
 
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities at the predicting positions 1.. (not BOS, not the last), in float32."""
+    return logits[:, 1:-1].float().log_softmax(-1)
+
+
 def _ce_and_kl(logits: torch.Tensor, tokens: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE of predicting tokens[:, 2:] from positions 1.. (not from BOS), and summed KL(reference || logits),
-    in float32 whatever the compute dtype."""
-    logp = logits[:, 1:-1].float().log_softmax(-1)
+    """Summed CE of predicting tokens[:, 2:] from positions 1.., and summed KL(reference || logits), `reference`
+    being the original model's `_log_probs` (computed once per batch, not once per pass)."""
+    logp = _log_probs(logits)
     ce = -logp.gather(-1, tokens[:, 2:, None]).sum()
     if reference is None:
         return ce, ce.new_zeros(())
-    ref = reference[:, 1:-1].float().log_softmax(-1)
-    return ce, (ref.exp() * (ref - logp)).sum()
+    return ce, (reference.exp() * (reference - logp)).sum()
 
 
-@torch.no_grad()
 def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch_contexts: int = 8,
                          replacements: dict[int, Replacement] | None = None, progress: bool = True,
                          per_layer: bool = True) -> EvalResult:
@@ -155,7 +158,7 @@ def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch
     for batch in tqdm(batches, desc="evaluating (original)", disable=not progress):
         names = [*hook_in.values(), *hook_out.values(), *resid.values()]
         logits, cache = model.run_with_cache(batch, names_filter=names)
-        originals.append(logits)
+        originals.append(_log_probs(logits))
         clean.append({})
         ce, _ = _ce_and_kl(logits, batch, None)
         ce_original += ce.item()

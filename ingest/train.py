@@ -206,7 +206,7 @@ class _StackedTranscoders(torch.nn.Module):
         with torch.no_grad():
             scores = product + self.b_enc.to(product.dtype)
             if typical is not None:
-                scores = scores.masked_fill(~typical[..., None], -torch.inf)
+                scores[~typical] = -torch.inf  # in place, on the few rows of outliers only
             scores = scores.reshape(n_layers, -1)
             kept = scores.topk(min(self.cfg.k * B, scores.shape[1]), dim=1, sorted=False).indices.sort(dim=1).values
             features = kept % d_sae

@@ -25,6 +25,14 @@ def test_hf_directory_matches_transformers_forward(arch_dir, request):
         theirs = hf(tokens).logits.log_softmax(-1)
     # TL centres the unembedding, which shifts logits per position; log-probabilities are unchanged
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # the weights TL multiplies as W.T.contiguous() are stored transposed (no copy a pass), and that changes no value
+    stored = [model.unembed.W_U] + ([p for b in model.blocks for p in (b.mlp.W_gate, b.mlp.W_in, b.mlp.W_out)]
+                                    if arch_dir == "llama_dir" else [])
+    assert all(w.T.is_contiguous() for w in stored)
+    with torch.no_grad():
+        for w in stored:
+            w.data = w.data.contiguous()
+        assert torch.equal(model(tokens).log_softmax(-1), ours)
 
 
 def test_directory_name_does_not_steer_architecture(gpt2_dir, tmp_path):
