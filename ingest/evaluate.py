@@ -124,6 +124,7 @@ def _ce_and_kl(logits: torch.Tensor, tokens: torch.Tensor, reference: torch.Tens
     return ce, (reference.exp() * (reference - logp)).sum()
 
 
+@torch.no_grad()
 def evaluate_transcoders(model, tset: TranscoderSet, tokens: torch.Tensor, batch_contexts: int = 8,
                          replacements: dict[int, Replacement] | None = None, progress: bool = True,
                          per_layer: bool = True) -> EvalResult:

@@ -150,3 +150,18 @@ def test_inexact_transcoder_figures_match_direct_forward_passes(relu_gpt2, text_
         assert forward_kl > 1e-3 and abs(reverse_kl - forward_kl) > 1e-3 * forward_kl, layers  # inexact; direction visible
         recovered.append((ce["mean"] - ce["replace"]) / (ce["mean"] - ce_original))
     assert [L.ce_recovered for L in result.layers] + [result.ce_recovered_all] == pytest.approx(recovered, rel=1e-3)
+
+
+def test_evaluation_builds_no_autograd_graph(gpt2, text_file):
+    """Every pass runs without gradients (the model's weights require them): a replacement sees grad mode off."""
+    tokens = token_contexts(gpt2.tokenizer, str(text_file), 128, 16)
+    tset = random_transcoders(gpt2, d_sae=16)
+    seen = []
+
+    def replacement(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.is_grad_enabled())
+        return y
+
+    assert any(p.requires_grad for p in gpt2.parameters())
+    evaluate_transcoders(gpt2, tset, tokens, replacements={0: replacement}, progress=False)
+    assert seen and not any(seen)
