@@ -112,7 +112,8 @@ def load_model(spec: str | ModelSpec, device: str | torch.device | None = None, 
 def _store_transposed(model) -> None:
     """Keep the weights that TransformerLens multiplies as `W.T.contiguous()` (the unembedding, gated MLPs) stored
     transposed, so that copy is free: values and products are unchanged, while each forward pass no longer copies
-    every MLP weight and the unembedding (~0.4 GB for SmolLM2; a quarter of a short pass's time on a CPU)."""
+    every MLP weight and the unembedding (~0.4 GB for SmolLM2: 16.5 s of the 93 s of forward passes in a profiled `eval`
+    on a CPU)."""
     from transformer_lens.components import GatedMLP, Unembed
 
     for module in model.modules():
