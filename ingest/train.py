@@ -155,7 +155,7 @@ class _StackedTranscoders(torch.nn.Module):
         W_dec = torch.randn(n_layers, d_sae, d, device=x.device)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = torch.nn.Parameter(W_dec)
-        self.W_enc = torch.nn.Parameter(W_dec.transpose(1, 2).clone())
+        self.W_enc = torch.nn.Parameter(W_dec.transpose(1, 2).contiguous())
         self.b_enc = torch.nn.Parameter(torch.zeros(n_layers, 1, d_sae, device=x.device))
         self.b_dec = torch.nn.Parameter((y / self.s_out[:, None, None]).mean(1, keepdim=True))
         # skip transcoders (seed 004): an affine path x @ W_skip beside the features, starting at zero
@@ -222,33 +222,44 @@ class _StackedTranscoders(torch.nn.Module):
         return rows.reshape(-1)[keep], features.reshape(-1)[keep], values.reshape(-1)[keep], smallest
 
     @torch.no_grad()
-    def calibrate(self, x_buf: torch.Tensor, batches: int = 64) -> None:
+    def calibrate(self, x_buf: torch.Tensor, y_buf: torch.Tensor, batches: int = 64) -> None:
         """The inference threshold per layer, with the final weights: the mean over `batches` training minibatches
-        of the smallest activation BatchTopK keeps (Bussmann et al.), so a token's L0 is k on average without a batch."""
+        of the smallest activation BatchTopK keeps (Bussmann et al.), so a token's L0 is k on average without a batch.
+        Selected as in training, outlier tokens apart (their targets say which they are)."""
         n = x_buf.shape[1]
         draw = torch.Generator(device=x_buf.device).manual_seed(self.cfg.seed)  # the training's own draws untouched
         picks = torch.randperm(n, generator=draw, device=x_buf.device)[: batches * self.cfg.minibatch].split(self.cfg.minibatch)
         device = self.W_enc.device
-        smallest = torch.stack([self.batch_topk(self.encoder_matmul(x_buf[:, mb].to(device).float()))[3] for mb in picks])
+
+        def smallest_kept(mb: torch.Tensor) -> torch.Tensor:
+            typical = self.typical(y_buf[:, mb].to(device).float() / self.s_out[:, None, None])
+            return self.batch_topk(self.encoder_matmul(x_buf[:, mb].to(device).float()), typical=typical)[3]
+
+        smallest = torch.stack([smallest_kept(mb) for mb in picks])
         self.threshold.copy_(torch.nan_to_num(smallest, posinf=float("nan")).nanmean(0).nan_to_num(0.0))
 
     def aux_loss(self, product: torch.Tensor, error: torch.Tensor, step: int) -> torch.Tensor:
-        """Dead features (silent for `dead_tokens` tokens) reconstruct the main error: the d/2 largest per token
-        (selected without gradients, read with them, as in `batch_topk`)."""
+        """Dead features (silent for `dead_tokens` tokens) reconstruct the main error: the d/2 largest per token.
+
+        Only the dead columns are gathered (padded to the layer with most), so the decoder is a dense [B x dead] matmul
+        over their rows: a few hundred dead features cost a small matmul, where a gather-sum of d/2 rows a token cost
+        more than the rest of the step."""
         n_layers, B, d_sae = product.shape
         dead = (step - self.last_fired) * B > self.cfg.dead_tokens
-        if not dead.any():
+        m = int(dead.sum(1).max())
+        if m == 0:
             return product.new_zeros((), dtype=torch.float32)
-        k_aux = min(error.shape[-1] // 2, d_sae)
-        with torch.no_grad():
-            scores = (product + self.b_enc.to(product.dtype)).masked_fill(~dead[:, None, :], -1.0)
-            features = scores.topk(k_aux, dim=-1, sorted=False).indices.reshape(n_layers, -1)
-            kept = torch.arange(B, device=product.device).repeat_interleave(k_aux)[None] * d_sae + features
-        values = product.reshape(n_layers, -1).gather(1, kept).float() + self.b_enc[:, 0].gather(1, features)
-        values = torch.where(dead.gather(1, features), torch.relu(values), 0.0)
-        rows = torch.arange(n_layers * B, device=product.device).repeat_interleave(k_aux)
-        recon = self.decode_sparse(rows, features.reshape(-1), values.reshape(-1), n_layers * B)
-        return (recon.reshape(error.shape) - error).pow(2).sum(-1).mean(-1).sum()
+        columns = dead.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, :m]  # dead ones first
+        valid = dead.gather(1, columns)[:, None, :]
+        pre = product.gather(2, columns[:, None, :].expand(-1, B, -1)).float() + self.b_enc[:, 0].gather(1, columns)[:, None, :]
+        acts = torch.where(valid, torch.relu(pre), 0.0)
+        k_aux = error.shape[-1] // 2
+        if m > k_aux:  # the k_aux largest per token, selected without gradients
+            with torch.no_grad():
+                keep = torch.zeros_like(acts, dtype=torch.bool).scatter_(-1, acts.topk(k_aux, dim=-1).indices, True)
+            acts = torch.where(keep, acts, 0.0)
+        recon = torch.bmm(acts, self.W_dec.gather(1, columns[..., None].expand(-1, -1, self.W_dec.shape[-1])))
+        return (recon - error).pow(2).sum(-1).mean(-1).sum()
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
@@ -318,7 +329,7 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
     steps_per_epoch = -(-n // cfg.minibatch)
     total = cfg.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: learning_rate_factor(step, total, cfg.warmup, cfg.decay))
-    curve = _Curve(model, net, cfg, x_buf, eval_tokens, total)
+    curve = _Curve(model, net, cfg, x_buf, y_buf, eval_tokens, total)
     bar = tqdm(total=total, desc="training", unit="step", disable=not progress)
     step, started = 0, time.perf_counter()
     for _ in range(cfg.epochs):
@@ -338,8 +349,8 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
                 bar.set_postfix(fvu=f"{point.fvu:.3f}", l0=f"{point.l0:.1f}", dead=f"{point.dead_fraction:.0%}")
     bar.close()
     if cfg.activation == "batchtopk":
-        net.calibrate(x_buf)
-    del x_buf, y_buf, curve.x_buf
+        net.calibrate(x_buf, y_buf)
+    del x_buf, y_buf, curve.x_buf, curve.y_buf
     seconds["train"] = time.perf_counter() - started - curve.ce_seconds
     seconds["curve_ce"] = curve.ce_seconds
     transcoders = net.export(getattr(model.cfg, "model_name", ""))
@@ -383,8 +394,10 @@ def _step_loss(net: _StackedTranscoders, x: torch.Tensor, y_n: torch.Tensor, ste
 class _Curve:
     """The training curve: `CURVE_POINTS` points over the run, `curve_ce` of them with CE recovered measured."""
 
-    def __init__(self, model, net: _StackedTranscoders, cfg: TrainConfig, x_buf: torch.Tensor, eval_tokens: torch.Tensor, total: int):
-        self.model, self.net, self.cfg, self.x_buf, self.eval_tokens = model, net, cfg, x_buf, eval_tokens
+    def __init__(self, model, net: _StackedTranscoders, cfg: TrainConfig, x_buf: torch.Tensor, y_buf: torch.Tensor,
+                 eval_tokens: torch.Tensor, total: int):
+        self.model, self.net, self.cfg, self.eval_tokens = model, net, cfg, eval_tokens
+        self.x_buf, self.y_buf = x_buf, y_buf  # for `calibrate`
         self.every = max(1, total // CURVE_POINTS)
         self.ce_steps = {round(total * (i + 1) / cfg.curve_ce) for i in range(cfg.curve_ce)} if cfg.curve_ce else set()
         self.total = total
@@ -418,7 +431,7 @@ class _Curve:
         """All layers replaced by the transcoders as they stand (BatchTopK thresholds calibrated first), on the
         held-out tokens."""
         if self.cfg.activation == "batchtopk":
-            self.net.calibrate(self.x_buf)
+            self.net.calibrate(self.x_buf, self.y_buf)
         tset = TranscoderSet({t.layer: t for t in self.net.export(getattr(self.model.cfg, "model_name", ""))})
         return evaluate_transcoders(self.model, tset, self.eval_tokens, per_layer=False, progress=False).ce_recovered_all
 

@@ -129,12 +129,15 @@ def test_sparse_decoder_matches_the_dense_one_and_its_gradients(gpt2, text_file)
         grads.append((recon.detach(), net.W_dec.grad, net.W_enc.grad, net.b_enc.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(p.is_contiguous() for p in net.parameters()), "a strided weight is copied by every matmul and gradient"
     assert (rows.bincount(minlength=n_layers * B).reshape(n_layers, B).sum(1) <= cfg.k * B).all()
 
 
-def test_aux_loss_reaches_only_dead_features(gpt2, text_file):
+@pytest.mark.parametrize("every", [(3, 3), (3, 10), (20, 30)], ids=["more-dead-than-d/2", "uneven", "fewer-than-d/2"])
+def test_aux_loss_reaches_only_dead_features(gpt2, text_file, every):
     """The auxiliary loss is the dead features' top-(d/2) reconstruction of the error, computed densely here, and its
-    gradient reaches the decoder rows of dead features only."""
+    gradient reaches the decoder rows of dead features only; each layer with its own number of dead features, more or
+    fewer than d/2."""
     from circuit_catalog.ingest.train import _StackedTranscoders, collect
 
     cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=5, dead_tokens=100)
@@ -142,7 +145,8 @@ def test_aux_loss_reaches_only_dead_features(gpt2, text_file):
     x, y = collect(gpt2, tokens, cfg)
     net = _StackedTranscoders(cfg, 32, x.float(), y.float())
     dead = torch.zeros(2, cfg.d_sae, dtype=torch.bool)
-    dead[:, ::3] = True
+    dead[0, :: every[0]] = True
+    dead[1, :: every[1]] = True
     net.last_fired[~dead] = 1000  # seen at the step below: live; the others last fired at step 0, long ago
     pre = net.pre_acts(x.float())
     error = torch.randn(2, pre.shape[1], 32)
@@ -274,3 +278,11 @@ def test_outlier_tokens_neither_set_the_scale_nor_train(gpt2, text_file):
     loss, _, _ = _step_loss(net, x_grad, y_n, step=0)
     loss.backward()
     assert x_grad.grad[massive].abs().max() == 0 and x_grad.grad[~massive].abs().max() > 0
+    # the inference threshold is calibrated as training selects: whatever the massive tokens' inputs, it stays
+    thresholds = []
+    for scale in (1.0, 1e3):
+        x_scaled = torch.where(massive[..., None], x * scale, x)
+        net.calibrate(x_scaled.half(), y.half(), batches=4)
+        thresholds.append(net.threshold.clone())
+    assert thresholds[0].gt(0).all()
+    torch.testing.assert_close(thresholds[0], thresholds[1], rtol=0, atol=0)
