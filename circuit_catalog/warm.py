@@ -4,10 +4,11 @@ Loading dominates a quick question (importing TransformerLens alone takes second
 researcher probing many prompts starts one server per (model, transcoders) and each `active` call then costs a
 forward pass. The server listens on a UNIX socket (mode 0600) in the cache directory whose name is a digest of
 what it loaded: the model and transcoder arguments and the size and modification time of their files, so a changed
-transcoder file or other `--layers` is simply another socket, and a stale server is never asked. Without a server
-the command loads the model itself, as before. This client side imports neither torch nor TransformerLens.
+transcoder file or other `--layers` is simply another socket, and a stale server is never asked; a server holding every
+layer also answers for any subset of them (`--layers`). Without a server the command loads the model itself, as before. This client side imports neither torch nor TransformerLens.
 
-Protocol: one JSON line per connection each way; a request `{"op": name in OPS, "args": {...}}`, a reply `{"ok": ...}` or
+Protocol: one JSON line per connection each way; a request `{"op": name in OPS, "args": {...}}` (and `"layers": [...]`
+to use a subset of the loaded transcoders), a reply `{"ok": ...}` or
 `{"error": message, "type": UserError subclass name}` (re-raised by the client as that type: one `error:` line).
 """
 
@@ -53,7 +54,10 @@ OPS = {"active": _active, "token_weights": _token_weights, "token_ends": _token_
 def run(model: str, transcoders, layers, trust_pickle: bool, device: str, dtype: str, op: str, **args):
     """`op` (OPS) with these arguments: answered by a warm server for the same model and transcoders when one runs,
     else computed here after loading them. Results as the server sends them (dataclasses as dicts)."""
-    answer = ask(socket_path(model, transcoders, layers, trust_pickle, device, dtype), {"op": op, "args": args})
+    request = {"op": op, "args": args}
+    answer = ask(socket_path(model, transcoders, layers, trust_pickle, device, dtype), request)
+    if answer is None and layers is not None:  # a server of every layer, asked for these
+        answer = ask(socket_path(model, transcoders, None, trust_pickle, device, dtype), {**request, "layers": layers})
     if answer is not None:
         return answer
     from circuit_catalog.ingest.pipeline import load
@@ -125,7 +129,7 @@ def serve(path: Path, model, tset, idle_minutes: float = IDLE_MINUTES, ready=Non
                     try:
                         if request.get("op") not in OPS:
                             raise errors.UserError(f"unknown request {request.get('op')!r}")
-                        reply = {"ok": plain(OPS[request["op"]](model, tset, **request["args"]))}
+                        reply = {"ok": plain(OPS[request["op"]](model, tset.select(request.get("layers")), **request["args"]))}
                     except errors.UserError as exc:
                         reply = {"error": str(exc), "type": type(exc).__name__}
                     conn.sendall(json.dumps(reply).encode() + b"\n")

@@ -30,10 +30,20 @@ echo "== 3. load the catalog into the embedded graph store (LadybugDB, at $out/c
 $cc load --catalog "$out/catalog"
 
 echo "== 4. which late-layer features fire on the last token of: $prompt; and the feature the prediction of ' Paris'"
-echo "      depends on most there (influence in the prompt's attribution graph: raw activation favours dense features)"
+echo "      depends on most there (influence in the prompt's attribution graph: raw activation favours dense features)."
+echo "      A warm \`serve\` process loads the model once and answers the three \`active\` calls"
+serve_log=$(mktemp)
+$cc serve --model smollm2-135m --transcoders "$out/transcoders" --idle-minutes 10 $compute 2> "$serve_log" &
+server=$!
+trap 'kill $server 2> /dev/null; rm -f "$serve_log"' EXIT
+until grep -q '^serving' "$serve_log"; do
+    kill -0 $server 2> /dev/null || { cat "$serve_log" >&2; exit 1; }
+    sleep 0.5
+done
 $cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --layers 26-29 -k 5 $compute
 $cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --rank influence --target " Paris" -k 5 $compute
 feature=$($cc active --model smollm2-135m --transcoders "$out/transcoders" --prompt "$prompt" --rank influence --target " Paris" -k 1 --format ids $compute)
+kill $server
 
 echo "== 5. what $feature reads and writes, what feeds it (Cypher over the store)"
 $cc show "$feature" --catalog "$out/catalog" -k 8

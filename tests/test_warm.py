@@ -60,6 +60,12 @@ def test_active_is_answered_by_the_server(server, monkeypatch, gpt2_dir):
     assert code == 0, output
     assert output.split() == [f.feature for f in expected]
     assert_one_line_error(*run("active", *args, "--prompt", PROMPT, "--pos", "40"), "outside the prompt")
+    # a server of every layer answers for a subset of them, as a model loaded with only those would
+    subset = direct(str(gpt2_dir), str(tc), PROMPT, -1, 3, layers=[1], device="cpu")
+    code, output = run("active", *args, "--layers", "1", "--prompt", PROMPT, "-k", "3", "--format", "ids")
+    assert code == 0, output
+    assert output.split() == [f.feature for f in subset] and all(f.feature.startswith("L1/") for f in subset)
+    assert_one_line_error(*run("active", *args, "--layers", "7", "--prompt", PROMPT), "no transcoder for layer(s) [7]")
 
 
 def test_other_arguments_or_files_are_another_server(server, gpt2_dir):
