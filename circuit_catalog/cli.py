@@ -134,6 +134,9 @@ def compute_options(f):
 @click.option("--outliers", "outlier_factor", type=click.FloatRange(0), callback=_finite, default=200.0, show_default=True,
               help="Leave out of training a token whose MLP output lies more than this many times the median token's squared "
                    "distance from the mean (massive activations; its output is left to the error term); 0 keeps every token.")
+@click.option("--resamples", type=click.IntRange(0), default=6, show_default=True,
+              help="batchtopk: times, evenly spread before the decay, that features silent for the second half of the steps "
+                   "since the previous time are re-initialised on badly reconstructed tokens.")
 @click.option("--curve-ce", type=click.IntRange(0), default=0, show_default=True,
               help="Measure CE loss recovered (all layers replaced, held-out tokens) at this many points of the training curve.")
 @click.option("--minibatch", type=click.IntRange(1), default=128, show_default=True)
@@ -144,7 +147,7 @@ def compute_options(f):
 @click.option("--force", is_flag=True, help="Retrain even if OUT already holds a run with the same settings.")
 @compute_options
 def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, activation, k, l1_coefficient, warmup, decay, matmul_dtype,
-          outlier_factor, curve_ce, minibatch, ctx_len, seed, skip, out_dir, force, device, dtype):
+          outlier_factor, resamples, curve_ce, minibatch, ctx_len, seed, skip, out_dir, force, device, dtype):
     """Train one transcoder per layer (ln2.hook_normalized -> hook_mlp_out), saved in SAELens format, with its
     training curve (OUT/training.json)."""
     from circuit_catalog.ingest.pipeline import train as train_
@@ -152,7 +155,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, activation, k, l1
 
     cfg = TrainConfig(model=model, dataset=dataset, layers=parse_layers(layers) or [], d_sae=d_sae, n_tokens=n_tokens, epochs=epochs,
                       lr=lr, activation=activation, k=k, l1_coefficient=l1_coefficient, warmup=warmup, decay=decay,
-                      matmul_dtype=matmul_dtype, outlier_factor=outlier_factor, curve_ce=curve_ce, minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip, dtype=dtype)
+                      matmul_dtype=matmul_dtype, outlier_factor=outlier_factor, resamples=resamples, curve_ce=curve_ce, minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip, dtype=dtype)
     result, reused = train_(model, out_dir, cfg, force=force, device=device)
     if reused:
         err.print(f"reusing transcoders in {out_dir} (same settings; --force retrains)")

@@ -40,6 +40,7 @@ from circuit_catalog.errors import OutputError, TranscoderError
 
 BUFFER_LIMIT_BYTES = 12 << 30
 TRAIN_ACTIVATIONS = ("batchtopk", "relu")
+RESAMPLE_TOKENS = 4096  # buffer tokens from which dead features draw their new directions
 CURVE_POINTS = 100  # training-curve points recorded per run (loss, FVU, L0, dead fraction, learning rate)
 
 
@@ -62,6 +63,9 @@ class TrainConfig:
     l1_coefficient: float = 0.02  # relu only
     aux_coefficient: float = 1 / 32  # batchtopk: weight of the dead features' auxiliary loss
     dead_tokens: int = 5000  # batchtopk: a feature silent for this many training tokens counts as dead
+    # batchtopk: times, evenly spread before the decay, that features silent for the second half of the steps since the
+    # previous time (or the start) are re-initialised on badly reconstructed tokens (Bricken et al. 2023's resampling)
+    resamples: int = 6
     warmup: float = 0.05  # fraction of the steps over which the learning rate rises linearly from 0
     decay: float = 0.2  # fraction of the steps, at the end, over which it falls linearly to 0
     eval_tokens: int = 4096
@@ -262,6 +266,37 @@ class _StackedTranscoders(torch.nn.Module):
         return (recon - error).pow(2).sum(-1).mean(-1).sum()
 
     @torch.no_grad()
+    def resample(self, x: torch.Tensor, y_n: torch.Tensor, silent_since: int, step: int, draw: torch.Generator) -> torch.Tensor:
+        """Re-initialise the features silent since step `silent_since` on tokens of `x`, `y_n` [n_layers, N, d]
+        (a sample of the buffer): each takes a token drawn with probability proportional to its squared error (typical
+        tokens only), its decoder row the unit error there, its encoder column the token's centred input at the live
+        features' mean encoder norm and its bias the centring, so it fires on tokens like that one, as strongly as a live
+        feature would. -> the [n_layers, d_sae] mask of those features (whose optimiser state the caller resets)."""
+        n_layers, d_sae = self.last_fired.shape
+        dead = self.last_fired <= silent_since
+        product = self.encoder_matmul(x)
+        rows, features, values, _ = self.batch_topk(product, typical=self.typical(y_n))
+        recon = self.decode_sparse(rows, features, values, x.shape[0] * x.shape[1]).reshape(y_n.shape) + self.b_dec + self.skip_path(x)
+        error = (y_n - recon) * self.typical(y_n)[..., None]
+        weight = error.pow(2).sum(-1)
+        x_n = x / self.s_in[:, None, None]
+        x_mean = x_n.mean(1)  # [n_layers, d]
+        x_c = x_n - x_mean[:, None]
+        enc_norm = self.W_enc.norm(dim=1)  # [n_layers, d_sae]
+        for i in range(n_layers):
+            f = dead[i].nonzero().squeeze(1)
+            if len(f) == 0 or weight[i].sum() <= 0:
+                continue
+            t = torch.multinomial(weight[i].cpu(), len(f), replacement=len(f) > int((weight[i] > 0).sum()), generator=draw)
+            t = t.to(x.device)
+            live_norm = enc_norm[i][~dead[i]].mean() if (~dead[i]).any() else enc_norm[i].mean()
+            self.W_dec[i, f] = F.normalize(error[i, t], dim=-1)
+            self.W_enc[i, :, f] = (F.normalize(x_c[i, t], dim=-1) * live_norm).T
+            self.b_enc[i, 0, f] = -(x_mean[i] @ self.W_enc[i, :, f])
+        self.last_fired[dead] = step  # a fresh window before they count as dead again
+        return dead
+
+    @torch.no_grad()
     def normalise_decoder(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
@@ -330,6 +365,8 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
     total = cfg.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: learning_rate_factor(step, total, cfg.warmup, cfg.decay))
     curve = _Curve(model, net, cfg, x_buf, y_buf, eval_tokens, total)
+    resample_at = resample_steps(cfg, total)
+    resampled_at, draw = 0, torch.Generator().manual_seed(cfg.seed)  # the training's own draws untouched
     bar = tqdm(total=total, desc="training", unit="step", disable=not progress)
     step, started = 0, time.perf_counter()
     for _ in range(cfg.epochs):
@@ -342,6 +379,12 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
             schedule.step()
             net.normalise_decoder()
             step += 1
+            if step in resample_at:
+                sample = torch.randperm(n, generator=draw)[:RESAMPLE_TOKENS].to(x_buf.device)
+                dead = net.resample(x_buf[:, sample].to(device).float(), y_buf[:, sample].to(device).float() / net.s_out[:, None, None],
+                                    (resampled_at + step) // 2, step, draw)
+                _reset_optimiser_state(optimiser, net, dead)
+                resampled_at = step
             bar.update()
             point = curve.record(step, step * cfg.minibatch, time.perf_counter() - started, optimiser.param_groups[0]["lr"],
                                  loss, mse, l0)
@@ -360,6 +403,22 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
     result = TrainResult(cfg, metrics, curve.points, {k: round(v, 2) for k, v in seconds.items()})
     _save_atomically(transcoders, result, out_dir)
     return result
+
+
+def resample_steps(cfg: TrainConfig, total: int) -> set[int]:
+    """The steps after which dead features are resampled: `resamples` of them, evenly spread before the decay."""
+    if cfg.activation != "batchtopk" or cfg.resamples <= 0:
+        return set()
+    before_decay = total - round(cfg.decay * total)
+    return {round(before_decay * (i + 1) / (cfg.resamples + 1)) for i in range(cfg.resamples)} - {0}
+
+
+def _reset_optimiser_state(optimiser: torch.optim.Optimizer, net: _StackedTranscoders, features: torch.Tensor) -> None:
+    """Adam's moments of the `features` [n_layers, d_sae] zeroed: resampled weights start with no momentum."""
+    for param, mask in ((net.W_dec, features[:, :, None]), (net.W_enc, features[:, None, :]), (net.b_enc, features[:, None, :])):
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in optimiser.state.get(param, {}):
+                optimiser.state[param][name].masked_fill_(mask, 0.0)
 
 
 def _step_loss(net: _StackedTranscoders, x: torch.Tensor, y_n: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -512,7 +571,8 @@ def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:
     try:
         record = json.loads(record_path.read_text())
         # a field added since then reads as its default, except the training method's, which older runs predate
-        legacy = {"activation": "relu", "warmup": 0.0, "decay": 0.0, "matmul_dtype": "float32", "outlier_factor": 0.0}
+        legacy = {"activation": "relu", "warmup": 0.0, "decay": 0.0, "matmul_dtype": "float32", "outlier_factor": 0.0,
+                  "resamples": 0}
         recorded = TrainConfig(**{**legacy, **record["config"]})
     except (json.JSONDecodeError, KeyError, TypeError):
         return None

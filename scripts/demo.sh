@@ -12,9 +12,10 @@ cc=.venv/bin/circuit-catalog
 compute=${COMPUTE:-}
 prompt="The capital of France is"
 
-echo "== 1. transcoders: one skip transcoder per layer, 1536 features, BatchTopK k = 32, 40k Brown tokens x 3 epochs"
-# lr 1e-3 rather than 4e-4: this budget allows ~940 steps, where 1e-3 reaches a lower FVU (README, "Training")
-$cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epochs 3 --lr 1e-3 --k 32 --skip \
+echo "== 1. transcoders: one skip transcoder per layer, 1536 features, BatchTopK k = 32, 40k Brown tokens x 4 epochs,"
+echo "      dead features resampled 6 times"
+# lr 1e-3 rather than 4e-4: this budget allows ~1,250 steps, where 1e-3 reaches a lower FVU (README, "Training")
+$cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epochs 4 --lr 1e-3 --k 32 --skip --resamples 6 \
     --out "$out/transcoders" $compute
 
 echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens, activation statistics,"

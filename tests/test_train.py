@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from circuit_catalog.ingest.datasets import token_contexts
@@ -53,8 +55,9 @@ def test_training_on_each_device(gpt2, model_on, text_file, tmp_path, device):
 
 
 def test_training_is_deterministic_for_a_seed(gpt2, text_file, tmp_path):
+    """Resampling included: it draws from its own seeded generator."""
     cfg = TrainConfig(model="tiny", dataset=str(text_file), layers=[1], d_sae=16, k=4, n_tokens=600, ctx_len=32,
-                      batch_contexts=8, minibatch=32, eval_tokens=64, dead_tokens=100)
+                      batch_contexts=8, minibatch=32, eval_tokens=64, dead_tokens=100, resamples=2)
     a = train_transcoders(gpt2, cfg, tmp_path / "a", progress=False)
     b = train_transcoders(gpt2, cfg, tmp_path / "b", progress=False)
     assert a.metrics == b.metrics
@@ -187,18 +190,20 @@ def test_bfloat16_matmuls_train_as_well(gpt2, text_file, tmp_path):
 
 
 def test_a_record_from_before_batchtopk_is_not_reused_for_it(gpt2, text_file, tmp_path):
-    """A training record without the method fields was a ReLU + L1 run without a schedule: reused for that, not for the
-    BatchTopK defaults."""
+    """A training record without the method fields was a ReLU + L1 run without a schedule or resampling: reused for
+    that, not for the BatchTopK defaults."""
     import json
 
-    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, activation="relu", warmup=0.0, decay=0.0, l1_coefficient=0.01)
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, activation="relu", warmup=0.0, decay=0.0, l1_coefficient=0.01,
+                      resamples=0)
     train_transcoders(gpt2, cfg, tmp_path / "tc", progress=False)
     path = tmp_path / "tc" / "training.json"
     record = json.loads(path.read_text())
-    for name in ("activation", "warmup", "decay", "matmul_dtype", "k", "aux_coefficient", "dead_tokens", "curve_ce"):
+    for name in ("activation", "warmup", "decay", "matmul_dtype", "k", "aux_coefficient", "dead_tokens", "curve_ce", "resamples"):
         record["config"].pop(name)
     path.write_text(json.dumps(record))
     assert reusable(tmp_path / "tc", cfg) is not None
+    assert reusable(tmp_path / "tc", replace(cfg, resamples=6)) is None
     assert reusable(tmp_path / "tc", TrainConfig(**{**cfg.__dict__, "activation": "batchtopk", "warmup": 0.05, "decay": 0.2})) is None
 
 
@@ -286,3 +291,51 @@ def test_outlier_tokens_neither_set_the_scale_nor_train(gpt2, text_file):
         thresholds.append(net.threshold.clone())
     assert thresholds[0].gt(0).all()
     torch.testing.assert_close(thresholds[0], thresholds[1], rtol=0, atol=0)
+
+
+def test_resampling_reinitialises_only_dead_features_on_badly_reconstructed_tokens(gpt2, text_file):
+    """Features silent since the last resampling take new directions: each decoder row is the unit error of a typical
+    token of the sample, the encoder fires on that token (positive pre-activation), their Adam moments are zeroed and
+    their silence restarts; every live feature's weights and moments stay bit for bit."""
+    from circuit_catalog.ingest.train import _reset_optimiser_state, _StackedTranscoders, _step_loss, collect, resample_steps
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=5, resamples=2)
+    assert resample_steps(cfg, 100) == {27, 53} and resample_steps(replace(cfg, resamples=0), 100) == set()
+    tokens = token_contexts(gpt2.tokenizer, str(text_file), 512, 32)[:4]
+    x, y = collect(gpt2, tokens, cfg)
+    x, y = x.float(), y.float()
+    net = _StackedTranscoders(cfg, 32, x, y)
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
+    y_n = y / net.s_out[:, None, None]
+    loss, _, _ = _step_loss(net, x, y_n, step=0)
+    loss.backward()
+    optimiser.step()
+    dead = torch.zeros(2, cfg.d_sae, dtype=torch.bool)
+    dead[0, ::4] = dead[1, 1::7] = True
+    net.last_fired[~dead] = 30
+    net.last_fired[dead] = 10
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    moments = {name: optimiser.state[p]["exp_avg"].clone() for name, p in net.named_parameters()}
+    product = net.encoder_matmul(x)
+    rows, features, values, _ = net.batch_topk(product, typical=net.typical(y_n))
+    recon = net.decode_sparse(rows, features, values, x.shape[0] * x.shape[1]).reshape(y_n.shape) + net.b_dec + net.skip_path(x)
+    errors = torch.nn.functional.normalize(y_n - recon, dim=-1).detach()
+    resampled = net.resample(x, y_n, silent_since=20, step=40, draw=torch.Generator().manual_seed(0))
+    _reset_optimiser_state(optimiser, net, resampled)
+    assert resampled.tolist() == dead.tolist()
+    assert (net.last_fired[dead] == 40).all() and (net.last_fired[~dead] == 30).all()
+    for layer in range(2):
+        f = dead[layer].nonzero().squeeze(1)
+        cosines = net.W_dec[layer, f] @ errors[layer].T  # [dead, tokens]
+        assert torch.allclose(cosines.max(1).values, torch.ones(len(f)), atol=1e-5), "each is a token's unit error"
+        token = cosines.argmax(1)
+        pre = (x[layer, token] / net.s_in[layer]) @ net.W_enc[layer, :, f] + net.b_enc[layer, 0, f]
+        assert pre.diagonal().gt(0).all(), "a resampled feature fires on its token"
+    for name, p in net.named_parameters():
+        mask = {"W_dec": dead[:, :, None], "W_enc": dead[:, None, :], "b_enc": dead[:, None, :]}.get(name)
+        if mask is None:
+            assert torch.equal(p, before[name])
+            continue
+        keep = ~mask.expand_as(p)
+        assert torch.equal(p[keep], before[name][keep]) and torch.equal(optimiser.state[p]["exp_avg"][keep], moments[name][keep])
+        assert optimiser.state[p]["exp_avg"][~keep].abs().max() == 0 and optimiser.state[p]["exp_avg_sq"][~keep].abs().max() == 0
