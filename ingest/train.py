@@ -12,7 +12,8 @@ BatchTopK (Bussmann et al. 2024) keeps the `k x batch` largest activations of a 
 average while a token may use more or fewer; at inference a threshold (the running mean of the smallest kept
 activation) replaces the batch, so the saved transcoder is a JumpReLU one, which every loader and circuit-tracer
 read. Features silent for `dead_tokens` tokens learn from an auxiliary loss (Gao et al. 2024, "AuxK"): the
-`d_model / 2` largest of them reconstruct the main reconstruction's error. Because only ~k features are active per
+`d_model / 2` largest of them reconstruct the main reconstruction's error, and a few times during training those still
+silent are resampled on badly reconstructed tokens (`resamples`). Because only ~k features are active per
 token, the decoder runs as a sparse gather-sum (`embedding_bag`) rather than a dense matmul; the encoder's matmuls
 run in bfloat16 where the device has native bf16 (`matmul_dtype`), with float32 master weights.
 """
@@ -272,7 +273,6 @@ class _StackedTranscoders(torch.nn.Module):
         tokens only), its decoder row the unit error there, its encoder column the token's centred input at the live
         features' mean encoder norm and its bias the centring, so it fires on tokens like that one, as strongly as a live
         feature would. -> the [n_layers, d_sae] mask of those features (whose optimiser state the caller resets)."""
-        n_layers, d_sae = self.last_fired.shape
         dead = self.last_fired <= silent_since
         product = self.encoder_matmul(x)
         rows, features, values, _ = self.batch_topk(product, typical=self.typical(y_n))
@@ -283,7 +283,7 @@ class _StackedTranscoders(torch.nn.Module):
         x_mean = x_n.mean(1)  # [n_layers, d]
         x_c = x_n - x_mean[:, None]
         enc_norm = self.W_enc.norm(dim=1)  # [n_layers, d_sae]
-        for i in range(n_layers):
+        for i in range(dead.shape[0]):
             f = dead[i].nonzero().squeeze(1)
             if len(f) == 0 or weight[i].sum() <= 0:
                 continue
