@@ -42,6 +42,9 @@ from circuit_catalog.errors import OutputError, TranscoderError
 BUFFER_LIMIT_BYTES = 12 << 30
 TRAIN_ACTIVATIONS = ("batchtopk", "relu")
 RESAMPLE_TOKENS = 4096  # buffer tokens from which dead features draw their new directions
+# a resampled feature fires on its token with this many times the layer's mean kept activation: 1 leaves more of them
+# to die again, the live features' encoder norm (~5-10x) lets them crowd out the live ones until trained (README, "Training")
+RESAMPLE_ACTIVATION = 3.0
 CURVE_POINTS = 100  # training-curve points recorded per run (loss, FVU, L0, dead fraction, learning rate)
 
 
@@ -270,28 +273,31 @@ class _StackedTranscoders(torch.nn.Module):
     def resample(self, x: torch.Tensor, y_n: torch.Tensor, silent_since: int, step: int, draw: torch.Generator) -> torch.Tensor:
         """Re-initialise the features silent since step `silent_since` on tokens of `x`, `y_n` [n_layers, N, d]
         (a sample of the buffer): each takes a token drawn with probability proportional to its squared error (typical
-        tokens only), its decoder row the unit error there, its encoder column the token's centred input at the live
-        features' mean encoder norm and its bias the centring, so it fires on tokens like that one, as strongly as a live
-        feature would. -> the [n_layers, d_sae] mask of those features (whose optimiser state the caller resets)."""
+        tokens only), its decoder row the unit error there, its encoder column along the token's centred input and its bias
+        the centring, scaled so that it fires on that token with RESAMPLE_ACTIVATION times the layer's mean kept
+        activation: on tokens like that one it wins a slot without crowding out the live features. -> the
+        [n_layers, d_sae] mask of those features (whose optimiser state the caller resets)."""
         dead = self.last_fired <= silent_since
+        n_layers, N, _ = x.shape
         product = self.encoder_matmul(x)
         rows, features, values, _ = self.batch_topk(product, typical=self.typical(y_n))
-        recon = self.decode_sparse(rows, features, values, x.shape[0] * x.shape[1]).reshape(y_n.shape) + self.b_dec + self.skip_path(x)
+        recon = self.decode_sparse(rows, features, values, n_layers * N).reshape(y_n.shape) + self.b_dec + self.skip_path(x)
         error = (y_n - recon) * self.typical(y_n)[..., None]
         weight = error.pow(2).sum(-1)
+        kept = torch.bincount(rows // N, minlength=n_layers).clamp_min(1)
+        typical_value = torch.zeros(n_layers, device=x.device).index_add_(0, rows // N, values.detach()) / kept  # [n_layers]
         x_n = x / self.s_in[:, None, None]
         x_mean = x_n.mean(1)  # [n_layers, d]
         x_c = x_n - x_mean[:, None]
-        enc_norm = self.W_enc.norm(dim=1)  # [n_layers, d_sae]
-        for i in range(dead.shape[0]):
+        for i in range(n_layers):
             f = dead[i].nonzero().squeeze(1)
             if len(f) == 0 or weight[i].sum() <= 0:
                 continue
             t = torch.multinomial(weight[i].cpu(), len(f), replacement=len(f) > int((weight[i] > 0).sum()), generator=draw)
             t = t.to(x.device)
-            live_norm = enc_norm[i][~dead[i]].mean() if (~dead[i]).any() else enc_norm[i].mean()
+            direction = x_c[i, t]  # [dead, d]
             self.W_dec[i, f] = F.normalize(error[i, t], dim=-1)
-            self.W_enc[i, :, f] = (F.normalize(x_c[i, t], dim=-1) * live_norm).T
+            self.W_enc[i, :, f] = (direction * (RESAMPLE_ACTIVATION * typical_value[i] / direction.pow(2).sum(-1, keepdim=True).clamp_min(1e-12))).T
             self.b_enc[i, 0, f] = -(x_mean[i] @ self.W_enc[i, :, f])
         self.last_fired[dead] = step  # a fresh window before they count as dead again
         return dead
