@@ -136,7 +136,7 @@ def compute_options(f):
                    "distance from the mean (massive activations; its output is left to the error term); 0 keeps every token.")
 @click.option("--resamples", type=click.IntRange(0), default=6, show_default=True,
               help="batchtopk: times, evenly spread before the decay, that features silent for the second half of the steps "
-                   "since the previous time are re-initialised on badly reconstructed tokens.")
+                   "since the previous time (and 5,000 tokens at least) are re-initialised on badly reconstructed tokens.")
 @click.option("--curve-ce", type=click.IntRange(0), default=0, show_default=True,
               help="Measure CE loss recovered (all layers replaced, held-out tokens) at this many points of the training curve.")
 @click.option("--minibatch", type=click.IntRange(1), default=128, show_default=True)

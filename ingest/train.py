@@ -68,7 +68,8 @@ class TrainConfig:
     aux_coefficient: float = 1 / 32  # batchtopk: weight of the dead features' auxiliary loss
     dead_tokens: int = 5000  # batchtopk: a feature silent for this many training tokens counts as dead
     # batchtopk: times, evenly spread before the decay, that features silent for the second half of the steps since the
-    # previous time (or the start) are re-initialised on badly reconstructed tokens (Bricken et al. 2023's resampling)
+    # previous time (or the start), and for `dead_tokens` at least, are re-initialised on badly reconstructed tokens
+    # (Bricken et al. 2023's resampling)
     resamples: int = 6
     warmup: float = 0.05  # fraction of the steps over which the learning rate rises linearly from 0
     decay: float = 0.2  # fraction of the steps, at the end, over which it falls linearly to 0
@@ -388,7 +389,7 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
             if step in resample_at:
                 sample = torch.randperm(n, generator=draw)[:RESAMPLE_TOKENS].to(x_buf.device)
                 dead = net.resample(x_buf[:, sample].to(device).float(), y_buf[:, sample].to(device).float() / net.s_out[:, None, None],
-                                    (resampled_at + step) // 2, step, draw)
+                                    silent_since(cfg, resampled_at, step), step, draw)
                 _reset_optimiser_state(optimiser, net, dead)
                 resampled_at = step
             bar.update()
@@ -417,6 +418,13 @@ def resample_steps(cfg: TrainConfig, total: int) -> set[int]:
         return set()
     before_decay = total - round(cfg.decay * total)
     return {round(before_decay * (i + 1) / (cfg.resamples + 1)) for i in range(cfg.resamples)} - {0}
+
+
+def silent_since(cfg: TrainConfig, previous: int, step: int) -> int:
+    """A feature is resampled at `step` if it has not fired since the step this returns: the second half of the steps
+    since the `previous` resampling, and at least `dead_tokens` tokens (so a short run's close resamplings do not take
+    a rare feature for a dead one)."""
+    return min((previous + step) // 2, step - -(-cfg.dead_tokens // cfg.minibatch))
 
 
 def _reset_optimiser_state(optimiser: torch.optim.Optimizer, net: _StackedTranscoders, features: torch.Tensor) -> None:

@@ -298,10 +298,12 @@ def test_resampling_reinitialises_only_dead_features_on_badly_reconstructed_toke
     token of the sample, the encoder fires on that token with RESAMPLE_ACTIVATION x the layer's mean kept activation,
     their Adam moments are zeroed and their silence restarts; every live feature's weights and moments stay bit for bit."""
     from circuit_catalog.ingest.train import (RESAMPLE_ACTIVATION, _reset_optimiser_state, _StackedTranscoders, _step_loss, collect,
-                                              resample_steps)
+                                              resample_steps, silent_since)
 
     cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=5, resamples=2)
     assert resample_steps(cfg, 100) == {27, 53} and resample_steps(replace(cfg, resamples=0), 100) == set()
+    # silent for the second half of the steps since the previous resampling, and for dead_tokens (2 or 20 steps) at least
+    assert silent_since(replace(cfg, dead_tokens=128), 27, 53) == 40 and silent_since(replace(cfg, dead_tokens=64 * 20), 27, 53) == 33
     tokens = token_contexts(gpt2.tokenizer, str(text_file), 512, 32)[:4]
     x, y = collect(gpt2, tokens, cfg)
     x, y = x.float(), y.float()
