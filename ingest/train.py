@@ -373,7 +373,7 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: learning_rate_factor(step, total, cfg.warmup, cfg.decay))
     curve = _Curve(model, net, cfg, x_buf, y_buf, eval_tokens, total)
     resample_at = resample_steps(cfg, total)
-    resampled_at, draw = 0, torch.Generator().manual_seed(cfg.seed)  # the training's own draws untouched
+    resampled_at, draw = 0, torch.Generator(device=x_buf.device).manual_seed(cfg.seed)  # the training's own draws untouched
     bar = tqdm(total=total, desc="training", unit="step", disable=not progress)
     step, started = 0, time.perf_counter()
     for _ in range(cfg.epochs):
@@ -387,7 +387,7 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
             net.normalise_decoder()
             step += 1
             if step in resample_at:
-                sample = torch.randperm(n, generator=draw)[:RESAMPLE_TOKENS].to(x_buf.device)
+                sample = torch.randperm(n, generator=draw, device=x_buf.device)[:RESAMPLE_TOKENS]
                 dead = net.resample(x_buf[:, sample].to(device).float(), y_buf[:, sample].to(device).float() / net.s_out[:, None, None],
                                     silent_since(cfg, resampled_at, step), step, draw)
                 _reset_optimiser_state(optimiser, net, dead)
