@@ -5,7 +5,8 @@ researcher probing many prompts starts one server per (model, transcoders) and e
 forward pass. The server listens on a UNIX socket (mode 0600) in the cache directory whose name is a digest of
 what it loaded: the model and transcoder arguments and the size and modification time of their files, so a changed
 transcoder file or other `--layers` is simply another socket, and a stale server is never asked; a server holding every
-layer also answers for any subset of them (`--layers`). Without a server the command loads the model itself, as before. This client side imports neither torch nor TransformerLens.
+layer also answers for any subset of them (`--layers`). Without a server the command loads the model itself, as
+before. This client side imports neither torch nor TransformerLens.
 
 Protocol: one JSON line per connection each way; a request `{"op": name in OPS, "args": {...}}` (and `"layers": [...]`
 to use a subset of the loaded transcoders), a reply `{"ok": ...}` or
