@@ -230,6 +230,16 @@ class _StackedTranscoders(torch.nn.Module):
         keep = positive.reshape(-1)
         return rows.reshape(-1)[keep], features.reshape(-1)[keep], values.reshape(-1)[keep], smallest
 
+    def reconstruct(self, x: torch.Tensor, typical: torch.Tensor, step: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """BatchTopK's reconstruction of a batch x [n_layers, B, d] (`typical` as in `batch_topk`) -> (the encoder
+        product, the kept activations' rows and values, the reconstruction [n_layers, B, d] in training units)."""
+        n_layers, B, _ = x.shape
+        product = self.encoder_matmul(x)
+        rows, features, values, _ = self.batch_topk(product, step, typical)
+        recon = self.decode_sparse(rows, features, values, n_layers * B).reshape(n_layers, B, -1) + self.b_dec + self.skip_path(x)
+        return product, rows, values, recon
+
     @torch.no_grad()
     def calibrate(self, x_buf: torch.Tensor, y_buf: torch.Tensor, batches: int = 64) -> None:
         """The inference threshold per layer, with the final weights: the mean over `batches` training minibatches
@@ -280,10 +290,9 @@ class _StackedTranscoders(torch.nn.Module):
         [n_layers, d_sae] mask of those features (whose optimiser state the caller resets)."""
         dead = self.last_fired <= silent_since
         n_layers, N, _ = x.shape
-        product = self.encoder_matmul(x)
-        rows, features, values, _ = self.batch_topk(product, typical=self.typical(y_n))
-        recon = self.decode_sparse(rows, features, values, n_layers * N).reshape(y_n.shape) + self.b_dec + self.skip_path(x)
-        error = (y_n - recon) * self.typical(y_n)[..., None]
+        typical = self.typical(y_n)
+        _, rows, values, recon = self.reconstruct(x, typical)
+        error = (y_n - recon) * typical[..., None]
         weight = error.pow(2).sum(-1)
         kept = torch.bincount(rows // N, minlength=n_layers).clamp_min(1)
         typical_value = torch.zeros(n_layers, device=x.device).index_add_(0, rows // N, values.detach()) / kept  # [n_layers]
@@ -439,7 +448,7 @@ def _step_loss(net: _StackedTranscoders, x: torch.Tensor, y_n: torch.Tensor, ste
     """(loss to minimise, squared error per layer ~ FVU, active features per token per layer) on one minibatch; the
     squared error is the typical tokens' (`outlier_factor`)."""
     cfg = net.cfg
-    n_layers, B, d = y_n.shape
+    n_layers, B, _ = y_n.shape
     typical = net.typical(y_n)
     weight = typical.float() / typical.sum(-1, keepdim=True).clamp_min(1)
 
@@ -455,10 +464,8 @@ def _step_loss(net: _StackedTranscoders, x: torch.Tensor, y_n: torch.Tensor, ste
         with torch.no_grad():
             net.last_fired[(z > 0).any(1)] = step
         return (error + cfg.l1_coefficient * l1).sum(), error.detach(), (z > 0).sum(-1).float().mean(-1)
-    product = net.encoder_matmul(x)
-    rows, features, values, _ = net.batch_topk(product, step, typical)
+    product, rows, _, recon = net.reconstruct(x, typical, step)
     active = torch.bincount(rows // B, minlength=n_layers)
-    recon = net.decode_sparse(rows, features, values, n_layers * B).reshape(n_layers, B, d) + net.b_dec + net.skip_path(x)
     error = mse(recon)
     aux = net.aux_loss(product, ((y_n - recon) * typical[..., None]).detach(), step)
     return error.sum() + cfg.aux_coefficient * aux, error.detach(), active.float() / B
