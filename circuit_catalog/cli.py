@@ -133,7 +133,10 @@ def compute_options(f):
               help="The training's matmuls: auto is bfloat16 where the device has it natively (CUDA, AVX512-BF16/AMX CPUs); weights stay float32.")
 @click.option("--outliers", "outlier_factor", type=click.FloatRange(0), callback=_finite, default=200.0, show_default=True,
               help="Leave out of training a token whose MLP output lies more than this many times the median token's squared "
-                   "distance from the mean (massive activations; its output is left to the error term); 0 keeps every token.")
+                   "distance from the mean (massive activations); 0 keeps every token.")
+@click.option("--outlier-feature/--no-outlier-feature", default=True, show_default=True,
+              help="batchtopk: after training, fit one feature per layer in closed form to the tokens --outliers left out "
+                   "(in the slot of the feature that fires least); without it their output is left to the error term.")
 @click.option("--resamples", type=click.IntRange(0), default=6, show_default=True,
               help="batchtopk: times, evenly spread before the decay, that features silent for the second half of the steps "
                    "since the previous time (and 5,000 tokens at least) are re-initialised on badly reconstructed tokens.")
@@ -147,7 +150,7 @@ def compute_options(f):
 @click.option("--force", is_flag=True, help="Retrain even if OUT already holds a run with the same settings.")
 @compute_options
 def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, activation, k, l1_coefficient, warmup, decay, matmul_dtype,
-          outlier_factor, resamples, curve_ce, minibatch, ctx_len, seed, skip, out_dir, force, device, dtype):
+          outlier_factor, outlier_feature, resamples, curve_ce, minibatch, ctx_len, seed, skip, out_dir, force, device, dtype):
     """Train one transcoder per layer (ln2.hook_normalized -> hook_mlp_out), saved in SAELens format, with its
     training curve (OUT/training.json)."""
     from circuit_catalog.ingest.pipeline import train as train_
@@ -155,7 +158,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, activation, k, l1
 
     cfg = TrainConfig(model=model, dataset=dataset, layers=parse_layers(layers) or [], d_sae=d_sae, n_tokens=n_tokens, epochs=epochs,
                       lr=lr, activation=activation, k=k, l1_coefficient=l1_coefficient, warmup=warmup, decay=decay,
-                      matmul_dtype=matmul_dtype, outlier_factor=outlier_factor, resamples=resamples, curve_ce=curve_ce, minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip, dtype=dtype)
+                      matmul_dtype=matmul_dtype, outlier_factor=outlier_factor, outlier_feature=outlier_feature, resamples=resamples, curve_ce=curve_ce, minibatch=minibatch, ctx_len=ctx_len, seed=seed, skip=skip, dtype=dtype)
     result, reused = train_(model, out_dir, cfg, force=force, device=device)
     if reused:
         err.print(f"reusing transcoders in {out_dir} (same settings; --force retrains)")
@@ -164,6 +167,8 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, activation, k, l1
         table.add_row(str(m.layer), f"{m.fvu:.3f}", f"{m.l0:.1f}", f"{m.dead_fraction:.1%}")
     out.print(table)
     out.print(f"mean FVU {result.mean_fvu:.3f} over {len(result.metrics)} layers (held-out tokens)")
+    if result.outlier_features:
+        out.print("features fitted to the outlier tokens: " + ", ".join(f"L{layer}/{f}" for layer, f in result.outlier_features.items()))
     if result.curve:
         last = result.curve[-1]
         measured = [p for p in result.curve if p.ce_recovered is not None]

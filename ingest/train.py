@@ -33,6 +33,7 @@ from circuit_catalog.ingest.datasets import token_contexts
 from circuit_catalog.ingest.device import dtype_name, matmul_dtype_for
 from circuit_catalog.ingest.evaluate import Reconstruction, evaluate_transcoders
 from circuit_catalog.ingest.models import check_context
+from circuit_catalog.ingest.outlier_features import fit_outlier_feature
 from circuit_catalog.ingest.transcoder import Transcoder, TranscoderConfig, TranscoderSet
 from circuit_catalog.ingest.transcoder_formats import load_transcoders, save_saelens
 from circuit_catalog.progress import tqdm
@@ -77,8 +78,11 @@ class TrainConfig:
     curve_ce: int = 0  # times during training the all-layers CE loss recovered is measured on the held-out tokens
     skip: bool = False  # add an affine skip connection W_skip (a skip transcoder)
     # >0: a token whose target lies more than this many times the median token's squared distance from the mean
-    # (massive activations) is left out of the scale, the selection and the loss; its output is left to the error
+    # (massive activations) is left out of the scale, the selection and the loss
     outlier_factor: float = 200.0
+    # batchtopk: after training, one feature per layer is fitted to those tokens in closed form (`outlier_features`);
+    # without it their output is left to the error term
+    outlier_feature: bool = True
     seed: int = 0
     hook_in: str = "ln2.hook_normalized"
     hook_out: str = "hook_mlp_out"
@@ -115,6 +119,7 @@ class TrainResult:
     metrics: list[LayerMetrics] = field(default_factory=list)
     curve: list[CurvePoint] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each phase: collect, train, evaluate
+    outlier_features: dict[int, int] = field(default_factory=dict)  # layer -> the feature fitted to its outlier tokens
 
     @property
     def mean_fvu(self) -> float:
@@ -409,16 +414,35 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
     bar.close()
     if cfg.activation == "batchtopk":
         net.calibrate(x_buf, y_buf)
-    del x_buf, y_buf, curve.x_buf, curve.y_buf
     seconds["train"] = time.perf_counter() - started - curve.ce_seconds
     seconds["curve_ce"] = curve.ce_seconds
     transcoders = net.export(getattr(model.cfg, "model_name", ""))
     started = time.perf_counter()
+    outlier_features = _fit_outlier_features(net, transcoders, x_buf, y_buf) if cfg.outlier_feature else {}
+    seconds["outlier_features"] = time.perf_counter() - started
+    del x_buf, y_buf, curve.x_buf, curve.y_buf
+    started = time.perf_counter()
     metrics = evaluate(model, TranscoderSet({t.layer: t for t in transcoders}), eval_tokens, cfg)
     seconds["evaluate"] = time.perf_counter() - started
-    result = TrainResult(cfg, metrics, curve.points, {k: round(v, 2) for k, v in seconds.items()})
+    result = TrainResult(cfg, metrics, curve.points, {k: round(v, 2) for k, v in seconds.items()}, outlier_features)
     _save_atomically(transcoders, result, out_dir)
     return result
+
+
+def _fit_outlier_features(net: _StackedTranscoders, transcoders: list[Transcoder], x_buf: torch.Tensor,
+                          y_buf: torch.Tensor) -> dict[int, int]:
+    """The exported `transcoders` (in place) each given a feature for the buffer's outlier tokens, as `typical` tells
+    them (`outlier_features`) -> layer -> that feature, for the layers that have one."""
+    device = net.s_out.device
+    typical = torch.cat([net.typical(y_buf[:, at : at + 8192].to(device).float() / net.s_out[:, None, None]).cpu()
+                         for at in range(0, y_buf.shape[1], 8192)], 1)
+    fitted = {}
+    for i, tc in enumerate(transcoders):
+        if (~typical[i]).any():
+            feature = fit_outlier_feature(tc, x_buf[i], y_buf[i], ~typical[i])
+            if feature is not None:
+                fitted[tc.layer] = feature
+    return fitted
 
 
 def resample_steps(cfg: TrainConfig, total: int) -> set[int]:
@@ -567,7 +591,8 @@ def _save_atomically(transcoders: list[Transcoder], result: TrainResult, out_dir
         for tc in transcoders:
             save_saelens(tc, tmp / f"layer_{tc.layer}")
         record = {"config": asdict(result.config), "metrics": [asdict(m) for m in result.metrics],
-                  "curve": [asdict(p) for p in result.curve], "seconds": result.seconds}
+                  "curve": [asdict(p) for p in result.curve], "seconds": result.seconds,
+                  "outlier_features": {str(layer): f for layer, f in result.outlier_features.items()}}
         (tmp / layout.TRAINING).write_text(json.dumps(record, indent=2))
 
 
@@ -593,7 +618,7 @@ def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:
         record = json.loads(record_path.read_text())
         # a field added since then reads as its default, except the training method's, which older runs predate
         legacy = {"activation": "relu", "warmup": 0.0, "decay": 0.0, "matmul_dtype": "float32", "outlier_factor": 0.0,
-                  "resamples": 0}
+                  "resamples": 0, "outlier_feature": False}
         recorded = TrainConfig(**{**legacy, **record["config"]})
     except (json.JSONDecodeError, KeyError, TypeError):
         return None
@@ -604,4 +629,4 @@ def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:
     except TranscoderError:
         return None
     return TrainResult(cfg, [LayerMetrics(**m) for m in record["metrics"]], [CurvePoint(**p) for p in record.get("curve", [])],
-                       record.get("seconds", {}))
+                       record.get("seconds", {}), {int(layer): f for layer, f in record.get("outlier_features", {}).items()})

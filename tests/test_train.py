@@ -190,20 +190,21 @@ def test_bfloat16_matmuls_train_as_well(gpt2, text_file, tmp_path):
 
 
 def test_a_record_from_before_batchtopk_is_not_reused_for_it(gpt2, text_file, tmp_path):
-    """A training record without the method fields was a ReLU + L1 run without a schedule or resampling: reused for
-    that, not for the BatchTopK defaults."""
+    """A training record without the method fields was a ReLU + L1 run without a schedule, resampling or outlier
+    features: reused for that, not for the BatchTopK defaults."""
     import json
 
     cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, activation="relu", warmup=0.0, decay=0.0, l1_coefficient=0.01,
-                      resamples=0)
+                      resamples=0, outlier_feature=False)
     train_transcoders(gpt2, cfg, tmp_path / "tc", progress=False)
     path = tmp_path / "tc" / "training.json"
     record = json.loads(path.read_text())
-    for name in ("activation", "warmup", "decay", "matmul_dtype", "k", "aux_coefficient", "dead_tokens", "curve_ce", "resamples"):
+    for name in ("activation", "warmup", "decay", "matmul_dtype", "k", "aux_coefficient", "dead_tokens", "curve_ce", "resamples", "outlier_feature"):
         record["config"].pop(name)
     path.write_text(json.dumps(record))
     assert reusable(tmp_path / "tc", cfg) is not None
     assert reusable(tmp_path / "tc", replace(cfg, resamples=6)) is None
+    assert reusable(tmp_path / "tc", replace(cfg, outlier_feature=True)) is None
     assert reusable(tmp_path / "tc", TrainConfig(**{**cfg.__dict__, "activation": "batchtopk", "warmup": 0.05, "decay": 0.2})) is None
 
 
@@ -291,6 +292,55 @@ def test_outlier_tokens_neither_set_the_scale_nor_train(gpt2, text_file):
         thresholds.append(net.threshold.clone())
     assert thresholds[0].gt(0).all()
     torch.testing.assert_close(thresholds[0], thresholds[1], rtol=0, atol=0)
+
+
+def test_each_layer_with_outlier_tokens_gets_a_feature_for_them(gpt2, text_file, tmp_path):
+    """Training's outlier criterion picks the tokens the fitted feature is for: on layer 0, six tokens whose input
+    stands out along one direction and whose output is massive along another get a feature that fires on exactly them;
+    layer 2, with no outliers, keeps its features. The record keeps which feature it is."""
+    from circuit_catalog.ingest.train import _fit_outlier_features, _StackedTranscoders, collect
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=5)
+    x, y = collect(gpt2, token_contexts(gpt2.tokenizer, str(text_file), 512, 32)[:4], cfg)
+    x, y = x.float(), y.float()
+    g = torch.Generator().manual_seed(0)
+    marker, massive = torch.nn.functional.normalize(torch.randn(2, 32, generator=g), dim=-1)
+    tokens = torch.tensor([5, 17, 40, 66, 90, 111])
+    x[0, tokens] += (8 + 4 * torch.rand(6, 1, generator=g)) * marker
+    y[0, tokens] += 150 * y[0].std() * (x[0, tokens] @ marker)[:, None] * massive
+    net = _StackedTranscoders(cfg, 32, x, y)
+    transcoders = net.export("tiny")
+    layer_2 = transcoders[1].W_enc.clone()
+    fitted = _fit_outlier_features(net, transcoders, x.half(), y.half())
+    assert list(fitted) == [0]
+    fires = transcoders[0].encode(x[0])[:, fitted[0]] > 0
+    assert fires.nonzero().squeeze(1).tolist() == tokens.tolist()
+    assert torch.equal(transcoders[1].W_enc, layer_2)
+
+    # through training: the tiny model given a sink at position 1 (input shifted along `marker`, output massive)
+    def shift(value, hook):
+        value[:, 1] += 10 * marker
+        return value
+
+    def sink(value, hook):
+        value[:, 1] += 1500 * scale * massive
+        return value
+
+    scale = y[0].std()
+    gpt2.add_perma_hook("blocks.0.ln2.hook_normalized", shift)
+    gpt2.add_perma_hook("blocks.0.hook_mlp_out", sink)
+    try:
+        trained = train_transcoders(gpt2, cfg, tmp_path / "tc", progress=False)
+        plain = train_transcoders(gpt2, replace(cfg, outlier_feature=False), tmp_path / "plain", progress=False)
+    finally:
+        gpt2.reset_hooks(including_permanent=True)
+    assert list(trained.outlier_features) == [0] and plain.outlier_features == {}
+    assert reusable(tmp_path / "tc", cfg).outlier_features == trained.outlier_features
+    feature = trained.outlier_features[0]
+    with_it, without = load_transcoders(tmp_path / "tc")[0], load_transcoders(tmp_path / "plain")[0]
+    others = torch.arange(cfg.d_sae) != feature
+    assert torch.equal(with_it.W_dec[others], without.W_dec[others]) and abs(with_it.W_dec[feature] @ massive) > 0.99
+    assert trained.metrics[0].fvu < 0.1 * plain.metrics[0].fvu and trained.metrics[1] == plain.metrics[1]
 
 
 def test_resampling_reinitialises_only_dead_features_on_badly_reconstructed_tokens(gpt2, text_file):
