@@ -21,7 +21,7 @@ $cc train --model smollm2-135m --dataset brown --d-sae 1536 --tokens 40000 --epo
 echo "== 2. catalog: pullbacks for every layer pair, de-embeddings, logit lens, activation statistics,"
 echo "      and the attribution graphs of five prompts (scripts/demo_prompts.jsonl)"
 $cc ingest --model smollm2-135m --transcoders "$out/transcoders" --catalog "$out/catalog" --top-k 16 \
-    --dataset brown --tokens 8192 --prompts scripts/demo_prompts.jsonl $compute
+    --dataset brown --tokens 16384 --prompts scripts/demo_prompts.jsonl $compute
 
 echo "== 2b. the transcoders' quality on held-out Brown tokens (past the training tokens): per-layer FVU, L0, dead"
 echo "       features, and the next-token loss with every MLP replaced (CE loss recovered), kept for the overview report"
