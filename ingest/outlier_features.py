@@ -7,8 +7,8 @@ variance (FVU ~0.99 where the other tokens' is ~0.3). Their outputs lie along on
 linearly separable from the other tokens', so one JumpReLU feature, fitted in closed form after training, carries them:
 its decoder row is the main direction of their residuals, its encoder a weighted ridge regression of their coefficient
 along it (0 on every other token), its threshold the one that removes the most squared error on the training buffer
-while firing on none of the other tokens there.
-It takes the slot of the feature that fires least, so the rest of the transcoder is untouched.
+while firing on none of the other tokens there. It takes the slot of the feature that fires least, so the rest of the
+transcoder is untouched.
 """
 
 from __future__ import annotations
