@@ -60,12 +60,13 @@ def fit_outlier_feature(tc: Transcoder, x: torch.Tensor, y: torch.Tensor, outlie
     # the best threshold keeps the prefix (by p, descending) whose summed change is most negative, among the prefixes
     # of outliers only: firing on an ordinary token writes a massive vector where none belongs (on layer 2's " the"
     # tokens, which are large but no sink, allowing it cost more next-token loss than the feature saved)
+    # (those prefixes hold outliers only, whose r . u is their `target`: no other token's residual is needed)
     pre = torch.cat([xc @ w + b for xc, _ in chunks])
-    along = torch.cat([(y[at].to(device, dtype) - tc.decode(tc.encode(xc), xc)) @ direction for xc, at in chunks])
     order = pre.argsort(descending=True)
     ordinary = (~mask[order]).nonzero()
     prefix = int(ordinary[0]) if len(ordinary) else len(order)
-    change = (pre[order[:prefix]].pow(2) - 2 * pre[order[:prefix]] * along[order[:prefix]]).double().cumsum(0)
+    top = order[:prefix]
+    change = (pre[top].pow(2) - 2 * pre[top] * target[top]).double().cumsum(0)
     best = int(change.argmin()) if prefix else 0
     if not prefix or change[best] >= 0 or pre[order[best]] <= 0:
         tc.W_dec[slot] = old_dec

@@ -438,10 +438,9 @@ def _fit_outlier_features(net: _StackedTranscoders, transcoders: list[Transcoder
                          for at in range(0, y_buf.shape[1], 8192)], 1)
     fitted = {}
     for i, tc in enumerate(transcoders):
-        if (~typical[i]).any():
-            feature = fit_outlier_feature(tc, x_buf[i], y_buf[i], ~typical[i])
-            if feature is not None:
-                fitted[tc.layer] = feature
+        feature = fit_outlier_feature(tc, x_buf[i], y_buf[i], ~typical[i])
+        if feature is not None:
+            fitted[tc.layer] = feature
     return fitted
 
 
