@@ -345,9 +345,9 @@ def test_each_layer_with_outlier_tokens_gets_a_feature_for_them(gpt2, text_file,
 
 def test_resampling_reinitialises_only_dead_features_on_badly_reconstructed_tokens(gpt2, text_file):
     """Features silent since the last resampling take new directions: each decoder row is the unit error of a typical
-    token of the sample, the encoder fires on that token with RESAMPLE_ACTIVATION x the layer's mean kept activation,
-    their Adam moments are zeroed and their silence restarts; every live feature's weights and moments stay bit for bit."""
-    from circuit_catalog.ingest.train import (RESAMPLE_ACTIVATION, _reset_optimiser_state, _StackedTranscoders, _step_loss, collect,
+    token of the sample, the encoder column that token's centred input direction at the live columns' mean norm, firing
+    on RESAMPLE_FIRING of the sample (the tokens furthest along it); their Adam moments are zeroed and their silence restarts; every live feature's weights and moments stay bit for bit."""
+    from circuit_catalog.ingest.train import (RESAMPLE_FIRING, _reset_optimiser_state, _StackedTranscoders, _step_loss, collect,
                                               resample_steps, silent_since)
 
     cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=5, resamples=2)
@@ -382,9 +382,17 @@ def test_resampling_reinitialises_only_dead_features_on_badly_reconstructed_toke
         cosines = net.W_dec[layer, f] @ errors[layer].T  # [dead, tokens]
         assert torch.allclose(cosines.max(1).values, torch.ones(len(f)), atol=1e-5), "each is a token's unit error"
         token = cosines.argmax(1)
-        pre = (x[layer, token] / net.s_in[layer]) @ net.W_enc[layer, :, f] + net.b_enc[layer, 0, f]
-        kept_mean = values[rows // x.shape[1] == layer].mean()  # what an active live feature of the layer gives
-        torch.testing.assert_close(pre.diagonal(), RESAMPLE_ACTIVATION * kept_mean.expand(len(f)), rtol=1e-4, atol=1e-5)
+        x_n = x[layer] / net.s_in[layer]
+        columns = net.W_enc[layer, :, f].T  # [dead, d]
+        live_norm = before["W_enc"][layer][:, ~dead[layer]].norm(dim=0).mean()
+        torch.testing.assert_close(columns.norm(dim=1), live_norm.expand(len(f)))
+        direction = torch.nn.functional.normalize(x_n[token] - x_n.mean(0), dim=-1)
+        torch.testing.assert_close(torch.nn.functional.normalize(columns, dim=-1), direction)
+        along = x_n @ columns.T  # [tokens, dead]
+        fires = along + net.b_enc[layer, 0, f] > 0
+        assert (fires.sum(0) == round(RESAMPLE_FIRING * x.shape[1])).all(), "each fires on RESAMPLE_FIRING of the sample"
+        lowest_firing = torch.where(fires, along, torch.inf).min(0).values
+        assert (lowest_firing > torch.where(fires, -torch.inf, along).max(0).values).all(), "on the tokens furthest along it"
     for name, p in net.named_parameters():
         mask = {"W_dec": dead[:, :, None], "W_enc": dead[:, None, :], "b_enc": dead[:, None, :]}.get(name)
         if mask is None:
