@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from circuit_catalog.errors import UserError
+from circuit_catalog.ingest.settings import MAX_FEATURE_NODES
 
 out = Console()
 err = Console(stderr=True)
@@ -192,7 +193,7 @@ def train(model, dataset, layers, d_sae, n_tokens, epochs, lr, activation, k, l1
 @click.option("--ctx-len", type=click.IntRange(2), default=128, show_default=True, help="Context length for statistics.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="Also compute attribution graphs: one prompt per line (.txt) or JSON lines with 'prompt' and optional 'target'.")
-@click.option("--max-feature-nodes", type=click.IntRange(1), default=1024, show_default=True, help="Feature nodes per graph, chosen by estimated influence.")
+@click.option("--max-feature-nodes", type=click.IntRange(1), default=MAX_FEATURE_NODES, show_default=True, help="Feature nodes per graph, chosen by estimated influence.")
 @click.option("--all-features", is_flag=True, help="No cap on feature nodes (every active feature).")
 @click.option("--max-n-logits", type=click.IntRange(1), default=10, show_default=True, help="Logit targets at most.")
 @click.option("--desired-logit-prob", type=click.FloatRange(0, 1), callback=_finite, default=0.95, show_default=True, help="Logit targets up to this cumulative probability.")
@@ -1065,7 +1066,8 @@ def qk(model, transcoders, prompt_key, catalog_dir, head, query_pos, key_pos, k,
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Features shown.")
 @click.option("--rank", type=click.Choice(["activation", "influence"]), default="activation", show_default=True,
               help="activation: the largest activations (a forward pass; favours dense features); influence: the largest "
-              "influence on the logits in the prompt's attribution graph (1024 feature nodes; what the prediction depends on).")
+              f"influence on the logits in the prompt's attribution graph ({MAX_FEATURE_NODES} feature nodes; what the prediction "
+              "depends on).")
 @click.option("--target", default=None, help="With --rank influence: influence on this token's logit (one token, mind the "
               "leading space) instead of the probability-weighted logits.")
 @click.option("--format", "fmt", type=click.Choice(["table", "ids"]), default="table", show_default=True)

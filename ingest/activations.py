@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from circuit_catalog.catalog.ids import feature_id
 from circuit_catalog.ingest.attribution import attribute, prompt_tokens, target_token
+from circuit_catalog.ingest.settings import MAX_FEATURE_NODES
 from circuit_catalog.ingest.transcoder import TranscoderSet
 
 from circuit_catalog.errors import AttributionError
@@ -44,7 +45,7 @@ def top_active_features(model, tset: TranscoderSet, prompt: str, pos: int = -1, 
 
 
 def top_influential_features(model, tset: TranscoderSet, prompt: str, pos: int = -1, k: int = 10, target: str | None = None,
-                             max_feature_nodes: int | None = 1024) -> list[ActiveFeature]:
+                             max_feature_nodes: int | None = MAX_FEATURE_NODES) -> list[ActiveFeature]:
     """The k features at `pos` with the largest influence on the prompt's logits (their probability-weighted sum,
     as pruning scores nodes) or, with `target`, on that token's logit, in the prompt's attribution graph (its
     `max_feature_nodes` most influential active features). Raw activation favours dense features that fire
