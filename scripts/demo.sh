@@ -36,7 +36,7 @@ echo "      A warm \`serve\` process loads the model once and answers the three 
 serve_log=$(mktemp)
 $cc serve --model smollm2-135m --transcoders "$out/transcoders" --idle-minutes 10 $compute 2> "$serve_log" &
 server=$!
-trap 'kill $server 2> /dev/null; rm -f "$serve_log"' EXIT
+trap 'kill $server 2> /dev/null || true; rm -f "$serve_log"' EXIT
 until grep -q '^serving' "$serve_log"; do
     kill -0 $server 2> /dev/null || { cat "$serve_log" >&2; exit 1; }
     sleep 0.5
