@@ -346,7 +346,8 @@ def test_each_layer_with_outlier_tokens_gets_a_feature_for_them(gpt2, text_file,
 def test_resampling_reinitialises_only_dead_features_on_badly_reconstructed_tokens(gpt2, text_file):
     """Features silent since the last resampling take new directions: each decoder row is the unit error of a typical
     token of the sample, the encoder column that token's centred input direction at the live columns' mean norm, firing
-    on RESAMPLE_FIRING of the sample (the tokens furthest along it); their Adam moments are zeroed and their silence restarts; every live feature's weights and moments stay bit for bit."""
+    on RESAMPLE_FIRING of the sample (the tokens furthest along it); their Adam moments are zeroed and their silence
+    restarts; every live feature's weights and moments stay bit for bit."""
     from circuit_catalog.ingest.train import (RESAMPLE_FIRING, _reset_optimiser_state, _StackedTranscoders, _step_loss, collect,
                                               resample_steps, silent_since)
 
