@@ -211,3 +211,13 @@ def test_logit_cutoff_and_special_first_token_agree(arch, ct_python, tiny_case, 
     A, R = ours.adjacency[targets][:, sources], torch.from_numpy(ref["adjacency"])[targets][:, sources]
     assert (R != 0).sum() > 100
     torch.testing.assert_close(A, R, rtol=1e-4, atol=1e-5 * float(R.abs().max()))
+
+
+def test_default_feature_cap_is_circuit_tracers_command_line_default(ct_python):
+    """The README and `ingest.settings` call 7,500 feature nodes circuit-tracer's default: read from its own CLI module."""
+    from circuit_catalog.ingest.settings import MAX_FEATURE_NODES
+
+    done = subprocess.run([str(ct_python), "-c", "import circuit_tracer.__main__ as m; print(m.DEFAULT_MAX_FEATURE_NODES)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) == MAX_FEATURE_NODES == AttributionSettings().max_feature_nodes
