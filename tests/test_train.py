@@ -352,7 +352,9 @@ def test_resampling_reinitialises_only_dead_features_on_badly_reconstructed_toke
                                               resample_steps, silent_since)
 
     cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=5, resamples=2)
-    assert resample_steps(cfg, 100) == {27, 53} and resample_steps(replace(cfg, resamples=0), 100) == set()
+    assert resample_steps(replace(cfg, dead_tokens=64), 100) == {27, 53} and resample_steps(replace(cfg, resamples=0), 100) == set()
+    # each is followed by two dead windows of training at least: with windows of 24 steps the one at 53 is dropped
+    assert resample_steps(replace(cfg, dead_tokens=64 * 24), 100) == {27}
     # silent for the second half of the steps since the previous resampling, and for dead_tokens (2 or 20 steps) at least
     assert silent_since(replace(cfg, dead_tokens=128), 27, 53) == 40 and silent_since(replace(cfg, dead_tokens=64 * 20), 27, 53) == 33
     tokens = token_contexts(gpt2.tokenizer, str(text_file), 512, 32)[:4]
