@@ -43,11 +43,6 @@ from circuit_catalog.errors import OutputError, TranscoderError
 BUFFER_LIMIT_BYTES = 12 << 30
 TRAIN_ACTIVATIONS = ("batchtopk", "relu")
 RESAMPLE_TOKENS = 4096  # buffer tokens from which dead features draw their new directions
-# a resampled feature's encoder column has the live features' mean norm (a column much smaller than theirs is moved by
-# Adam's ~lr-sized steps faster than it can learn, and dies again) and its bias makes it fire on this fraction of the
-# sample: on tokens along its direction. Measured (README, "Training"): a fraction of 0.02 left layer 29 at 17-20% dead,
-# 0.25 at 9%; firing on about half the tokens (the centring bias) cost more FVU.
-RESAMPLE_FIRING = 0.25
 CURVE_POINTS = 100  # training-curve points recorded per run (loss, FVU, L0, dead fraction, learning rate)
 
 
@@ -74,6 +69,12 @@ class TrainConfig:
     # previous time (or the start), and for `dead_tokens` at least, are re-initialised on badly reconstructed tokens
     # (Bricken et al. 2023's resampling)
     resamples: int = 6
+    # batchtopk: a resampled feature's encoder column has the live features' mean norm (a column much smaller than theirs
+    # is moved by Adam's ~lr-sized steps faster than it can learn, and dies again) and its bias makes it fire on this
+    # fraction of the sample: on tokens along its direction. Measured (README, "Training"): 0.02 left layer 29 at 17-20%
+    # dead, 0.25 at 9%; firing on about half the tokens (the centring bias) cost more FVU. Records from before this start
+    # read None, and are not reused for it
+    resample_firing: float | None = 0.25
     warmup: float = 0.05  # fraction of the steps over which the learning rate rises linearly from 0
     decay: float = 0.2  # fraction of the steps, at the end, over which it falls linearly to 0
     eval_tokens: int = 4096
@@ -292,7 +293,7 @@ class _StackedTranscoders(torch.nn.Module):
         """Re-initialise the features silent since step `silent_since` on tokens of `x`, `y_n` [n_layers, N, d]
         (a sample of the buffer): each takes a token drawn with probability proportional to its squared error (typical
         tokens only); its decoder row becomes the unit error there, its encoder column the token's centred input direction
-        at the norm of the layer's live columns, its bias such that it fires on the RESAMPLE_FIRING of the sample that
+        at the norm of the layer's live columns, its bias such that it fires on the `resample_firing` of the sample that
         lies furthest along that direction (which holds that token unless others lie further out along it).
         -> the [n_layers, d_sae] mask of those features (whose optimiser state the caller resets)."""
         dead = self.last_fired <= silent_since
@@ -300,7 +301,7 @@ class _StackedTranscoders(torch.nn.Module):
         error = (y_n - self.reconstruct(x, typical)[3]) * typical[..., None]
         weight = error.pow(2).sum(-1)
         x_n = x / self.s_in[:, None, None]
-        firing = min(max(1, round(RESAMPLE_FIRING * x.shape[1])), x.shape[1] - 1)
+        firing = min(max(1, round(self.cfg.resample_firing * x.shape[1])), x.shape[1] - 1)
         for i in range(len(dead)):
             f = dead[i].nonzero().squeeze(1)
             if len(f) == 0 or weight[i].sum() <= 0:
@@ -364,6 +365,8 @@ def train_transcoders(model, cfg: TrainConfig, out_dir: Path, progress: bool = T
         raise TranscoderError(f"unknown training activation {cfg.activation!r}: expected one of {', '.join(TRAIN_ACTIVATIONS)}")
     if cfg.activation == "batchtopk" and not 0 < cfg.k <= cfg.d_sae:
         raise TranscoderError(f"k = {cfg.k} must be between 1 and d_sae = {cfg.d_sae}")
+    if cfg.activation == "batchtopk" and cfg.resamples > 0 and not (cfg.resample_firing is not None and 0 < cfg.resample_firing < 1):
+        raise TranscoderError(f"resample_firing = {cfg.resample_firing} must lie strictly between 0 and 1")
     check_context(model, cfg.ctx_len)
     if dtype_name(model.W_E.dtype) != cfg.dtype:
         raise ValueError(f"the model runs in {dtype_name(model.W_E.dtype)}, the config says {cfg.dtype}")
@@ -620,7 +623,7 @@ def reusable(out_dir: Path, cfg: TrainConfig) -> TrainResult | None:
         record = json.loads(record_path.read_text())
         # a field added since then reads as its default, except the training method's, which older runs predate
         legacy = {"activation": "relu", "warmup": 0.0, "decay": 0.0, "matmul_dtype": "float32", "outlier_factor": 0.0,
-                  "resamples": 0, "outlier_feature": False}
+                  "resamples": 0, "outlier_feature": False, "resample_firing": None}
         recorded = TrainConfig(**{**legacy, **record["config"]})
     except (json.JSONDecodeError, KeyError, TypeError):
         return None

@@ -191,20 +191,23 @@ def test_bfloat16_matmuls_train_as_well(gpt2, text_file, tmp_path):
 
 def test_a_record_from_before_batchtopk_is_not_reused_for_it(gpt2, text_file, tmp_path):
     """A training record without the method fields was a ReLU + L1 run without a schedule, resampling or outlier
-    features: reused for that, not for the BatchTopK defaults."""
+    features (a BatchTopK record without `resample_firing` resampled with the previous start): reused for that, not for
+    the BatchTopK defaults."""
     import json
 
     cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, activation="relu", warmup=0.0, decay=0.0, l1_coefficient=0.01,
-                      resamples=0, outlier_feature=False)
+                      resamples=0, outlier_feature=False, resample_firing=None)
     train_transcoders(gpt2, cfg, tmp_path / "tc", progress=False)
     path = tmp_path / "tc" / "training.json"
     record = json.loads(path.read_text())
-    for name in ("activation", "warmup", "decay", "matmul_dtype", "k", "aux_coefficient", "dead_tokens", "curve_ce", "resamples", "outlier_feature"):
+    for name in ("activation", "warmup", "decay", "matmul_dtype", "k", "aux_coefficient", "dead_tokens", "curve_ce", "resamples",
+                 "outlier_feature", "resample_firing"):
         record["config"].pop(name)
     path.write_text(json.dumps(record))
     assert reusable(tmp_path / "tc", cfg) is not None
     assert reusable(tmp_path / "tc", replace(cfg, resamples=6)) is None
     assert reusable(tmp_path / "tc", replace(cfg, outlier_feature=True)) is None
+    assert reusable(tmp_path / "tc", replace(cfg, resample_firing=0.25)) is None  # the present start: not these weights
     assert reusable(tmp_path / "tc", TrainConfig(**{**cfg.__dict__, "activation": "batchtopk", "warmup": 0.05, "decay": 0.2})) is None
 
 
@@ -346,9 +349,9 @@ def test_each_layer_with_outlier_tokens_gets_a_feature_for_them(gpt2, text_file,
 def test_resampling_reinitialises_only_dead_features_on_badly_reconstructed_tokens(gpt2, text_file):
     """Features silent since the last resampling take new directions: each decoder row is the unit error of a typical
     token of the sample, the encoder column that token's centred input direction at the live columns' mean norm, firing
-    on RESAMPLE_FIRING of the sample (the tokens furthest along it); their Adam moments are zeroed and their silence
+    on `resample_firing` of the sample (the tokens furthest along it); their Adam moments are zeroed and their silence
     restarts; every live feature's weights and moments stay bit for bit."""
-    from circuit_catalog.ingest.train import (RESAMPLE_FIRING, _reset_optimiser_state, _StackedTranscoders, _step_loss, collect,
+    from circuit_catalog.ingest.train import (_reset_optimiser_state, _StackedTranscoders, _step_loss, collect,
                                               resample_steps, silent_since)
 
     cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, k=5, resamples=2)
@@ -393,7 +396,7 @@ def test_resampling_reinitialises_only_dead_features_on_badly_reconstructed_toke
         torch.testing.assert_close(torch.nn.functional.normalize(columns, dim=-1), direction)
         along = x_n @ columns.T  # [tokens, dead]
         fires = along + net.b_enc[layer, 0, f] > 0
-        assert (fires.sum(0) == round(RESAMPLE_FIRING * x.shape[1])).all(), "each fires on RESAMPLE_FIRING of the sample"
+        assert (fires.sum(0) == round(cfg.resample_firing * x.shape[1])).all(), "each fires on resample_firing of the sample"
         lowest_firing = torch.where(fires, along, torch.inf).min(0).values
         assert (lowest_firing > torch.where(fires, -torch.inf, along).max(0).values).all(), "on the tokens furthest along it"
     for name, p in net.named_parameters():
@@ -404,3 +407,14 @@ def test_resampling_reinitialises_only_dead_features_on_badly_reconstructed_toke
         keep = ~mask.expand_as(p)
         assert torch.equal(p[keep], before[name][keep]) and torch.equal(optimiser.state[p]["exp_avg"][keep], moments[name][keep])
         assert optimiser.state[p]["exp_avg"][~keep].abs().max() == 0 and optimiser.state[p]["exp_avg_sq"][~keep].abs().max() == 0
+
+
+@pytest.mark.parametrize("firing", [None, 0.0, 1.0])
+def test_resampling_needs_a_firing_fraction_strictly_between_0_and_1(gpt2, text_file, tmp_path, firing):
+    """None is what a record from before the present resampling start reads as: it can be compared, not trained."""
+    from circuit_catalog.errors import TranscoderError
+
+    cfg = TrainConfig(**{**BASE, "dataset": str(text_file)}, resample_firing=firing)
+    with pytest.raises(TranscoderError, match="resample_firing"):
+        train_transcoders(gpt2, cfg, tmp_path / "tc", progress=False)
+    assert not (tmp_path / "tc").exists()
